@@ -1,0 +1,192 @@
+"""The service's settings: `defaults.toml`, then `ZIMAGE_*` environment variables, then command-line flags."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import tomllib
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+PROJECT_DIR = Path(__file__).resolve().parent.parent
+DEFAULTS_FILE = Path(__file__).resolve().parent / "defaults.toml"
+ENV_PREFIX = "ZIMAGE_"
+
+DeviceChoice = Literal["auto", "cuda", "cpu"]
+AttentionChoice = Literal["auto", "sdpa", "flash", "xformers"]
+LogPromptsChoice = Literal["none", "summary", "full"]
+LogLevelChoice = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
+
+# The model works on 16-pixel cells (VAE factor 8 × DiT patch 2); 4096 keeps one image inside any GPU we target.
+SIZE_MULTIPLE = 16
+SIZE_CEILING = 4096
+
+
+class SettingsError(ValueError):
+    """A setting has a value the service cannot run with; the message names the setting and the fix."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    host: str  # interface to bind; 127.0.0.1 keeps the UI reachable only through an SSH tunnel
+    port: int
+    share: bool  # Gradio share link (a public URL through Gradio's relay); off for a private service
+    model_dir: Path  # weights: the three single files (layout A) or a diffusers folder (layout B)
+    demo: bool  # serve the tiny random-weight model instead of real weights
+    demo_dir: Path  # where --demo builds and caches the tiny model
+    verify_weights: bool  # check every weight file's sha256 against manifest.json before loading
+    device: DeviceChoice  # auto: CUDA when a GPU is visible, else CPU
+    attention: AttentionChoice  # diffusers attention backend; a missing or failing one falls back to SDPA
+    max_h: int  # largest height a request may ask for (pixels)
+    max_w: int  # largest width a request may ask for (pixels)
+    queue_size: int  # requests that may wait for the GPU; more are turned away as "busy"
+    output_dir: Path  # every returned image is saved here as PNG
+    nan_check: bool  # refuse NaN / all-black images instead of returning them
+    log_level: LogLevelChoice
+    log_prompts: LogPromptsChoice  # what of a prompt reaches the log: nothing, length+hash+first words, or all
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.port <= 65535:
+            raise SettingsError(f"port must be between 1 and 65535 (got {self.port}).")
+        for name in ("max_h", "max_w"):
+            value = getattr(self, name)
+            if not SIZE_MULTIPLE <= value <= SIZE_CEILING or value % SIZE_MULTIPLE:
+                raise SettingsError(
+                    f"{name} must be a multiple of {SIZE_MULTIPLE} between {SIZE_MULTIPLE} and {SIZE_CEILING} "
+                    f"(got {value})."
+                )
+        if self.queue_size < 1:
+            raise SettingsError(f"queue_size must be at least 1 (got {self.queue_size}).")
+        for field in dataclasses.fields(self):
+            choices = typing.get_args(_field_types()[field.name])
+            if choices and getattr(self, field.name) not in choices:
+                raise SettingsError(
+                    f"{field.name} must be one of {', '.join(choices)} (got {getattr(self, field.name)!r})."
+                )
+
+    def as_log_fields(self) -> dict[str, object]:
+        return {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
+
+
+def _field_types() -> dict[str, object]:
+    return typing.get_type_hints(Settings)
+
+
+def _coerce(name: str, raw: object, source: str) -> object:
+    kind = _field_types()[name]
+    try:
+        if kind is bool:
+            if isinstance(raw, bool):
+                return raw
+            text = str(raw).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
+        if kind is int:
+            if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
+                raise ValueError(raw)
+            return int(raw)
+        if kind is Path:
+            path = Path(str(raw)).expanduser()
+            return path if path.is_absolute() else PROJECT_DIR / path
+        if kind is LogLevelChoice:
+            return str(raw).upper()
+        return str(raw)
+    except ValueError:
+        raise SettingsError(f"{name} from {source} has an unusable value {raw!r}.") from None
+
+
+def _read_file(path: Path) -> dict[str, object]:
+    try:
+        with path.open("rb") as handle:
+            values = tomllib.load(handle)
+    except FileNotFoundError:
+        raise SettingsError(f"settings file {path} does not exist.") from None
+    except tomllib.TOMLDecodeError as error:
+        raise SettingsError(f"settings file {path} is not valid TOML: {error}.") from None
+    unknown = sorted(set(values) - set(_field_types()))
+    if unknown:
+        raise SettingsError(f"settings file {path} has unknown keys: {', '.join(unknown)}.")
+    return {name: _coerce(name, value, str(path)) for name, value in values.items()}
+
+
+def _read_env(environ: Mapping[str, str]) -> dict[str, object]:
+    values: dict[str, object] = {}
+    for name in _field_types():
+        key = ENV_PREFIX + name.upper()
+        if key in environ:
+            values[name] = _coerce(name, environ[key], f"environment variable {key}")
+    return values
+
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    defaults = _read_file(DEFAULTS_FILE)
+    parser = argparse.ArgumentParser(
+        prog="app.py",
+        description="Z-Image-Turbo text-to-image service: one BF16 pipeline behind a Gradio UI.",
+        epilog=f"Defaults come from {DEFAULTS_FILE.relative_to(PROJECT_DIR)}; "
+        f"each setting can also be given as {ENV_PREFIX}<NAME> in the environment (flags win).",
+        argument_default=argparse.SUPPRESS,
+    )
+
+    def add(*flags: str, help: str, **kwargs: object) -> None:
+        dest = kwargs.get("dest") or flags[0].lstrip("-").replace("-", "_")
+        if dest in defaults and "default:" not in help:
+            shown = defaults[dest]
+            if isinstance(shown, Path):
+                shown = os.path.relpath(shown, PROJECT_DIR) if shown.is_relative_to(PROJECT_DIR) else shown
+            help = f"{help} (default: {shown})"
+        parser.add_argument(*flags, help=help, **kwargs)
+
+    add("--config", dest="config_file", type=Path, metavar="FILE",
+        help="a TOML settings file read over the defaults, with the same keys as config/defaults.toml")
+    add("--host", help="interface to bind; anything but loopback exposes the UI to the network")
+    add("--port", "--server-port", dest="port", type=int, help="TCP port of the UI")
+    add("--share", action="store_true", help="ask Gradio for a public share link (off unless given)")
+    add("--model-dir", type=Path, metavar="DIR",
+        help="weights directory: the three single files (layout A) or a diffusers folder (layout B)")
+    add("--demo", action="store_true",
+        help="serve a tiny random-weight model (built on first use) instead of real weights")
+    add("--demo-dir", type=Path, metavar="DIR", help="where --demo builds and caches its tiny model")
+    add("--verify-weights", action="store_true",
+        help="check each weight file's sha256 against manifest.json in the model directory before loading")
+    add("--device", choices=typing.get_args(DeviceChoice), help="where the model runs")
+    add("--attention", choices=typing.get_args(AttentionChoice),
+        help="attention backend (sdpa = PyTorch scaled_dot_product_attention); "
+        "a backend that is missing or fails its first call falls back to sdpa with a warning")
+    xformers = parser.add_mutually_exclusive_group()
+    xformers.add_argument("--enable-xformers", dest="attention", action="store_const", const="xformers",
+                          help="same as --attention xformers")
+    xformers.add_argument("--disable-xformers", dest="attention", action="store_const", const="sdpa",
+                          help="same as --attention sdpa")
+    add("--max-h", type=int, metavar="PX", help="largest image height a request may ask for")
+    add("--max-w", type=int, metavar="PX", help="largest image width a request may ask for")
+    add("--queue-size", type=int, metavar="N", help="requests that may wait for the GPU before new ones are refused")
+    add("--output-dir", type=Path, metavar="DIR", help="where every returned image is saved as PNG")
+    add("--disable-nan-check", dest="nan_check", action="store_false",
+        help="return images even when they contain NaN or are all black (default: check on)")
+    add("--log-level", choices=typing.get_args(LogLevelChoice), type=str.upper, help="log verbosity")
+    add("--log-prompts", choices=typing.get_args(LogPromptsChoice),
+        help="how prompts are logged: none, summary (length, hash, first words) or full")
+    return parser
+
+
+def load_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
+    """Parse flags and merge them over the environment and the settings files; bad values raise SettingsError."""
+    flags = vars(build_arg_parser().parse_args(argv))
+    values = _read_file(DEFAULTS_FILE)
+    config_file = flags.pop("config_file", None)
+    if config_file is not None:
+        values.update(_read_file(config_file))
+    values.update(_read_env(os.environ if environ is None else environ))
+    values.update({name: _coerce(name, value, "the command line") for name, value in flags.items()})
+    missing = sorted(set(_field_types()) - set(values))
+    if missing:
+        raise SettingsError(f"no value for {', '.join(missing)}: add them to {DEFAULTS_FILE}.")
+    return Settings(**values)

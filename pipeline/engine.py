@@ -1,0 +1,198 @@
+"""The engine: one request in, one saved image out, one GPU job at a time."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from pipeline import attention
+from pipeline.loader import LoadedPipeline
+from pipeline.requests import GenerationRequest, Limits, RequestError, ValidRequest, validate
+from pipeline.storage import save_png
+
+log = logging.getLogger("zimage.engine")
+
+MAX_SEQUENCE_LENGTH = 512  # the text encoder's token budget in stock diffusers; longer prompts are cut
+GUIDANCE_SCALE = 0.0  # Turbo is distilled to run without classifier-free guidance
+BLACK_LEVEL = 2  # an image whose brightest pixel is at most this (of 255) is treated as a failed, black one
+
+ProgressCallback = Callable[[int, int], None]
+
+
+class GenerationError(RuntimeError):
+    """A request that was valid but could not produce a usable image; the message is meant for the user."""
+
+
+@dataclass(frozen=True)
+class StageTimings:
+    encode_ms: float
+    denoise_ms: float
+    decode_ms: float
+    save_ms: float
+    total_ms: float
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    request_id: str
+    image: Image.Image
+    path: Path
+    request: ValidRequest
+    timings: StageTimings
+    notices: tuple[str, ...]
+
+
+def summarize_prompt(prompt: str, mode: str) -> str:
+    if mode == "full":
+        return repr(prompt)
+    if mode == "none":
+        return f"len={len(prompt)}"
+    digest = hashlib.sha256(prompt.encode("utf-8")).hexdigest()[:8]
+    first_words = " ".join(prompt.split()[:6])[:48]
+    return f"len={len(prompt)} sha={digest} start={first_words!r}"
+
+
+class Engine:
+    def __init__(
+        self,
+        loaded: LoadedPipeline,
+        *,
+        limits: Limits,
+        output_dir: Path,
+        model_name: str,
+        attention_choice: str = "auto",
+        nan_check: bool = True,
+        log_prompts: str = "summary",
+    ) -> None:
+        self._pipe = loaded.pipe
+        self.device = loaded.device
+        self.dtype = loaded.dtype
+        self.limits = limits
+        self.output_dir = output_dir
+        self.model_name = model_name
+        self.nan_check = nan_check
+        self.log_prompts = log_prompts
+        self._lock = threading.Lock()  # the GPU runs one job at a time, whoever calls
+        self.attention_backend = attention.apply_backend(loaded.pipe.transformer, attention_choice, self.device.type)
+        self.ready = False
+
+    def warm_up(self) -> None:
+        """One small generation: proves the device works and gives a failing attention backend its first call."""
+        request = ValidRequest(prompt="warm-up", width=256, height=256, steps=1, seed=0, shift=3.0)
+        started = time.perf_counter()
+        with self._lock:
+            try:
+                self._run(request, progress=None)
+            except Exception as error:
+                if self.attention_backend == attention.SDPA:
+                    raise
+                self.attention_backend = attention.fall_back_to_sdpa(self._pipe.transformer, self.attention_backend,
+                                                                     error)
+                self._run(request, progress=None)
+        self.ready = True
+        log.info("warm-up done attention=%s seconds=%.2f", self.attention_backend, time.perf_counter() - started)
+
+    def generate(self, request: GenerationRequest, progress: ProgressCallback | None = None) -> GenerationResult:
+        """Validate → encode → denoise → decode → check → save. Bad input raises RequestError, failures
+        GenerationError; either way nothing is saved and the engine stays usable."""
+        request_id = uuid.uuid4().hex[:12]
+        try:
+            valid = validate(request, self.limits)
+        except RequestError as error:
+            log.info("request id=%s outcome=rejected reason=%r", request_id, str(error))
+            raise
+        started = time.perf_counter()
+        with self._lock:
+            waited_ms = (time.perf_counter() - started) * 1000
+            try:
+                image, stage_ms, notices = self._run(valid, progress)
+            except GenerationError as error:
+                log.warning("request id=%s prompt=%s outcome=failed reason=%r", request_id,
+                            summarize_prompt(valid.prompt, self.log_prompts), str(error))
+                raise
+            except torch.OutOfMemoryError:
+                log.exception("request id=%s outcome=oom size=%dx%d", request_id, valid.width, valid.height)
+                torch.cuda.empty_cache()
+                raise GenerationError(f"out of GPU memory at {valid.width}×{valid.height}; try a smaller size.")
+        save_started = time.perf_counter()
+        stem = f"{time.strftime('%H%M%S')}-{request_id}-seed{valid.seed}"
+        path = save_png(image, self.output_dir, stem, self._parameters(request_id, valid))
+        save_ms = (time.perf_counter() - save_started) * 1000
+        total_ms = (time.perf_counter() - started) * 1000
+        timings = StageTimings(save_ms=save_ms, total_ms=total_ms, **stage_ms)
+        log.info(
+            "request id=%s prompt=%s size=%dx%d steps=%d seed=%d shift=%g wait_ms=%.0f encode_ms=%.0f "
+            "denoise_ms=%.0f decode_ms=%.0f save_ms=%.0f total_ms=%.0f outcome=ok file=%s",
+            request_id, summarize_prompt(valid.prompt, self.log_prompts), valid.width, valid.height, valid.steps,
+            valid.seed, valid.shift, waited_ms, timings.encode_ms, timings.denoise_ms, timings.decode_ms, save_ms,
+            total_ms, path,
+        )
+        return GenerationResult(request_id=request_id, image=image, path=path, request=valid, timings=timings,
+                                notices=tuple(notices))
+
+    def _parameters(self, request_id: str, valid: ValidRequest) -> dict[str, object]:
+        return {**asdict(valid), "guidance_scale": GUIDANCE_SCALE, "model": self.model_name,
+                "request_id": request_id, "scheduler": "FlowMatchEulerDiscrete"}
+
+    def _sync(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    @torch.inference_mode()
+    def _run(self, valid: ValidRequest, progress: ProgressCallback | None):
+        pipe = self._pipe
+        notices = []
+        # 1. Encode the prompt (the pipeline's own chat template and hidden-state choice).
+        started = self._sync()
+        token_count = len(pipe.tokenizer(valid.prompt).input_ids)
+        if token_count > MAX_SEQUENCE_LENGTH - 16:
+            notices.append(f"The prompt is about {token_count} tokens; only the first {MAX_SEQUENCE_LENGTH} "
+                           f"(with the chat template) were used.")
+        prompt_embeds, _ = pipe.encode_prompt(valid.prompt, device=self.device, do_classifier_free_guidance=False,
+                                              max_sequence_length=MAX_SEQUENCE_LENGTH)
+        encoded = self._sync()
+
+        # 2. Denoise. The scheduler's shift is per request; the lock makes changing it safe.
+        pipe.scheduler.set_shift(valid.shift)
+        generator = torch.Generator(device=self.device).manual_seed(valid.seed)
+
+        def on_step_end(_pipe, step, _timestep, _tensors):
+            if progress is not None:
+                progress(step + 1, valid.steps)
+            return {}
+
+        latents = pipe(
+            prompt_embeds=prompt_embeds, height=valid.height, width=valid.width,
+            num_inference_steps=valid.steps, guidance_scale=GUIDANCE_SCALE, generator=generator,
+            output_type="latent", callback_on_step_end=on_step_end,
+        ).images
+        denoised = self._sync()
+
+        # 3. Decode, as the stock pipeline does after its loop.
+        vae = pipe.vae
+        latents = latents.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
+        decoded = vae.decode(latents, return_dict=False)[0]
+        pixels = pipe.image_processor.postprocess(decoded, output_type="np")[0]
+        finished = self._sync()
+
+        # 4. Refuse broken output rather than return (and save) it.
+        if self.nan_check:
+            if not np.isfinite(pixels).all() or not torch.isfinite(decoded).all():
+                raise GenerationError("The model produced an invalid image (NaN values). Try another seed.")
+            if (pixels * 255).round().max() <= BLACK_LEVEL:
+                raise GenerationError("The model produced an all-black image. Try another seed or prompt.")
+        image = Image.fromarray((np.nan_to_num(pixels) * 255).round().astype(np.uint8))
+        stage_ms = dict(encode_ms=(encoded - started) * 1000, denoise_ms=(denoised - encoded) * 1000,
+                        decode_ms=(finished - denoised) * 1000)
+        return image, stage_ms, notices

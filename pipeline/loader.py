@@ -1,0 +1,145 @@
+"""Weights on disk → a ZImagePipeline on the device, in either layout, never touching the network."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from pipeline.formats import text_encoder_from_comfy
+from pipeline.layouts import (
+    DIT_FILE,
+    FETCH_HINT,
+    TEXT_ENCODER_FILE,
+    VAE_FILE,
+    LayoutKind,
+    WeightLayout,
+    WeightsError,
+    find_weights,
+)
+from pipeline.manifest import verify_manifest
+
+log = logging.getLogger("zimage.loader")
+
+
+@dataclass(frozen=True)
+class LoadedPipeline:
+    pipe: object  # diffusers.ZImagePipeline (imported lazily: this module is imported before diffusers is needed)
+    layout: WeightLayout
+    device: torch.device
+    dtype: torch.dtype
+
+
+def resolve_device(choice: str) -> torch.device:
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise WeightsError("--device cuda was asked for, but PyTorch sees no CUDA GPU (check nvidia-smi and the "
+                           "torch build: python -c 'import torch; print(torch.version.cuda)').")
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(choice)
+
+
+def dtype_for(device: torch.device) -> torch.dtype:
+    # BF16 is the model's native precision on the GPU; on the CPU many bf16 kernels are missing or slow, so the
+    # CPU (demo model, tests) computes in float32 from the same bf16 files.
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def _timed(component: str, path: Path, dtype: torch.dtype, device: torch.device, load):
+    started = time.perf_counter()
+    module = load()
+    if isinstance(module, torch.nn.Module):
+        missing = [name for name, tensor in module.state_dict().items() if tensor.is_meta]
+        if missing:
+            raise WeightsError(
+                f"{path} lacks {len(missing)} tensor(s) the {component} needs (first: {missing[0]}): a wrong or "
+                f"incomplete file. {FETCH_HINT}."
+            )
+        module.to(device)
+    log.info("loaded component=%s file=%s seconds=%.2f dtype=%s device=%s", component, path,
+             time.perf_counter() - started, str(dtype).removeprefix("torch."), device)
+    return module
+
+
+def _load_qwen_single_file(path: Path, config_dir: Path, dtype: torch.dtype):
+    from safetensors.torch import load_file
+    from transformers import Qwen3Config, Qwen3Model
+
+    # transformers has no from_single_file; its from_pretrained takes a ready state dict instead, and reports
+    # what did not match so a wrong file is named rather than silently left at random init.
+    state_dict = text_encoder_from_comfy(load_file(path))
+    model, info = Qwen3Model.from_pretrained(
+        None, config=Qwen3Config.from_pretrained(config_dir), state_dict=state_dict, dtype=dtype,
+        output_loading_info=True,
+    )
+    problems = info["missing_keys"] or info["unexpected_keys"] or info["mismatched_keys"]
+    if problems:
+        raise WeightsError(
+            f"{path} does not match the text encoder config in {config_dir} (e.g. {sorted(problems)[0]}). "
+            f"{FETCH_HINT}."
+        )
+    return model.eval()
+
+
+def _load_components(layout: WeightLayout, dtype: torch.dtype, device: torch.device) -> dict[str, object]:
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImageTransformer2DModel
+    from transformers import AutoModel, AutoTokenizer
+
+    root = layout.root
+    if layout.kind is LayoutKind.SINGLE_FILE:
+        # from_single_file runs diffusers' own converters (ComfyUI DiT keys, LDM VAE keys); `config` points at the
+        # config files beside the weights so nothing is looked up on the hub.
+        loaders = {
+            "transformer": (root / DIT_FILE, lambda: ZImageTransformer2DModel.from_single_file(
+                str(root / DIT_FILE), config=str(root), subfolder="transformer", torch_dtype=dtype,
+                local_files_only=True)),
+            "text_encoder": (root / TEXT_ENCODER_FILE, lambda: _load_qwen_single_file(
+                root / TEXT_ENCODER_FILE, root / "text_encoder", dtype)),
+            "vae": (root / VAE_FILE, lambda: AutoencoderKL.from_single_file(
+                str(root / VAE_FILE), config=str(root), subfolder="vae", torch_dtype=dtype,
+                local_files_only=True)),
+        }
+    else:
+        loaders = {
+            "transformer": (root / "transformer", lambda: ZImageTransformer2DModel.from_pretrained(
+                root, subfolder="transformer", torch_dtype=dtype, local_files_only=True)),
+            "text_encoder": (root / "text_encoder", lambda: AutoModel.from_pretrained(
+                root / "text_encoder", dtype=dtype, local_files_only=True).eval()),
+            "vae": (root / "vae", lambda: AutoencoderKL.from_pretrained(
+                root, subfolder="vae", torch_dtype=dtype, local_files_only=True)),
+        }
+    components = {name: _timed(name, path, dtype, device, load) for name, (path, load) in loaders.items()}
+    components["tokenizer"] = AutoTokenizer.from_pretrained(root / "tokenizer", local_files_only=True)
+    components["scheduler"] = FlowMatchEulerDiscreteScheduler.from_pretrained(root / "scheduler")
+    return components
+
+
+def load_pipeline(model_dir: Path, device: torch.device, verify: bool = False) -> LoadedPipeline:
+    """Find, check and load the weights in `model_dir`; any problem raises WeightsError with a one-line reason."""
+    from diffusers import ZImagePipeline
+
+    layout = find_weights(model_dir)
+    log.info("weights layout=%s dir=%s", layout.kind.value, layout.root)
+    if verify:
+        started = time.perf_counter()
+        problems = verify_manifest(layout.root)
+        if problems:
+            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+            raise WeightsError(f"weights verification failed: {problems[0]}{more}. {FETCH_HINT}.")
+        log.info("verified weights against manifest seconds=%.1f", time.perf_counter() - started)
+    dtype = dtype_for(device)
+    if device.type != "cuda":
+        log.info("device=%s dtype=%s (float32 on CPU: bf16 is for the GPU)", device, str(dtype).removeprefix("torch."))
+    try:
+        components = _load_components(layout, dtype, device)
+    except WeightsError:
+        raise
+    except (OSError, ValueError, RuntimeError, KeyError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise WeightsError(f"cannot load the weights in {layout.root}: {first_line}. {FETCH_HINT}.") from error
+    pipe = ZImagePipeline(**components)
+    pipe.set_progress_bar_config(disable=True)
+    return LoadedPipeline(pipe=pipe, layout=layout, device=device, dtype=dtype)

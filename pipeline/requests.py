@@ -1,0 +1,110 @@
+"""What a caller may ask for, and the checks that turn loose input (UI numbers, API JSON) into a clean request."""
+
+from __future__ import annotations
+
+import math
+import secrets
+from dataclasses import dataclass
+
+SIZE_MULTIPLE = 16  # VAE factor 8 × DiT patch 2
+MIN_SIZE = 64
+MAX_STEPS = 50
+MIN_SHIFT, MAX_SHIFT = 1.0, 10.0  # the range of the official demo's time-shift slider
+SEED_LIMIT = 2**64  # torch.Generator.manual_seed takes any 64-bit value
+RANDOM_SEED_LIMIT = 2**32  # random seeds stay below 2**53 so they survive a round trip through JavaScript
+MAX_PROMPT_CHARS = 20_000
+
+DEFAULT_SIZE = 1024
+DEFAULT_STEPS = 8
+DEFAULT_SHIFT = 3.0
+
+
+class RequestError(ValueError):
+    """Input the service will not run; the message is meant for the person who sent it."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_h: int
+    max_w: int
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompt: object
+    width: object = DEFAULT_SIZE
+    height: object = DEFAULT_SIZE
+    steps: object = DEFAULT_STEPS
+    seed: object = None  # None or "random": draw one; the seed used comes back with the result
+    shift: object = DEFAULT_SHIFT
+
+
+@dataclass(frozen=True)
+class ValidRequest:
+    prompt: str
+    width: int
+    height: int
+    steps: int
+    seed: int
+    shift: float
+
+
+def _whole_number(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise RequestError(f"{name} must be a whole number (got {value!r}).")
+    if isinstance(value, float) and not (math.isfinite(value) and value.is_integer()):
+        raise RequestError(f"{name} must be a whole number (got {value!r}).")
+    return int(value)
+
+
+def _size(name: str, value: object, limit: int, flag: str) -> int:
+    size = _whole_number(name, value)
+    if size < MIN_SIZE or size > limit:
+        raise RequestError(f"{name} must be between {MIN_SIZE} and {limit} pixels (got {size}); "
+                           f"the server's limit is set by {flag}.")
+    if size % SIZE_MULTIPLE:
+        lower = size // SIZE_MULTIPLE * SIZE_MULTIPLE
+        raise RequestError(f"{name} must be a multiple of {SIZE_MULTIPLE} (got {size}); "
+                           f"try {lower} or {lower + SIZE_MULTIPLE}.")
+    return size
+
+
+def _seed(value: object) -> int:
+    if value is None or (isinstance(value, str) and value.strip().lower() == "random"):
+        return secrets.randbelow(RANDOM_SEED_LIMIT)
+    seed = _whole_number("seed", value)
+    if not 0 <= seed < SEED_LIMIT:
+        raise RequestError(f"seed must be between 0 and {SEED_LIMIT - 1}, or 'random' (got {seed}).")
+    return seed
+
+
+def _prompt(value: object) -> str:
+    if not isinstance(value, str):
+        raise RequestError(f"prompt must be text (got {type(value).__name__}).")
+    prompt = value.strip()
+    if not prompt:
+        raise RequestError("prompt is empty: describe the image you want.")
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise RequestError(f"prompt is {len(prompt)} characters long; the limit is {MAX_PROMPT_CHARS}.")
+    if "\x00" in prompt:
+        raise RequestError("prompt contains a NUL character; send plain text.")
+    return prompt
+
+
+def validate(request: GenerationRequest, limits: Limits) -> ValidRequest:
+    """Check every field; the first problem raises RequestError naming the field, the value and the fix."""
+    prompt = _prompt(request.prompt)
+    width = _size("width", request.width, limits.max_w, "--max-w")
+    height = _size("height", request.height, limits.max_h, "--max-h")
+    steps = _whole_number("steps", request.steps)
+    if not 1 <= steps <= MAX_STEPS:
+        raise RequestError(f"steps must be between 1 and {MAX_STEPS} (got {steps}); Turbo is made for "
+                           f"{DEFAULT_STEPS}.")
+    shift = request.shift
+    if isinstance(shift, bool) or not isinstance(shift, (int, float)) or not math.isfinite(shift):
+        raise RequestError(f"shift must be a number (got {shift!r}).")
+    if not MIN_SHIFT <= shift <= MAX_SHIFT:
+        raise RequestError(f"shift must be between {MIN_SHIFT} and {MAX_SHIFT} (got {shift}); "
+                           f"the default is {DEFAULT_SHIFT}.")
+    return ValidRequest(prompt=prompt, width=width, height=height, steps=steps, seed=_seed(request.seed),
+                        shift=float(shift))

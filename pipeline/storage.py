@@ -1,0 +1,47 @@
+"""Saving images so that a file on disk is always a whole PNG carrying its generation parameters."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from datetime import datetime
+from pathlib import Path
+
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+PARAMETERS_KEY = "zimage-turbo"  # PNG text chunk holding the generation parameters as JSON
+
+
+def save_png(image: Image.Image, output_dir: Path, stem: str, parameters: dict[str, object]) -> Path:
+    """Write `image` under `output_dir/YYYY-MM-DD/` and return its path.
+
+    Written to a temporary file, fsynced, then renamed: a crash at any moment leaves either no file or a whole one.
+    """
+    day_dir = output_dir / datetime.now().strftime("%Y-%m-%d")
+    day_dir.mkdir(parents=True, exist_ok=True)
+    info = PngInfo()
+    info.add_itxt(PARAMETERS_KEY, json.dumps(parameters, ensure_ascii=False, sort_keys=True))
+    target = day_dir / f"{stem}.png"
+    handle = tempfile.NamedTemporaryFile(dir=day_dir, prefix=f".{stem}-", suffix=".tmp", delete=False)
+    try:
+        with handle:
+            image.save(handle, format="PNG", pnginfo=info)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(handle.name, target)
+    except BaseException:
+        Path(handle.name).unlink(missing_ok=True)
+        raise
+    directory = os.open(day_dir, os.O_RDONLY)
+    try:
+        os.fsync(directory)  # the rename itself must survive a power cut
+    finally:
+        os.close(directory)
+    return target
+
+
+def read_parameters(path: Path) -> dict[str, object]:
+    with Image.open(path) as image:
+        return json.loads(image.text[PARAMETERS_KEY])
