@@ -75,6 +75,7 @@ class Engine:
         log_prompts: str = "summary",
     ) -> None:
         self._pipe = loaded.pipe
+        self._pipe.set_progress_bar_config(disable=True)  # progress goes to the caller, not to tqdm on stderr
         self.device = loaded.device
         self.dtype = loaded.dtype
         self.limits = limits

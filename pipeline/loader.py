@@ -28,7 +28,7 @@ log = logging.getLogger("zimage.loader")
 @dataclass(frozen=True)
 class LoadedPipeline:
     pipe: object  # diffusers.ZImagePipeline (imported lazily: this module is imported before diffusers is needed)
-    layout: WeightLayout
+    source: str  # what was loaded, for logs and the UI: "single-file /path", "diffusers /path", ...
     device: torch.device
     dtype: torch.dtype
 
@@ -141,5 +141,4 @@ def load_pipeline(model_dir: Path, device: torch.device, verify: bool = False) -
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise WeightsError(f"cannot load the weights in {layout.root}: {first_line}. {FETCH_HINT}.") from error
     pipe = ZImagePipeline(**components)
-    pipe.set_progress_bar_config(disable=True)
-    return LoadedPipeline(pipe=pipe, layout=layout, device=device, dtype=dtype)
+    return LoadedPipeline(pipe=pipe, source=f"{layout.kind.value} {layout.root}", device=device, dtype=dtype)
