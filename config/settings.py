@@ -148,7 +148,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
         help="a TOML settings file read over the defaults, with the same keys as config/defaults.toml")
     add("--host", help="interface to bind; anything but loopback exposes the UI to the network")
     add("--port", "--server-port", dest="port", type=int, help="TCP port of the UI")
-    add("--share", action="store_true", help="ask Gradio for a public share link (off unless given)")
+    add("--share", action="store_true", help="ask Gradio for a public share link through its relay")
     add("--model-dir", type=Path, metavar="DIR",
         help="weights directory: the three single files (layout A) or a diffusers folder (layout B)")
     add("--demo", action="store_true",

@@ -50,15 +50,16 @@ def dtype_for(device: torch.device) -> torch.dtype:
 
 def _timed(component: str, path: Path, dtype: torch.dtype, device: torch.device, load):
     started = time.perf_counter()
-    module = load()
+    try:
+        module = load()
+    except NotImplementedError as error:
+        if "meta tensor" not in str(error):
+            raise
+        # diffusers leaves any tensor the file lacks on the meta device, then fails moving it; say which file.
+        raise WeightsError(f"{path} lacks tensors the {component} needs: an incomplete file or a different "
+                           f"checkpoint. {FETCH_HINT}.") from None
     if isinstance(module, torch.nn.Module):
-        missing = [name for name, tensor in module.state_dict().items() if tensor.is_meta]
-        if missing:
-            raise WeightsError(
-                f"{path} lacks {len(missing)} tensor(s) the {component} needs (first: {missing[0]}): a wrong or "
-                f"incomplete file. {FETCH_HINT}."
-            )
-        module.to(device)
+        module.to(device=device, dtype=dtype)
     log.info("loaded component=%s file=%s seconds=%.2f dtype=%s device=%s", component, path,
              time.perf_counter() - started, str(dtype).removeprefix("torch."), device)
     return module

@@ -1,0 +1,102 @@
+"""Z-Image-Turbo service: settings → logging → load the model once → serve the UI on 127.0.0.1:7860.
+
+    python app.py --demo                       # tiny random-weight model, built on first use
+    python app.py --model-dir /srv/zimage      # the real weights (layout A or B, see README)
+    python app.py --help                       # every flag
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import sys
+
+import pipeline  # noqa: F401  (must come before any Hugging Face import: it turns their network use off)
+from config import Settings, SettingsError, load_settings
+
+log = logging.getLogger("zimage.app")
+
+
+def configure_logging(level: str) -> None:
+    """One format for every line, ours and the libraries', on stdout (supervisor writes it to the log file)."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    logging.basicConfig(
+        level=level, stream=sys.stdout, force=True,
+        format="%(asctime)s %(levelname)s %(name)s %(message)s", datefmt="%Y-%m-%dT%H:%M:%S%z",
+    )
+    for library in (diffusers_logging, transformers_logging):
+        library.disable_default_handler()
+        library.enable_propagation()
+        library.disable_progress_bar()
+    for noisy in ("httpx", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def log_banner(settings: Settings) -> None:
+    import diffusers
+    import gradio
+    import torch
+    import transformers
+
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
+    log.info("start python=%s torch=%s diffusers=%s transformers=%s gradio=%s gpu=%s", platform.python_version(),
+             torch.__version__, diffusers.__version__, transformers.__version__, gradio.__version__, gpu)
+    log.info("settings %s", " ".join(f"{key}={value}" for key, value in settings.as_log_fields().items()))
+
+
+def build_engine(settings: Settings):
+    from pipeline.engine import Engine
+    from pipeline.layouts import LayoutKind
+    from pipeline.loader import load_pipeline, resolve_device
+    from pipeline.random_model import ensure_demo_model
+    from pipeline.requests import Limits
+
+    if settings.demo:
+        log.warning("DEMO MODEL: serving a tiny random-weight model from %s; its images are noise", settings.demo_dir)
+        model_dir = ensure_demo_model(settings.demo_dir)
+        model_name = "DEMO tiny random-weight model"
+    else:
+        model_dir = settings.model_dir
+        model_name = "Z-Image-Turbo"
+    loaded = load_pipeline(model_dir, resolve_device(settings.device), verify=settings.verify_weights)
+    engine = Engine(
+        loaded, limits=Limits(max_h=settings.max_h, max_w=settings.max_w), output_dir=settings.output_dir,
+        model_name=model_name, attention_choice=settings.attention, nan_check=settings.nan_check,
+        log_prompts=settings.log_prompts,
+    )
+    engine.warm_up()
+    layout = LayoutKind.SINGLE_FILE.value if settings.demo else loaded.source
+    return engine, f"{model_name} ({layout})"
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        settings = load_settings(argv)
+    except SettingsError as error:
+        print(f"app.py: error: {error}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level)
+    log_banner(settings)
+
+    from pipeline.layouts import WeightsError
+
+    try:
+        engine, model_label = build_engine(settings)
+    except WeightsError as error:
+        log.error("cannot start: %s", error)
+        return 1
+
+    from webui.server import serve
+    from webui.ui import build_ui
+
+    blocks = build_ui(engine, demo=settings.demo, model_label=model_label, max_w=settings.max_w,
+                      max_h=settings.max_h)
+    serve(blocks, engine, host=settings.host, port=settings.port, share=settings.share,
+          queue_size=settings.queue_size)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

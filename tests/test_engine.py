@@ -1,0 +1,141 @@
+import numpy as np
+import pytest
+import torch
+
+from pipeline import attention
+from pipeline.engine import Engine, GenerationError
+from pipeline.requests import GenerationRequest, Limits, RequestError
+from pipeline.storage import read_parameters
+
+SMALL = dict(width=128, height=128, steps=3)
+
+
+def _pixels(result):
+    return np.asarray(result.image)
+
+
+def test_same_seed_same_pixels(engine):
+    first = engine.generate(GenerationRequest("a red fox", seed=11, **SMALL))
+    second = engine.generate(GenerationRequest("a red fox", seed=11, **SMALL))
+    np.testing.assert_array_equal(_pixels(first), _pixels(second))
+    assert first.path != second.path
+
+
+def test_different_seeds_prompts_and_shifts_change_the_image(engine):
+    base = _pixels(engine.generate(GenerationRequest("a red fox", seed=11, **SMALL)))
+    for change in ({"seed": 12}, {"prompt": "一只红狐狸"}, {"shift": 6.0}):
+        fields = {"prompt": "a red fox", "seed": 11, **SMALL, **change}
+        assert not np.array_equal(base, _pixels(engine.generate(GenerationRequest(**fields)))), change
+
+
+def test_random_seed_is_returned_and_reproduces_the_image(engine):
+    drawn = engine.generate(GenerationRequest("a red fox", seed=None, **SMALL))
+    again = engine.generate(GenerationRequest("a red fox", seed=drawn.request.seed, **SMALL))
+    np.testing.assert_array_equal(_pixels(drawn), _pixels(again))
+
+
+def test_result_has_the_requested_size_and_is_saved_with_its_parameters(engine):
+    result = engine.generate(GenerationRequest("  a lighthouse  ", width=192, height=128, steps=2, seed=5,
+                                               shift=2.5))
+    assert result.image.size == (192, 128)
+    saved = read_parameters(result.path)
+    assert saved["prompt"] == "a lighthouse" and saved["seed"] == 5 and saved["steps"] == 2
+    assert (saved["width"], saved["height"], saved["shift"], saved["guidance_scale"]) == (192, 128, 2.5, 0.0)
+    assert saved["request_id"] == result.request_id and saved["model"] == "tiny test model"
+    assert result.path.is_relative_to(engine.output_dir)
+
+
+def test_progress_is_reported_for_every_step(engine):
+    seen = []
+    engine.generate(GenerationRequest("x", seed=1, **SMALL), progress=lambda step, total: seen.append((step, total)))
+    assert seen == [(1, 3), (2, 3), (3, 3)]
+
+
+def test_timings_cover_every_stage(engine):
+    timings = engine.generate(GenerationRequest("x", seed=1, **SMALL)).timings
+    stages = timings.encode_ms + timings.denoise_ms + timings.decode_ms + timings.save_ms
+    assert all(value > 0 for value in (timings.encode_ms, timings.denoise_ms, timings.decode_ms, timings.save_ms))
+    assert stages <= timings.total_ms + 1
+
+
+def test_bad_input_is_refused_before_any_work_and_nothing_is_saved(engine):
+    for request in (GenerationRequest(""), GenerationRequest("x", width=100), GenerationRequest("x", width=2048)):
+        with pytest.raises(RequestError):
+            engine.generate(request)
+    assert not engine.output_dir.exists()
+    assert engine.generate(GenerationRequest("still working", seed=1, **SMALL)).path.is_file()
+
+
+def test_long_prompt_is_cut_with_a_notice(engine):
+    result = engine.generate(GenerationRequest("cat " * 700, seed=1, **SMALL))
+    assert any("only the first 512" in notice for notice in result.notices)
+    assert engine.generate(GenerationRequest("cat", seed=1, **SMALL)).notices == ()
+
+
+@pytest.fixture
+def nan_vae(loaded_tiny):
+    weight = loaded_tiny.pipe.vae.decoder.conv_out.weight
+    saved = weight.detach().clone()
+    with torch.no_grad():
+        weight[0, 0, 0, 0] = float("nan")
+    yield
+    with torch.no_grad():
+        weight.copy_(saved)
+
+
+def test_nan_output_is_refused_and_not_saved(engine, nan_vae):
+    with pytest.raises(GenerationError, match="NaN"):
+        engine.generate(GenerationRequest("x", seed=1, **SMALL))
+    assert not engine.output_dir.exists()
+
+
+def test_nan_check_can_be_turned_off(loaded_tiny, tmp_path, nan_vae):
+    unchecked = Engine(loaded_tiny, limits=Limits(1024, 1024), output_dir=tmp_path, model_name="t",
+                       attention_choice="sdpa", nan_check=False)
+    assert unchecked.generate(GenerationRequest("x", seed=1, **SMALL)).path.is_file()
+
+
+@pytest.fixture
+def black_vae(loaded_tiny):
+    conv = loaded_tiny.pipe.vae.decoder.conv_out
+    saved = conv.weight.detach().clone(), conv.bias.detach().clone()
+    with torch.no_grad():
+        conv.weight.zero_()
+        conv.bias.fill_(-5.0)  # every pixel decodes far below -1, i.e. black
+    yield
+    with torch.no_grad():
+        conv.weight.copy_(saved[0])
+        conv.bias.copy_(saved[1])
+
+
+def test_black_output_is_refused(engine, black_vae):
+    with pytest.raises(GenerationError, match="all-black"):
+        engine.generate(GenerationRequest("x", seed=1, **SMALL))
+
+
+def test_missing_backend_falls_back_to_sdpa_with_one_warning(loaded_tiny, tmp_path, caplog):
+    for choice in ("xformers", "flash"):
+        caplog.clear()
+        engine = Engine(loaded_tiny, limits=Limits(1024, 1024), output_dir=tmp_path, model_name="t",
+                        attention_choice=choice)
+        assert engine.attention_backend == attention.SDPA
+        warnings = [r for r in caplog.records if r.levelname == "WARNING" and r.name == "zimage.attention"]
+        assert len(warnings) == 1 and f"attention={choice} is not usable" in warnings[0].getMessage()
+
+
+def test_backend_that_fails_its_first_call_falls_back_at_warm_up(loaded_tiny, tmp_path, caplog):
+    engine = Engine(loaded_tiny, limits=Limits(1024, 1024), output_dir=tmp_path, model_name="t",
+                    attention_choice="sdpa")
+    # cuDNN attention is accepted by diffusers but has no CPU kernel: it fails on its first real call.
+    loaded_tiny.pipe.transformer.set_attention_backend("_native_cudnn")
+    engine.attention_backend = "_native_cudnn"
+    engine.warm_up()
+    assert engine.ready and engine.attention_backend == attention.SDPA
+    assert any("failed its first call" in r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+    assert engine.generate(GenerationRequest("x", seed=1, **SMALL)).path.is_file()
+
+
+def test_engine_is_not_ready_before_warm_up(engine):
+    assert engine.ready is False
+    engine.warm_up()
+    assert engine.ready is True

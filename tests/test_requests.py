@@ -1,0 +1,71 @@
+import math
+
+import pytest
+
+from pipeline.requests import RANDOM_SEED_LIMIT, GenerationRequest, Limits, RequestError, validate
+
+LIMITS = Limits(max_h=1536, max_w=2048)
+
+
+def test_defaults_are_turbo_defaults():
+    valid = validate(GenerationRequest("a cat", seed=3), LIMITS)
+    assert (valid.width, valid.height, valid.steps, valid.shift, valid.seed) == (1024, 1024, 8, 3.0, 3)
+
+
+def test_prompt_is_stripped_and_chinese_is_fine():
+    assert validate(GenerationRequest("  雪地里的猫  ", seed=1), LIMITS).prompt == "雪地里的猫"
+
+
+def test_whole_floats_from_ui_number_fields_become_ints():
+    valid = validate(GenerationRequest("x", width=1024.0, height=768.0, steps=8.0, seed=12.0), LIMITS)
+    assert (valid.width, valid.height, valid.steps, valid.seed) == (1024, 768, 8, 12)
+    assert all(isinstance(v, int) for v in (valid.width, valid.height, valid.steps, valid.seed))
+
+
+@pytest.mark.parametrize("seed", [None, "random", " Random "])
+def test_random_seed_is_drawn_and_fits_javascript(seed):
+    drawn = {validate(GenerationRequest("x", seed=seed), LIMITS).seed for _ in range(20)}
+    assert len(drawn) > 1 and all(0 <= s < RANDOM_SEED_LIMIT for s in drawn)
+
+
+def test_largest_seed_is_accepted():
+    assert validate(GenerationRequest("x", seed=2**64 - 1), LIMITS).seed == 2**64 - 1
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("prompt", "", "prompt is empty"),
+    ("prompt", "   \n\t", "prompt is empty"),
+    ("prompt", None, "prompt must be text"),
+    ("prompt", 42, "prompt must be text"),
+    ("prompt", "x" * 20_001, "limit is 20000"),
+    ("prompt", "a\x00b", "NUL"),
+    ("width", 1000, "width must be a multiple of 16 .*try 992 or 1008"),
+    ("height", 1030, "height must be a multiple of 16"),
+    ("width", 0, "width must be between 64 and 2048"),
+    ("width", -512, "width must be between"),
+    ("width", 2064, "width must be between 64 and 2048 .*--max-w"),
+    ("height", 1552, "height must be between 64 and 1536 .*--max-h"),
+    ("width", "1024", "width must be a whole number"),
+    ("width", 1024.5, "width must be a whole number"),
+    ("width", True, "width must be a whole number"),
+    ("height", math.nan, "height must be a whole number"),
+    ("steps", 0, "steps must be between 1 and 50"),
+    ("steps", 51, "steps must be between 1 and 50"),
+    ("steps", -3, "steps must be between"),
+    ("steps", 7.5, "steps must be a whole number"),
+    ("steps", "eight", "steps must be a whole number"),
+    ("seed", -1, "seed must be between 0 and"),
+    ("seed", 2**64, "seed must be between 0 and"),
+    ("seed", math.nan, "seed must be a whole number"),
+    ("seed", "abc", "seed must be a whole number"),
+    ("shift", 0, "shift must be between 1.0 and 10.0"),
+    ("shift", -1.0, "shift must be between"),
+    ("shift", 10.5, "shift must be between"),
+    ("shift", math.nan, "shift must be a number"),
+    ("shift", math.inf, "shift must be a number"),
+    ("shift", "3", "shift must be a number"),
+])
+def test_each_rule_rejects_with_a_message_naming_the_field(field, value, message):
+    fields = {"prompt": "a cat", field: value}
+    with pytest.raises(RequestError, match=message):
+        validate(GenerationRequest(**fields), LIMITS)

@@ -1,0 +1,76 @@
+from pathlib import Path
+
+import pytest
+
+from config import PROJECT_DIR, SettingsError, build_arg_parser, load_settings
+
+
+def test_defaults_come_from_the_settings_file():
+    settings = load_settings([], environ={})
+    assert (settings.host, settings.port, settings.share) == ("127.0.0.1", 7860, False)
+    assert settings.attention == "auto" and settings.nan_check is True
+    assert settings.output_dir == PROJECT_DIR / "outputs"
+
+
+def test_environment_overrides_file_and_flags_override_environment():
+    environ = {"ZIMAGE_PORT": "7999", "ZIMAGE_QUEUE_SIZE": "3", "ZIMAGE_NAN_CHECK": "false"}
+    assert load_settings([], environ=environ).port == 7999
+    settings = load_settings(["--port", "8001"], environ=environ)
+    assert (settings.port, settings.queue_size, settings.nan_check) == (8001, 3, False)
+
+
+def test_server_port_is_an_alias_of_port():
+    assert load_settings(["--server-port", "7001"], environ={}).port == 7001
+
+
+@pytest.mark.parametrize(("flags", "attention"), [
+    (["--enable-xformers"], "xformers"),
+    (["--disable-xformers"], "sdpa"),
+    (["--attention", "flash"], "flash"),
+])
+def test_xformers_switches_map_onto_the_attention_setting(flags, attention):
+    assert load_settings(flags, environ={}).attention == attention
+
+
+def test_enable_and_disable_xformers_together_is_refused():
+    with pytest.raises(SystemExit):
+        load_settings(["--enable-xformers", "--disable-xformers"], environ={})
+
+
+def test_disable_nan_check_turns_the_check_off():
+    assert load_settings(["--disable-nan-check"], environ={}).nan_check is False
+
+
+@pytest.mark.parametrize(("flags", "environ", "message"), [
+    (["--max-h", "1000"], {}, "max_h must be a multiple of 16"),
+    (["--port", "70000"], {}, "port must be between"),
+    (["--queue-size", "0"], {}, "queue_size must be at least 1"),
+    ([], {"ZIMAGE_PORT": "seven"}, "ZIMAGE_PORT has an unusable value"),
+    ([], {"ZIMAGE_ATTENTION": "magic"}, "attention must be one of"),
+])
+def test_bad_values_name_the_setting(flags, environ, message):
+    with pytest.raises(SettingsError, match=message):
+        load_settings(flags, environ=environ)
+
+
+def test_settings_file_with_unknown_key_is_rejected(tmp_path):
+    config = tmp_path / "site.toml"
+    config.write_text('port = 7000\nportt = 7001\n')
+    with pytest.raises(SettingsError, match="unknown keys: portt"):
+        load_settings(["--config", str(config)], environ={})
+
+
+def test_settings_file_is_read_over_the_defaults(tmp_path):
+    config = tmp_path / "site.toml"
+    config.write_text('model_dir = "/srv/weights"\nmax_w = 1536\n')
+    settings = load_settings(["--config", str(config)], environ={})
+    assert settings.model_dir == Path("/srv/weights") and settings.max_w == 1536
+
+
+def test_every_setting_has_a_documented_flag():
+    help_text = build_arg_parser().format_help()
+    for flag in ("--host", "--port", "--server-port", "--share", "--model-dir", "--demo", "--demo-dir",
+                 "--verify-weights", "--device", "--attention", "--enable-xformers", "--disable-xformers",
+                 "--max-h", "--max-w", "--queue-size", "--output-dir", "--disable-nan-check", "--log-level",
+                 "--log-prompts", "--config"):
+        assert flag in help_text

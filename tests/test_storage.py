@@ -1,0 +1,31 @@
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.storage import read_parameters, save_png
+
+
+def test_png_is_whole_and_carries_its_parameters(tmp_path):
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 48, 3), dtype=np.uint8))
+    parameters = {"prompt": "雪地里的猫", "seed": 2**64 - 1, "steps": 8}
+    path = save_png(image, tmp_path, "stem", parameters)
+    assert path.parent.parent == tmp_path and path.name == "stem.png"
+    assert read_parameters(path) == parameters
+    with Image.open(path) as reread:
+        np.testing.assert_array_equal(np.asarray(reread), np.asarray(image))
+    assert [p.name for p in path.parent.iterdir()] == ["stem.png"]  # no temporary file left behind
+
+
+def test_failed_write_leaves_no_file(tmp_path):
+    class Broken(Image.Image):
+        def save(self, *args, **kwargs):
+            raise OSError("disk full")
+
+    image = Image.new("RGB", (8, 8))
+    image.__class__ = Broken
+    with pytest.raises(OSError, match="disk full"):
+        save_png(image, tmp_path, "stem", {})
+    day_dirs = list(tmp_path.iterdir())
+    assert day_dirs and not any(os.listdir(day_dirs[0]))

@@ -1,0 +1,96 @@
+"""The Gradio Blocks UI. Presentation only: it turns form values into a GenerationRequest and shows the result."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+
+import gradio as gr
+
+from pipeline.engine import Engine, GenerationError, GenerationResult
+from pipeline.requests import DEFAULT_SHIFT, DEFAULT_STEPS, MAX_SHIFT, MAX_STEPS, MIN_SHIFT, GenerationRequest, RequestError
+from webui.resolutions import offered, parse_resolution
+
+log = logging.getLogger("zimage.webui")
+
+API_NAME = "generate"  # the queue endpoint: gradio_client.Client(url).predict(..., api_name="/generate")
+GPU_QUEUE = "gpu"  # one concurrency group: every event that touches the engine waits in the same line
+
+DEMO_BANNER = (
+    "⚠️ **DEMO MODEL** — tiny random weights, built for testing the service. Its images are noise, "
+    "not Z-Image-Turbo output. Start without `--demo` and with `--model-dir` to serve the real model."
+)
+
+
+def _caption(result: GenerationResult) -> str:
+    request = result.request
+    return f"seed {request.seed} · {request.width}×{request.height} · {request.steps} steps"
+
+
+def _timing(result: GenerationResult) -> str:
+    t = result.timings
+    text = (f"**{t.total_ms / 1000:.2f} s** — text encode {t.encode_ms:.0f} ms · denoise {t.denoise_ms:.0f} ms · "
+            f"decode {t.decode_ms:.0f} ms · save {t.save_ms:.0f} ms")
+    return "\n\n".join([text, *result.notices])
+
+
+def build_ui(engine: Engine, *, demo: bool, model_label: str, max_w: int, max_h: int) -> gr.Blocks:
+    table = offered(max_w, max_h)
+    first_category = next(iter(table))
+
+    def generate(prompt, resolution, seed, random_seed, steps, shift, history, progress=gr.Progress()):
+        try:
+            width, height = parse_resolution(resolution)
+            request = GenerationRequest(prompt=prompt, width=width, height=height, steps=steps,
+                                        seed=None if random_seed else seed, shift=shift)
+            result = engine.generate(request, progress=lambda step, total: progress((step, total), desc="Denoising"))
+        except (RequestError, GenerationError) as error:
+            raise gr.Error(str(error), print_exception=False) from None
+        except Exception:
+            incident = uuid.uuid4().hex[:8]
+            log.exception("request failed incident=%s", incident)
+            raise gr.Error(f"The server hit an internal error (incident {incident}); the operator's log has "
+                           f"the details. Try again.", print_exception=False) from None
+        history = [(str(result.path), _caption(result)), *(history or [])]
+        return history, history, result.request.seed, _timing(result), str(result.path)
+
+    def switch_category(category):
+        choices = table.get(category, [])
+        return gr.Dropdown(choices=choices, value=choices[0] if choices else None)
+
+    with gr.Blocks(title="Z-Image-Turbo") as blocks:
+        gr.Markdown(f"# Z-Image-Turbo\nModel: `{model_label}`")
+        if demo:
+            gr.Markdown(DEMO_BANNER, elem_id="demo-banner")
+        history = gr.State([])
+        with gr.Row():
+            with gr.Column(scale=1):
+                prompt = gr.Textbox(label="Prompt", lines=4, elem_id="prompt",
+                                    placeholder="Describe the image, in English or Chinese — 例如：雪地里戴红围巾的橘猫")
+                with gr.Row():
+                    category = gr.Dropdown(list(table), value=first_category, label="Resolution category")
+                    resolution = gr.Dropdown(table[first_category], value=table[first_category][0],
+                                             label="Width × height", allow_custom_value=True)
+                with gr.Row():
+                    seed = gr.Number(value=42, precision=0, minimum=0, label="Seed")
+                    random_seed = gr.Checkbox(value=True, label="Random seed")
+                steps = gr.Slider(1, MAX_STEPS, value=DEFAULT_STEPS, step=1, label="Steps")
+                shift = gr.Slider(MIN_SHIFT, MAX_SHIFT, value=DEFAULT_SHIFT, step=0.1, label="Time shift")
+                run = gr.Button("Generate", variant="primary", elem_id="generate")
+            with gr.Column(scale=1):
+                gallery = gr.Gallery(label="This session's images", columns=2, height=560, format="png",
+                                     buttons=["download", "fullscreen"], elem_id="gallery")
+                seed_used = gr.Number(label="Seed used", precision=0, interactive=False)
+                timing = gr.Markdown(elem_id="timing")
+                png = gr.File(label="PNG download", interactive=False)
+        category.change(switch_category, category, resolution, queue=False, api_visibility="private")
+        gr.on(
+            [run.click, prompt.submit],
+            generate,
+            inputs=[prompt, resolution, seed, random_seed, steps, shift, history],
+            outputs=[gallery, history, seed_used, timing, png],
+            api_name=API_NAME,
+            concurrency_limit=1,
+            concurrency_id=GPU_QUEUE,
+        )
+    return blocks
