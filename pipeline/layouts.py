@@ -51,6 +51,10 @@ DIFFUSERS_WEIGHTS = {
     "vae": "diffusion_pytorch_model",
 }
 
+# safetensors headers are JSON of tensor names and offsets: a few hundred KB for the real files. A larger
+# "length" means the first 8 bytes are not a safetensors header at all (an HTML error page, a pickle, ...).
+MAX_HEADER_BYTES = 100 * 2**20
+
 FETCH_HINT = "Fetch the weights with scripts/fetch_weights.py (on a machine with internet) or copy them in place"
 
 
@@ -159,8 +163,10 @@ def read_safetensors_keys(path: Path) -> set[str]:
         if len(head) < 8:
             raise WeightsError(f"{path} is truncated ({size} bytes, not even a header). {FETCH_HINT}.")
         (header_len,) = struct.unpack("<Q", head)
-        if header_len > min(size - 8, 100 * 2**20):
-            raise WeightsError(f"{path} is not a safetensors file (or is truncated in its header). {FETCH_HINT}.")
+        if header_len > MAX_HEADER_BYTES:
+            raise WeightsError(f"{path} is not a safetensors file. {FETCH_HINT}.")
+        if header_len > size - 8:
+            raise WeightsError(f"{path} is truncated: {size} bytes on disk, cut inside its header. {FETCH_HINT}.")
         try:
             header = json.loads(handle.read(header_len))
         except (UnicodeDecodeError, json.JSONDecodeError):

@@ -81,7 +81,7 @@ def build_ui(engine: Engine, *, demo: bool, model_label: str, max_w: int, max_h:
                 gallery = gr.Gallery(label="This session's images", columns=2, height=560, format="png",
                                      buttons=["download", "fullscreen"], elem_id="gallery")
                 seed_used = gr.Number(label="Seed used", precision=0, interactive=False)
-                timing = gr.Markdown(elem_id="timing")
+                timing = gr.Markdown(label="Timing", elem_id="timing")
                 png = gr.File(label="PNG download", interactive=False)
         category.change(switch_category, category, resolution, queue=False, api_visibility="private")
         gr.on(

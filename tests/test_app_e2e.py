@@ -1,0 +1,206 @@
+"""`python app.py --demo` as a real process on a free loopback port, driven over real HTTP."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+from gradio_client import Client
+from PIL import Image
+
+from pipeline.storage import read_parameters
+from tests.conftest import PROJECT_DIR, free_port
+
+pytestmark = pytest.mark.e2e
+
+START_TIMEOUT_S = 180
+
+
+@dataclass
+class RunningApp:
+    url: str
+    output_dir: Path
+    log_path: Path
+    process: subprocess.Popen
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def http_status(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status
+    except urllib.error.HTTPError as error:
+        return error.code
+
+
+def start_app(tmp_path: Path, *flags: str) -> RunningApp:
+    port = free_port()
+    output_dir = tmp_path / "outputs"
+    log_path = tmp_path / "app.log"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with log_path.open("w") as log:
+        process = subprocess.Popen(
+            [sys.executable, "app.py", "--port", str(port), "--output-dir", str(output_dir), *flags],
+            cwd=PROJECT_DIR, stdout=log, stderr=subprocess.STDOUT, env=env,
+        )
+    app = RunningApp(f"http://127.0.0.1:{port}", output_dir, log_path, process)
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"app exited with {process.returncode}:\n{app.log()}")
+        try:
+            if http_status(f"{app.url}/readyz") == 200:
+                return app
+        except OSError:
+            pass
+        time.sleep(0.5)
+    process.kill()
+    raise AssertionError(f"app not ready in {START_TIMEOUT_S}s:\n{app.log()}")
+
+
+def stop_app(app: RunningApp) -> None:
+    app.process.terminate()
+    try:
+        app.process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        app.process.kill()
+
+
+@pytest.fixture(scope="module")
+def demo_app(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("demo-app")
+    # A fresh --demo-dir: the first start builds the tiny model, as on a newcomer's machine.
+    app = start_app(tmp_path, "--demo", "--demo-dir", str(tmp_path / "demo-model"), "--queue-size", "4",
+                    "--max-h", "1536", "--max-w", "1536")
+    yield app
+    stop_app(app)
+
+
+@pytest.fixture(scope="module")
+def client(demo_app):
+    return Client(demo_app.url, verbose=False)
+
+
+def _generate(client, prompt, resolution="256x256", seed=1234, random_seed=False, steps=4, shift=3.0):
+    return client.predict(prompt, resolution, seed, random_seed, steps, shift, api_name="/generate")
+
+
+def test_health_and_readiness_answer(demo_app):
+    assert http_status(f"{demo_app.url}/healthz") == 200
+    assert http_status(f"{demo_app.url}/readyz") == 200
+
+
+def test_demo_model_is_built_on_first_use_and_labelled(demo_app):
+    log = demo_app.log()
+    assert "DEMO MODEL" in log and "ready url=http://127.0.0.1:" in log
+    assert "weights layout=single-file" in log
+
+
+def test_generate_saves_a_png_with_its_parameters_and_the_seed_round_trips(demo_app, client):
+    gallery, seed_used, timing, png_path = _generate(client, "a lighthouse at dusk, 黄昏的灯塔", seed=1234)
+    assert seed_used == 1234 and " s**" in timing
+    assert len(gallery) == 1
+    saved = sorted(demo_app.output_dir.rglob("*.png"))
+    params = [read_parameters(path) for path in saved]
+    mine = [p for p in params if p["prompt"] == "a lighthouse at dusk, 黄昏的灯塔"]
+    assert len(mine) == 1
+    assert (mine[0]["seed"], mine[0]["width"], mine[0]["height"], mine[0]["steps"]) == (1234, 256, 256, 4)
+    with Image.open(png_path) as served:
+        assert served.size == (256, 256)
+
+
+def test_random_seed_is_returned_and_reproduces_the_image(client):
+    _, drawn_seed, _, first_png = _generate(client, "a red kite", seed=0, random_seed=True)
+    _, again_seed, _, second_png = _generate(client, "a red kite", seed=drawn_seed, random_seed=False)
+    assert again_seed == drawn_seed
+    with Image.open(first_png) as first, Image.open(second_png) as second:
+        np.testing.assert_array_equal(np.asarray(first), np.asarray(second))
+
+
+@pytest.mark.parametrize(("prompt", "resolution", "steps", "message"), [
+    ("   ", "256x256", 4, "prompt is empty"),
+    ("a cat", "250x256", 4, "width must be a multiple of 16"),
+    ("a cat", "2048x1152", 4, "width must be between 64 and 1536"),
+    ("a cat", "huge", 4, "resolution must look like 1024x1024"),
+])
+def test_bad_input_gets_a_clear_message_and_the_server_stays_up(demo_app, client, prompt, resolution, steps,
+                                                                 message):
+    with pytest.raises(Exception, match=message):
+        _generate(client, prompt, resolution=resolution, steps=steps)
+    assert demo_app.process.poll() is None
+    assert "Traceback" not in demo_app.log()
+
+
+def test_out_of_range_slider_value_is_refused_by_gradio_with_its_message(demo_app, client):
+    # The Steps slider checks its own bounds before our handler runs (and Gradio logs that refusal itself).
+    with pytest.raises(Exception, match="Value 0 is less than minimum value 1"):
+        _generate(client, "a cat", steps=0)
+    assert demo_app.process.poll() is None
+
+
+def test_server_keeps_serving_after_bad_input(client):
+    _, seed_used, _, _ = _generate(client, "still here", seed=7)
+    assert seed_used == 7
+
+
+def test_rest_route_cannot_bypass_the_queue(demo_app):
+    request = urllib.request.Request(
+        f"{demo_app.url}/gradio_api/run/generate", method="POST", headers={"Content-Type": "application/json"},
+        data=b'{"data": ["sneaky", "256x256", 1, false, 1, 3.0]}',
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            body = response.read().decode()
+            status = response.status
+    except urllib.error.HTTPError as error:
+        body, status = error.read().decode(), error.code
+    assert status != 200 or "error" in body.lower()
+    assert not any(path for path in demo_app.output_dir.rglob("*.png") if "sneaky" in str(read_parameters(path)))
+
+
+def test_each_request_is_logged_with_its_timings(demo_app, client):
+    _generate(client, "a logged request", seed=99)
+    lines = [line for line in demo_app.log().splitlines() if "outcome=ok" in line and "seed=99" in line]
+    assert lines and all(f"{stage}_ms=" in lines[-1] for stage in ("encode", "denoise", "decode", "total"))
+    assert "a logged request" not in lines[-1] or "start='a logged request'" in lines[-1]
+
+
+def test_without_weights_or_demo_the_app_exits_naming_both_options(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "app.py", "--model-dir", str(tmp_path / "none"), "--port", str(free_port())],
+        cwd=PROJECT_DIR, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 1
+    error_lines = [line for line in result.stdout.splitlines() if " ERROR " in line]
+    assert len(error_lines) == 1
+    assert "--demo" in error_lines[0] and "fetch_weights.py" in error_lines[0]
+
+
+def test_truncated_weights_stop_the_app_naming_the_file(tiny_copy):
+    from pipeline.layouts import VAE_FILE, LayoutKind
+
+    root = tiny_copy(LayoutKind.SINGLE_FILE)
+    with (root / VAE_FILE).open("r+b") as handle:
+        handle.truncate(5000)
+    result = subprocess.run(
+        [sys.executable, "app.py", "--model-dir", str(root), "--port", str(free_port())],
+        cwd=PROJECT_DIR, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 1
+    assert f"cannot start: {root / VAE_FILE} is truncated" in result.stdout
+
+
+def test_bad_flag_value_exits_with_usage_error():
+    result = subprocess.run([sys.executable, "app.py", "--max-w", "1000"], cwd=PROJECT_DIR, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 2 and "max_w must be a multiple of 16" in result.stderr

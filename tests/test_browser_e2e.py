@@ -1,0 +1,78 @@
+"""A person's path through the UI: headless Chromium loads the page, types a prompt, clicks Generate, sees the image."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from tests.conftest import ARTIFACTS_DIR
+from tests.test_app_e2e import start_app, stop_app
+
+pytestmark = pytest.mark.e2e
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+# Headless as root on a machine with no network: no sandbox, and none of Chromium's background connections.
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture(scope="module")
+def browser_app(tmp_path_factory, tiny_models):
+    from pipeline.layouts import LayoutKind
+
+    tmp_path = tmp_path_factory.mktemp("browser-app")
+    demo_dir = tmp_path / "demo-model"
+    shutil.copytree(tiny_models[LayoutKind.SINGLE_FILE], demo_dir)
+    app = start_app(tmp_path, "--demo", "--demo-dir", str(demo_dir))
+    yield app
+    stop_app(app)
+
+
+@pytest.fixture(scope="module")
+def page(browser_app, tmp_path_factory):
+    playwright_api = pytest.importorskip("playwright.sync_api")
+    if not shutil.which(CHROMIUM):
+        pytest.fail(f"Chromium not found at {CHROMIUM}: run scripts/setup.sh --test (installs Debian's chromium)")
+    with playwright_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        context = browser.new_context(viewport={"width": 1400, "height": 1000})
+        yield context.new_page()
+        browser.close()
+
+
+def open_ui(page, url):
+    # Gradio keeps a connection open for its queue, so "network idle" never comes; wait for the form instead.
+    page.goto(url, wait_until="domcontentloaded")
+    page.locator("#prompt textarea").wait_for(state="visible", timeout=60_000)
+
+
+def test_page_loads_labelled_as_demo(page, browser_app):
+    open_ui(page, browser_app.url)
+    assert page.title() == "Z-Image-Turbo"
+    assert "DEMO MODEL" in page.locator("#demo-banner").inner_text()
+
+
+def test_typing_a_prompt_and_clicking_generate_shows_the_image(page, browser_app):
+    open_ui(page, browser_app.url)
+    page.locator("#prompt textarea").fill("a paper boat on a pond, 池塘里的纸船")
+    page.locator("#generate").click()
+    image = page.locator("#gallery img").first
+    image.wait_for(state="visible", timeout=120_000)
+    page.wait_for_function("() => [...document.querySelectorAll('#gallery img')].some(i => i.naturalWidth > 0)",
+                           timeout=60_000)
+    assert "s**" not in page.locator("#timing").inner_text()  # rendered as Markdown, not shown raw
+    assert " s" in page.locator("#timing").inner_text()
+    ARTIFACTS_DIR.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS_DIR / "ui-generated.png"), full_page=True)
+    saved = [p for p in browser_app.output_dir.rglob("*.png")]
+    assert len(saved) == 1
+
+
+def test_empty_prompt_shows_the_error_to_the_person(page, browser_app):
+    open_ui(page, browser_app.url)
+    page.locator("#prompt textarea").fill("   ")
+    page.locator("#generate").click()
+    page.get_by_text("prompt is empty").first.wait_for(state="visible", timeout=30_000)
+    ARTIFACTS_DIR.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS_DIR / "ui-error.png"), full_page=True)
