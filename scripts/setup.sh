@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# One command for a fresh machine: a virtual environment (.venv) with the right torch and the service's packages.
+#
+#   scripts/setup.sh            the service
+#   scripts/setup.sh --test     + the test tools: pytest, Playwright, and Debian's chromium and a CJK font (apt)
+#   scripts/setup.sh --xformers + xformers (GPU hosts; optional, the service falls back to SDPA without it)
+#
+# torch is installed first and on its own: a plain "torch" requirement on a machine without one pulls several GB
+# of CUDA packages. With an NVIDIA GPU visible (nvidia-smi), the CUDA build from PyPI; otherwise the CPU build
+# torch==$CPU_TORCH_VERSION (this workplace keeps that wheel locally; elsewhere set
+# TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu). Environment: VENV, PYTHON, CPU_TORCH_VERSION,
+# TORCH_INDEX_URL.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+VENV=${VENV:-.venv}
+PYTHON=${PYTHON:-python3}
+CPU_TORCH_VERSION=${CPU_TORCH_VERSION:-2.13.0}
+with_test=0
+with_xformers=0
+for arg in "$@"; do
+    case "$arg" in
+        --test) with_test=1 ;;
+        --xformers) with_xformers=1 ;;
+        *) echo "setup.sh: unknown option $arg (use --test, --xformers)" >&2; exit 2 ;;
+    esac
+done
+
+"$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+    || { echo "setup.sh: Python 3.11 or newer is needed ($PYTHON is $("$PYTHON" --version 2>&1))" >&2; exit 1; }
+[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+pip=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
+"${pip[@]}" --upgrade pip
+
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    echo "setup.sh: NVIDIA GPU found: installing the CUDA build of torch"
+    "${pip[@]}" torch
+else
+    echo "setup.sh: no NVIDIA GPU: installing the CPU build torch==$CPU_TORCH_VERSION"
+    "${pip[@]}" ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "torch==$CPU_TORCH_VERSION"
+fi
+
+extras=""
+[ "$with_test" = 1 ] && extras="test"
+[ "$with_xformers" = 1 ] && extras="${extras:+$extras,}xformers"
+"${pip[@]}" -e ".${extras:+[$extras]}"
+
+if [ "$with_test" = 1 ]; then
+    missing=()
+    command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+    fc-list 2>/dev/null | grep -qi "wenquanyi\|noto sans cjk" || missing+=(fonts-wqy-zenhei)
+    if [ ${#missing[@]} -gt 0 ]; then
+        sudo=""
+        [ "$(id -u)" = 0 ] || sudo="sudo"
+        echo "setup.sh: installing ${missing[*]} with apt (browser tests)"
+        $sudo apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    fi
+fi
+
+"$VENV/bin/python" -c 'import torch, diffusers, transformers, gradio; print(
+    f"setup.sh: ready: torch {torch.__version__} (cuda: {torch.cuda.is_available()}), diffusers {diffusers.__version__},"
+    f" transformers {transformers.__version__}, gradio {gradio.__version__}")'
