@@ -48,7 +48,6 @@ def log_banner(settings: Settings) -> None:
 
 def build_engine(settings: Settings):
     from pipeline.engine import Engine
-    from pipeline.layouts import LayoutKind
     from pipeline.loader import load_pipeline, resolve_device
     from pipeline.random_model import ensure_demo_model
     from pipeline.requests import Limits
@@ -67,8 +66,7 @@ def build_engine(settings: Settings):
         log_prompts=settings.log_prompts,
     )
     engine.warm_up()
-    layout = LayoutKind.SINGLE_FILE.value if settings.demo else loaded.source
-    return engine, f"{model_name} ({layout})"
+    return engine, f"{model_name} ({loaded.source})"
 
 
 def main(argv: list[str] | None = None) -> int:

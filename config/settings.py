@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import os
 import tomllib
 import typing
@@ -72,6 +73,7 @@ class Settings:
         return {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
 
 
+@functools.cache
 def _field_types() -> dict[str, object]:
     return typing.get_type_hints(Settings)
 

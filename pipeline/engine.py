@@ -124,7 +124,8 @@ class Engine:
             except torch.OutOfMemoryError:
                 log.exception("request id=%s outcome=oom size=%dx%d", request_id, valid.width, valid.height)
                 torch.cuda.empty_cache()
-                raise GenerationError(f"out of GPU memory at {valid.width}×{valid.height}; try a smaller size.")
+                raise GenerationError(
+                    f"out of GPU memory at {valid.width}×{valid.height}; try a smaller size.") from None
         save_started = time.perf_counter()
         stem = f"{time.strftime('%H%M%S')}-{request_id}-seed{valid.seed}"
         path = save_png(image, self.output_dir, stem, self._parameters(request_id, valid))

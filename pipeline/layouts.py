@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import struct
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 
 DIT_FILE = "z_image_turbo_bf16.safetensors"
@@ -62,7 +62,7 @@ class WeightsError(RuntimeError):
     """Weights that cannot be loaded; the message is one line naming the file and what to do."""
 
 
-class LayoutKind(str, Enum):
+class LayoutKind(StrEnum):
     SINGLE_FILE = "single-file"
     DIFFUSERS = "diffusers"
 

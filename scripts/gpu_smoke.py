@@ -17,9 +17,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import pipeline  # noqa: F401  (offline flags before the HF imports)
 import torch
 
+import pipeline  # noqa: F401  (offline flags before the HF imports)
 from pipeline.engine import Engine
 from pipeline.loader import LoadedPipeline
 from pipeline.random_model import FULL_SIZE, build_components

@@ -6,10 +6,10 @@ import shutil
 import socket
 from pathlib import Path
 
-import pipeline  # noqa: F401  (offline flags before any Hugging Face import)
 import pytest
 import torch
 
+import pipeline  # noqa: F401  (offline flags before any Hugging Face import)
 from pipeline.engine import Engine
 from pipeline.layouts import LayoutKind
 from pipeline.loader import load_pipeline

@@ -164,8 +164,8 @@ def test_rest_route_cannot_bypass_the_queue(demo_app):
             status = response.status
     except urllib.error.HTTPError as error:
         body, status = error.read().decode(), error.code
-    assert status != 200 or "error" in body.lower()
-    assert not any(path for path in demo_app.output_dir.rglob("*.png") if "sneaky" in str(read_parameters(path)))
+    assert status == 404 and "join the queue" in body
+    assert not any("sneaky" in str(read_parameters(path)) for path in demo_app.output_dir.rglob("*.png"))
 
 
 def test_each_request_is_logged_with_its_timings(demo_app, client):

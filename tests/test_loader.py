@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers.loaders import single_file_model
+from safetensors.torch import load_file, save_file
 
 from pipeline.layouts import DIT_FILE, TEXT_ENCODER_FILE, LayoutKind, WeightsError
 from pipeline.loader import dtype_for, load_pipeline, resolve_device
@@ -73,24 +74,22 @@ def test_verify_weights_names_a_damaged_file(tiny_copy):
         load_pipeline(root, torch.device("cpu"), verify=True)
 
 
-def test_text_encoder_file_for_another_config_is_refused(tiny_copy):
-    from safetensors.torch import load_file, save_file
+def _drop_tensor(path, name):
+    tensors = load_file(path)
+    del tensors[name]
+    save_file(tensors, path)
 
+
+def test_text_encoder_file_for_another_config_is_refused(tiny_copy):
     root = tiny_copy(LayoutKind.SINGLE_FILE)
-    tensors = load_file(root / TEXT_ENCODER_FILE)
-    del tensors["model.layers.1.mlp.up_proj.weight"]
-    save_file(tensors, root / TEXT_ENCODER_FILE)
+    _drop_tensor(root / TEXT_ENCODER_FILE, "model.layers.1.mlp.up_proj.weight")
     with pytest.raises(WeightsError, match=f"{root / TEXT_ENCODER_FILE} does not match the text encoder config"):
         load_pipeline(root, torch.device("cpu"))
 
 
 def test_dit_file_missing_tensors_is_refused(tiny_copy):
-    from safetensors.torch import load_file, save_file
-
     root = tiny_copy(LayoutKind.SINGLE_FILE)
-    tensors = load_file(root / DIT_FILE)
-    del tensors["layers.1.feed_forward.w2.weight"]
-    save_file(tensors, root / DIT_FILE)
+    _drop_tensor(root / DIT_FILE, "layers.1.feed_forward.w2.weight")
     with pytest.raises(WeightsError, match=f"{root / DIT_FILE} lacks tensors the transformer needs"):
         load_pipeline(root, torch.device("cpu"))
 

@@ -8,7 +8,15 @@ import uuid
 import gradio as gr
 
 from pipeline.engine import Engine, GenerationError, GenerationResult
-from pipeline.requests import DEFAULT_SHIFT, DEFAULT_STEPS, MAX_SHIFT, MAX_STEPS, MIN_SHIFT, GenerationRequest, RequestError
+from pipeline.requests import (
+    DEFAULT_SHIFT,
+    DEFAULT_STEPS,
+    MAX_SHIFT,
+    MAX_STEPS,
+    MIN_SHIFT,
+    GenerationRequest,
+    RequestError,
+)
 from webui.resolutions import offered, parse_resolution
 
 log = logging.getLogger("zimage.webui")
@@ -66,7 +74,7 @@ def build_ui(engine: Engine, *, demo: bool, model_label: str, max_w: int, max_h:
         with gr.Row():
             with gr.Column(scale=1):
                 prompt = gr.Textbox(label="Prompt", lines=4, elem_id="prompt",
-                                    placeholder="Describe the image, in English or Chinese — 例如：雪地里戴红围巾的橘猫")
+                                    placeholder="Describe the image in English or Chinese — 例如：雪地里戴红围巾的橘猫")
                 with gr.Row():
                     category = gr.Dropdown(list(table), value=first_category, label="Resolution category")
                     resolution = gr.Dropdown(table[first_category], value=table[first_category][0],
