@@ -8,8 +8,10 @@
 from __future__ import annotations
 
 import logging
+import os
 import platform
 import sys
+from importlib import metadata
 
 import pipeline  # noqa: F401  (must come before any Hugging Face import: it turns their network use off)
 from config import Settings, SettingsError, load_settings
@@ -40,13 +42,49 @@ def log_banner(settings: Settings) -> None:
     import torch
     import transformers
 
-    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
-    log.info("start python=%s torch=%s diffusers=%s transformers=%s gradio=%s gpu=%s", platform.python_version(),
-             torch.__version__, diffusers.__version__, transformers.__version__, gradio.__version__, gpu)
+    try:
+        version = metadata.version("z-image-turbo-service")
+    except metadata.PackageNotFoundError:
+        version = "unknown (not installed: run scripts/setup.sh)"
+    if torch.cuda.is_available():
+        gpu = f"{torch.cuda.get_device_name()!r} gpu_memory_gib={torch.cuda.mem_get_info()[1] / 2**30:.1f}"
+    else:
+        gpu = "none"
+    log.info("start version=%s pid=%d python=%s torch=%s diffusers=%s transformers=%s gradio=%s gpu=%s", version,
+             os.getpid(), platform.python_version(), torch.__version__, diffusers.__version__,
+             transformers.__version__, gradio.__version__, gpu)
     log.info("settings %s", " ".join(f"{key}={value}" for key, value in settings.as_log_fields().items()))
 
 
-def build_engine(settings: Settings):
+def exit_on_fatal(crash_dir):
+    """The engine's fatal handler: snapshot, then end the process non-zero so the supervisor starts a clean one."""
+    from pipeline.snapshot import write_snapshot
+
+    def on_fatal(error: BaseException, state: dict[str, object]) -> None:
+        write_snapshot(crash_dir, f"fatal: {error}", state, error)
+        log.critical("exiting after a fatal error exit=1")
+        logging.shutdown()
+        os._exit(1)
+
+    return on_fatal
+
+
+def stop_child_processes(timeout_s: float = 3.0) -> None:
+    """Children (compile workers, anything a library spawned) must not outlive the service: supervisor's
+    stopasgroup only sends them the SIGTERM they may ignore, and killasgroup acts only if *we* overstay."""
+    import psutil
+
+    children = psutil.Process().children(recursive=True)
+    for child in children:
+        child.terminate()
+    _, alive = psutil.wait_procs(children, timeout=timeout_s)
+    for child in alive:
+        log.warning("child pid=%d ignored SIGTERM; killing it", child.pid)
+        child.kill()
+    psutil.wait_procs(alive, timeout=timeout_s)
+
+
+def build_engine(settings: Settings, faults):
     from pipeline.engine import Engine
     from pipeline.loader import load_pipeline, resolve_device
     from pipeline.random_model import ensure_demo_model
@@ -63,7 +101,8 @@ def build_engine(settings: Settings):
     engine = Engine(
         loaded, limits=Limits(max_h=settings.max_h, max_w=settings.max_w), output_dir=settings.output_dir,
         model_name=model_name, attention_choice=settings.attention, nan_check=settings.nan_check,
-        log_prompts=settings.log_prompts,
+        log_prompts=settings.log_prompts, faults=faults,
+        on_fatal=exit_on_fatal(settings.crash_dir),
     )
     engine.warm_up()
     return engine, f"{model_name} ({loaded.source})"
@@ -78,23 +117,37 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(settings.log_level)
     log_banner(settings)
 
+    from pipeline.faults import FaultConfigError, FaultPlan
     from pipeline.layouts import WeightsError
+    from pipeline.snapshot import enable_fault_tracebacks, install_snapshot_hooks
 
+    enable_fault_tracebacks()
     try:
-        engine, model_label = build_engine(settings)
+        faults = FaultPlan.from_env(os.environ)
+    except FaultConfigError as error:
+        log.error("cannot start: %s", error)
+        return 2
+    faults.at_start()
+    try:
+        engine, model_label = build_engine(settings, faults)
     except WeightsError as error:
         log.error("cannot start: %s", error)
         return 1
+    install_snapshot_hooks(settings.crash_dir, engine.state)
 
     from webui.server import serve
     from webui.ui import build_ui
 
     blocks = build_ui(engine, demo=settings.demo, model_label=model_label, max_w=settings.max_w,
                       max_h=settings.max_h)
-    serve(blocks, engine, host=settings.host, port=settings.port, share=settings.share,
-          queue_size=settings.queue_size)
-    return 0
+    exit_code = serve(blocks, engine, host=settings.host, port=settings.port, share=settings.share,
+                      queue_size=settings.queue_size, shutdown_grace_s=settings.shutdown_grace_s)
+    stop_child_processes()
+    return exit_code
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_code = main()
+    logging.shutdown()
+    # os._exit: a job abandoned at shutdown still runs in a worker thread, and a normal exit would wait for it.
+    os._exit(exit_code)

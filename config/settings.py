@@ -49,6 +49,8 @@ class Settings:
     nan_check: bool  # refuse NaN / all-black images instead of returning them
     log_level: LogLevelChoice
     log_prompts: LogPromptsChoice  # what of a prompt reaches the log: nothing, length+hash+first words, or all
+    crash_dir: Path  # where a fatal error leaves its snapshot (JSON: stacks, GPU memory, last prompts)
+    shutdown_grace_s: int  # on SIGTERM/SIGINT, the running job gets this long to finish before it is abandoned
 
     def __post_init__(self) -> None:
         if not 1 <= self.port <= 65535:
@@ -60,6 +62,8 @@ class Settings:
                     f"{name} must be a multiple of {SIZE_MULTIPLE} between {SIZE_MULTIPLE} and {SIZE_CEILING} "
                     f"(got {value})."
                 )
+        if self.shutdown_grace_s < 0:
+            raise SettingsError(f"shutdown_grace_s must be 0 or more (got {self.shutdown_grace_s}).")
         if self.queue_size < 1:
             raise SettingsError(f"queue_size must be at least 1 (got {self.queue_size}).")
         for field in dataclasses.fields(self):
@@ -176,6 +180,10 @@ def build_arg_parser() -> argparse.ArgumentParser:
     add("--log-level", choices=typing.get_args(LogLevelChoice), type=str.upper, help="log verbosity")
     add("--log-prompts", choices=typing.get_args(LogPromptsChoice),
         help="how prompts are logged: none, summary (length, hash, first words) or full")
+    add("--crash-dir", type=Path, metavar="DIR",
+        help="where a fatal error writes its snapshot (thread stacks, GPU memory, last prompts)")
+    add("--shutdown-grace", dest="shutdown_grace_s", type=int, metavar="SECONDS",
+        help="on SIGTERM or SIGINT, how long the running job may take to finish before it is abandoned")
     return parser
 
 

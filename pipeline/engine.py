@@ -7,6 +7,7 @@ import logging
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -16,6 +17,7 @@ import torch
 from PIL import Image
 
 from pipeline import attention
+from pipeline.faults import FaultPlan, InjectedFatalError
 from pipeline.loader import LoadedPipeline
 from pipeline.requests import GenerationRequest, Limits, RequestError, ValidRequest, validate
 from pipeline.storage import save_png
@@ -27,6 +29,12 @@ GUIDANCE_SCALE = 0.0  # Turbo is distilled to run without classifier-free guidan
 BLACK_LEVEL = 2  # an image whose brightest pixel is at most this (of 255) is treated as a failed, black one
 
 ProgressCallback = Callable[[int, int], None]
+FatalHandler = Callable[[BaseException, dict[str, object]], None]  # (error, engine state)
+
+# Errors after which the process cannot be trusted to serve again (the GPU context is gone); the engine hands them
+# to its fatal handler, which ends the process so the supervisor starts a clean one.
+FATAL_ERRORS: tuple[type[BaseException], ...] = (InjectedFatalError,)
+RECENT_PROMPTS = 3  # kept (as logged: summarised or not) for the crash snapshot
 
 
 class GenerationError(RuntimeError):
@@ -73,6 +81,8 @@ class Engine:
         attention_choice: str = "auto",
         nan_check: bool = True,
         log_prompts: str = "summary",
+        faults: FaultPlan = FaultPlan(),
+        on_fatal: FatalHandler | None = None,
     ) -> None:
         self._pipe = loaded.pipe
         self._pipe.set_progress_bar_config(disable=True)  # progress goes to the caller, not to tqdm on stderr
@@ -83,9 +93,33 @@ class Engine:
         self.model_name = model_name
         self.nan_check = nan_check
         self.log_prompts = log_prompts
+        self._faults = faults
+        self._on_fatal = on_fatal
         self._lock = threading.Lock()  # the GPU runs one job at a time, whoever calls
         self.attention_backend = attention.apply_backend(loaded.pipe.transformer, attention_choice, self.device.type)
-        self.ready = False
+        self.ready = False  # a warm-up generation succeeded on the device
+        self.healthy = True  # no fatal error since; /readyz needs both
+        self.in_flight: str | None = None  # id of the request on the GPU now
+        self.served = 0
+        self._recent_prompts: deque[str] = deque(maxlen=RECENT_PROMPTS)
+        self._draining = False
+
+    def stop_accepting(self) -> None:
+        """From now on new requests are refused as "shutting down"; the running one goes on."""
+        self._draining = True
+
+    def state(self) -> dict[str, object]:
+        """What the service is doing, for health probes and crash snapshots."""
+        return {"ready": self.ready, "healthy": self.healthy, "busy": self.in_flight is not None,
+                "in_flight": self.in_flight, "served": self.served, "attention": self.attention_backend,
+                "device": str(self.device), "recent_prompts": list(self._recent_prompts)}
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until no job is on the GPU; False if one is still running after `timeout` seconds."""
+        if not self._lock.acquire(timeout=timeout):
+            return False
+        self._lock.release()
+        return True
 
     def warm_up(self) -> None:
         """One small generation: proves the device works and gives a failing attention backend its first call."""
@@ -113,29 +147,43 @@ class Engine:
             log.info("request id=%s outcome=rejected reason=%r", request_id, str(error))
             raise
         started = time.perf_counter()
+        prompt_summary = summarize_prompt(valid.prompt, self.log_prompts)
         with self._lock:
+            if self._draining:
+                log.info("request id=%s outcome=refused reason=shutting-down", request_id)
+                raise GenerationError("The service is shutting down; try again in a minute.")
             waited_ms = (time.perf_counter() - started) * 1000
+            self.in_flight = request_id
+            self._recent_prompts.append(f"id={request_id} {prompt_summary}")
             try:
-                image, stage_ms, notices = self._run(valid, progress)
+                image, stage_ms, notices = self._run(valid, progress, inject_faults=True)
+            except FATAL_ERRORS as error:
+                self.healthy = False
+                log.critical("request id=%s outcome=fatal error=%r", request_id, str(error), exc_info=error)
+                if self._on_fatal is not None:
+                    self._on_fatal(error, self.state())
+                raise
             except GenerationError as error:
-                log.warning("request id=%s prompt=%s outcome=failed reason=%r", request_id,
-                            summarize_prompt(valid.prompt, self.log_prompts), str(error))
+                log.warning("request id=%s prompt=%s outcome=failed reason=%r", request_id, prompt_summary, str(error))
                 raise
             except torch.OutOfMemoryError:
                 log.exception("request id=%s outcome=oom size=%dx%d", request_id, valid.width, valid.height)
                 torch.cuda.empty_cache()
                 raise GenerationError(
                     f"out of GPU memory at {valid.width}×{valid.height}; try a smaller size.") from None
+            finally:
+                self.in_flight = None
         save_started = time.perf_counter()
         stem = f"{time.strftime('%H%M%S')}-{request_id}-seed{valid.seed}"
         path = save_png(image, self.output_dir, stem, self._parameters(request_id, valid))
         save_ms = (time.perf_counter() - save_started) * 1000
         total_ms = (time.perf_counter() - started) * 1000
         timings = StageTimings(save_ms=save_ms, total_ms=total_ms, **stage_ms)
+        self.served += 1
         log.info(
             "request id=%s prompt=%s size=%dx%d steps=%d seed=%d shift=%g wait_ms=%.0f encode_ms=%.0f "
             "denoise_ms=%.0f decode_ms=%.0f save_ms=%.0f total_ms=%.0f outcome=ok file=%s",
-            request_id, summarize_prompt(valid.prompt, self.log_prompts), valid.width, valid.height, valid.steps,
+            request_id, prompt_summary, valid.width, valid.height, valid.steps,
             valid.seed, valid.shift, waited_ms, timings.encode_ms, timings.denoise_ms, timings.decode_ms, save_ms,
             total_ms, path,
         )
@@ -152,7 +200,7 @@ class Engine:
         return time.perf_counter()
 
     @torch.inference_mode()
-    def _run(self, valid: ValidRequest, progress: ProgressCallback | None):
+    def _run(self, valid: ValidRequest, progress: ProgressCallback | None, inject_faults: bool = False):
         pipe = self._pipe
         notices = []
         # 1. Encode the prompt (the pipeline's own chat template and hidden-state choice).
@@ -170,6 +218,8 @@ class Engine:
         generator = torch.Generator(device=self.device).manual_seed(valid.seed)
 
         def on_step_end(_pipe, step, _timestep, _tensors):
+            if inject_faults:
+                self._faults.at_step(step + 1)
             if progress is not None:
                 progress(step + 1, valid.steps)
             return {}

@@ -1,10 +1,15 @@
-"""One ASGI app on one port: the Gradio UI and its queue, plus plain health routes."""
+"""One ASGI app on one port: the Gradio UI and its queue, plus plain health routes; and an orderly shutdown."""
 
 from __future__ import annotations
 
 import logging
+import os
+import signal
+import threading
+import time
 
 import gradio as gr
+import torch
 from fastapi.responses import JSONResponse
 from starlette.routing import Route
 
@@ -12,21 +17,53 @@ from pipeline.engine import Engine
 
 log = logging.getLogger("zimage.webui")
 
+RESULT_DELIVERY_S = 2.0  # after the last job finishes, time for its result to reach the browser before closing
+
 
 def health_routes(engine: Engine) -> list[Route]:
     async def healthz(_request):
         return JSONResponse({"status": "ok"})
 
     async def readyz(_request):
-        body = {"ready": engine.ready, "attention": engine.attention_backend, "device": str(engine.device)}
-        return JSONResponse(body, status_code=200 if engine.ready else 503)
+        state = engine.state()
+        ready = bool(state["ready"] and state["healthy"])
+        body = {key: state[key] for key in ("ready", "healthy", "busy", "served", "attention", "device")}
+        if engine.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(engine.device)
+            body.update(gpu_free_mib=free // 2**20, gpu_total_mib=total // 2**20)
+        return JSONResponse(body, status_code=200 if ready else 503)
 
     return [Route("/healthz", healthz), Route("/readyz", readyz)]
 
 
-def serve(blocks: gr.Blocks, engine: Engine, *, host: str, port: int, share: bool, queue_size: int) -> None:
-    """Serve until interrupted. Every event goes through the one queue: `api_open=False` closes the REST routes
-    that would skip it, and `max_size` turns requests away as busy instead of letting the line grow without end."""
+def _flush_logs() -> None:
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+
+
+def serve(blocks: gr.Blocks, engine: Engine, *, host: str, port: int, share: bool, queue_size: int,
+          shutdown_grace_s: float) -> int:
+    """Serve until SIGTERM or SIGINT, then shut down in order; returns the exit code (0: asked to stop).
+
+    Every event goes through the one queue: `api_open=False` closes the REST routes that would skip it, and
+    `max_size` turns requests away as busy instead of letting the line grow without end.
+    """
+    stop = threading.Event()
+    received: list[str] = []
+
+    # Signals only set a flag; the main thread does the work. A second signal means "now".
+    def on_signal(signum, _frame):
+        name = signal.Signals(signum).name
+        if stop.is_set():
+            log.warning("shutdown forced signal=%s in_flight=%s", name, engine.in_flight)
+            _flush_logs()
+            os._exit(1)
+        received.append(name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
     blocks.queue(max_size=queue_size, default_concurrency_limit=1, api_open=False)
     # Routes passed to the FastAPI constructor come before Gradio's own, so nothing of Gradio's shadows them.
     blocks.launch(
@@ -34,4 +71,19 @@ def serve(blocks: gr.Blocks, engine: Engine, *, host: str, port: int, share: boo
         show_error=False, app_kwargs={"routes": health_routes(engine)},
     )
     log.info("ready url=http://%s:%d", host, port)
-    blocks.block_thread()
+    stop.wait()
+
+    # Stop accepting → let the running job finish within the grace period → close the server → exit.
+    in_flight = engine.in_flight
+    log.info("shutdown requested signal=%s in_flight=%s grace_s=%s", received[0], in_flight or "none",
+             shutdown_grace_s)
+    engine.stop_accepting()
+    if engine.wait_idle(timeout=shutdown_grace_s):
+        if in_flight:
+            time.sleep(RESULT_DELIVERY_S)
+        outcome = f"finished id={in_flight}" if in_flight else "none"
+    else:
+        outcome = f"abandoned id={engine.in_flight} (still running after {shutdown_grace_s} s; not returned)"
+    blocks.close(verbose=False)
+    log.info("shutdown done job=%s exit=0", outcome)
+    return 0

@@ -1,0 +1,267 @@
+"""The service under a real supervisord (the pip package), installed by scripts/install_service.py --standalone,
+as the test user, in temporary directories, on loopback, with the tiny model. Tests run in file order and share
+one supervisord."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import pytest
+from gradio_client import Client
+from supervisor import childutils
+
+from pipeline.layouts import LayoutKind
+from tests.conftest import PROJECT_DIR, free_port
+from tests.test_app_e2e import http_status
+
+pytestmark = pytest.mark.e2e
+
+PROGRAM = "z-image-turbo"
+STARTSECS = 20  # above the measured ~10 s from start to ready of the tiny model on two CPU cores
+STOPWAITSECS = 12  # the service gets 2 s of it to finish a running job
+LOG_MAXBYTES = 64 * 1024
+LOG_BACKUPS = 2
+BIN = Path(sys.executable).parent
+
+
+@dataclass
+class Supervised:
+    root: Path
+    port: int
+    demo_dir: Path
+
+    @property
+    def conf(self) -> Path:
+        return self.root / "sv" / "supervisord.conf"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.root / "log"
+
+    @property
+    def crash_dir(self) -> Path:
+        return self.root / "crash"
+
+    def rpc(self):
+        return childutils.getRPCInterface({"SUPERVISOR_SERVER_URL": f"unix://{self.root / 'sv' / 'supervisor.sock'}"})
+
+    def ctl(self, *command: str) -> str:
+        result = subprocess.run([str(BIN / "supervisorctl"), "-c", str(self.conf), *command], capture_output=True,
+                                text=True, timeout=120)
+        return result.stdout + result.stderr
+
+    def info(self, program: str = PROGRAM) -> dict:
+        return self.rpc().supervisor.getProcessInfo(program)
+
+    def install(self, *env: str, name: str = PROGRAM, port: int | None = None, no_update: bool = False,
+                app_args: tuple[str, ...] | None = None) -> subprocess.CompletedProcess:
+        app_args = app_args if app_args is not None else ("--demo", "--demo-dir", str(self.demo_dir),
+                                                         "--log-prompts", "full")
+        command = [
+            sys.executable, "scripts/install_service.py", "--standalone", str(self.root / "sv"), "--name", name,
+            "--port", str(port or self.port), "--python", sys.executable,
+            "--log-file", str(self.log_dir / f"{name}.log"), "--log-maxbytes", str(LOG_MAXBYTES),
+            "--log-backups", str(LOG_BACKUPS), "--crash-dir", str(self.crash_dir),
+            "--output-dir", str(self.root / "outputs"), "--startsecs", str(STARTSECS),
+            "--stopwaitsecs", str(STOPWAITSECS), "--watchdog-failures", "2", "--startup-grace", "120",
+            "--env", "ZIMAGE_TEST_MODE=1", *(arg for pair in env for arg in ("--env", pair)),
+            *(["--no-update"] if no_update else []), "--", *app_args,
+        ]
+        result = subprocess.run(command, cwd=PROJECT_DIR, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stdout + result.stderr
+        return result
+
+    def wait_ready(self, old_pid: int | None = None, timeout: float = 120) -> float:
+        """Seconds until the program runs under a pid other than `old_pid` and /readyz answers 200."""
+        started = time.monotonic()
+        while time.monotonic() - started < timeout:
+            info = self.info()
+            if info["statename"] in ("RUNNING", "STARTING") and info["pid"] not in (0, old_pid):
+                try:
+                    if http_status(f"{self.url}/readyz") == 200:
+                        return time.monotonic() - started
+                except OSError:
+                    pass
+            time.sleep(0.2)
+        raise AssertionError(f"not ready in {timeout} s; state {self.info()}\n{self.program_log()[-3000:]}")
+
+    def wait_state(self, state: str, program: str = PROGRAM, timeout: float = 120) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            info = self.info(program)
+            if info["statename"] == state:
+                return info
+            time.sleep(0.2)
+        raise AssertionError(f"{program} never reached {state}: {self.info(program)}")
+
+    def program_log(self, name: str = PROGRAM) -> str:
+        return (self.log_dir / f"{name}.log").read_text(errors="replace")
+
+    def crash_report_of(self, pid: int, timeout: float = 20) -> Path:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            reports = list(self.crash_dir.glob(f"crash-*-pid{pid}.txt"))
+            if reports:
+                return reports[0]
+            time.sleep(0.2)
+        raise AssertionError(f"no crash report for pid {pid} in {sorted(self.crash_dir.iterdir())}")
+
+    def generate(self, prompt: str = "a supervised cat", **kwargs):
+        client = Client(self.url, verbose=False)
+        return client.predict(prompt, "256x256", 1, False, 2, 3.0, api_name="/generate", **kwargs)
+
+
+@pytest.fixture(scope="module")
+def supervised(tmp_path_factory, tiny_models):
+    root = tmp_path_factory.mktemp("supervised")
+    demo_dir = root / "demo-model"
+    shutil.copytree(tiny_models[LayoutKind.SINGLE_FILE], demo_dir)
+    service = Supervised(root=root, port=free_port(), demo_dir=demo_dir)
+    service.install()
+    yield service
+    service.ctl("shutdown")
+    pid_file = root / "sv" / "supervisord.pid"
+    deadline = time.monotonic() + 60
+    while pid_file.exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+
+
+def test_start_reaches_running_and_ready_within_startsecs(supervised):
+    supervised.wait_ready()
+    info = supervised.info()
+    ready_after = time.time() - info["start"]
+    assert ready_after < STARTSECS, f"ready only {ready_after:.1f} s after start"
+    supervised.wait_state("RUNNING")
+    assert f"{PROGRAM}                    RUNNING" in supervised.ctl("status", PROGRAM).replace("  ", "  ")
+    log = supervised.program_log()
+    assert "start version=" in log and "loaded component=transformer" in log and "ready url=" in log
+
+
+def test_kill_9_is_restarted_and_reported(supervised, tmp_path):
+    figures_path = tmp_path / "restart.json"
+    result = subprocess.run(
+        [sys.executable, "scripts/measure_restart.py", "--supervisor-conf", str(supervised.conf), "--url",
+         supervised.url, "--trials", "1", "--json", str(figures_path)],
+        cwd=PROJECT_DIR, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    figures = json.loads(figures_path.read_text())
+    assert figures["max_s"] < 120
+    report = supervised.crash_report_of(figures["killed_pids"][0]).read_text()
+    assert "how it ended: terminated by SIGKILL" in report and "OOM killer" in report
+    assert "--- last" in report and "ready url=" in report
+
+
+def test_installer_writes_a_block_supervisord_accepts(supervised):
+    supervised.install(name="zit-check", port=free_port(), no_update=True)
+    assert "zit-check: available" in supervised.ctl("reread")
+    (supervised.root / "sv" / "conf.d" / "zit-check.conf").unlink()
+    assert "zit-check" not in supervised.ctl("reread")
+
+
+def test_log_rotates_at_the_configured_size_keeping_the_configured_backups(supervised):
+    supervised.wait_ready()
+    long_prompt = "a very long and detailed prompt " * 470  # ~15 KB: each request line is logged in full
+    for number in range(14):
+        supervised.generate(f"prompt number {number} {long_prompt}")
+    log_files = sorted(path.name for path in supervised.log_dir.glob(f"{PROGRAM}.log*"))
+    assert log_files == [f"{PROGRAM}.log", f"{PROGRAM}.log.1", f"{PROGRAM}.log.2"]
+    # supervisor rolls over after the write that reaches maxbytes, so a file may pass it by one write.
+    one_write = len(long_prompt) + 1000
+    assert all((supervised.log_dir / name).stat().st_size <= LOG_MAXBYTES + one_write for name in log_files)
+    assert (supervised.log_dir / f"{PROGRAM}.log.1").stat().st_size >= LOG_MAXBYTES
+
+
+def test_stop_leaves_no_process_of_the_group(supervised):
+    supervised.install("ZIMAGE_FAULT=spawn-child")
+    supervised.wait_ready()
+    pid = supervised.info()["pid"]
+    children = psutil.Process(pid).children(recursive=True)
+    assert children, "the spawn-child fault should have left a child process"
+    group = os.getpgid(pid)
+    assert "stopped" in supervised.ctl("stop", PROGRAM)
+    time.sleep(1)
+    survivors = [p.pid for p in psutil.process_iter() if _pgid(p.pid) == group]
+    assert survivors == []
+    log = supervised.program_log()
+    assert "ignored SIGTERM; killing it" in log and "shutdown done job=none exit=0" in log
+
+
+def _pgid(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except ProcessLookupError:
+        return None
+
+
+def test_clean_exit_is_not_restarted(supervised):
+    supervised.install()
+    supervised.ctl("start", PROGRAM)
+    supervised.wait_ready()
+    pid = supervised.wait_state("RUNNING")["pid"]  # an exit within startsecs would count as a failed start
+    os.kill(pid, signal.SIGTERM)  # from outside supervisor: the service exits 0 on its own
+    info = supervised.wait_state("EXITED")
+    assert info["exitstatus"] == 0
+    time.sleep(3)
+    assert supervised.info()["statename"] == "EXITED" and supervised.info()["pid"] == 0
+    assert "EXITED" in supervised.ctl("status", PROGRAM)
+
+
+def test_fatal_error_exits_1_with_a_snapshot_and_is_restarted(supervised):
+    supervised.install("ZIMAGE_FAULT=fatal@1")
+    supervised.wait_ready()
+    pid = supervised.wait_state("RUNNING")["pid"]  # an exit within startsecs would be a failed start instead
+    with pytest.raises(Exception):  # noqa: B017 (the connection drops as the process exits)
+        supervised.generate("this request poisons the GPU")
+    supervised.wait_ready(old_pid=pid)
+    report = supervised.crash_report_of(pid).read_text()
+    assert "how it ended: exit status 1" in report and "fatal error" in report
+    snapshot = Path(report.split("snapshot: ")[1].splitlines()[0])
+    assert snapshot.is_file() and "this request poisons the GPU" in snapshot.read_text()
+
+
+def test_hang_is_detected_by_the_watchdog_and_restarted(supervised):
+    supervised.install("ZIMAGE_FAULT=hang@1")
+    supervised.wait_ready()
+    pid = supervised.wait_state("RUNNING")["pid"]
+    threading.Thread(target=lambda: _ignore_errors(supervised.generate), daemon=True).start()
+    deadline = time.monotonic() + 30
+    while psutil.Process(pid).status() != psutil.STATUS_STOPPED and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert psutil.Process(pid).status() == psutil.STATUS_STOPPED
+    supervised.wait_ready(old_pid=pid, timeout=150)
+    watchdog_log = (supervised.log_dir / f"{PROGRAM}-watchdog.log").read_text()
+    assert f"pid={pid} restarting reason='/healthz failed 2 times in a row'" in watchdog_log
+    supervised.install()  # back to no fault
+
+
+def _ignore_errors(call):
+    try:
+        call()
+    except Exception:
+        pass
+
+
+def test_bad_model_dir_ends_fatal_with_the_reason_in_the_log(supervised):
+    supervised.install(name="zit-bad", port=free_port(),
+                       app_args=("--model-dir", str(supervised.root / "no-weights-here")))
+    info = supervised.wait_state("FATAL", program="zit-bad", timeout=180)
+    assert "zit-bad" in info["name"]
+    assert "FATAL" in supervised.ctl("status", "zit-bad")
+    log = supervised.program_log("zit-bad")
+    assert log.count("cannot start: model directory") == 4  # the first try and startretries=3 more
+    assert "--demo" in log
