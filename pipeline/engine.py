@@ -96,6 +96,8 @@ class Engine:
         self._faults = faults
         self._on_fatal = on_fatal
         self._lock = threading.Lock()  # the GPU runs one job at a time, whoever calls
+        self._active = 0  # requests between validation and saved PNG; the save runs outside the GPU lock
+        self._idle = threading.Condition()
         self.attention_backend = attention.apply_backend(loaded.pipe.transformer, attention_choice, self.device.type)
         self.ready = False  # a warm-up generation succeeded on the device
         self.healthy = True  # no fatal error since; /readyz needs both
@@ -115,11 +117,9 @@ class Engine:
                 "device": str(self.device), "recent_prompts": list(self._recent_prompts)}
 
     def wait_idle(self, timeout: float) -> bool:
-        """Wait until no job is on the GPU; False if one is still running after `timeout` seconds."""
-        if not self._lock.acquire(timeout=timeout):
-            return False
-        self._lock.release()
-        return True
+        """Wait until no request is running or saving; False if one still is after `timeout` seconds."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._active == 0, timeout=timeout)
 
     def warm_up(self) -> None:
         """One small generation: proves the device works and gives a failing attention backend its first call."""
@@ -146,6 +146,16 @@ class Engine:
         except RequestError as error:
             log.info("request id=%s outcome=rejected reason=%r", request_id, str(error))
             raise
+        with self._idle:
+            self._active += 1
+        try:
+            return self._generate(request_id, valid, progress)
+        finally:
+            with self._idle:
+                self._active -= 1
+                self._idle.notify_all()
+
+    def _generate(self, request_id: str, valid: ValidRequest, progress: ProgressCallback | None) -> GenerationResult:
         started = time.perf_counter()
         prompt_summary = summarize_prompt(valid.prompt, self.log_prompts)
         with self._lock:
@@ -179,7 +189,8 @@ class Engine:
         save_ms = (time.perf_counter() - save_started) * 1000
         total_ms = (time.perf_counter() - started) * 1000
         timings = StageTimings(save_ms=save_ms, total_ms=total_ms, **stage_ms)
-        self.served += 1
+        with self._idle:
+            self.served += 1
         log.info(
             "request id=%s prompt=%s size=%dx%d steps=%d seed=%d shift=%g wait_ms=%.0f encode_ms=%.0f "
             "denoise_ms=%.0f decode_ms=%.0f save_ms=%.0f total_ms=%.0f outcome=ok file=%s",

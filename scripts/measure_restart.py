@@ -38,8 +38,21 @@ def current_pid(conf: Path | None, program: str) -> int:
     return int(answer) if answer.isdigit() else 0
 
 
+def wait_running(conf: Path | None, program: str, timeout_s: float) -> None:
+    """Until supervisor counts the process as started (startsecs passed): a kill before that would be a failed
+    start, which supervisor retries only startretries times, not a crash of a running service."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        status = supervisorctl(conf, "status", program).split()
+        if len(status) > 1 and status[1] == "RUNNING":
+            return
+        time.sleep(0.5)
+    raise RuntimeError(f"{program} did not reach RUNNING within {timeout_s} s")
+
+
 def kill_and_time(conf: Path | None, program: str, url: str, timeout_s: float) -> tuple[float, int]:
     """(seconds from SIGKILL to ready again, the pid killed)"""
+    wait_running(conf, program, timeout_s)
     old_pid = current_pid(conf, program)
     if not old_pid or not is_ready(url):
         raise RuntimeError(f"{program} is not running and ready before the trial")

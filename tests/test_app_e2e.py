@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -16,6 +19,7 @@ import pytest
 from gradio_client import Client
 from PIL import Image
 
+from pipeline.layouts import LayoutKind
 from pipeline.storage import read_parameters
 from tests.conftest import PROJECT_DIR, free_port
 
@@ -187,7 +191,7 @@ def test_without_weights_or_demo_the_app_exits_naming_both_options(tmp_path):
 
 
 def test_truncated_weights_stop_the_app_naming_the_file(tiny_copy):
-    from pipeline.layouts import VAE_FILE, LayoutKind
+    from pipeline.layouts import VAE_FILE
 
     root = tiny_copy(LayoutKind.SINGLE_FILE)
     with (root / VAE_FILE).open("r+b") as handle:
@@ -204,3 +208,24 @@ def test_bad_flag_value_exits_with_usage_error():
     result = subprocess.run([sys.executable, "app.py", "--max-w", "1000"], cwd=PROJECT_DIR, capture_output=True,
                             text=True, timeout=60)
     assert result.returncode == 2 and "max_w must be a multiple of 16" in result.stderr
+
+
+def test_sigterm_lets_the_running_job_finish_and_reach_the_client(tmp_path, tiny_models):
+    demo_dir = tmp_path / "demo-model"
+    shutil.copytree(tiny_models[LayoutKind.SINGLE_FILE], demo_dir)
+    app = start_app(tmp_path, "--demo", "--demo-dir", str(demo_dir), "--shutdown-grace", "60")
+    results = []
+    client = Client(app.url, verbose=False)
+    worker = threading.Thread(target=lambda: results.append(_generate(client, "a slow one", "1536x1536", steps=8)))
+    worker.start()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # wait until the job is on the "GPU"
+        if '"busy":true' in urllib.request.urlopen(f"{app.url}/readyz", timeout=5).read().decode():
+            break
+        time.sleep(0.1)
+    app.process.send_signal(signal.SIGTERM)
+    assert app.process.wait(timeout=90) == 0
+    worker.join(timeout=30)
+    assert results and results[0][1] == 1234
+    log = app.log()
+    assert "shutdown requested signal=SIGTERM in_flight=" in log and "shutdown done job=finished id=" in log

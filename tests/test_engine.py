@@ -1,3 +1,5 @@
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -139,3 +141,28 @@ def test_engine_is_not_ready_before_warm_up(engine):
     assert engine.ready is False
     engine.warm_up()
     assert engine.ready is True
+
+
+def test_wait_idle_waits_for_a_running_request(engine):
+    import threading
+
+    started = threading.Event()
+
+    def slow_progress(step, total):
+        started.set()
+        time.sleep(0.3)
+
+    worker = threading.Thread(target=lambda: engine.generate(GenerationRequest("x", seed=1, **SMALL),
+                                                             progress=slow_progress))
+    worker.start()
+    started.wait(10)
+    assert engine.wait_idle(timeout=0.1) is False
+    assert engine.wait_idle(timeout=30) is True
+    worker.join()
+    assert engine.served == 1 and engine.state()["busy"] is False
+
+
+def test_draining_engine_refuses_new_requests(engine):
+    engine.stop_accepting()
+    with pytest.raises(GenerationError, match="shutting down"):
+        engine.generate(GenerationRequest("x", seed=1, **SMALL))

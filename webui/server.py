@@ -17,7 +17,7 @@ from pipeline.engine import Engine
 
 log = logging.getLogger("zimage.webui")
 
-RESULT_DELIVERY_S = 2.0  # after the last job finishes, time for its result to reach the browser before closing
+RESULT_DELIVERY_S = 1.0  # after the last image is saved, time for it to reach the browser before closing
 
 
 def health_routes(engine: Engine) -> list[Route]:
