@@ -63,7 +63,8 @@ def start_app(tmp_path: Path, *flags: str) -> RunningApp:
         if process.poll() is not None:
             raise AssertionError(f"app exited with {process.returncode}:\n{app.log()}")
         try:
-            if http_status(f"{app.url}/readyz") == 200:
+            # /readyz can answer a moment before the "ready" line reaches the log; wait for both.
+            if http_status(f"{app.url}/readyz") == 200 and "ready url=" in app.log():
                 return app
         except OSError:
             pass
