@@ -51,6 +51,7 @@ class Settings:
     log_prompts: LogPromptsChoice  # what of a prompt reaches the log: nothing, length+hash+first words, or all
     crash_dir: Path  # where a fatal error leaves its snapshot (JSON: stacks, GPU memory, last prompts)
     shutdown_grace_s: int  # on SIGTERM/SIGINT, the running job gets this long to finish before it is abandoned
+    hang_timeout_s: int  # a generation running longer than this is hung: dump stacks, snapshot, exit non-zero
 
     def __post_init__(self) -> None:
         if not 1 <= self.port <= 65535:
@@ -62,6 +63,8 @@ class Settings:
                     f"{name} must be a multiple of {SIZE_MULTIPLE} between {SIZE_MULTIPLE} and {SIZE_CEILING} "
                     f"(got {value})."
                 )
+        if self.hang_timeout_s < 1:
+            raise SettingsError(f"hang_timeout_s must be at least 1 (got {self.hang_timeout_s}).")
         if self.shutdown_grace_s < 0:
             raise SettingsError(f"shutdown_grace_s must be 0 or more (got {self.shutdown_grace_s}).")
         if self.queue_size < 1:
@@ -182,6 +185,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
         help="how prompts are logged: none, summary (length, hash, first words) or full")
     add("--crash-dir", type=Path, metavar="DIR",
         help="where a fatal error writes its snapshot (thread stacks, GPU memory, last prompts)")
+    add("--hang-timeout", dest="hang_timeout_s", type=int, metavar="SECONDS",
+        help="a generation running longer than this counts as hung: stacks go to the log, a snapshot is written "
+        "and the process exits 1 for supervisor to restart")
     add("--shutdown-grace", dest="shutdown_grace_s", type=int, metavar="SECONDS",
         help="on SIGTERM or SIGINT, how long the running job may take to finish before it is abandoned")
     return parser

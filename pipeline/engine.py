@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import faulthandler
+import gc
 import hashlib
 import logging
+import sys
 import threading
 import time
 import uuid
@@ -17,10 +20,10 @@ import torch
 from PIL import Image
 
 from pipeline import attention
-from pipeline.faults import FaultPlan, InjectedFatalError
+from pipeline.faults import FaultPlan
 from pipeline.loader import LoadedPipeline
 from pipeline.requests import GenerationRequest, Limits, RequestError, ValidRequest, validate
-from pipeline.storage import save_png
+from pipeline.storage import recent_images, remove_partial_files, save_png
 
 log = logging.getLogger("zimage.engine")
 
@@ -31,10 +34,19 @@ BLACK_LEVEL = 2  # an image whose brightest pixel is at most this (of 255) is tr
 ProgressCallback = Callable[[int, int], None]
 FatalHandler = Callable[[BaseException, dict[str, object]], None]  # (error, engine state)
 
-# Errors after which the process cannot be trusted to serve again (the GPU context is gone); the engine hands them
-# to its fatal handler, which ends the process so the supervisor starts a clean one.
-FATAL_ERRORS: tuple[type[BaseException], ...] = (InjectedFatalError,)
+# After one of these the CUDA context is poisoned: every later call fails too, so the process cannot serve again.
+# The engine hands them to its fatal handler, which ends the process so the supervisor starts a clean one.
+POISONED_GPU_MARKERS = (
+    "CUDA error", "illegal memory access", "device-side assert", "unspecified launch failure", "misaligned address",
+    "CUBLAS_STATUS", "CUDNN_STATUS", "cuDNN error", "NCCL error", "ECC error",
+)
 RECENT_PROMPTS = 3  # kept (as logged: summarised or not) for the crash snapshot
+HANG_CHECK_INTERVAL_S = 1.0
+
+
+def is_poisoned_gpu_error(error: BaseException) -> bool:
+    return isinstance(error, RuntimeError) and not isinstance(error, torch.OutOfMemoryError) and any(
+        marker in str(error) for marker in POISONED_GPU_MARKERS)
 
 
 class GenerationError(RuntimeError):
@@ -83,6 +95,7 @@ class Engine:
         log_prompts: str = "summary",
         faults: FaultPlan = FaultPlan(),
         on_fatal: FatalHandler | None = None,
+        hang_timeout_s: float = 600.0,
     ) -> None:
         self._pipe = loaded.pipe
         self._pipe.set_progress_bar_config(disable=True)  # progress goes to the caller, not to tqdm on stderr
@@ -105,6 +118,29 @@ class Engine:
         self.served = 0
         self._recent_prompts: deque[str] = deque(maxlen=RECENT_PROMPTS)
         self._draining = False
+        self._started = 0  # requests that reached the GPU
+        self._job_started_at: float | None = None
+        self.hang_timeout_s = hang_timeout_s
+        if output_dir.is_dir() and (removed := remove_partial_files(output_dir)):
+            log.warning("removed %d partial image file(s) left by an interrupted save in %s", removed, output_dir)
+        threading.Thread(target=self._watch_for_hangs, name="hang-detector", daemon=True).start()
+
+    def _watch_for_hangs(self) -> None:
+        """A GPU call that never returns cannot be interrupted from Python: dump every stack to the log, then let
+        the fatal handler end the process so the supervisor starts a clean one."""
+        while True:
+            time.sleep(HANG_CHECK_INTERVAL_S)
+            started_at, request_id = self._job_started_at, self.in_flight
+            if started_at is None or time.monotonic() - started_at < self.hang_timeout_s:
+                continue
+            log.critical("request id=%s outcome=hung seconds=%.0f limit_s=%.0f; stacks of all threads follow",
+                         request_id, time.monotonic() - started_at, self.hang_timeout_s)
+            faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+            self.healthy = False
+            error = TimeoutError(f"request {request_id} ran {self.hang_timeout_s:.0f} s without finishing")
+            if self._on_fatal is not None:
+                self._on_fatal(error, self.state())
+            self._job_started_at = None  # without a handler (tests): report once
 
     def stop_accepting(self) -> None:
         """From now on new requests are refused as "shutting down"; the running one goes on."""
@@ -115,6 +151,10 @@ class Engine:
         return {"ready": self.ready, "healthy": self.healthy, "busy": self.in_flight is not None,
                 "in_flight": self.in_flight, "served": self.served, "attention": self.attention_backend,
                 "device": str(self.device), "recent_prompts": list(self._recent_prompts)}
+
+    def history(self, limit: int) -> list[tuple[Path, dict[str, object]]]:
+        """The newest saved images and their parameters: what earlier sessions (and earlier processes) made."""
+        return recent_images(self.output_dir, limit)
 
     def wait_idle(self, timeout: float) -> bool:
         """Wait until no request is running or saving; False if one still is after `timeout` seconds."""
@@ -164,25 +204,34 @@ class Engine:
                 raise GenerationError("The service is shutting down; try again in a minute.")
             waited_ms = (time.perf_counter() - started) * 1000
             self.in_flight = request_id
+            self._started += 1
             self._recent_prompts.append(f"id={request_id} {prompt_summary}")
+            self._job_started_at = time.monotonic()
+            out_of_memory = None
             try:
-                image, stage_ms, notices = self._run(valid, progress, inject_faults=True)
-            except FATAL_ERRORS as error:
+                image, stage_ms, notices = self._run(valid, progress, request_number=self._started)
+            except GenerationError as error:
+                log.warning("request id=%s prompt=%s outcome=failed reason=%r", request_id, prompt_summary, str(error))
+                raise
+            except (torch.OutOfMemoryError, MemoryError) as error:
+                log.error("request id=%s outcome=oom size=%dx%d", request_id, valid.width, valid.height,
+                          exc_info=error)
+                out_of_memory = "GPU memory" if isinstance(error, torch.OutOfMemoryError) else "memory"
+            except Exception as error:
+                if not is_poisoned_gpu_error(error):
+                    raise
                 self.healthy = False
                 log.critical("request id=%s outcome=fatal error=%r", request_id, str(error), exc_info=error)
                 if self._on_fatal is not None:
                     self._on_fatal(error, self.state())
                 raise
-            except GenerationError as error:
-                log.warning("request id=%s prompt=%s outcome=failed reason=%r", request_id, prompt_summary, str(error))
-                raise
-            except torch.OutOfMemoryError:
-                log.exception("request id=%s outcome=oom size=%dx%d", request_id, valid.width, valid.height)
-                torch.cuda.empty_cache()
-                raise GenerationError(
-                    f"out of GPU memory at {valid.width}×{valid.height}; try a smaller size.") from None
             finally:
                 self.in_flight = None
+                self._job_started_at = None
+            if out_of_memory:
+                # Only here, with the exception and its frames gone, are the request's tensors unreferenced.
+                self._release_memory()
+                raise GenerationError(f"Out of {out_of_memory} at {valid.width}×{valid.height}; try a smaller size.")
         save_started = time.perf_counter()
         stem = f"{time.strftime('%H%M%S')}-{request_id}-seed{valid.seed}"
         path = save_png(image, self.output_dir, stem, self._parameters(request_id, valid))
@@ -201,6 +250,14 @@ class Engine:
         return GenerationResult(request_id=request_id, image=image, path=path, request=valid, timings=timings,
                                 notices=tuple(notices))
 
+    def _release_memory(self) -> None:
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+            log.info("memory released gpu_allocated_mib=%d gpu_reserved_mib=%d",
+                     torch.cuda.memory_allocated(self.device) // 2**20,
+                     torch.cuda.memory_reserved(self.device) // 2**20)
+
     def _parameters(self, request_id: str, valid: ValidRequest) -> dict[str, object]:
         return {**asdict(valid), "guidance_scale": GUIDANCE_SCALE, "model": self.model_name,
                 "request_id": request_id, "scheduler": "FlowMatchEulerDiscrete"}
@@ -211,7 +268,7 @@ class Engine:
         return time.perf_counter()
 
     @torch.inference_mode()
-    def _run(self, valid: ValidRequest, progress: ProgressCallback | None, inject_faults: bool = False):
+    def _run(self, valid: ValidRequest, progress: ProgressCallback | None, request_number: int = 0):
         pipe = self._pipe
         notices = []
         # 1. Encode the prompt (the pipeline's own chat template and hidden-state choice).
@@ -228,12 +285,11 @@ class Engine:
         pipe.scheduler.set_shift(valid.shift)
         generator = torch.Generator(device=self.device).manual_seed(valid.seed)
 
-        def on_step_end(_pipe, step, _timestep, _tensors):
-            if inject_faults:
-                self._faults.at_step(step + 1)
+        def on_step_end(_pipe, step, _timestep, tensors):
+            replaced = self._faults.at_step(step + 1, request_number, tensors["latents"]) if request_number else None
             if progress is not None:
                 progress(step + 1, valid.steps)
-            return {}
+            return {} if replaced is None else {"latents": replaced}
 
         latents = pipe(
             prompt_embeds=prompt_embeds, height=valid.height, width=valid.width,

@@ -1,43 +1,48 @@
-"""Test-only fault injection, so the crash handling can be proven on a CPU without a broken GPU.
+"""Test-only fault injection, so the failure handling can be proven on a CPU without a broken GPU.
 
-Set ZIMAGE_FAULT (and ZIMAGE_TEST_MODE=1, without which the service refuses to start):
+Set ZIMAGE_FAULT (and ZIMAGE_TEST_MODE=1, without which the service refuses to start) to KIND@STEP[/EVERY]:
+the fault fires at denoising step STEP of every EVERY-th request (every request when /EVERY is left out).
 
-    hang@STEP     at denoising step STEP of the first request, freeze the whole process (SIGSTOP): alive but
-                  unresponsive, as a stuck CUDA call leaves it. Only an outside watchdog can notice.
-    fatal@STEP    at step STEP, raise the engine's FatalError: the path a poisoned GPU context takes.
-    spawn-child   at start, spawn a child process that ignores SIGTERM, so stopping must take the whole group.
+    oom       raise CUDA's out-of-memory error: the request fails cleanly, the service goes on
+    nan       turn the latents into NaN: the NaN check refuses the image
+    poison    raise the "illegal memory access" error of a poisoned CUDA context: snapshot, exit 1
+    slow      stop making progress (sleep): the in-process hang detector dumps stacks and exits 1
+    hang      freeze the whole process (SIGSTOP): alive but unresponsive; only the outside watchdog notices
+    spawn-child   (no @STEP) at start, spawn a child that ignores SIGTERM, so stopping must take the whole group
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+
+import torch
 
 log = logging.getLogger("zimage.faults")
 
 FAULT_ENV = "ZIMAGE_FAULT"
 TEST_MODE_ENV = "ZIMAGE_TEST_MODE"
-STEP_FAULTS = ("hang", "fatal")
+STEP_FAULTS = ("oom", "nan", "poison", "slow", "hang")
 START_FAULTS = ("spawn-child",)
+_STEP_SPEC = re.compile(r"^(?P<kind>[a-z-]+)@(?P<step>[1-9]\d*)(?:/(?P<every>[1-9]\d*))?$")
 
 
 class FaultConfigError(ValueError):
     """A fault switch that must not be honoured; the message says why."""
 
 
-class InjectedFatalError(RuntimeError):
-    """Raised by the `fatal` fault; the engine treats it like a poisoned GPU context."""
-
-
 @dataclass(frozen=True)
 class FaultPlan:
     kind: str | None = None
     step: int = 0
+    every: int = 1
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> FaultPlan:
@@ -47,12 +52,13 @@ class FaultPlan:
         if environ.get(TEST_MODE_ENV) != "1":
             raise FaultConfigError(f"{FAULT_ENV}={spec!r} is a test-only fault switch and {TEST_MODE_ENV} is not 1; "
                                    f"refusing to start. Remove {FAULT_ENV} from the environment.")
-        kind, _, step = spec.partition("@")
-        if kind in START_FAULTS and not step:
-            return cls(kind)
-        if kind in STEP_FAULTS and step.isdigit() and int(step) >= 1:
-            return cls(kind, int(step))
-        raise FaultConfigError(f"{FAULT_ENV}={spec!r} is not a known fault (hang@STEP, fatal@STEP, spawn-child).")
+        if spec in START_FAULTS:
+            return cls(spec)
+        match = _STEP_SPEC.match(spec)
+        if match and match["kind"] in STEP_FAULTS:
+            return cls(match["kind"], int(match["step"]), int(match["every"] or 1))
+        raise FaultConfigError(f"{FAULT_ENV}={spec!r} is not a known fault: KIND@STEP[/EVERY] with KIND one of "
+                               f"{', '.join(STEP_FAULTS)}, or spawn-child.")
 
     def at_start(self) -> None:
         if self.kind == "spawn-child":
@@ -60,13 +66,21 @@ class FaultPlan:
                                       "signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(3600)"])
             log.warning("TEST FAULT spawn-child: child pid=%d ignores SIGTERM", child.pid)
 
-    def at_step(self, step: int) -> None:
-        if step != self.step:
-            return
-        if self.kind == "hang":
-            log.warning("TEST FAULT hang: freezing the process at step %d", step)
-            for handler in logging.getLogger().handlers:
-                handler.flush()
-            os.kill(os.getpid(), signal.SIGSTOP)
-        elif self.kind == "fatal":
-            raise InjectedFatalError(f"TEST FAULT fatal at step {step}: simulated poisoned GPU context")
+    def at_step(self, step: int, request_number: int, latents: torch.Tensor) -> torch.Tensor | None:
+        """Called after each denoising step of request `request_number` (1-based); may return replaced latents."""
+        if self.kind not in STEP_FAULTS or step != self.step or request_number % self.every:
+            return None
+        log.warning("TEST FAULT %s at step %d of request %d", self.kind, step, request_number)
+        if self.kind == "oom":
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (TEST FAULT oom)")
+        if self.kind == "nan":
+            return torch.full_like(latents, float("nan"))
+        if self.kind == "poison":
+            raise RuntimeError("CUDA error: an illegal memory access was encountered (TEST FAULT poison)")
+        if self.kind == "slow":
+            while True:
+                time.sleep(60)
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        os.kill(os.getpid(), signal.SIGSTOP)
+        return None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import secrets
+import unicodedata
 from dataclasses import dataclass
 
 SIZE_MULTIPLE = 16  # VAE factor 8 × DiT patch 2
@@ -86,8 +87,11 @@ def _prompt(value: object) -> str:
         raise RequestError("prompt is empty: describe the image you want.")
     if len(prompt) > MAX_PROMPT_CHARS:
         raise RequestError(f"prompt is {len(prompt)} characters long; the limit is {MAX_PROMPT_CHARS}.")
-    if "\x00" in prompt:
-        raise RequestError("prompt contains a NUL character; send plain text.")
+    control = next((char for char in prompt if unicodedata.category(char) == "Cc" and char not in "\t\n\r"), None)
+    if control is not None:
+        raise RequestError(f"prompt contains the control character U+{ord(control):04X}; send plain text.")
+    if any(unicodedata.category(char) == "Cs" for char in prompt):
+        raise RequestError("prompt is not valid Unicode text (it holds a lone surrogate); send UTF-8 text.")
     return prompt
 
 

@@ -46,3 +46,26 @@ def save_png(image: Image.Image, output_dir: Path, stem: str, parameters: dict[s
 def read_parameters(path: Path) -> dict[str, object]:
     with Image.open(path) as image:
         return json.loads(image.text[PARAMETERS_KEY])
+
+
+def remove_partial_files(output_dir: Path) -> int:
+    """Delete temporary files a killed process left mid-write; returns how many. (They are never PNGs: a PNG name
+    appears only through the final rename.)"""
+    removed = 0
+    for partial in output_dir.glob("*/.*.tmp"):
+        partial.unlink(missing_ok=True)
+        removed += 1
+    return removed
+
+
+def recent_images(output_dir: Path, limit: int) -> list[tuple[Path, dict[str, object]]]:
+    """The newest `limit` saved images with their parameters, newest first."""
+    images = []
+    for path in sorted(output_dir.glob("*/*.png"), key=lambda path: path.stat().st_mtime, reverse=True):
+        try:
+            images.append((path, read_parameters(path)))
+        except (OSError, KeyError, ValueError):
+            continue  # not one of ours, or unreadable: leave it out of the history
+        if len(images) == limit:
+            break
+    return images

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -132,25 +134,102 @@ def test_random_seed_is_returned_and_reproduces_the_image(client):
         np.testing.assert_array_equal(np.asarray(first), np.asarray(second))
 
 
-@pytest.mark.parametrize(("prompt", "resolution", "steps", "message"), [
-    ("   ", "256x256", 4, "prompt is empty"),
-    ("a cat", "250x256", 4, "width must be a multiple of 16"),
-    ("a cat", "2048x1152", 4, "width must be between 64 and 1536"),
-    ("a cat", "huge", 4, "resolution must look like 1024x1024"),
-])
-def test_bad_input_gets_a_clear_message_and_the_server_stays_up(demo_app, client, prompt, resolution, steps,
-                                                                 message):
-    with pytest.raises(Exception, match=message):
-        _generate(client, prompt, resolution=resolution, steps=steps)
-    assert demo_app.process.poll() is None
-    assert "Traceback" not in demo_app.log()
+GOOD = {"prompt": "a cat", "resolution": "256x256", "seed": 5, "random_seed": False, "steps": 2, "shift": 3.0}
+# (changed fields, the message expected): each one goes through the real HTTP API and gradio_client.
+BAD_INPUT = [
+    ({"prompt": ""}, "prompt is empty"),
+    ({"prompt": "   \n\t "}, "prompt is empty"),
+    ({"prompt": None}, "prompt must be text"),
+    ({"prompt": 12}, "prompt must be text"),
+    ({"prompt": ["a", "b"]}, "prompt must be text"),
+    ({"prompt": "x" * 20_001}, "limit is 20000"),
+    ({"prompt": "bell \x07"}, "control character U\\+0007"),
+    ({"prompt": "nul \x00 byte"}, "control character U\\+0000"),
+    ({"prompt": "ansi \x1b[2J"}, "control character U\\+001B"),
+    ({"prompt": "del \x7f"}, "control character U\\+007F"),
+    ({"resolution": "0x256"}, "width must be between 64 and 1536"),
+    ({"resolution": "256x0"}, "height must be between 64 and 1536"),
+    ({"resolution": "-256x256"}, "resolution must look like 1024x1024"),
+    ({"resolution": "99999x99999"}, "width must be between 64 and 1536"),
+    ({"resolution": "250x256"}, "width must be a multiple of 16"),
+    ({"resolution": "256x250"}, "height must be a multiple of 16"),
+    ({"resolution": "2048x1152"}, "width must be between 64 and 1536 .*--max-w"),
+    ({"resolution": "1152x2048"}, "height must be between 64 and 1536 .*--max-h"),
+    ({"resolution": "huge"}, "resolution must look like 1024x1024"),
+    ({"resolution": "axb"}, "resolution must look like 1024x1024"),
+    ({"resolution": ""}, "resolution must look like 1024x1024"),
+    ({"resolution": None}, "resolution must look like 1024x1024"),
+    ({"resolution": 1024}, "resolution must look like 1024x1024"),
+    ({"steps": 0}, "steps must be between 1 and 50"),
+    ({"steps": -3}, "steps must be between 1 and 50"),
+    ({"steps": 1000}, "steps must be between 1 and 50"),
+    ({"steps": 2.5}, "steps must be a whole number"),
+    ({"steps": "eight"}, "steps must be a whole number"),
+    ({"steps": None}, "steps must be a whole number"),
+    ({"steps": True}, "steps must be a whole number"),
+    ({"seed": -1}, "seed must be between 0 and"),
+    ({"seed": 2**64}, "seed must be between 0 and"),
+    ({"seed": 2**70}, "seed must be between 0 and"),
+    ({"seed": 1.5}, "seed must be a whole number"),
+    ({"seed": "abc"}, "seed must be a whole number"),
+    ({"seed": [1]}, "seed must be a whole number"),
+    ({"shift": 0}, "shift must be between 1.0 and 10.0"),
+    ({"shift": -2.0}, "shift must be between 1.0 and 10.0"),
+    ({"shift": 11}, "shift must be between 1.0 and 10.0"),
+    ({"shift": "3"}, "shift must be a number"),
+    ({"shift": None}, "shift must be a number"),
+    ({"random_seed": "yes"}, "random_seed must be true or false"),
+    ({"random_seed": None}, "random_seed must be true or false"),
+]
+# Values JSON cannot carry from gradio_client (NaN, infinities) or bytes that are not UTF-8: sent as raw HTTP.
+RAW_BAD_INPUT = [
+    (b'["a cat", "256x256", NaN, false, 2, 3.0, null]', "seed must be a whole number"),
+    (b'["a cat", "256x256", 5, false, 2, NaN, null]', "shift must be a number"),
+    (b'["a cat", "256x256", 5, false, 2, Infinity, null]', "shift must be a number"),
+    (b'["a cat", "256x256", 5, false, 2, -Infinity, null]', "shift must be a number"),
+    (b'["a cat", "256x256", 5, false, NaN, 3.0, null]', "steps must be a whole number"),
+    (b'["a cat", "NaNxNaN", 5, false, 2, 3.0, null]', "resolution must look like 1024x1024"),
+    (b'["a cat", "256x256"]', "didn't receive enough input values"),
+    (b'["\xff\xfe not utf-8", "256x256", 5, false, 2, 3.0, null]', "error parsing the body"),
+]
 
 
-def test_out_of_range_slider_value_is_refused_by_gradio_with_its_message(demo_app, client):
-    # The Steps slider checks its own bounds before our handler runs (and Gradio logs that refusal itself).
-    with pytest.raises(Exception, match="Value 0 is less than minimum value 1"):
-        _generate(client, "a cat", steps=0)
-    assert demo_app.process.poll() is None
+def _raw_call(url: str, data: bytes) -> str:
+    """POST to the queue's call route as a script would, and read the event stream to its end."""
+    request = urllib.request.Request(f"{url}/gradio_api/call/generate", data=b'{"data": ' + data + b"}",
+                                     method="POST", headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            event_id = json.loads(response.read())["event_id"]
+    except urllib.error.HTTPError as error:
+        return f"HTTP {error.code}: {error.read().decode()}"
+    with urllib.request.urlopen(f"{url}/gradio_api/call/generate/{event_id}", timeout=60) as response:
+        return response.read().decode()
+
+
+def _png_count(app) -> int:
+    return len(list(app.output_dir.rglob("*.png"))) if app.output_dir.exists() else 0
+
+
+def test_bad_input_corpus_gets_one_clear_message_each_and_changes_nothing(demo_app, client):
+    assert len(BAD_INPUT) + len(RAW_BAD_INPUT) >= 40
+    images_before = _png_count(demo_app)
+    for changes, message in BAD_INPUT:
+        fields = {**GOOD, **changes}
+        with pytest.raises(Exception, match=message):
+            client.predict(*fields.values(), api_name="/generate")
+    for data, message in RAW_BAD_INPUT:
+        answer = _raw_call(demo_app.url, data)
+        assert re.search(message, answer), (data, answer)
+        assert "event: complete" not in answer
+    assert _png_count(demo_app) == images_before
+    assert demo_app.process.poll() is None and http_status(f"{demo_app.url}/readyz") == 200
+    assert _generate(client, "after all that, a cat", seed=8)[1] == 8
+
+
+def test_prompt_past_the_token_limit_is_cut_with_a_notice(client):
+    _, _, timing, _ = _generate(client, "a cat on a mat " * 300, seed=3)
+    assert "only the first 512" in timing
 
 
 def test_server_keeps_serving_after_bad_input(client):

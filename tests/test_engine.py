@@ -166,3 +166,81 @@ def test_draining_engine_refuses_new_requests(engine):
     engine.stop_accepting()
     with pytest.raises(GenerationError, match="shutting down"):
         engine.generate(GenerationRequest("x", seed=1, **SMALL))
+
+
+def _engine_with(loaded_tiny, tmp_path, fault=None, **options):
+    from pipeline.faults import FaultPlan
+
+    return Engine(loaded_tiny, limits=Limits(1024, 1024), output_dir=tmp_path / "outputs", model_name="t",
+                  attention_choice="sdpa", faults=fault or FaultPlan(), **options)
+
+
+def test_out_of_memory_fails_that_request_only_and_the_next_ones_are_unharmed(loaded_tiny, tmp_path, caplog):
+    from pipeline.faults import FaultPlan
+
+    engine = _engine_with(loaded_tiny, tmp_path, FaultPlan("oom", 2, every=2))
+    first = engine.generate(GenerationRequest("a red fox", seed=11, **SMALL))
+    with pytest.raises(GenerationError, match="Out of GPU memory at 128×128; try a smaller size"):
+        engine.generate(GenerationRequest("a red fox", seed=11, **SMALL))
+    third = engine.generate(GenerationRequest("a red fox", seed=11, **SMALL))
+    np.testing.assert_array_equal(_pixels(first), _pixels(third))
+    assert len(list(engine.output_dir.rglob("*.png"))) == 2
+    assert "CUDA out of memory" in caplog.text and "outcome=oom" in caplog.text
+    assert engine.state()["healthy"] and not engine.state()["busy"]
+
+
+def test_nan_latents_are_refused_by_the_check(loaded_tiny, tmp_path):
+    from pipeline.faults import FaultPlan
+
+    engine = _engine_with(loaded_tiny, tmp_path, FaultPlan("nan", 2))
+    with pytest.raises(GenerationError, match="NaN"):
+        engine.generate(GenerationRequest("x", seed=1, **SMALL))
+    assert not engine.output_dir.exists()
+
+
+def test_poisoned_gpu_error_goes_to_the_fatal_handler(loaded_tiny, tmp_path):
+    from pipeline.faults import FaultPlan
+
+    seen = []
+    engine = _engine_with(loaded_tiny, tmp_path, FaultPlan("poison", 1),
+                          on_fatal=lambda error, state: seen.append((error, state)))
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        engine.generate(GenerationRequest("a poisoned request", seed=1, **SMALL))
+    [(error, state)] = seen
+    assert "illegal memory access" in str(error)
+    assert state["healthy"] is False and state["in_flight"] and "a poisoned request" in state["recent_prompts"][0]
+
+
+@pytest.mark.parametrize(("message", "poisoned"), [
+    ("CUDA error: an illegal memory access was encountered", True),
+    ("CUDA error: device-side assert triggered", True),
+    ("CUBLAS_STATUS_EXECUTION_FAILED when calling cublasGemmEx", True),
+    ("mat1 and mat2 shapes cannot be multiplied", False),
+])
+def test_poisoned_context_errors_are_told_apart(message, poisoned):
+    from pipeline.engine import is_poisoned_gpu_error
+
+    assert is_poisoned_gpu_error(RuntimeError(message)) is poisoned
+    assert is_poisoned_gpu_error(torch.OutOfMemoryError("CUDA error: out of memory")) is False
+
+
+def test_a_generation_past_the_hang_timeout_dumps_stacks_and_goes_to_the_fatal_handler(loaded_tiny, tmp_path, capfd):
+    import threading
+
+    fatal = threading.Event()
+    seen = []
+
+    def on_fatal(error, state):
+        seen.append((error, state))
+        fatal.set()
+
+    engine = _engine_with(loaded_tiny, tmp_path, hang_timeout_s=1, on_fatal=on_fatal)
+
+    def stuck(step, total):
+        fatal.wait(30)  # a GPU call that does not return, until the detector has acted
+
+    engine.generate(GenerationRequest("x", seed=1, **SMALL), progress=stuck)
+    [(error, state)] = seen
+    assert isinstance(error, TimeoutError) and state["healthy"] is False
+    dump = capfd.readouterr().err  # faulthandler's stacks of every thread: the stuck one and the detector
+    assert "in stuck" in dump and "in _watch_for_hangs" in dump

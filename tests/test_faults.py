@@ -1,6 +1,7 @@
 import pytest
+import torch
 
-from pipeline.faults import FaultConfigError, FaultPlan, InjectedFatalError
+from pipeline.faults import FaultConfigError, FaultPlan
 
 
 def test_no_switch_means_no_fault():
@@ -16,21 +17,35 @@ def test_switch_is_refused_outside_test_mode():
 
 
 @pytest.mark.parametrize(("spec", "plan"), [
-    ("hang@3", FaultPlan("hang", 3)), ("fatal@1", FaultPlan("fatal", 1)), ("spawn-child", FaultPlan("spawn-child")),
+    ("hang@3", FaultPlan("hang", 3)), ("poison@1", FaultPlan("poison", 1)), ("oom@2/10", FaultPlan("oom", 2, 10)),
+    ("nan@1", FaultPlan("nan", 1)), ("slow@4", FaultPlan("slow", 4)), ("spawn-child", FaultPlan("spawn-child")),
 ])
 def test_known_faults_parse_in_test_mode(spec, plan):
     assert FaultPlan.from_env({"ZIMAGE_FAULT": spec, "ZIMAGE_TEST_MODE": "1"}) == plan
 
 
-@pytest.mark.parametrize("spec", ["hang", "hang@0", "fatal@x", "explode@1", "spawn-child@2"])
+@pytest.mark.parametrize("spec", ["hang", "hang@0", "oom@x", "explode@1", "spawn-child@2", "oom@1/0", "nan@1/"])
 def test_unknown_or_malformed_faults_are_refused(spec):
     with pytest.raises(FaultConfigError, match="not a known fault"):
         FaultPlan.from_env({"ZIMAGE_FAULT": spec, "ZIMAGE_TEST_MODE": "1"})
 
 
-def test_fatal_fires_only_at_its_step():
-    plan = FaultPlan("fatal", 2)
-    plan.at_step(1)
-    with pytest.raises(InjectedFatalError, match="step 2"):
-        plan.at_step(2)
-    plan.at_step(3)
+def test_fault_fires_only_at_its_step_and_on_its_requests():
+    plan = FaultPlan("oom", 2, every=3)
+    latents = torch.zeros(1, 16, 4, 4)
+    for request in (1, 2, 4):
+        for step in (1, 2, 3):
+            assert plan.at_step(step, request, latents) is None
+    assert plan.at_step(1, 3, latents) is None
+    with pytest.raises(torch.OutOfMemoryError, match="CUDA out of memory"):
+        plan.at_step(2, 3, latents)
+
+
+def test_nan_fault_replaces_the_latents():
+    replaced = FaultPlan("nan", 1).at_step(1, 1, torch.ones(2, 3))
+    assert replaced.shape == (2, 3) and torch.isnan(replaced).all()
+
+
+def test_poison_fault_raises_the_cuda_error_text():
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        FaultPlan("poison", 1).at_step(1, 1, torch.ones(1))

@@ -38,7 +38,10 @@ def test_largest_seed_is_accepted():
     ("prompt", None, "prompt must be text"),
     ("prompt", 42, "prompt must be text"),
     ("prompt", "x" * 20_001, "limit is 20000"),
-    ("prompt", "a\x00b", "NUL"),
+    ("prompt", "a\x00b", "control character U\\+0000"),
+    ("prompt", "ring \x07 bell", "control character U\\+0007"),
+    ("prompt", "escape \x1b[31m", "control character U\\+001B"),
+    ("prompt", "lone \ud800 surrogate", "not valid Unicode"),
     ("width", 1000, "width must be a multiple of 16 .*try 992 or 1008"),
     ("height", 1030, "height must be a multiple of 16"),
     ("width", 0, "width must be between 64 and 2048"),
@@ -69,3 +72,7 @@ def test_each_rule_rejects_with_a_message_naming_the_field(field, value, message
     fields = {"prompt": "a cat", field: value}
     with pytest.raises(RequestError, match=message):
         validate(GenerationRequest(**fields), LIMITS)
+
+
+def test_tabs_and_newlines_are_plain_text():
+    assert validate(GenerationRequest("line one\n\tline two\r\n", seed=1), LIMITS).prompt == "line one\n\tline two"

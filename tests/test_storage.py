@@ -29,3 +29,20 @@ def test_failed_write_leaves_no_file(tmp_path):
         save_png(image, tmp_path, "stem", {})
     day_dirs = list(tmp_path.iterdir())
     assert day_dirs and not any(os.listdir(day_dirs[0]))
+
+
+def test_partial_files_are_removed_and_history_lists_newest_first(tmp_path):
+    import time
+
+    from pipeline.storage import recent_images, remove_partial_files
+
+    image = Image.new("RGB", (8, 8))
+    older = save_png(image, tmp_path, "older", {"seed": 1})
+    time.sleep(0.01)
+    newer = save_png(image, tmp_path, "newer", {"seed": 2})
+    partial = older.parent / ".killed-midway-abc.tmp"
+    partial.write_bytes(b"\x89PNG half")
+    (older.parent / "foreign.png").write_bytes(b"not ours")
+    assert remove_partial_files(tmp_path) == 1 and not partial.exists()
+    assert [(path, params["seed"]) for path, params in recent_images(tmp_path, 10)] == [(newer, 2), (older, 1)]
+    assert recent_images(tmp_path, 1) == [(newer, {"seed": 2})]

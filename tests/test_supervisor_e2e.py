@@ -222,7 +222,7 @@ def test_clean_exit_is_not_restarted(supervised):
 
 
 def test_fatal_error_exits_1_with_a_snapshot_and_is_restarted(supervised):
-    supervised.install("ZIMAGE_FAULT=fatal@1")
+    supervised.install("ZIMAGE_FAULT=poison@1")
     supervised.wait_ready()
     pid = supervised.wait_state("RUNNING")["pid"]  # an exit within startsecs would be a failed start instead
     with pytest.raises(Exception):  # noqa: B017 (the connection drops as the process exits)

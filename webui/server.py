@@ -66,9 +66,11 @@ def serve(blocks: gr.Blocks, engine: Engine, *, host: str, port: int, share: boo
 
     blocks.queue(max_size=queue_size, default_concurrency_limit=1, api_open=False)
     # Routes passed to the FastAPI constructor come before Gradio's own, so nothing of Gradio's shadows them.
+    # show_error: Gradio's own input errors ("didn't receive enough input values") reach the caller; the UI's
+    # handler turns everything else into a message of its own, so no internal detail leaks through it.
     blocks.launch(
         server_name=host, server_port=port, share=share, prevent_thread_lock=True, quiet=True, ssr_mode=False,
-        show_error=False, app_kwargs={"routes": health_routes(engine)},
+        show_error=True, app_kwargs={"routes": health_routes(engine)},
     )
     log.info("ready url=http://%s:%d", host, port)
     stop.wait()

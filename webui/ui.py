@@ -21,6 +21,7 @@ from webui.resolutions import offered, parse_resolution
 
 log = logging.getLogger("zimage.webui")
 
+HISTORY_SIZE = 12  # images from disk shown when a page opens, so a restart loses no one's recent work
 API_NAME = "generate"  # the queue endpoint: gradio_client.Client(url).predict(..., api_name="/generate")
 GPU_QUEUE = "gpu"  # one concurrency group: every event that touches the engine waits in the same line
 
@@ -30,9 +31,8 @@ DEMO_BANNER = (
 )
 
 
-def _caption(result: GenerationResult) -> str:
-    request = result.request
-    return f"seed {request.seed} · {request.width}×{request.height} · {request.steps} steps"
+def _caption(parameters: dict[str, object]) -> str:
+    return f"seed {parameters['seed']} · {parameters['width']}×{parameters['height']} · {parameters['steps']} steps"
 
 
 def _timing(result: GenerationResult) -> str:
@@ -48,6 +48,8 @@ def build_ui(engine: Engine, *, demo: bool, model_label: str, max_w: int, max_h:
 
     def generate(prompt, resolution, seed, random_seed, steps, shift, history, progress=gr.Progress()):
         try:
+            if not isinstance(random_seed, bool):
+                raise RequestError(f"random_seed must be true or false (got {random_seed!r}).")
             width, height = parse_resolution(resolution)
             request = GenerationRequest(prompt=prompt, width=width, height=height, steps=steps,
                                         seed=None if random_seed else seed, shift=shift)
@@ -59,8 +61,14 @@ def build_ui(engine: Engine, *, demo: bool, model_label: str, max_w: int, max_h:
             log.exception("request failed incident=%s", incident)
             raise gr.Error(f"The server hit an internal error (incident {incident}); the operator's log has "
                            f"the details. Try again.", print_exception=False) from None
-        history = [(str(result.path), _caption(result)), *(history or [])]
+        caption = _caption({"seed": result.request.seed, "width": result.request.width,
+                            "height": result.request.height, "steps": result.request.steps})
+        history = [(str(result.path), caption), *(history or [])]
         return history, history, result.request.seed, _timing(result), str(result.path)
+
+    def load_history():
+        history = [(str(path), _caption(parameters)) for path, parameters in engine.history(HISTORY_SIZE)]
+        return history, history
 
     def switch_category(category):
         choices = table.get(category, [])
@@ -80,24 +88,28 @@ def build_ui(engine: Engine, *, demo: bool, model_label: str, max_w: int, max_h:
                     resolution = gr.Dropdown(table[first_category], value=table[first_category][0],
                                              label="Width × height", allow_custom_value=True)
                 with gr.Row():
-                    seed = gr.Number(value=42, precision=0, minimum=0, label="Seed")
+                    seed = gr.Number(value=42, precision=0, label="Seed")
                     random_seed = gr.Checkbox(value=True, label="Random seed")
                 steps = gr.Slider(1, MAX_STEPS, value=DEFAULT_STEPS, step=1, label="Steps")
                 shift = gr.Slider(MIN_SHIFT, MAX_SHIFT, value=DEFAULT_SHIFT, step=0.1, label="Time shift")
                 run = gr.Button("Generate", variant="primary", elem_id="generate")
             with gr.Column(scale=1):
-                gallery = gr.Gallery(label="This session's images", columns=2, height=560, format="png",
+                gallery = gr.Gallery(label="Images (newest first)", columns=2, height=560, format="png",
                                      buttons=["download", "fullscreen"], elem_id="gallery")
                 seed_used = gr.Number(label="Seed used", precision=0, interactive=False)
                 timing = gr.Markdown(label="Timing", elem_id="timing")
                 png = gr.File(label="PNG download", interactive=False)
         category.change(switch_category, category, resolution, queue=False, api_visibility="private")
+        blocks.load(load_history, outputs=[gallery, history], queue=False, api_visibility="private")
         gr.on(
             [run.click, prompt.submit],
             generate,
             inputs=[prompt, resolution, seed, random_seed, steps, shift, history],
             outputs=[gallery, history, seed_used, timing, png],
             api_name=API_NAME,
+            # Raw values reach the handler, so the engine checks every field and names it in its message
+            # (Gradio's own conversions would fail first, some without a message a person can use).
+            preprocess=False,
             concurrency_limit=1,
             concurrency_id=GPU_QUEUE,
         )
