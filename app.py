@@ -102,6 +102,7 @@ def build_engine(settings: Settings, faults):
         loaded, limits=Limits(max_h=settings.max_h, max_w=settings.max_w), output_dir=settings.output_dir,
         model_name=model_name, attention_choice=settings.attention, nan_check=settings.nan_check,
         log_prompts=settings.log_prompts, faults=faults, hang_timeout_s=settings.hang_timeout_s,
+        queue_timeout_s=settings.queue_timeout_s,
         on_fatal=exit_on_fatal(settings.crash_dir),
     )
     engine.warm_up()

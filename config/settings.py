@@ -45,6 +45,7 @@ class Settings:
     max_h: int  # largest height a request may ask for (pixels)
     max_w: int  # largest width a request may ask for (pixels)
     queue_size: int  # requests that may wait for the GPU; more are turned away as "busy"
+    queue_timeout_s: int  # a request that waited longer than this is answered with a timeout, not run late
     output_dir: Path  # every returned image is saved here as PNG
     nan_check: bool  # refuse NaN / all-black images instead of returning them
     log_level: LogLevelChoice
@@ -67,6 +68,8 @@ class Settings:
             raise SettingsError(f"hang_timeout_s must be at least 1 (got {self.hang_timeout_s}).")
         if self.shutdown_grace_s < 0:
             raise SettingsError(f"shutdown_grace_s must be 0 or more (got {self.shutdown_grace_s}).")
+        if self.queue_timeout_s < 1:
+            raise SettingsError(f"queue_timeout_s must be at least 1 (got {self.queue_timeout_s}).")
         if self.queue_size < 1:
             raise SettingsError(f"queue_size must be at least 1 (got {self.queue_size}).")
         for field in dataclasses.fields(self):
@@ -177,6 +180,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
     add("--max-h", type=int, metavar="PX", help="largest image height a request may ask for")
     add("--max-w", type=int, metavar="PX", help="largest image width a request may ask for")
     add("--queue-size", type=int, metavar="N", help="requests that may wait for the GPU before new ones are refused")
+    add("--queue-timeout", dest="queue_timeout_s", type=int, metavar="SECONDS",
+        help="a request that waited longer than this for the GPU gets a clear timeout instead of running late")
     add("--output-dir", type=Path, metavar="DIR", help="where every returned image is saved as PNG")
     add("--disable-nan-check", dest="nan_check", action="store_false",
         help="return images even when they contain NaN or are all black (default: check on)")

@@ -96,6 +96,7 @@ class Engine:
         faults: FaultPlan = FaultPlan(),
         on_fatal: FatalHandler | None = None,
         hang_timeout_s: float = 600.0,
+        queue_timeout_s: float = 300.0,
     ) -> None:
         self._pipe = loaded.pipe
         self._pipe.set_progress_bar_config(disable=True)  # progress goes to the caller, not to tqdm on stderr
@@ -121,6 +122,7 @@ class Engine:
         self._started = 0  # requests that reached the GPU
         self._job_started_at: float | None = None
         self.hang_timeout_s = hang_timeout_s
+        self.queue_timeout_s = queue_timeout_s
         if output_dir.is_dir() and (removed := remove_partial_files(output_dir)):
             log.warning("removed %d partial image file(s) left by an interrupted save in %s", removed, output_dir)
         threading.Thread(target=self._watch_for_hangs, name="hang-detector", daemon=True).start()
@@ -177,9 +179,11 @@ class Engine:
         self.ready = True
         log.info("warm-up done attention=%s seconds=%.2f", self.attention_backend, time.perf_counter() - started)
 
-    def generate(self, request: GenerationRequest, progress: ProgressCallback | None = None) -> GenerationResult:
+    def generate(self, request: GenerationRequest, progress: ProgressCallback | None = None,
+                 received_at: float | None = None) -> GenerationResult:
         """Validate → encode → denoise → decode → check → save. Bad input raises RequestError, failures
-        GenerationError; either way nothing is saved and the engine stays usable."""
+        GenerationError; either way nothing is saved and the engine stays usable. `received_at` (time.monotonic()
+        when the request arrived, before any queue) lets a request that waited too long fail instead of run late."""
         request_id = uuid.uuid4().hex[:12]
         try:
             valid = validate(request, self.limits)
@@ -189,13 +193,14 @@ class Engine:
         with self._idle:
             self._active += 1
         try:
-            return self._generate(request_id, valid, progress)
+            return self._generate(request_id, valid, progress, received_at)
         finally:
             with self._idle:
                 self._active -= 1
                 self._idle.notify_all()
 
-    def _generate(self, request_id: str, valid: ValidRequest, progress: ProgressCallback | None) -> GenerationResult:
+    def _generate(self, request_id: str, valid: ValidRequest, progress: ProgressCallback | None,
+                  received_at: float | None) -> GenerationResult:
         started = time.perf_counter()
         prompt_summary = summarize_prompt(valid.prompt, self.log_prompts)
         with self._lock:
@@ -203,6 +208,12 @@ class Engine:
                 log.info("request id=%s outcome=refused reason=shutting-down", request_id)
                 raise GenerationError("The service is shutting down; try again in a minute.")
             waited_ms = (time.perf_counter() - started) * 1000
+            queued_s = time.monotonic() - received_at if received_at is not None else waited_ms / 1000
+            if queued_s > self.queue_timeout_s:
+                log.info("request id=%s outcome=timeout queued_s=%.1f limit_s=%s", request_id, queued_s,
+                         self.queue_timeout_s)
+                raise GenerationError(f"The server is busy: your request waited {queued_s:.0f} s for the GPU "
+                                      f"(the limit is {self.queue_timeout_s:.0f} s). Try again in a moment.")
             self.in_flight = request_id
             self._started += 1
             self._recent_prompts.append(f"id={request_id} {prompt_summary}")

@@ -167,15 +167,16 @@ def _write_diffusers(components: dict[str, object], out: Path) -> None:
     ZImagePipeline(**components).save_pretrained(out, safe_serialization=True)
 
 
-def make_tiny_model(out: Path, layout: LayoutKind) -> Path:
-    """Write the tiny model to `out` (which must not exist yet) with a manifest; returns `out`."""
+def write_random_model(out: Path, layout: LayoutKind, spec: ModelSpec = TINY, device: str = "cpu") -> Path:
+    """Write a random-weight model (tiny unless `spec` says otherwise) to `out`, which must not exist yet or be
+    empty, with a manifest; returns `out`."""
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} exists and is not empty; choose a new directory.")
     out.parent.mkdir(parents=True, exist_ok=True)
     # Built beside the target and renamed into place, so an interrupted build never looks like a finished one.
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
-        components = build_components()
+        components = build_components(spec, device)
         if layout is LayoutKind.SINGLE_FILE:
             _write_single_file(components, staging)
         else:
@@ -194,5 +195,5 @@ def ensure_demo_model(demo_dir: Path) -> Path:
     if not (demo_dir / MANIFEST_NAME).is_file():
         if demo_dir.exists():
             shutil.rmtree(demo_dir)
-        make_tiny_model(demo_dir, LayoutKind.SINGLE_FILE)
+        write_random_model(demo_dir, LayoutKind.SINGLE_FILE)
     return demo_dir

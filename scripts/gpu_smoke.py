@@ -28,7 +28,30 @@ from pipeline.requests import GenerationRequest, Limits
 PROMPT = "一只戴着红色围巾的橘猫坐在雪地里, a ginger cat in a red scarf sitting in the snow, photo, 85mm"
 
 
-def measure(size: int, steps: int, runs: int, attention: str) -> dict[str, object]:
+def oom_check(engine: Engine, size: int, steps: int) -> dict[str, object]:
+    """A real CUDA out-of-memory: cap this process's GPU memory a little above what `size` needs, ask for twice
+    the size, and compare allocated memory before that request with after the engine recovered."""
+    from pipeline.engine import GenerationError
+
+    torch.cuda.reset_peak_memory_stats()
+    engine.generate(GenerationRequest(PROMPT, width=size, height=size, steps=steps, seed=2))
+    cap = torch.cuda.max_memory_reserved() + 2 * 2**30
+    torch.cuda.set_per_process_memory_fraction(cap / torch.cuda.get_device_properties(0).total_memory)
+    allocated_before = torch.cuda.memory_allocated()
+    try:
+        engine.generate(GenerationRequest(PROMPT, width=2 * size, height=2 * size, steps=steps, seed=3))
+        message = "no OOM: the larger request fitted"
+    except GenerationError as error:
+        message = str(error)
+    allocated_after = torch.cuda.memory_allocated()
+    after = engine.generate(GenerationRequest(PROMPT, width=size, height=size, steps=steps, seed=2))
+    torch.cuda.set_per_process_memory_fraction(1.0)
+    return {"oom_cap_gib": round(cap / 2**30, 2), "oom_message": message,
+            "allocated_before_oom_mib": allocated_before // 2**20,
+            "allocated_after_recovery_mib": allocated_after // 2**20, "next_request_ok": after.path.is_file()}
+
+
+def measure(size: int, steps: int, runs: int, attention: str, check_oom: bool) -> dict[str, object]:
     from diffusers import ZImagePipeline
 
     device = torch.device("cuda")
@@ -47,6 +70,8 @@ def measure(size: int, steps: int, runs: int, attention: str) -> dict[str, objec
         torch.cuda.reset_peak_memory_stats()
         results = [engine.generate(request) for _ in range(runs)]
         same_pixels = all(r.image.tobytes() == results[0].image.tobytes() for r in results)
+        peak_allocated, peak_reserved = torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()
+        oom = oom_check(engine, size, steps) if check_oom else {}
     timings = [r.timings for r in results]
 
     def median(field: str) -> float:
@@ -69,9 +94,10 @@ def measure(size: int, steps: int, runs: int, attention: str) -> dict[str, objec
         "denoise_ms_median": median("denoise_ms"),
         "decode_ms_median": median("decode_ms"),
         "save_ms_median": median("save_ms"),
-        "peak_allocated_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
-        "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2),
+        "peak_allocated_gib": round(peak_allocated / 2**30, 2),
+        "peak_reserved_gib": round(peak_reserved / 2**30, 2),
         "same_seed_same_pixels": same_pixels,
+        **oom,
     }
 
 
@@ -82,12 +108,14 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=5, help="timed generations after warm-up (default: 5)")
     parser.add_argument("--attention", default="auto", choices=["auto", "sdpa", "flash", "xformers"],
                         help="attention backend to ask for (default: auto)")
+    parser.add_argument("--oom-check", action="store_true",
+                        help="also provoke a real CUDA OOM (memory capped) and check the engine recovers from it")
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("gpu_smoke: no CUDA GPU visible; this script measures the GPU path only.", file=sys.stderr)
         return 2
-    figures = measure(args.size, args.steps, args.runs, args.attention)
+    figures = measure(args.size, args.steps, args.runs, args.attention, args.oom_check)
     for key, value in figures.items():
         print(f"{key:>24}  {value}")
     if args.json:

@@ -13,7 +13,7 @@ import pipeline  # noqa: F401  (offline flags before any Hugging Face import)
 from pipeline.engine import Engine
 from pipeline.layouts import LayoutKind
 from pipeline.loader import load_pipeline
-from pipeline.random_model import make_tiny_model
+from pipeline.random_model import write_random_model
 from pipeline.requests import Limits
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
@@ -23,7 +23,7 @@ ARTIFACTS_DIR = PROJECT_DIR / "test-artifacts"
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[LayoutKind, Path]:
     root = tmp_path_factory.mktemp("tiny-models")
-    return {layout: make_tiny_model(root / layout.value, layout) for layout in LayoutKind}
+    return {layout: write_random_model(root / layout.value, layout) for layout in LayoutKind}
 
 
 @pytest.fixture

@@ -49,11 +49,11 @@ def http_status(url: str) -> int:
         return error.code
 
 
-def start_app(tmp_path: Path, *flags: str) -> RunningApp:
+def start_app(tmp_path: Path, *flags: str, env: dict[str, str] | None = None) -> RunningApp:
     port = free_port()
     output_dir = tmp_path / "outputs"
     log_path = tmp_path / "app.log"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     with log_path.open("w") as log:
         process = subprocess.Popen(
             [sys.executable, "app.py", "--port", str(port), "--output-dir", str(output_dir), *flags],
@@ -73,6 +73,14 @@ def start_app(tmp_path: Path, *flags: str) -> RunningApp:
         time.sleep(0.5)
     process.kill()
     raise AssertionError(f"app not ready in {START_TIMEOUT_S}s:\n{app.log()}")
+
+
+def start_demo_app(tmp_path: Path, tiny_models, *flags: str, env: dict[str, str] | None = None) -> RunningApp:
+    """`app.py --demo` on a copy of the session's tiny model (no rebuild)."""
+    demo_dir = tmp_path / "demo-model"
+    if not demo_dir.exists():
+        shutil.copytree(tiny_models[LayoutKind.SINGLE_FILE], demo_dir)
+    return start_app(tmp_path, "--demo", "--demo-dir", str(demo_dir), *flags, env=env)
 
 
 def stop_app(app: RunningApp) -> None:
@@ -291,9 +299,7 @@ def test_bad_flag_value_exits_with_usage_error():
 
 
 def test_sigterm_lets_the_running_job_finish_and_reach_the_client(tmp_path, tiny_models):
-    demo_dir = tmp_path / "demo-model"
-    shutil.copytree(tiny_models[LayoutKind.SINGLE_FILE], demo_dir)
-    app = start_app(tmp_path, "--demo", "--demo-dir", str(demo_dir), "--shutdown-grace", "60")
+    app = start_demo_app(tmp_path, tiny_models, "--shutdown-grace", "60")
     results = []
     client = Client(app.url, verbose=False)
     worker = threading.Thread(target=lambda: results.append(_generate(client, "a slow one", "1536x1536", steps=8)))
@@ -309,3 +315,87 @@ def test_sigterm_lets_the_running_job_finish_and_reach_the_client(tmp_path, tiny
     assert results and results[0][1] == 1234
     log = app.log()
     assert "shutdown requested signal=SIGTERM in_flight=" in log and "shutdown done job=finished id=" in log
+
+
+def test_full_queue_is_refused_at_once_and_a_request_that_waited_too_long_times_out(tmp_path, tiny_models):
+    app = start_demo_app(tmp_path, tiny_models, "--queue-size", "1", "--queue-timeout", "3")
+    outcomes = {}
+
+    def call(name: str, delay: float) -> None:
+        time.sleep(delay)
+        started = time.monotonic()
+        try:
+            Client(app.url, verbose=False).predict("a slow one", "1536x1536", 1, False, 8, 3.0, api_name="/generate")
+            outcomes[name] = ("ok", time.monotonic() - started)
+        except Exception as error:
+            outcomes[name] = (str(error), time.monotonic() - started)
+
+    try:
+        callers = [threading.Thread(target=call, args=(name, delay)) for name, delay in (("running", 0),
+                                                                                          ("waiting", 1.5),
+                                                                                          ("one too many", 3))]
+        for caller in callers:
+            caller.start()
+        for caller in callers:
+            caller.join(timeout=120)
+        assert outcomes["running"][0] == "ok"
+        assert "The server is busy: your request waited" in outcomes["waiting"][0]
+        assert "Queue is full" in outcomes["one too many"][0] and outcomes["one too many"][1] < 5
+        assert app.process.poll() is None
+        assert len(list(app.output_dir.rglob("*.png"))) == 1
+    finally:
+        stop_app(app)
+
+
+def test_history_shows_earlier_images_after_a_restart(tmp_path, tiny_models):
+    first = start_demo_app(tmp_path, tiny_models)
+    _generate(Client(first.url, verbose=False), "made before the restart", seed=77)
+    first.process.kill()
+    first.process.wait()
+    second = start_demo_app(tmp_path, tiny_models)
+    try:
+        # What a page opened after the restart shows in its gallery (the page's load event, called as the API).
+        gallery = Client(second.url, verbose=False).predict(api_name="/history")
+        [item] = gallery
+        assert "seed 77" in item["caption"]
+        saved = read_parameters(next(second.output_dir.rglob("*.png")))
+        assert saved["prompt"] == "made before the restart"
+    finally:
+        stop_app(second)
+
+
+def test_a_client_that_goes_away_mid_request_still_gets_its_image_saved(demo_app, client):
+    images_before = _png_count(demo_app)
+    job = client.submit("abandoned by its client", "1024x1024", 4242, False, 8, 3.0, api_name="/generate")
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # until the job is on the "GPU"
+        if '"busy":true' in urllib.request.urlopen(f"{demo_app.url}/readyz", timeout=5).read().decode():
+            break
+        time.sleep(0.05)
+    job.cancel()
+    deadline = time.monotonic() + 60
+    while _png_count(demo_app) == images_before and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _png_count(demo_app) == images_before + 1
+    assert demo_app.process.poll() is None
+    assert _generate(client, "the next one", seed=5)[1] == 5
+
+
+def test_a_hung_generation_dumps_stacks_writes_a_snapshot_and_exits_1(tmp_path, tiny_models):
+    app = start_demo_app(tmp_path, tiny_models, "--hang-timeout", "3", "--crash-dir", str(tmp_path / "crashes"),
+                         env={"ZIMAGE_TEST_MODE": "1", "ZIMAGE_FAULT": "slow@2"})
+    worker = threading.Thread(target=lambda: _swallow(lambda: _generate(Client(app.url, verbose=False), "stuck")),
+                              daemon=True)
+    worker.start()
+    assert app.process.wait(timeout=60) == 1
+    log = app.log()
+    assert "outcome=hung" in log and "stacks of all threads follow" in log and "in at_step" in log
+    [snapshot] = (tmp_path / "crashes").glob("snapshot-*.json")
+    assert "ran 3 s without finishing" in json.loads(snapshot.read_text())["reason"]
+
+
+def _swallow(call):
+    try:
+        call()
+    except Exception:
+        pass

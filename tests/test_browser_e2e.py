@@ -7,7 +7,7 @@ import shutil
 import pytest
 
 from tests.conftest import ARTIFACTS_DIR
-from tests.test_app_e2e import start_app, stop_app
+from tests.test_app_e2e import start_demo_app, stop_app
 
 pytestmark = pytest.mark.e2e
 
@@ -19,12 +19,7 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
 
 @pytest.fixture(scope="module")
 def browser_app(tmp_path_factory, tiny_models):
-    from pipeline.layouts import LayoutKind
-
-    tmp_path = tmp_path_factory.mktemp("browser-app")
-    demo_dir = tmp_path / "demo-model"
-    shutil.copytree(tiny_models[LayoutKind.SINGLE_FILE], demo_dir)
-    app = start_app(tmp_path, "--demo", "--demo-dir", str(demo_dir))
+    app = start_demo_app(tmp_path_factory.mktemp("browser-app"), tiny_models)
     yield app
     stop_app(app)
 

@@ -244,3 +244,13 @@ def test_a_generation_past_the_hang_timeout_dumps_stacks_and_goes_to_the_fatal_h
     assert isinstance(error, TimeoutError) and state["healthy"] is False
     dump = capfd.readouterr().err  # faulthandler's stacks of every thread: the stuck one and the detector
     assert "in stuck" in dump and "in _watch_for_hangs" in dump
+
+
+def test_running_out_of_ram_fails_that_request_only(engine, caplog):
+    def exhausted(step, total):
+        raise MemoryError("cannot allocate 2 GiB")
+
+    with pytest.raises(GenerationError, match="Out of memory at 128×128; try a smaller size"):
+        engine.generate(GenerationRequest("x", seed=1, **SMALL), progress=exhausted)
+    assert "outcome=oom" in caplog.text
+    assert engine.generate(GenerationRequest("x", seed=1, **SMALL)).path.is_file()

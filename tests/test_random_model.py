@@ -2,7 +2,14 @@ import pytest
 
 from pipeline.layouts import LayoutKind, find_weights
 from pipeline.manifest import MANIFEST_NAME
-from pipeline.random_model import FULL_SIZE, TINY, build_components, build_tokenizer, ensure_demo_model, make_tiny_model
+from pipeline.random_model import (
+    FULL_SIZE,
+    TINY,
+    build_components,
+    build_tokenizer,
+    ensure_demo_model,
+    write_random_model,
+)
 
 
 def test_demo_model_is_built_once_then_reused(tmp_path):
@@ -25,7 +32,7 @@ def test_half_built_demo_model_is_rebuilt(tmp_path):
 def test_make_tiny_model_refuses_a_non_empty_directory(tmp_path):
     (tmp_path / "file").write_text("keep")
     with pytest.raises(FileExistsError):
-        make_tiny_model(tmp_path, LayoutKind.DIFFUSERS)
+        write_random_model(tmp_path, LayoutKind.DIFFUSERS)
 
 
 def test_building_is_deterministic():

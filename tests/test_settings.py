@@ -72,5 +72,5 @@ def test_every_setting_has_a_documented_flag():
     for flag in ("--host", "--port", "--server-port", "--share", "--model-dir", "--demo", "--demo-dir",
                  "--verify-weights", "--device", "--attention", "--enable-xformers", "--disable-xformers",
                  "--max-h", "--max-w", "--queue-size", "--output-dir", "--disable-nan-check", "--log-level",
-                 "--log-prompts", "--config", "--crash-dir", "--shutdown-grace", "--hang-timeout"):
+                 "--log-prompts", "--config", "--crash-dir", "--shutdown-grace", "--hang-timeout", "--queue-timeout"):
         assert flag in help_text

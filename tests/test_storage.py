@@ -46,3 +46,37 @@ def test_partial_files_are_removed_and_history_lists_newest_first(tmp_path):
     assert remove_partial_files(tmp_path) == 1 and not partial.exists()
     assert [(path, params["seed"]) for path, params in recent_images(tmp_path, 10)] == [(newer, 2), (older, 1)]
     assert recent_images(tmp_path, 1) == [(newer, {"seed": 2})]
+
+
+def test_kill_9_during_saves_never_leaves_a_broken_png(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from pipeline.storage import remove_partial_files
+
+    writer = (
+        "import sys, numpy as np\n"
+        "from pathlib import Path\n"
+        "from PIL import Image\n"
+        "from pipeline.storage import save_png\n"
+        "pixels = np.random.default_rng(0).integers(0, 255, (512, 512, 3), dtype=np.uint8)\n"
+        "image = Image.fromarray(pixels)\n"
+        "for n in range(100000):\n"
+        "    save_png(image, Path(sys.argv[1]), f'img{n:06d}', {'n': n})\n"
+    )
+    for trial in range(8):
+        process = subprocess.Popen([sys.executable, "-c", writer, str(tmp_path)])
+        time.sleep(1.5 + 0.13 * trial)  # land the kill at a different moment of a save each time
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    remove_partial_files(tmp_path)
+    saved = list(tmp_path.rglob("*.png"))
+    assert saved
+    for path in saved:
+        with Image.open(path) as image:
+            image.load()  # a truncated PNG raises here
+            assert image.size == (512, 512)
+        assert read_parameters(path)["n"] >= 0
+    assert not list(tmp_path.rglob(".*.tmp"))

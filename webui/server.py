@@ -11,12 +11,14 @@ import time
 import gradio as gr
 import torch
 from fastapi.responses import JSONResponse
+from starlette.middleware import Middleware
 from starlette.routing import Route
 
 from pipeline.engine import Engine
 
 log = logging.getLogger("zimage.webui")
 
+ARRIVAL_KEY = "zimage_received_at"
 RESULT_DELIVERY_S = 1.0  # after the last image is saved, time for it to reach the browser before closing
 
 
@@ -34,6 +36,20 @@ def health_routes(engine: Engine) -> list[Route]:
         return JSONResponse(body, status_code=200 if ready else 503)
 
     return [Route("/healthz", healthz), Route("/readyz", readyz)]
+
+
+class StampArrival:
+    """ASGI middleware: note when each HTTP request arrived. Gradio keeps the request that joined its queue with
+    the event, but tells the handler nothing of when that was; the engine needs it to refuse requests that waited
+    too long."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            scope.setdefault("state", {})[ARRIVAL_KEY] = time.monotonic()
+        await self.app(scope, receive, send)
 
 
 def _flush_logs() -> None:
@@ -70,7 +86,7 @@ def serve(blocks: gr.Blocks, engine: Engine, *, host: str, port: int, share: boo
     # handler turns everything else into a message of its own, so no internal detail leaks through it.
     blocks.launch(
         server_name=host, server_port=port, share=share, prevent_thread_lock=True, quiet=True, ssr_mode=False,
-        show_error=True, app_kwargs={"routes": health_routes(engine)},
+        show_error=True, app_kwargs={"routes": health_routes(engine), "middleware": [Middleware(StampArrival)]},
     )
     log.info("ready url=http://%s:%d", host, port)
     stop.wait()

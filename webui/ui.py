@@ -18,6 +18,7 @@ from pipeline.requests import (
     RequestError,
 )
 from webui.resolutions import offered, parse_resolution
+from webui.server import ARRIVAL_KEY
 
 log = logging.getLogger("zimage.webui")
 
@@ -42,18 +43,26 @@ def _timing(result: GenerationResult) -> str:
     return "\n\n".join([text, *result.notices])
 
 
+def _received_at(request: gr.Request | None) -> float | None:
+    """When the request that joined Gradio's queue arrived (stamped by webui.server.StampArrival), if known."""
+    starlette_request = getattr(request, "request", None)
+    return getattr(starlette_request.state, ARRIVAL_KEY, None) if starlette_request is not None else None
+
+
 def build_ui(engine: Engine, *, demo: bool, model_label: str, max_w: int, max_h: int) -> gr.Blocks:
     table = offered(max_w, max_h)
     first_category = next(iter(table))
 
-    def generate(prompt, resolution, seed, random_seed, steps, shift, history, progress=gr.Progress()):
+    def generate(prompt, resolution, seed, random_seed, steps, shift, history, request: gr.Request,
+                 progress=gr.Progress()):
         try:
             if not isinstance(random_seed, bool):
                 raise RequestError(f"random_seed must be true or false (got {random_seed!r}).")
             width, height = parse_resolution(resolution)
-            request = GenerationRequest(prompt=prompt, width=width, height=height, steps=steps,
-                                        seed=None if random_seed else seed, shift=shift)
-            result = engine.generate(request, progress=lambda step, total: progress((step, total), desc="Denoising"))
+            generation = GenerationRequest(prompt=prompt, width=width, height=height, steps=steps,
+                                           seed=None if random_seed else seed, shift=shift)
+            result = engine.generate(generation, received_at=_received_at(request),
+                                     progress=lambda step, total: progress((step, total), desc="Denoising"))
         except (RequestError, GenerationError) as error:
             raise gr.Error(str(error), print_exception=False) from None
         except Exception:
@@ -100,7 +109,7 @@ def build_ui(engine: Engine, *, demo: bool, model_label: str, max_w: int, max_h:
                 timing = gr.Markdown(label="Timing", elem_id="timing")
                 png = gr.File(label="PNG download", interactive=False)
         category.change(switch_category, category, resolution, queue=False, api_visibility="private")
-        blocks.load(load_history, outputs=[gallery, history], queue=False, api_visibility="private")
+        blocks.load(load_history, outputs=[gallery, history], queue=False, api_name="history")
         gr.on(
             [run.click, prompt.submit],
             generate,

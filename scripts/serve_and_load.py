@@ -1,0 +1,68 @@
+"""Start the service as a real process, time process start → /readyz 200, then load it (scripts/loadtest.py).
+
+    python scripts/serve_and_load.py --clients 4 --requests 20 --size 1024 -- --model-dir /data/random-full
+
+Everything after `--` goes to app.py. Prints the start-to-ready time and the load figures as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import loadtest  # noqa: E402
+from soak import free_port  # noqa: E402
+
+PROJECT_DIR = Path(__file__).resolve().parent.parent
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--requests", type=int, default=20, help="requests per client")
+    parser.add_argument("--size", type=int, default=1024)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--single-runs", type=int, default=3)
+    parser.add_argument("--log", type=Path, default=Path("serve_and_load.log"), help="the service's log")
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("app_args", nargs="*", help="after --: arguments for app.py")
+    args = parser.parse_args(argv)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    started = time.monotonic()
+    with args.log.open("w") as log:
+        service = subprocess.Popen([sys.executable, "app.py", "--port", str(port), *args.app_args], cwd=PROJECT_DIR,
+                                   stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        while True:
+            if service.poll() is not None:
+                print(f"service exited with {service.returncode}; see {args.log}", file=sys.stderr)
+                return 1
+            try:
+                with urllib.request.urlopen(f"{url}/readyz", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.2)
+        ready_s = time.monotonic() - started
+        load_args = argparse.Namespace(url=url, clients=args.clients, requests=args.requests, size=args.size,
+                                       steps=args.steps, single_runs=args.single_runs)
+        figures = {"start_to_ready_s": round(ready_s, 2), **loadtest.run(load_args)}
+    finally:
+        service.terminate()
+        service.wait(timeout=120)
+    print(json.dumps(figures, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
