@@ -43,8 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--standalone", type=Path, metavar="DIR",
                         help="no system supervisor: write DIR/supervisord.conf (unix socket, mode 0700) and "
                         "DIR/conf.d/, and start supervisord from it if it is not running")
-    parser.add_argument("--supervisorctl", default=None, help="supervisorctl to run (default: the one on PATH, "
-                        "else the project's .venv)")
+    parser.add_argument("--supervisorctl", default=None, help="supervisorctl to run (default: with --standalone "
+                        "the one beside --python, else the one on PATH, e.g. Debian's)")
     parser.add_argument("--python", type=Path, default=_default_python(), help="Python that runs the service")
     parser.add_argument("--project-dir", type=Path, default=PROJECT_DIR, help="the service's checkout")
     parser.add_argument("--model-dir", type=Path, default=Path("/opt/z-image-turbo/weights"), help="weights")
@@ -93,8 +93,17 @@ def render_standalone(run_dir: Path, log_dir: Path, conf_dir: Path, name: str) -
                                                                conf_dir=conf_dir, name=name)
 
 
+def _supervisor_binary(args: argparse.Namespace, name: str) -> str:
+    """A standalone install runs the pip supervisor installed beside --python; a system install uses the host's
+    (Debian's /usr/bin/supervisorctl talks to the system supervisord), falling back to the pip one."""
+    beside_python = args.python.parent / name
+    if args.standalone and beside_python.exists():
+        return str(beside_python)
+    return shutil.which(name) or str(beside_python)
+
+
 def _supervisorctl(args: argparse.Namespace) -> list[str]:
-    binary = args.supervisorctl or shutil.which("supervisorctl") or str(args.python.parent / "supervisorctl")
+    binary = args.supervisorctl or _supervisor_binary(args, "supervisorctl")
     return [binary, *(["-c", str(args.supervisor_conf)] if args.supervisor_conf else [])]
 
 
@@ -105,8 +114,7 @@ def _start_standalone_supervisord(args: argparse.Namespace, socket_path: Path) -
             return  # already running
         except OSError:
             pass
-    supervisord = shutil.which("supervisord") or str(args.python.parent / "supervisord")
-    subprocess.run([supervisord, "-c", str(args.supervisor_conf)], check=True)
+    subprocess.run([_supervisor_binary(args, "supervisord"), "-c", str(args.supervisor_conf)], check=True)
     deadline = time.monotonic() + 15
     while not socket_path.exists() and time.monotonic() < deadline:
         time.sleep(0.2)

@@ -31,8 +31,12 @@ def health_routes(engine: Engine) -> list[Route]:
         ready = bool(state["ready"] and state["healthy"])
         body = {key: state[key] for key in ("ready", "healthy", "busy", "served", "attention", "device")}
         if engine.device.type == "cuda":
-            free, total = torch.cuda.mem_get_info(engine.device)
-            body.update(gpu_free_mib=free // 2**20, gpu_total_mib=total // 2**20)
+            try:
+                free, total = torch.cuda.mem_get_info(engine.device)
+                body.update(gpu_free_mib=free // 2**20, gpu_total_mib=total // 2**20)
+            except RuntimeError as error:  # a poisoned context fails every call: not ready, and say why
+                ready = False
+                body.update(ready=False, gpu_error=str(error).splitlines()[0])
         return JSONResponse(body, status_code=200 if ready else 503)
 
     return [Route("/healthz", healthz), Route("/readyz", readyz)]

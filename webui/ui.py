@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+from dataclasses import asdict
 
 import gradio as gr
 
@@ -23,6 +24,7 @@ from webui.server import ARRIVAL_KEY
 log = logging.getLogger("zimage.webui")
 
 HISTORY_SIZE = 12  # images from disk shown when a page opens, so a restart loses no one's recent work
+SESSION_HISTORY_LIMIT = 48  # the gallery goes back to the browser whole after every image: keep it bounded
 API_NAME = "generate"  # the queue endpoint: gradio_client.Client(url).predict(..., api_name="/generate")
 GPU_QUEUE = "gpu"  # one concurrency group: every event that touches the engine waits in the same line
 
@@ -70,9 +72,7 @@ def build_ui(engine: Engine, *, demo: bool, model_label: str, max_w: int, max_h:
             log.exception("request failed incident=%s", incident)
             raise gr.Error(f"The server hit an internal error (incident {incident}); the operator's log has "
                            f"the details. Try again.", print_exception=False) from None
-        caption = _caption({"seed": result.request.seed, "width": result.request.width,
-                            "height": result.request.height, "steps": result.request.steps})
-        history = [(str(result.path), caption), *(history or [])]
+        history = [(str(result.path), _caption(asdict(result.request))), *(history or [])][:SESSION_HISTORY_LIMIT]
         return history, history, result.request.seed, _timing(result), str(result.path)
 
     def load_history():
