@@ -59,13 +59,17 @@ def remove_partial_files(output_dir: Path) -> int:
 
 
 def recent_images(output_dir: Path, limit: int) -> list[tuple[Path, dict[str, object]]]:
-    """The newest `limit` saved images with their parameters, newest first."""
+    """The newest `limit` saved images with their parameters, newest first. Day folders are read newest first and
+    only until enough are found: a service running for months keeps every image it made."""
     images = []
-    for path in sorted(output_dir.glob("*/*.png"), key=lambda path: path.stat().st_mtime, reverse=True):
-        try:
-            images.append((path, read_parameters(path)))
-        except (OSError, KeyError, ValueError):
-            continue  # not one of ours, or unreadable: leave it out of the history
-        if len(images) == limit:
-            break
+    day_dirs = sorted((path for path in output_dir.glob("*") if path.is_dir()), key=lambda path: path.name,
+                      reverse=True)
+    for day_dir in day_dirs:
+        for path in sorted(day_dir.glob("*.png"), key=lambda path: path.stat().st_mtime, reverse=True):
+            try:
+                images.append((path, read_parameters(path)))
+            except (OSError, KeyError, ValueError):
+                continue  # not one of ours, or unreadable: leave it out of the history
+            if len(images) == limit:
+                return images
     return images

@@ -80,3 +80,27 @@ def test_kill_9_during_saves_never_leaves_a_broken_png(tmp_path):
             assert image.size == (512, 512)
         assert read_parameters(path)["n"] >= 0
     assert not list(tmp_path.rglob(".*.tmp"))
+
+
+def test_history_reads_day_folders_newest_first(tmp_path):
+    from pipeline.storage import recent_images
+
+    image = Image.new("RGB", (8, 8))
+    for day, seed in (("2026-11-20", 1), ("2026-11-22", 3), ("2026-11-21", 2)):
+        (tmp_path / day).mkdir()
+        path = tmp_path / day / f"seed{seed}.png"
+        image.save(path, pnginfo=_info({"seed": seed}))
+    assert [params["seed"] for _, params in recent_images(tmp_path, 2)] == [3, 2]
+    assert [params["seed"] for _, params in recent_images(tmp_path, 10)] == [3, 2, 1]
+
+
+def _info(parameters):
+    import json
+
+    from PIL.PngImagePlugin import PngInfo
+
+    from pipeline.storage import PARAMETERS_KEY
+
+    info = PngInfo()
+    info.add_itxt(PARAMETERS_KEY, json.dumps(parameters))
+    return info
