@@ -9,18 +9,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import loadtest  # noqa: E402
-from soak import free_port  # noqa: E402
+from local_service import start_service  # noqa: E402
 
-PROJECT_DIR = Path(__file__).resolve().parent.parent
+# The real weights from a cold page cache take longer than the tiny model to come up.
+READY_TIMEOUT_S = 600
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,23 +32,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument("app_args", nargs="*", help="after --: arguments for app.py")
     args = parser.parse_args(argv)
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
     started = time.monotonic()
-    with args.log.open("w") as log:
-        service = subprocess.Popen([sys.executable, "app.py", "--port", str(port), *args.app_args], cwd=PROJECT_DIR,
-                                   stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
-        while True:
-            if service.poll() is not None:
-                print(f"service exited with {service.returncode}; see {args.log}", file=sys.stderr)
-                return 1
-            try:
-                with urllib.request.urlopen(f"{url}/readyz", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                time.sleep(0.2)
+        service, url = start_service(args.app_args, args.log, timeout_s=READY_TIMEOUT_S)
+    except RuntimeError as error:
+        print(error, file=sys.stderr)
+        return 1
+    try:
         ready_s = time.monotonic() - started
         load_args = argparse.Namespace(url=url, clients=args.clients, requests=args.requests, size=args.size,
                                        steps=args.steps, single_runs=args.single_runs)

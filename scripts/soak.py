@@ -13,52 +13,18 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import os
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from loadtest import error_kind  # noqa: E402
+from local_service import PROJECT_DIR, start_service  # noqa: E402
 
-PROJECT_DIR = Path(__file__).resolve().parent.parent
 WARM_UP_REQUESTS = 20  # memory settles (allocator pools, caches) over the first requests; growth is counted after
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def start_service(workdir: Path, port: int, fault: str | None) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    if fault:
-        env.update(ZIMAGE_TEST_MODE="1", ZIMAGE_FAULT=fault)
-    log = (workdir / "service.log").open("w")
-    process = subprocess.Popen(
-        [sys.executable, "app.py", "--demo", "--port", str(port), "--output-dir", str(workdir / "outputs"),
-         "--crash-dir", str(workdir / "crashes"), "--demo-dir", str(PROJECT_DIR / ".cache" / "demo-model")],
-        cwd=PROJECT_DIR, stdout=log, stderr=subprocess.STDOUT, env=env,
-    )
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"service exited with {process.returncode}; see {workdir / 'service.log'}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as response:
-                if response.status == 200:
-                    return process
-        except OSError:
-            time.sleep(0.5)
-    process.kill()
-    raise RuntimeError("service not ready in 180 s")
 
 
 def sample(process: psutil.Process) -> tuple[int, int]:
@@ -68,11 +34,13 @@ def sample(process: psutil.Process) -> tuple[int, int]:
 def run(args, workdir: Path) -> dict[str, object]:
     from gradio_client import Client
 
-    port = free_port()
-    service = start_service(workdir, port, args.fault)
+    app_args = ["--demo", "--output-dir", str(workdir / "outputs"), "--crash-dir", str(workdir / "crashes"),
+                "--demo-dir", str(PROJECT_DIR / ".cache" / "demo-model")]
+    fault_env = {"ZIMAGE_TEST_MODE": "1", "ZIMAGE_FAULT": args.fault} if args.fault else None
+    service, url = start_service(app_args, workdir / "service.log", fault_env)
     watched = psutil.Process(service.pid)
     # The service is what is watched here: results stay on the server instead of being downloaded each time.
-    client = Client(f"http://127.0.0.1:{port}", verbose=False, download_files=False)
+    client = Client(url, verbose=False, download_files=False)
     outcomes: collections.Counter[str] = collections.Counter()
     samples = []
     started = time.perf_counter()
