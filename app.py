@@ -85,6 +85,9 @@ def stop_child_processes(timeout_s: float = 3.0) -> None:
 
 
 def build_engine(settings: Settings, faults):
+    import torch
+
+    from pipeline import acceleration
     from pipeline.engine import Engine
     from pipeline.loader import load_pipeline, resolve_device
     from pipeline.random_model import ensure_demo_model
@@ -97,15 +100,33 @@ def build_engine(settings: Settings, faults):
     else:
         model_dir = settings.model_dir
         model_name = "Z-Image-Turbo"
-    loaded = load_pipeline(model_dir, resolve_device(settings.device), verify=settings.verify_weights)
+    device = resolve_device(settings.device)
+    on_gpu = device.type == "cuda"
+    if not on_gpu and (settings.compile or settings.low_vram or settings.gpu_memory_limit_gib):
+        log.info("compile, low_vram and gpu_memory_limit_gib apply on CUDA only; the CPU runs the model eagerly")
+    if on_gpu and settings.compile:
+        acceleration.use_compile_cache(settings.compile_cache_dir)
+    if on_gpu and settings.gpu_memory_limit_gib:
+        # The caching allocator itself refuses to grow past the cap: a 16 GB card can be rehearsed on a larger one.
+        torch.cuda.set_per_process_memory_fraction(
+            min(1.0, settings.gpu_memory_limit_gib * 2**30 / torch.cuda.get_device_properties(device).total_memory))
+    low_vram = on_gpu and settings.low_vram
+    loaded = load_pipeline(model_dir, device, verify=settings.verify_weights, text_encoder_on_cpu=low_vram)
+    if low_vram:
+        acceleration.offload_text_encoder(loaded.pipe, device)
+        log.info("low-VRAM profile: text encoder streamed from CPU memory, VAE tiling above 1024 px")
     engine = Engine(
         loaded, limits=Limits(max_h=settings.max_h, max_w=settings.max_w), output_dir=settings.output_dir,
         model_name=model_name, attention_choice=settings.attention, nan_check=settings.nan_check,
         log_prompts=settings.log_prompts, faults=faults, hang_timeout_s=settings.hang_timeout_s,
-        queue_timeout_s=settings.queue_timeout_s,
+        queue_timeout_s=settings.queue_timeout_s, compile_model=on_gpu and settings.compile,
+        prompt_cache_size=settings.prompt_cache_size,
+        gpu_memory_limit_bytes=settings.gpu_memory_limit_gib * 2**30 if on_gpu else 0,
         on_fatal=exit_on_fatal(settings.crash_dir),
     )
     engine.warm_up()
+    if engine.compile_model:
+        engine.start_compiling()
     return engine, f"{model_name} ({loaded.source})"
 
 

@@ -42,6 +42,11 @@ class Settings:
     verify_weights: bool  # check every weight file's sha256 against manifest.json before loading
     device: DeviceChoice  # auto: CUDA when a GPU is visible, else CPU
     attention: AttentionChoice  # diffusers attention backend; a missing or failing one falls back to SDPA
+    compile: bool  # CUDA only: regional compilation of the DiT blocks and the VAE decoder, in the background
+    compile_cache_dir: Path  # Inductor and Triton caches: a warm one makes the compile after a restart take seconds
+    low_vram: bool  # profile for 16 GB cards: text encoder streamed from CPU memory, VAE tiling above 1024 px
+    gpu_memory_limit_gib: int  # cap on this process's GPU memory; 0 means the whole GPU
+    prompt_cache_size: int  # how many prompts' embeddings are kept for reuse
     max_h: int  # largest height a request may ask for (pixels)
     max_w: int  # largest width a request may ask for (pixels)
     queue_size: int  # requests that may wait for the GPU; more are turned away as "busy"
@@ -70,6 +75,10 @@ class Settings:
             raise SettingsError(f"shutdown_grace_s must be 0 or more (got {self.shutdown_grace_s}).")
         if self.queue_timeout_s < 1:
             raise SettingsError(f"queue_timeout_s must be at least 1 (got {self.queue_timeout_s}).")
+        if self.gpu_memory_limit_gib < 0:
+            raise SettingsError(f"gpu_memory_limit_gib must be 0 (no cap) or more (got {self.gpu_memory_limit_gib}).")
+        if self.prompt_cache_size < 0:
+            raise SettingsError(f"prompt_cache_size must be 0 (off) or more (got {self.prompt_cache_size}).")
         if self.queue_size < 1:
             raise SettingsError(f"queue_size must be at least 1 (got {self.queue_size}).")
         for field in dataclasses.fields(self):
@@ -177,6 +186,19 @@ def build_arg_parser() -> argparse.ArgumentParser:
                           help="same as --attention xformers")
     xformers.add_argument("--disable-xformers", dest="attention", action="store_const", const="sdpa",
                           help="same as --attention sdpa")
+    add("--compile", action=argparse.BooleanOptionalAction,
+        help="on CUDA, compile the DiT's repeated blocks and the VAE decoder in the background after start; "
+        "requests that arrive meanwhile wait, then run compiled")
+    add("--compile-cache-dir", type=Path, metavar="DIR",
+        help="where compiled kernels are kept across restarts (a warm cache makes compiling take seconds)")
+    add("--low-vram", action="store_true",
+        help="profile for 16 GB GPUs: the text encoder stays in CPU memory and streams to the GPU layer by layer; "
+        "the VAE decodes in tiles above 1024 px")
+    add("--gpu-memory-limit-gib", type=int, metavar="GIB",
+        help="cap this process's GPU memory (0: the whole GPU); requests that would not fit are refused at once")
+    add("--prompt-cache-size", type=int, metavar="N",
+        help="prompts whose text embeddings are kept, so new seeds for the same prompt skip the text encoder "
+        "(0: off)")
     add("--max-h", type=int, metavar="PX", help="largest image height a request may ask for")
     add("--max-w", type=int, metavar="PX", help="largest image width a request may ask for")
     add("--queue-size", type=int, metavar="N", help="requests that may wait for the GPU before new ones are refused")

@@ -10,18 +10,18 @@ import sys
 import threading
 import time
 import uuid
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 
-from pipeline import attention
+from pipeline import acceleration, attention
 from pipeline.faults import FaultPlan
 from pipeline.loader import LoadedPipeline
+from pipeline.memory import GIB, MemoryGuard
 from pipeline.requests import GenerationRequest, Limits, RequestError, ValidRequest, validate
 from pipeline.storage import recent_images, remove_partial_files, save_png
 
@@ -42,6 +42,10 @@ POISONED_GPU_MARKERS = (
 )
 RECENT_PROMPTS = 3  # kept (as logged: summarised or not) for the crash snapshot
 HANG_CHECK_INTERVAL_S = 1.0
+MEMORY_PROBE_SIDES = (256, 512)  # warm-up sizes whose peak memory gives the memory guard its line
+# Non-square first: a square warm-up would let the compiler assume width == height ("duck sizing") and compile
+# again for the first non-square request. These two cover every offered size without a recompile.
+COMPILE_WARM_UP_SIZES = ((768, 512), (1024, 1024))
 
 
 def is_poisoned_gpu_error(error: BaseException) -> bool:
@@ -55,7 +59,7 @@ class GenerationError(RuntimeError):
 
 @dataclass(frozen=True)
 class StageTimings:
-    encode_ms: float
+    encode_ms: float  # 0 when the prompt's embeddings came from the cache
     denoise_ms: float
     decode_ms: float
     save_ms: float
@@ -70,6 +74,10 @@ class GenerationResult:
     request: ValidRequest
     timings: StageTimings
     notices: tuple[str, ...]
+
+
+def _warm_up_request(width: int, height: int | None = None) -> ValidRequest:
+    return ValidRequest(prompt="warm-up", width=width, height=height or width, steps=1, seed=0, shift=3.0)
 
 
 def summarize_prompt(prompt: str, mode: str) -> str:
@@ -97,6 +105,9 @@ class Engine:
         on_fatal: FatalHandler | None = None,
         hang_timeout_s: float = 600.0,
         queue_timeout_s: float = 300.0,
+        compile_model: bool = False,
+        prompt_cache_size: int = 0,
+        gpu_memory_limit_bytes: int = 0,
     ) -> None:
         self._pipe = loaded.pipe
         self._pipe.set_progress_bar_config(disable=True)  # progress goes to the caller, not to tqdm on stderr
@@ -112,7 +123,13 @@ class Engine:
         self._lock = threading.Lock()  # the GPU runs one job at a time, whoever calls
         self._active = 0  # requests between validation and saved PNG; the save runs outside the GPU lock
         self._idle = threading.Condition()
-        self.attention_backend = attention.apply_backend(loaded.pipe.transformer, attention_choice, self.device.type)
+        self.attention_backend = attention.apply_backend(loaded.pipe.transformer, attention_choice, self.device)
+        self.compile_model = compile_model
+        self.compiled = "off" if not compile_model else "pending"  # → compiling → on, or failed (then eager)
+        self._prompt_cache: OrderedDict[str, tuple[list[torch.Tensor], list[str]]] = OrderedDict()
+        self._prompt_cache_size = prompt_cache_size
+        self.gpu_memory_limit_bytes = gpu_memory_limit_bytes
+        self.memory_guard: MemoryGuard | None = None  # set by warm_up on CUDA
         self.ready = False  # a warm-up generation succeeded on the device
         self.healthy = True  # no fatal error since; /readyz needs both
         self.in_flight: str | None = None  # id of the request on the GPU now
@@ -152,6 +169,7 @@ class Engine:
         """What the service is doing, for health probes and crash snapshots."""
         return {"ready": self.ready, "healthy": self.healthy, "busy": self.in_flight is not None,
                 "in_flight": self.in_flight, "served": self.served, "attention": self.attention_backend,
+                "compiled": self.compiled,
                 "device": str(self.device), "recent_prompts": list(self._recent_prompts)}
 
     def history(self, limit: int) -> list[tuple[Path, dict[str, object]]]:
@@ -164,8 +182,10 @@ class Engine:
             return self._idle.wait_for(lambda: self._active == 0, timeout=timeout)
 
     def warm_up(self) -> None:
-        """One small generation: proves the device works and gives a failing attention backend its first call."""
-        request = ValidRequest(prompt="warm-up", width=256, height=256, steps=1, seed=0, shift=3.0)
+        """One small generation: proves the device works and gives a failing attention backend its first call.
+        On CUDA two more sizes measure the memory a request needs, for the memory guard. Compilation, when on,
+        starts afterwards in the background (see start_compiling): "ready" does not wait for it."""
+        request = _warm_up_request(256)
         started = time.perf_counter()
         with self._lock:
             try:
@@ -176,8 +196,53 @@ class Engine:
                 self.attention_backend = attention.fall_back_to_sdpa(self._pipe.transformer, self.attention_backend,
                                                                      error)
                 self._run(request, progress=None)
+            if self.device.type == "cuda":
+                self.memory_guard = self._measure_memory_guard()
         self.ready = True
         log.info("warm-up done attention=%s seconds=%.2f", self.attention_backend, time.perf_counter() - started)
+
+    def _measure_memory_guard(self) -> MemoryGuard:
+        idle = torch.cuda.memory_allocated(self.device)
+        peaks = []
+        for side in MEMORY_PROBE_SIDES:
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._run(_warm_up_request(side), progress=None)
+            peaks.append((side * side, torch.cuda.max_memory_allocated(self.device) - idle))
+        free, _total = torch.cuda.mem_get_info(self.device)
+        reserved_unused = torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+        available = free + reserved_unused
+        if self.gpu_memory_limit_bytes:
+            available = min(available, self.gpu_memory_limit_bytes - idle)
+        guard = MemoryGuard.from_measurements(peaks[0], peaks[1], available_bytes=available)
+        log.info("memory guard model_gib=%.2f available_gib=%.2f need_1024_gib=%.2f largest_square=%d",
+                 idle / GIB, available / GIB, guard.need_bytes(1024, 1024) / GIB, guard.largest_square())
+        return guard
+
+    def start_compiling(self) -> threading.Thread:
+        """Compile in the background while holding the GPU lock: requests that arrive meanwhile wait in the queue
+        (none is lost) and run compiled once it is done. With a warm compile cache this takes seconds; cold, about
+        a minute. A failure leaves the service serving eagerly, with one warning."""
+        thread = threading.Thread(target=self._compile, name="compile", daemon=True)
+        thread.start()
+        return thread
+
+    def _compile(self) -> None:
+        started = time.perf_counter()
+        with self._lock:
+            self.compiled = "compiling"
+            log.info("compiling the DiT blocks and the VAE decoder; requests wait until it is done")
+            try:
+                acceleration.compile_pipeline(self._pipe)
+                for width, height in COMPILE_WARM_UP_SIZES:
+                    self._run(_warm_up_request(width, height), progress=None)
+            except Exception as error:
+                torch.compiler.set_stance("force_eager")  # every compiled module runs as plain PyTorch from now on
+                self.compiled = "failed"
+                log.warning("compilation failed; serving eagerly (%s: %s)", type(error).__name__,
+                            str(error).strip().splitlines()[0] if str(error).strip() else "", exc_info=error)
+                return
+        self.compiled = "on"
+        log.info("compiled path live seconds=%.1f", time.perf_counter() - started)
 
     def generate(self, request: GenerationRequest, progress: ProgressCallback | None = None,
                  received_at: float | None = None) -> GenerationResult:
@@ -187,6 +252,8 @@ class Engine:
         request_id = uuid.uuid4().hex[:12]
         try:
             valid = validate(request, self.limits)
+            if self.memory_guard is not None:
+                self.memory_guard.check(valid.width, valid.height)
         except RequestError as error:
             log.info("request id=%s outcome=rejected reason=%r", request_id, str(error))
             raise
@@ -218,6 +285,8 @@ class Engine:
             self._started += 1
             self._recent_prompts.append(f"id={request_id} {prompt_summary}")
             self._job_started_at = time.monotonic()
+            if self.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(self.device)
             out_of_memory = None
             try:
                 image, stage_ms, notices = self._run(valid, progress, request_number=self._started)
@@ -253,13 +322,19 @@ class Engine:
             self.served += 1
         log.info(
             "request id=%s prompt=%s size=%dx%d steps=%d seed=%d shift=%g wait_ms=%.0f encode_ms=%.0f "
-            "denoise_ms=%.0f decode_ms=%.0f save_ms=%.0f total_ms=%.0f outcome=ok file=%s",
+            "denoise_ms=%.0f decode_ms=%.0f save_ms=%.0f total_ms=%.0f%s outcome=ok file=%s",
             request_id, prompt_summary, valid.width, valid.height, valid.steps,
             valid.seed, valid.shift, waited_ms, timings.encode_ms, timings.denoise_ms, timings.decode_ms, save_ms,
-            total_ms, path,
+            total_ms, self._peak_memory_field(), path,
         )
         return GenerationResult(request_id=request_id, image=image, path=path, request=valid, timings=timings,
                                 notices=tuple(notices))
+
+    def _peak_memory_field(self) -> str:
+        if self.device.type != "cuda":
+            return ""
+        return (f" gpu_peak_allocated_mib={torch.cuda.max_memory_allocated(self.device) // 2**20}"
+                f" gpu_peak_reserved_mib={torch.cuda.max_memory_reserved(self.device) // 2**20}")
 
     def _release_memory(self) -> None:
         gc.collect()
@@ -278,18 +353,36 @@ class Engine:
             torch.cuda.synchronize(self.device)
         return time.perf_counter()
 
+    def encode_prompt(self, prompt: str) -> tuple[list[torch.Tensor], list[str]]:
+        """The pipeline's own prompt encoding, without padding to 512 tokens: Qwen3 is causal, so padding at the
+        end never changes the real tokens' hidden states, and the pipeline drops the padded ones afterwards anyway.
+        Repeated prompts (new seeds for the same text) come from a small cache."""
+        if prompt in self._prompt_cache:
+            self._prompt_cache.move_to_end(prompt)
+            return self._prompt_cache[prompt]
+        pipe = self._pipe
+        # The same chat template the pipeline applies before tokenizing; only its length is needed here.
+        templated = pipe.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                                       add_generation_prompt=True, enable_thinking=True)
+        token_count = len(pipe.tokenizer(templated).input_ids)
+        notices = []
+        if token_count > MAX_SEQUENCE_LENGTH:
+            notices.append(f"The prompt is {token_count} tokens with the chat template; only the first "
+                           f"{MAX_SEQUENCE_LENGTH} were used.")
+        prompt_embeds, _ = pipe.encode_prompt(prompt, device=self.device, do_classifier_free_guidance=False,
+                                              max_sequence_length=min(token_count, MAX_SEQUENCE_LENGTH))
+        if self._prompt_cache_size:
+            self._prompt_cache[prompt] = (prompt_embeds, notices)
+            if len(self._prompt_cache) > self._prompt_cache_size:
+                self._prompt_cache.popitem(last=False)
+        return prompt_embeds, notices
+
     @torch.inference_mode()
     def _run(self, valid: ValidRequest, progress: ProgressCallback | None, request_number: int = 0):
         pipe = self._pipe
-        notices = []
         # 1. Encode the prompt (the pipeline's own chat template and hidden-state choice).
         started = self._sync()
-        token_count = len(pipe.tokenizer(valid.prompt).input_ids)
-        if token_count > MAX_SEQUENCE_LENGTH - 16:
-            notices.append(f"The prompt is about {token_count} tokens; only the first {MAX_SEQUENCE_LENGTH} "
-                           f"(with the chat template) were used.")
-        prompt_embeds, _ = pipe.encode_prompt(valid.prompt, device=self.device, do_classifier_free_guidance=False,
-                                              max_sequence_length=MAX_SEQUENCE_LENGTH)
+        prompt_embeds, notices = self.encode_prompt(valid.prompt)
         encoded = self._sync()
 
         # 2. Denoise. The scheduler's shift is per request; the lock makes changing it safe.
@@ -309,20 +402,21 @@ class Engine:
         ).images
         denoised = self._sync()
 
-        # 3. Decode, as the stock pipeline does after its loop.
+        # 3. Decode, as the stock pipeline does after its loop, but turn the pixels into bytes on the GPU: the
+        #    same operations as its postprocess (denormalize, then ×255 and round in float32), 4× less to copy back.
         vae = pipe.vae
         latents = latents.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
         decoded = vae.decode(latents, return_dict=False)[0]
-        pixels = pipe.image_processor.postprocess(decoded, output_type="np")[0]
+        if self.nan_check and not torch.isfinite(decoded).all():
+            raise GenerationError("The model produced an invalid image (NaN values). Try another seed.")
+        pixels = pipe.image_processor.denormalize(decoded[0]).float().mul(255).round().to(torch.uint8)
+        array = pixels.permute(1, 2, 0).cpu().numpy()
         finished = self._sync()
 
         # 4. Refuse broken output rather than return (and save) it.
-        if self.nan_check:
-            if not np.isfinite(pixels).all() or not torch.isfinite(decoded).all():
-                raise GenerationError("The model produced an invalid image (NaN values). Try another seed.")
-            if (pixels * 255).round().max() <= BLACK_LEVEL:
-                raise GenerationError("The model produced an all-black image. Try another seed or prompt.")
-        image = Image.fromarray((np.nan_to_num(pixels) * 255).round().astype(np.uint8))
+        if self.nan_check and array.max() <= BLACK_LEVEL:
+            raise GenerationError("The model produced an all-black image. Try another seed or prompt.")
+        image = Image.fromarray(array)
         stage_ms = dict(encode_ms=(encoded - started) * 1000, denoise_ms=(denoised - encoded) * 1000,
                         decode_ms=(finished - denoised) * 1000)
         return image, stage_ms, notices

@@ -85,7 +85,8 @@ def _load_qwen_single_file(path: Path, config_dir: Path, dtype: torch.dtype):
     return model.eval()
 
 
-def _load_components(layout: WeightLayout, dtype: torch.dtype, device: torch.device) -> dict[str, object]:
+def _load_components(layout: WeightLayout, dtype: torch.dtype, device: torch.device,
+                     text_encoder_device: torch.device) -> dict[str, object]:
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImageTransformer2DModel
     from transformers import AutoModel, AutoTokenizer
 
@@ -112,14 +113,19 @@ def _load_components(layout: WeightLayout, dtype: torch.dtype, device: torch.dev
             "vae": (root / "vae", lambda: AutoencoderKL.from_pretrained(
                 root, subfolder="vae", torch_dtype=dtype, local_files_only=True)),
         }
-    components = {name: _timed(name, path, dtype, device, load) for name, (path, load) in loaders.items()}
+    devices = {"text_encoder": text_encoder_device}
+    components = {name: _timed(name, path, dtype, devices.get(name, device), load)
+                  for name, (path, load) in loaders.items()}
     components["tokenizer"] = AutoTokenizer.from_pretrained(root / "tokenizer", local_files_only=True)
     components["scheduler"] = FlowMatchEulerDiscreteScheduler.from_pretrained(root / "scheduler")
     return components
 
 
-def load_pipeline(model_dir: Path, device: torch.device, verify: bool = False) -> LoadedPipeline:
-    """Find, check and load the weights in `model_dir`; any problem raises WeightsError with a one-line reason."""
+def load_pipeline(model_dir: Path, device: torch.device, verify: bool = False,
+                  text_encoder_on_cpu: bool = False) -> LoadedPipeline:
+    """Find, check and load the weights in `model_dir`; any problem raises WeightsError with a one-line reason.
+    `text_encoder_on_cpu` (the low-VRAM profile) keeps the text encoder's weights out of GPU memory even while
+    loading, so a 16 GB card never holds both models at once."""
     from diffusers import ZImagePipeline
 
     layout = find_weights(model_dir)
@@ -135,7 +141,8 @@ def load_pipeline(model_dir: Path, device: torch.device, verify: bool = False) -
     if device.type != "cuda":
         log.info("device=%s dtype=%s (float32 on CPU: bf16 is for the GPU)", device, str(dtype).removeprefix("torch."))
     try:
-        components = _load_components(layout, dtype, device)
+        components = _load_components(layout, dtype, device,
+                                      torch.device("cpu") if text_encoder_on_cpu else device)
     except WeightsError:
         raise
     except (OSError, ValueError, RuntimeError, KeyError) as error:

@@ -29,7 +29,7 @@ def health_routes(engine: Engine) -> list[Route]:
     async def readyz(_request):
         state = engine.state()
         ready = bool(state["ready"] and state["healthy"])
-        body = {key: state[key] for key in ("ready", "healthy", "busy", "served", "attention", "device")}
+        body = {key: state[key] for key in ("ready", "healthy", "busy", "served", "attention", "compiled", "device")}
         if engine.device.type == "cuda":
             try:
                 free, total = torch.cuda.mem_get_info(engine.device)

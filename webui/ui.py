@@ -53,6 +53,9 @@ def _received_at(request: gr.Request | None) -> float | None:
 
 def build_ui(engine: Engine, *, demo: bool, model_label: str, max_w: int, max_h: int) -> gr.Blocks:
     table = offered(max_w, max_h)
+    # Images are served from the output folder as they are: otherwise Gradio hashes and copies every gallery file
+    # into its cache on every response, which costs more than the image itself once the gallery has a few dozen.
+    gr.set_static_paths([engine.output_dir])
     first_category = next(iter(table))
 
     def generate(prompt, resolution, seed, random_seed, steps, shift, history, request: gr.Request,

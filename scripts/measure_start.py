@@ -1,0 +1,115 @@
+"""Process start → /readyz 200 → compiled path live, then HTTP round trips through the UI's API vs. the pipeline.
+
+    python scripts/measure_start.py --runs 5 --size 1024x1024 --log start.log -- --model-dir /data/random-full
+
+Everything after `--` goes to app.py. The round trip is gradio_client's predict() (join the queue, wait, receive the
+result) plus downloading the new PNG; the pipeline time is the engine's own total for the same request (encode →
+PNG saved), read from the service's log. Prints JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from local_service import start_service  # noqa: E402
+
+READY_TIMEOUT_S = 600
+COMPILE_TIMEOUT_S = 600
+PROMPT = "a lighthouse on a cliff at dusk, waves, photo"
+REQUEST_LINE = re.compile(r"request id=\S+ .*? seed=(\d+) .*?save_ms=(\d+) total_ms=(\d+)"
+                          r"(?: gpu_peak_allocated_mib=(\d+) gpu_peak_reserved_mib=(\d+))? outcome=ok")
+
+
+def compiled_state(url: str) -> str:
+    with urllib.request.urlopen(f"{url}/readyz", timeout=5) as response:
+        return json.load(response)["compiled"]
+
+
+def wait_compiled(url: str) -> str:
+    deadline = time.monotonic() + COMPILE_TIMEOUT_S
+    while time.monotonic() < deadline:
+        state = compiled_state(url)
+        if state not in ("pending", "compiling"):
+            return state
+        time.sleep(0.2)
+    return "still compiling"
+
+
+def logged_requests(log_path: Path) -> dict[int, dict[str, int]]:
+    found = {}
+    for match in REQUEST_LINE.finditer(log_path.read_text()):
+        seed, save_ms, total_ms, allocated, reserved = match.groups()
+        found[int(seed)] = {"save_ms": int(save_ms), "total_ms": int(total_ms),
+                            "peak_reserved_mib": int(reserved or 0), "peak_allocated_mib": int(allocated or 0)}
+    return found
+
+
+def round_trips(url: str, size: str, runs: int) -> dict[int, float]:
+    from gradio_client import Client
+
+    # The client would download the whole session gallery after each image; a browser has the older ones
+    # cached, so the trip counts the new PNG alone.
+    client = Client(url, verbose=False, download_files=False)
+    times = {}
+    for seed in range(1000, 1001 + runs):  # the first is a warm-up: the client's and the server's first call
+        started = time.perf_counter()
+        *_, png = client.predict(PROMPT, size, seed, False, 8, 3.0, api_name="/generate")
+        with urllib.request.urlopen(png["url"], timeout=30) as response:
+            response.read()
+        times[seed] = (time.perf_counter() - started) * 1000
+    times.pop(1000)
+    return times
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=5, help="timed round trips after one warm-up (default: 5)")
+    parser.add_argument("--size", default="1024x1024", help="WxH of each request (default: 1024x1024)")
+    parser.add_argument("--log", type=Path, default=Path("measure_start.log"), help="the service's log")
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("app_args", nargs="*", help="after --: arguments for app.py")
+    args = parser.parse_args(argv)
+    started = time.monotonic()
+    try:
+        service, url = start_service(args.app_args, args.log, timeout_s=READY_TIMEOUT_S)
+    except RuntimeError as error:
+        print(error, file=sys.stderr)
+        return 1
+    try:
+        figures = {"start_to_ready_s": round(time.monotonic() - started, 2)}
+        figures["compiled"] = wait_compiled(url)
+        figures["start_to_compiled_s"] = round(time.monotonic() - started, 2)
+        trips = round_trips(url, args.size, args.runs)
+        logged = logged_requests(args.log)
+        pipeline_ms = [logged[seed]["total_ms"] for seed in trips]
+        trip_ms = list(trips.values())
+        figures |= {
+            "size": args.size, "runs": args.runs,
+            "round_trip_ms_median": round(statistics.median(trip_ms), 1),
+            "pipeline_total_ms_median": statistics.median(pipeline_ms),
+            "pipeline_without_save_ms_median": statistics.median(logged[s]["total_ms"] - logged[s]["save_ms"]
+                                                                 for s in trips),
+            "round_trip_over_pipeline": round(statistics.median(
+                trip / pipe for trip, pipe in zip(trip_ms, pipeline_ms, strict=True)), 3),
+            "peak_reserved_gib": round(max(entry["peak_reserved_mib"] for entry in logged.values()) / 1024, 2),
+            "peak_allocated_gib": round(max(entry["peak_allocated_mib"] for entry in logged.values()) / 1024, 2),
+        }
+    finally:
+        service.terminate()
+        service.wait(timeout=120)
+    print(json.dumps(figures, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
