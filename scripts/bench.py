@@ -225,6 +225,9 @@ def run(args, report: dict[str, object]) -> None:
     output_dir = Path(tempfile.mkdtemp(prefix="bench-"))
     if args.low_vram:
         acceleration.offload_text_encoder(pipe, loaded.device)
+    if args.gpu_memory_limit_gib:  # after building: random weights are made on the GPU, text encoder included
+        torch.cuda.set_per_process_memory_fraction(
+            args.gpu_memory_limit_gib * 2**30 / torch.cuda.get_device_properties(0).total_memory)
     else:
         rate = matmul_tflops()
         report["matmul_tflops"] = round(rate, 1)
@@ -324,9 +327,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.compile_cache_dir:
         acceleration.use_compile_cache(args.compile_cache_dir)
-    if args.gpu_memory_limit_gib:
-        torch.cuda.set_per_process_memory_fraction(
-            args.gpu_memory_limit_gib * 2**30 / torch.cuda.get_device_properties(0).total_memory)
     report: dict[str, object] = {}
     try:
         run(args, report)
