@@ -237,7 +237,7 @@ def test_bad_input_corpus_gets_one_clear_message_each_and_changes_nothing(demo_a
 
 def test_prompt_past_the_token_limit_is_cut_with_a_notice(client):
     _, _, timing, _ = _generate(client, "a cat on a mat " * 300, seed=3)
-    assert "only the first 512" in timing
+    assert "only the first 512 were used" in timing
 
 
 def test_server_keeps_serving_after_bad_input(client):

@@ -1,3 +1,4 @@
+import logging
 import time
 
 import numpy as np
@@ -6,6 +7,7 @@ import torch
 
 from pipeline import attention
 from pipeline.engine import Engine, GenerationError
+from pipeline.memory import GIB, MemoryGuard
 from pipeline.requests import GenerationRequest, Limits, RequestError
 from pipeline.storage import read_parameters
 
@@ -254,3 +256,49 @@ def test_running_out_of_ram_fails_that_request_only(engine, caplog):
         engine.generate(GenerationRequest("x", seed=1, **SMALL), progress=exhausted)
     assert "outcome=oom" in caplog.text
     assert engine.generate(GenerationRequest("x", seed=1, **SMALL)).path.is_file()
+
+
+def test_the_unpadded_prompt_gives_the_embeddings_padding_to_512_gives(engine):
+    padded, _ = engine._pipe.encode_prompt("a red bicycle against a blue wall", device=engine.device,
+                                           do_classifier_free_guidance=False, max_sequence_length=512)
+    unpadded, _ = engine.encode_prompt("a red bicycle against a blue wall")
+    assert padded[0].shape == unpadded[0].shape
+    torch.testing.assert_close(unpadded[0], padded[0], rtol=1e-4, atol=1e-4)
+
+
+def test_a_repeated_prompt_skips_the_text_encoder_and_gives_the_same_image(loaded_tiny, tmp_path):
+    engine = _engine_with(loaded_tiny, tmp_path, prompt_cache_size=2)
+    first = engine.generate(GenerationRequest("a cached prompt", width=256, height=256, steps=2, seed=5))
+    calls = []
+    hook = engine._pipe.text_encoder.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        again = engine.generate(GenerationRequest("a cached prompt", width=256, height=256, steps=2, seed=5))
+        other = engine.generate(GenerationRequest("another prompt", width=256, height=256, steps=2, seed=5))
+    finally:
+        hook.remove()
+    assert np.array_equal(_pixels(again), _pixels(first))
+    assert len(calls) == 1  # only "another prompt" reached the encoder
+    assert not np.array_equal(_pixels(other), _pixels(first))
+
+
+def test_the_memory_guard_refuses_a_size_that_cannot_fit_before_any_work(loaded_tiny, tmp_path, caplog):
+    engine = _engine_with(loaded_tiny, tmp_path)
+    engine.memory_guard = MemoryGuard(available_bytes=GIB, fixed_bytes=0.1 * GIB, bytes_per_pixel=1000)
+    caplog.set_level(logging.INFO, logger="zimage.engine")
+    with pytest.raises(RequestError, match="needs about .* GiB of GPU memory"):
+        engine.generate(GenerationRequest("too big", width=1024, height=1024, steps=1, seed=1))
+    assert engine.served == 0 and not list(engine.output_dir.rglob("*.png"))
+    assert "outcome=rejected" in caplog.text
+    assert engine.generate(GenerationRequest("fits", width=256, height=256, steps=1, seed=1)).path.is_file()
+
+
+def test_compiled_engine_matches_eager_and_reports_its_state(loaded_tiny, tmp_path):
+    request = GenerationRequest("a lighthouse at dusk", width=256, height=384, steps=2, seed=9)
+    eager = _engine_with(loaded_tiny, tmp_path / "eager").generate(request)
+    engine = _engine_with(loaded_tiny, tmp_path / "compiled", compile_model=True)
+    assert engine.state()["compiled"] == "pending"
+    engine.start_compiling().join()
+    assert engine.state()["compiled"] == "on"
+    compiled = engine.generate(request)
+    difference = np.abs(np.asarray(compiled.image, dtype=int) - np.asarray(eager.image, dtype=int))
+    assert difference.max() <= 2  # compiler rounding only

@@ -72,5 +72,26 @@ def test_every_setting_has_a_documented_flag():
     for flag in ("--host", "--port", "--server-port", "--share", "--model-dir", "--demo", "--demo-dir",
                  "--verify-weights", "--device", "--attention", "--enable-xformers", "--disable-xformers",
                  "--max-h", "--max-w", "--queue-size", "--output-dir", "--disable-nan-check", "--log-level",
-                 "--log-prompts", "--config", "--crash-dir", "--shutdown-grace", "--hang-timeout", "--queue-timeout"):
+                 "--log-prompts", "--config", "--crash-dir", "--shutdown-grace", "--hang-timeout", "--queue-timeout",
+                 "--compile", "--no-compile", "--compile-cache-dir", "--low-vram", "--gpu-memory-limit-gib",
+                 "--prompt-cache-size"):
         assert flag in help_text
+
+
+def test_speed_and_memory_settings_have_flags_and_environment_variables():
+    settings = load_settings(["--no-compile", "--low-vram", "--gpu-memory-limit-gib", "16", "--prompt-cache-size", "0",
+                              "--compile-cache-dir", "/tmp/zimage-cc"], environ={})
+    assert (settings.compile, settings.low_vram, settings.gpu_memory_limit_gib, settings.prompt_cache_size) == (
+        False, True, 16, 0)
+    assert settings.compile_cache_dir == Path("/tmp/zimage-cc")
+    assert load_settings([], environ={"ZIMAGE_COMPILE": "0"}).compile is False
+    assert load_settings([], environ={}).compile is True
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--gpu-memory-limit-gib", "-1"], "gpu_memory_limit_gib"),
+    (["--prompt-cache-size", "-3"], "prompt_cache_size"),
+])
+def test_negative_memory_settings_are_refused(flags, message):
+    with pytest.raises(SettingsError, match=message):
+        load_settings(flags, environ={})
