@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import functools
-import json
 import math
 import platform
 import statistics
@@ -36,6 +35,9 @@ from pipeline.loader import LoadedPipeline, load_pipeline
 from pipeline.random_model import FULL_SIZE, build_components
 from pipeline.requests import GenerationRequest, Limits
 from pipeline.storage import save_png
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from local_service import report  # noqa: E402
 
 PROMPT = "一只戴着红色围巾的橘猫坐在雪地里, a ginger cat in a red scarf sitting in the snow, photo, 85mm"
 SIZES = [(512, 512), (768, 768), (1024, 1024), (1280, 1280), (1536, 1536), (2048, 1152)]
@@ -327,14 +329,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.compile_cache_dir:
         acceleration.use_compile_cache(args.compile_cache_dir)
-    report: dict[str, object] = {}
+    figures: dict[str, object] = {}
     try:
-        run(args, report)
-        print_table(report)
+        run(args, figures)
+        print_table(figures)
     finally:
-        print(json.dumps(report, indent=2))
-        if args.json:
-            args.json.write_text(json.dumps(report, indent=2) + "\n")
+        report(figures, args.json)
     return 0
 
 

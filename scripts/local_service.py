@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
@@ -40,3 +42,28 @@ def start_service(app_args: list[str], log_path: Path, env: dict[str, str] | Non
             time.sleep(0.2)
     process.kill()
     raise RuntimeError(f"service not ready in {timeout_s:.0f} s; see {log_path}")
+
+
+def measure_service(app_args: list[str], log_path: Path, measure: Callable[[str, float], dict[str, object]],
+                    timeout_s: float) -> dict[str, object] | None:
+    """Start the service, time process start → /readyz 200, add `measure(url, started)`'s figures (`started` is the
+    time.monotonic() of the start), then stop it. None, with the reason on stderr, if it never became ready."""
+    started = time.monotonic()
+    try:
+        service, url = start_service(app_args, log_path, timeout_s=timeout_s)
+    except RuntimeError as error:
+        print(error, file=sys.stderr)
+        return None
+    try:
+        return {"start_to_ready_s": round(time.monotonic() - started, 2), **measure(url, started)}
+    finally:
+        service.terminate()
+        service.wait(timeout=120)
+
+
+def report(figures: dict[str, object], json_path: Path | None) -> None:
+    """Print the figures as JSON, and write them to `json_path` when one is given."""
+    text = json.dumps(figures, indent=2)
+    print(text)
+    if json_path:
+        json_path.write_text(text + "\n")

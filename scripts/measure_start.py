@@ -19,7 +19,7 @@ import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from local_service import start_service  # noqa: E402
+from local_service import measure_service, report  # noqa: E402
 
 READY_TIMEOUT_S = 600
 COMPILE_TIMEOUT_S = 600
@@ -77,21 +77,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument("app_args", nargs="*", help="after --: arguments for app.py")
     args = parser.parse_args(argv)
-    started = time.monotonic()
-    try:
-        service, url = start_service(args.app_args, args.log, timeout_s=READY_TIMEOUT_S)
-    except RuntimeError as error:
-        print(error, file=sys.stderr)
-        return 1
-    try:
-        figures = {"start_to_ready_s": round(time.monotonic() - started, 2)}
-        figures["compiled"] = wait_compiled(url)
-        figures["start_to_compiled_s"] = round(time.monotonic() - started, 2)
+
+    def compile_and_round_trips(url: str, started: float) -> dict[str, object]:
+        figures = {"compiled": wait_compiled(url), "start_to_compiled_s": round(time.monotonic() - started, 2)}
         trips = round_trips(url, args.size, args.runs)
         logged = logged_requests(args.log)
         pipeline_ms = [logged[seed]["total_ms"] for seed in trips]
         trip_ms = list(trips.values())
-        figures |= {
+        return figures | {
             "size": args.size, "runs": args.runs,
             "round_trip_ms_median": round(statistics.median(trip_ms), 1),
             "pipeline_total_ms_median": statistics.median(pipeline_ms),
@@ -102,14 +95,12 @@ def main(argv: list[str] | None = None) -> int:
             "peak_reserved_gib": round(max(entry["peak_reserved_mib"] for entry in logged.values()) / 1024, 2),
             "peak_allocated_gib": round(max(entry["peak_allocated_mib"] for entry in logged.values()) / 1024, 2),
         }
-    finally:
-        service.terminate()
-        service.wait(timeout=120)
-    print(json.dumps(figures, indent=2))
-    if args.json:
-        args.json.write_text(json.dumps(figures, indent=2) + "\n")
-    return 0
 
+    figures = measure_service(args.app_args, args.log, compile_and_round_trips, timeout_s=READY_TIMEOUT_S)
+    if figures is None:
+        return 1
+    report(figures, args.json)
+    return 0
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -8,14 +8,12 @@ Everything after `--` goes to app.py. Prints the start-to-ready time and the loa
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import loadtest  # noqa: E402
-from local_service import start_service  # noqa: E402
+from local_service import measure_service, report  # noqa: E402
 
 # The real weights from a cold page cache take longer than the tiny model to come up.
 READY_TIMEOUT_S = 600
@@ -32,25 +30,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument("app_args", nargs="*", help="after --: arguments for app.py")
     args = parser.parse_args(argv)
-    started = time.monotonic()
-    try:
-        service, url = start_service(args.app_args, args.log, timeout_s=READY_TIMEOUT_S)
-    except RuntimeError as error:
-        print(error, file=sys.stderr)
-        return 1
-    try:
-        ready_s = time.monotonic() - started
-        load_args = argparse.Namespace(url=url, clients=args.clients, requests=args.requests, size=args.size,
-                                       steps=args.steps, single_runs=args.single_runs)
-        figures = {"start_to_ready_s": round(ready_s, 2), **loadtest.run(load_args)}
-    finally:
-        service.terminate()
-        service.wait(timeout=120)
-    print(json.dumps(figures, indent=2))
-    if args.json:
-        args.json.write_text(json.dumps(figures, indent=2) + "\n")
-    return 0
 
+    def load(url: str, _started: float) -> dict[str, object]:
+        return loadtest.run(argparse.Namespace(url=url, clients=args.clients, requests=args.requests, size=args.size,
+                                               steps=args.steps, single_runs=args.single_runs))
+
+    figures = measure_service(args.app_args, args.log, load, timeout_s=READY_TIMEOUT_S)
+    if figures is None:
+        return 1
+    report(figures, args.json)
+    return 0
 
 if __name__ == "__main__":
     sys.exit(main())
