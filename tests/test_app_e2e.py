@@ -75,6 +75,15 @@ def start_app(tmp_path: Path, *flags: str, env: dict[str, str] | None = None) ->
     raise AssertionError(f"app not ready in {START_TIMEOUT_S}s:\n{app.log()}")
 
 
+def exit_code_within(app: RunningApp, timeout_s: float) -> int:
+    """The app's exit code; if it is still running after `timeout_s`, kill it and fail showing its log."""
+    try:
+        return app.process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        app.process.kill()
+        raise AssertionError(f"app still running {timeout_s} s after the signal:\n{app.log()[-6000:]}") from None
+
+
 def start_demo_app(tmp_path: Path, tiny_models, *flags: str, env: dict[str, str] | None = None) -> RunningApp:
     """`app.py --demo` on a copy of the session's tiny model (no rebuild)."""
     demo_dir = tmp_path / "demo-model"
@@ -310,7 +319,7 @@ def test_sigterm_lets_the_running_job_finish_and_reach_the_client(tmp_path, tiny
             break
         time.sleep(0.1)
     app.process.send_signal(signal.SIGTERM)
-    assert app.process.wait(timeout=90) == 0
+    assert exit_code_within(app, 90) == 0
     worker.join(timeout=30)
     assert results and results[0][1] == 1234
     log = app.log()
@@ -387,7 +396,7 @@ def test_a_hung_generation_dumps_stacks_writes_a_snapshot_and_exits_1(tmp_path, 
     worker = threading.Thread(target=lambda: _swallow(lambda: _generate(Client(app.url, verbose=False), "stuck")),
                               daemon=True)
     worker.start()
-    assert app.process.wait(timeout=60) == 1
+    assert exit_code_within(app, 60) == 1
     log = app.log()
     assert "outcome=hung" in log and "stacks of all threads follow" in log and "in at_step" in log
     [snapshot] = (tmp_path / "crashes").glob("snapshot-*.json")

@@ -19,6 +19,7 @@ from pipeline.engine import Engine
 log = logging.getLogger("zimage.webui")
 
 ARRIVAL_KEY = "zimage_received_at"
+SIGNAL_POLL_S = 0.5
 RESULT_DELIVERY_S = 1.0  # after the last image is saved, time for it to reach the browser before closing
 
 
@@ -93,7 +94,10 @@ def serve(blocks: gr.Blocks, engine: Engine, *, host: str, port: int, share: boo
         show_error=True, app_kwargs={"routes": health_routes(engine), "middleware": [Middleware(StampArrival)]},
     )
     log.info("ready url=http://%s:%d", host, port)
-    stop.wait()
+    # Short waits, not one endless one: Linux may hand SIGTERM to any thread, and then a main thread asleep in an
+    # untimed wait never wakes to run the Python handler. Each timeout returns to the interpreter, which runs it.
+    while not stop.wait(timeout=SIGNAL_POLL_S):
+        pass
 
     # Stop accepting → let the running job finish within the grace period → close the server → exit.
     in_flight = engine.in_flight
