@@ -7,10 +7,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import logging
 import os
 import platform
 import sys
+import threading
 from importlib import metadata
 
 import pipeline  # noqa: F401  (must come before any Hugging Face import: it turns their network use off)
@@ -38,7 +41,6 @@ def configure_logging(level: str) -> None:
 
 def log_banner(settings: Settings) -> None:
     import diffusers
-    import gradio
     import torch
     import transformers
 
@@ -52,7 +54,7 @@ def log_banner(settings: Settings) -> None:
         gpu = "none"
     log.info("start version=%s pid=%d python=%s torch=%s diffusers=%s transformers=%s gradio=%s gpu=%s", version,
              os.getpid(), platform.python_version(), torch.__version__, diffusers.__version__,
-             transformers.__version__, gradio.__version__, gpu)
+             transformers.__version__, metadata.version("gradio"), gpu)
     log.info("settings %s", " ".join(f"{key}={value}" for key, value in settings.as_log_fields().items()))
 
 
@@ -84,14 +86,30 @@ def stop_child_processes(timeout_s: float = 3.0) -> None:
     psutil.wait_procs(alive, timeout=timeout_s)
 
 
-def build_engine(settings: Settings, faults):
+def import_ui_in_background() -> threading.Thread:
+    """Gradio's import is seconds of pure Python. Run it while the weights load (file reads and copies to the GPU,
+    which release the interpreter), so "ready" comes that much sooner after a restart. A failed import is not lost:
+    main's own import of the UI raises it again, with its traceback."""
+    from pipeline.loader import import_model_libraries
+
+    import_model_libraries()
+
+    def import_ui() -> None:
+        with contextlib.suppress(Exception):
+            importlib.import_module("webui.ui")
+
+    thread = threading.Thread(target=import_ui, name="import-ui", daemon=True)
+    thread.start()
+    return thread
+
+
+def load_model(settings: Settings):
+    """The weights, loaded once onto the configured device, with the device-wide settings applied first."""
     import torch
 
     from pipeline import acceleration
-    from pipeline.engine import Engine
     from pipeline.loader import load_pipeline, resolve_device
     from pipeline.random_model import ensure_demo_model
-    from pipeline.requests import Limits
 
     if settings.demo:
         log.warning("DEMO MODEL: serving a tiny random-weight model from %s; its images are noise", settings.demo_dir)
@@ -115,6 +133,15 @@ def build_engine(settings: Settings, faults):
     if low_vram:
         acceleration.offload_text_encoder(loaded.pipe, device)
         log.info("low-VRAM profile: text encoder streamed from CPU memory, VAE tiling above 1024 px")
+    return loaded, model_name
+
+
+def start_engine(settings: Settings, faults, loaded, model_name: str):
+    """The engine around the loaded pipeline: warmed up (and so ready), compiling in the background where on."""
+    from pipeline.engine import Engine
+    from pipeline.requests import Limits
+
+    on_gpu = loaded.device.type == "cuda"
     engine = Engine(
         loaded, limits=Limits(max_h=settings.max_h, max_w=settings.max_w), output_dir=settings.output_dir,
         model_name=model_name, attention_choice=settings.attention, nan_check=settings.nan_check,
@@ -150,11 +177,15 @@ def main(argv: list[str] | None = None) -> int:
         log.error("cannot start: %s", error)
         return 2
     faults.at_start()
+    ui_import = import_ui_in_background()
     try:
-        engine, model_label = build_engine(settings, faults)
+        loaded, model_name = load_model(settings)
     except WeightsError as error:
         log.error("cannot start: %s", error)
         return 1
+    # The attention probe and the warm-up time GPU work: no import competing with them for the interpreter.
+    ui_import.join()
+    engine, model_label = start_engine(settings, faults, loaded, model_name)
     install_snapshot_hooks(settings.crash_dir, engine.state)
 
     from webui.server import serve

@@ -65,6 +65,18 @@ def _timed(component: str, path: Path, dtype: torch.dtype, device: torch.device,
     return module
 
 
+def import_model_libraries() -> None:
+    """Import now, in this thread, what loading imports lazily. A caller that imports other packages in another thread
+    meanwhile calls this first: two threads initialising the same package at once can see it half-initialised."""
+    import diffusers
+    import transformers
+
+    for name in ("AutoencoderKL", "FlowMatchEulerDiscreteScheduler", "ZImagePipeline", "ZImageTransformer2DModel"):
+        getattr(diffusers, name)
+    for name in ("AutoModel", "AutoTokenizer", "Qwen3Config", "Qwen3Model"):
+        getattr(transformers, name)
+
+
 def _load_qwen_single_file(path: Path, config_dir: Path, dtype: torch.dtype):
     from safetensors.torch import load_file
     from transformers import Qwen3Config, Qwen3Model

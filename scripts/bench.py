@@ -6,7 +6,8 @@
 
 Stock runs first, exactly as shipped (prompt padded to 512 tokens, default attention, eager). Then the same modules
 get the engine's levers one at a time, each timed before and after: unpadded prompt, the attention probe's
-choice, compiled DiT blocks, compiled VAE decoder, and pixels made on the GPU. Reported: end-to-end time per
+choice, compiled DiT blocks, compiled VAE decoder, and pixels made on the GPU; for CUDA graphs and fused projections
+it measures the most they could win (GPU idle time in the loop; separate vs fused GEMMs). Reported: end-to-end time per
 image (prompt → PIL image; median of --runs after warm-up) at several sizes, stage times, peak memory, counted
 FLOPs and the compute bound at a measured matmul rate, the speed-up, and how far our output is from stock's
 for the same seed (latents: max abs difference; image: PSNR).
@@ -173,6 +174,50 @@ def attention_lever(stock: Stock, pipe, embeds, runs: int) -> dict[str, float]:
     return step_ms
 
 
+def gpu_idle_in_denoise(stock: Stock, embeds, width: int, height: int) -> dict[str, float]:
+    """What CUDA graphs could win at most: the time the GPU waits for the CPU to launch work during the denoising
+    loop (wall time minus the summed kernel time, per step). A graph replay removes launch gaps, nothing else."""
+    from torch.profiler import ProfilerActivity, profile
+
+    stock.latents(embeds, width, height)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as trace:
+        started = time.perf_counter()
+        stock.latents(embeds, width, height)
+        torch.cuda.synchronize()
+        wall_ms = (time.perf_counter() - started) * 1000
+    kernel_ms = sum(event.self_device_time_total for event in trace.key_averages()) / 1000
+    return {"wall_ms_per_step": round(wall_ms / STEPS, 2), "kernel_ms_per_step": round(kernel_ms / STEPS, 2),
+            "idle_ms_per_step": round((wall_ms - kernel_ms) / STEPS, 2)}
+
+
+def fused_projections_ceiling(transformer, tokens: int) -> dict[str, float]:
+    """What fusing the projections that read the same input could win: per DiT layer, q/k/v as three GEMMs vs one,
+    and the feed-forward's w1/w3 as two vs one, timed on the model's own weights at the step's token count."""
+    repeats = 50
+    layer = transformer.layers[0]
+    attention_module, feed_forward = layer.attention, layer.feed_forward
+    x = torch.randn(1, tokens, transformer.config.dim, device="cuda", dtype=torch.bfloat16)
+    qkv = torch.cat([attention_module.to_q.weight, attention_module.to_k.weight, attention_module.to_v.weight])
+    w13 = torch.cat([feed_forward.w1.weight, feed_forward.w3.weight])
+
+    def per_call_ms(function) -> float:
+        ms, _ = sync_ms(lambda: [function() for _ in range(repeats)], 5)
+        return ms / repeats
+
+    with torch.inference_mode():
+        times = {
+            "qkv_separate_ms": per_call_ms(lambda: (attention_module.to_q(x), attention_module.to_k(x),
+                                                    attention_module.to_v(x))),
+            "qkv_fused_ms": per_call_ms(lambda: torch.nn.functional.linear(x, qkv)),
+            "w1_w3_separate_ms": per_call_ms(lambda: (feed_forward.w1(x), feed_forward.w3(x))),
+            "w1_w3_fused_ms": per_call_ms(lambda: torch.nn.functional.linear(x, w13)),
+        }
+    saved = (times["qkv_separate_ms"] - times["qkv_fused_ms"]) + (times["w1_w3_separate_ms"] - times["w1_w3_fused_ms"])
+    return {**{key: round(value, 3) for key, value in times.items()}, "tokens": tokens,
+            "layers": len(transformer.layers), "saving_ms_per_step": round(saved * len(transformer.layers), 2)}
+
+
 def build_pipe(args) -> LoadedPipeline:
     from diffusers import ZImagePipeline
 
@@ -276,6 +321,12 @@ def run(args, report: dict[str, object]) -> None:
         report["levers"]["compiled"] = compiled
         with torch.inference_mode():
             embeds, _ = engine.encode_prompt(PROMPT)
+        report["levers"]["cuda_graphs_ceiling"] = {f"{w}x{h}": gpu_idle_in_denoise(stock, embeds, w, h)
+                                                   for w, h in ((512, 512), HEADLINE)}
+        image_tokens = (HEADLINE[0] // 16) * (HEADLINE[1] // 16)
+        report["levers"]["fused_projections_ceiling"] = fused_projections_ceiling(pipe.transformer,
+                                                                                  image_tokens + embeds[0].shape[0])
+        with torch.inference_mode():
             our_latents = stock.latents(embeds, *HEADLINE)
         ours_image = np.asarray(engine.generate(GenerationRequest(PROMPT, *HEADLINE, steps=STEPS, seed=SEED)).image)
         report["same_math_1024"] = {
