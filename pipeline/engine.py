@@ -23,7 +23,7 @@ from pipeline.faults import FaultPlan
 from pipeline.loader import LoadedPipeline
 from pipeline.memory import GIB, MemoryGuard
 from pipeline.requests import GenerationRequest, Limits, RequestError, ValidRequest, validate
-from pipeline.storage import recent_images, remove_partial_files, save_png
+from pipeline.storage import a1111_parameters, recent_images, remove_partial_files, save_png
 
 log = logging.getLogger("zimage.engine")
 
@@ -314,7 +314,8 @@ class Engine:
                 raise GenerationError(f"Out of {out_of_memory} at {valid.width}×{valid.height}; try a smaller size.")
         save_started = time.perf_counter()
         stem = f"{time.strftime('%H%M%S')}-{request_id}-seed{valid.seed}"
-        path = save_png(image, self.output_dir, stem, self._parameters(request_id, valid))
+        parameters = self._parameters(request_id, valid)
+        path = save_png(image, self.output_dir, stem, parameters, infotext=a1111_parameters(parameters))
         save_ms = (time.perf_counter() - save_started) * 1000
         total_ms = (time.perf_counter() - started) * 1000
         timings = StageTimings(save_ms=save_ms, total_ms=total_ms, **stage_ms)

@@ -12,10 +12,13 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 PARAMETERS_KEY = "zimage-turbo"  # PNG text chunk holding the generation parameters as JSON
+A1111_KEY = "parameters"  # the text chunk AUTOMATIC1111's web UI writes, which PNG-info tools read
 
 
-def save_png(image: Image.Image, output_dir: Path, stem: str, parameters: dict[str, object]) -> Path:
-    """Write `image` under `output_dir/YYYY-MM-DD/` and return its path.
+def save_png(image: Image.Image, output_dir: Path, stem: str, parameters: dict[str, object],
+             infotext: str = "") -> Path:
+    """Write `image` under `output_dir/YYYY-MM-DD/` and return its path. `parameters` go in as JSON; `infotext`, if
+    given, as A1111's `parameters` chunk (see `a1111_parameters`).
 
     Written to a temporary file, fsynced, then renamed: a crash at any moment leaves either no file or a whole one.
     """
@@ -23,6 +26,8 @@ def save_png(image: Image.Image, output_dir: Path, stem: str, parameters: dict[s
     day_dir.mkdir(parents=True, exist_ok=True)
     info = PngInfo()
     info.add_itxt(PARAMETERS_KEY, json.dumps(parameters, ensure_ascii=False, sort_keys=True))
+    if infotext:
+        info.add_text(A1111_KEY, infotext)  # tEXt, or iTXt when the prompt is not Latin-1
     target = day_dir / f"{stem}.png"
     handle = tempfile.NamedTemporaryFile(dir=day_dir, prefix=f".{stem}-", suffix=".tmp", delete=False)
     try:
@@ -41,6 +46,23 @@ def save_png(image: Image.Image, output_dir: Path, stem: str, parameters: dict[s
     finally:
         os.close(directory)
     return target
+
+
+def a1111_parameters(parameters: dict[str, object]) -> str:
+    """AUTOMATIC1111's infotext: the prompt, then one line of `Key: value` pairs. Z-Image-Turbo runs without
+    guidance, which that format writes as CFG scale 1; the flow-matching Euler sampler is A1111's "Euler"."""
+    fields = {
+        "Steps": parameters["steps"], "Sampler": "Euler", "Schedule type": "Simple",
+        "CFG scale": 1, "Seed": parameters["seed"],
+        "Size": f"{parameters['width']}x{parameters['height']}", "Model": parameters.get("model", ""),
+        "Shift": parameters["shift"],
+    }
+    return f"{parameters['prompt']}\n" + ", ".join(f"{key}: {_a1111_quote(str(value))}" for key, value in fields.items())
+
+
+def _a1111_quote(value: str) -> str:
+    """A1111 writes a value holding its separators as a JSON string."""
+    return json.dumps(value, ensure_ascii=False) if any(mark in value for mark in ",:\n") else value
 
 
 def read_parameters(path: Path) -> dict[str, object]:

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.storage import read_parameters, save_png
+from pipeline.storage import a1111_parameters, read_parameters, save_png
 
 
 def test_png_is_whole_and_carries_its_parameters(tmp_path):
@@ -104,3 +104,20 @@ def _info(parameters):
     info = PngInfo()
     info.add_itxt(PARAMETERS_KEY, json.dumps(parameters))
     return info
+
+
+def test_png_info_tools_read_the_a1111_parameters(tmp_path):
+    from sd_parsers import ParserManager
+
+    parameters = {"prompt": "一只橘猫, a ginger cat: in the snow\nsecond line", "width": 768, "height": 512, "steps": 8,
+                  "seed": 4242, "shift": 3.0, "model": "Z-Image-Turbo", "guidance_scale": 0.0}
+    path = save_png(Image.new("RGB", (8, 8)), tmp_path, "a1111", parameters, infotext=a1111_parameters(parameters))
+
+    info = ParserManager().parse(path)
+    (sampler,) = info.samplers
+    assert info.generator.name == "AUTOMATIC1111"
+    assert [prompt.value for prompt in sampler.prompts] == [parameters["prompt"]]
+    assert sampler.name == "Euler" and sampler.model.name == "Z-Image-Turbo"
+    assert sampler.parameters["seed"] == "4242" and sampler.parameters["steps"] == "8"
+    assert sampler.parameters["cfg_scale"] == "1"
+    assert info.metadata["Size"] == "768x512" and info.metadata["Shift"] == "3.0"
