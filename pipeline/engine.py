@@ -22,6 +22,7 @@ from pipeline import acceleration, attention
 from pipeline.faults import FaultPlan
 from pipeline.loader import LoadedPipeline
 from pipeline.memory import GIB, MemoryGuard
+from pipeline.metrics import ServiceMetrics
 from pipeline.requests import GenerationRequest, Limits, RequestError, ValidRequest, validate
 from pipeline.storage import a1111_parameters, recent_images, remove_partial_files, save_png
 
@@ -57,8 +58,14 @@ class GenerationError(RuntimeError):
     """A request that was valid but could not produce a usable image; the message is meant for the user."""
 
 
+class ServiceBusy(GenerationError):
+    """The request was not run because of the service's state (it waited too long, or the service is stopping):
+    trying again later can succeed."""
+
+
 @dataclass(frozen=True)
 class StageTimings:
+    queue_ms: float  # waiting for the GPU inside the engine (Gradio's queue comes before)
     encode_ms: float  # 0 when the prompt's embeddings came from the cache
     denoise_ms: float
     decode_ms: float
@@ -108,6 +115,7 @@ class Engine:
         compile_model: bool = False,
         prompt_cache_size: int = 0,
         gpu_memory_limit_bytes: int = 0,
+        metrics: ServiceMetrics | None = None,
     ) -> None:
         self._pipe = loaded.pipe
         self._pipe.set_progress_bar_config(disable=True)  # progress goes to the caller, not to tqdm on stderr
@@ -129,6 +137,7 @@ class Engine:
         self._prompt_cache: OrderedDict[str, tuple[list[torch.Tensor], list[str]]] = OrderedDict()
         self._prompt_cache_size = prompt_cache_size
         self.gpu_memory_limit_bytes = gpu_memory_limit_bytes
+        self._metrics = metrics or ServiceMetrics()
         self.memory_guard: MemoryGuard | None = None  # set by warm_up on CUDA
         self.ready = False  # a warm-up generation succeeded on the device
         self.healthy = True  # no fatal error since; /readyz needs both
@@ -256,15 +265,27 @@ class Engine:
                 self.memory_guard.check(valid.width, valid.height)
         except RequestError as error:
             log.info("request id=%s outcome=rejected reason=%r", request_id, str(error))
+            self._metrics.request_finished("rejected")
             raise
         with self._idle:
             self._active += 1
+        outcome, stage_ms = "error", None
         try:
-            return self._generate(request_id, valid, progress, received_at)
+            result = self._generate(request_id, valid, progress, received_at)
+            outcome = "ok"
+            stage_ms = {name.removesuffix("_ms"): value for name, value in asdict(result.timings).items()}
+            return result
+        except ServiceBusy:
+            outcome = "busy"
+            raise
+        except GenerationError:
+            outcome = "failed"
+            raise
         finally:
             with self._idle:
                 self._active -= 1
                 self._idle.notify_all()
+            self._metrics.request_finished(outcome, stage_ms)
 
     def _generate(self, request_id: str, valid: ValidRequest, progress: ProgressCallback | None,
                   received_at: float | None) -> GenerationResult:
@@ -273,13 +294,13 @@ class Engine:
         with self._lock:
             if self._draining:
                 log.info("request id=%s outcome=refused reason=shutting-down", request_id)
-                raise GenerationError("The service is shutting down; try again in a minute.")
+                raise ServiceBusy("The service is shutting down; try again in a minute.")
             waited_ms = (time.perf_counter() - started) * 1000
             queued_s = time.monotonic() - received_at if received_at is not None else waited_ms / 1000
             if queued_s > self.queue_timeout_s:
                 log.info("request id=%s outcome=timeout queued_s=%.1f limit_s=%s", request_id, queued_s,
                          self.queue_timeout_s)
-                raise GenerationError(f"The server is busy: your request waited {queued_s:.0f} s for the GPU "
+                raise ServiceBusy(f"The server is busy: your request waited {queued_s:.0f} s for the GPU "
                                       f"(the limit is {self.queue_timeout_s:.0f} s). Try again in a moment.")
             self.in_flight = request_id
             self._started += 1
@@ -318,7 +339,7 @@ class Engine:
         path = save_png(image, self.output_dir, stem, parameters, infotext=a1111_parameters(parameters))
         save_ms = (time.perf_counter() - save_started) * 1000
         total_ms = (time.perf_counter() - started) * 1000
-        timings = StageTimings(save_ms=save_ms, total_ms=total_ms, **stage_ms)
+        timings = StageTimings(queue_ms=waited_ms, save_ms=save_ms, total_ms=total_ms, **stage_ms)
         with self._idle:
             self.served += 1
         log.info(

@@ -57,7 +57,8 @@ def a1111_parameters(parameters: dict[str, object]) -> str:
         "Size": f"{parameters['width']}x{parameters['height']}", "Model": parameters.get("model", ""),
         "Shift": parameters["shift"],
     }
-    return f"{parameters['prompt']}\n" + ", ".join(f"{key}: {_a1111_quote(str(value))}" for key, value in fields.items())
+    line = ", ".join(f"{key}: {_a1111_quote(str(value))}" for key, value in fields.items())
+    return f"{parameters['prompt']}\n{line}"
 
 
 def _a1111_quote(value: str) -> str:
