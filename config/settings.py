@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import ipaddress
 import os
 import tomllib
 import typing
@@ -36,6 +37,9 @@ class Settings:
     host: str  # interface to bind; 127.0.0.1 keeps the UI reachable only through an SSH tunnel
     port: int
     share: bool  # Gradio share link (a public URL through Gradio's relay); off for a private service
+    auth: str  # "user:password" needed for every page and API route but the health checks; "" for none
+    auth_file: str  # a file of "user:password" lines; "" for none
+    insecure_public: bool  # serve a non-loopback host or share link without auth anyway
     model_dir: Path  # weights: the three single files (layout A) or a diffusers folder (layout B)
     demo: bool  # serve the tiny random-weight model instead of real weights
     demo_dir: Path  # where --demo builds and caches the tiny model
@@ -81,6 +85,14 @@ class Settings:
             raise SettingsError(f"prompt_cache_size must be 0 (off) or more (got {self.prompt_cache_size}).")
         if self.queue_size < 1:
             raise SettingsError(f"queue_size must be at least 1 (got {self.queue_size}).")
+        credentials = self.credentials()
+        if self.exposed and not credentials and not self.insecure_public:
+            where = "a share link" if self.share else f"host {self.host}"
+            raise SettingsError(
+                f"refusing to serve {where} without authentication: anyone who reaches it could use the GPU and "
+                f"see every image. Give --auth user:password or --auth-file FILE, or --insecure-public to accept "
+                f"the risk."
+            )
         for field in dataclasses.fields(self):
             choices = typing.get_args(_field_types()[field.name])
             if choices and getattr(self, field.name) not in choices:
@@ -88,8 +100,40 @@ class Settings:
                     f"{field.name} must be one of {', '.join(choices)} (got {getattr(self, field.name)!r})."
                 )
 
+    @property
+    def exposed(self) -> bool:
+        """Reachable from other machines: a share link, or a bind address other than loopback."""
+        if self.share:
+            return True
+        if self.host == "localhost":
+            return False
+        try:
+            return not ipaddress.ip_address(self.host).is_loopback
+        except ValueError:  # a host name: it may resolve to anything
+            return True
+
+    def credentials(self) -> dict[str, str]:
+        """user → password from --auth and --auth-file; a malformed entry raises SettingsError naming it."""
+        entries = [("auth", self.auth)] if self.auth else []
+        if self.auth_file:
+            path = Path(self.auth_file).expanduser()
+            try:
+                lines = path.read_text().splitlines()
+            except OSError as error:
+                raise SettingsError(f"auth_file {path} cannot be read: {error.strerror}.") from None
+            entries += [(f"auth_file {path} line {number}", line.strip()) for number, line in enumerate(lines, 1)
+                        if line.strip() and not line.lstrip().startswith("#")]
+        credentials = {}
+        for source, entry in entries:
+            user, colon, password = entry.partition(":")
+            if not (colon and user and password):
+                raise SettingsError(f"{source} must be user:password, both non-empty.")
+            credentials[user] = password
+        return credentials
+
     def as_log_fields(self) -> dict[str, object]:
-        return {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
+        fields = {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
+        return fields | ({"auth": "(set)"} if self.auth else {})
 
 
 @functools.cache
@@ -170,6 +214,12 @@ def build_arg_parser() -> argparse.ArgumentParser:
     add("--host", help="interface to bind; anything but loopback exposes the UI to the network")
     add("--port", "--server-port", dest="port", type=int, help="TCP port of the UI")
     add("--share", action="store_true", help="ask Gradio for a public share link through its relay")
+    add("--auth", metavar="USER:PASSWORD",
+        help="require these credentials for the UI and every API route (HTTP Basic, or the password-bearing "
+        "'USER:PASSWORD' as an OpenAI API key); /healthz and /readyz stay open")
+    add("--auth-file", metavar="FILE", help="like --auth, one USER:PASSWORD per line (# comments allowed)")
+    add("--insecure-public", action="store_true",
+        help="serve a non-loopback --host or a --share link without --auth (refused otherwise)")
     add("--model-dir", type=Path, metavar="DIR",
         help="weights directory: the three single files (layout A) or a diffusers folder (layout B)")
     add("--demo", action="store_true",

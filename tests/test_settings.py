@@ -74,7 +74,7 @@ def test_every_setting_has_a_documented_flag():
                  "--max-h", "--max-w", "--queue-size", "--output-dir", "--disable-nan-check", "--log-level",
                  "--log-prompts", "--config", "--crash-dir", "--shutdown-grace", "--hang-timeout", "--queue-timeout",
                  "--compile", "--no-compile", "--compile-cache-dir", "--low-vram", "--gpu-memory-limit-gib",
-                 "--prompt-cache-size"):
+                 "--prompt-cache-size", "--auth", "--auth-file", "--insecure-public"):
         assert flag in help_text
 
 
@@ -95,3 +95,40 @@ def test_speed_and_memory_settings_have_flags_and_environment_variables():
 def test_negative_memory_settings_are_refused(flags, message):
     with pytest.raises(SettingsError, match=message):
         load_settings(flags, environ={})
+
+
+@pytest.mark.parametrize("flags", [["--host", "0.0.0.0"], ["--host", "10.1.2.3"], ["--host", "gpu-box.lan"],
+                                   ["--share"]])
+def test_a_public_bind_without_auth_is_refused(flags):
+    with pytest.raises(SettingsError, match="without authentication.*--auth user:password.*--insecure-public"):
+        load_settings(flags, environ={})
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1", "localhost", "127.0.0.2"])
+def test_loopback_needs_no_auth(host):
+    assert load_settings(["--host", host], environ={}).exposed is False
+
+
+def test_a_public_bind_is_allowed_with_auth_or_when_insecure_is_explicit(tmp_path):
+    users = tmp_path / "users"
+    users.write_text("# operators\nalice:s3cret:with:colons\n\nbob:hunter2\n")
+    settings = load_settings(["--host", "0.0.0.0", "--auth", "carol:pw", "--auth-file", str(users)], environ={})
+    assert settings.credentials() == {"carol": "pw", "alice": "s3cret:with:colons", "bob": "hunter2"}
+    assert "pw" not in str(settings.as_log_fields())
+    assert load_settings(["--host", "0.0.0.0", "--insecure-public"], environ={}).credentials() == {}
+
+
+@pytest.mark.parametrize("content, message", [("alice\n", "line 1 must be user:password"),
+                                              ("ok:fine\n:nopassuser\n", "line 2 must be user:password")])
+def test_a_malformed_auth_file_names_the_line(tmp_path, content, message):
+    users = tmp_path / "users"
+    users.write_text(content)
+    with pytest.raises(SettingsError, match=message):
+        load_settings(["--auth-file", str(users)], environ={})
+
+
+def test_auth_must_be_user_colon_password_and_the_file_must_exist(tmp_path):
+    with pytest.raises(SettingsError, match="auth must be user:password"):
+        load_settings(["--auth", "justauser"], environ={})
+    with pytest.raises(SettingsError, match="cannot be read"):
+        load_settings(["--auth-file", str(tmp_path / "missing")], environ={})
