@@ -136,7 +136,7 @@ def load_model(settings: Settings):
     return loaded, model_name
 
 
-def start_engine(settings: Settings, faults, loaded, model_name: str):
+def start_engine(settings: Settings, faults, loaded, model_name: str, metrics):
     """The engine around the loaded pipeline: warmed up (and so ready), compiling in the background where on."""
     from pipeline.engine import Engine
     from pipeline.requests import Limits
@@ -149,7 +149,7 @@ def start_engine(settings: Settings, faults, loaded, model_name: str):
         queue_timeout_s=settings.queue_timeout_s, compile_model=on_gpu and settings.compile,
         prompt_cache_size=settings.prompt_cache_size,
         gpu_memory_limit_bytes=settings.gpu_memory_limit_gib * 2**30 if on_gpu else 0,
-        on_fatal=exit_on_fatal(settings.crash_dir),
+        on_fatal=exit_on_fatal(settings.crash_dir), metrics=metrics,
     )
     engine.warm_up()
     if engine.compile_model:
@@ -165,9 +165,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     configure_logging(settings.log_level)
     log_banner(settings)
+    if settings.exposed and not settings.credentials():
+        log.warning("INSECURE: serving %s without authentication (--insecure-public); anyone who reaches it can "
+                    "use the GPU and see every image", "a share link" if settings.share else f"host {settings.host}")
 
     from pipeline.faults import FaultConfigError, FaultPlan
     from pipeline.layouts import WeightsError
+    from pipeline.metrics import ServiceMetrics
     from pipeline.snapshot import enable_fault_tracebacks, install_snapshot_hooks
 
     enable_fault_tracebacks()
@@ -185,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     # The attention probe and the warm-up time GPU work: no import competing with them for the interpreter.
     ui_import.join()
-    engine, model_label = start_engine(settings, faults, loaded, model_name)
+    metrics = ServiceMetrics()
+    engine, model_label = start_engine(settings, faults, loaded, model_name, metrics)
     install_snapshot_hooks(settings.crash_dir, engine.state)
 
     from webui.server import serve
@@ -194,7 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     blocks = build_ui(engine, demo=settings.demo, model_label=model_label, max_w=settings.max_w,
                       max_h=settings.max_h)
     exit_code = serve(blocks, engine, host=settings.host, port=settings.port, share=settings.share,
-                      queue_size=settings.queue_size, shutdown_grace_s=settings.shutdown_grace_s)
+                      queue_size=settings.queue_size, shutdown_grace_s=settings.shutdown_grace_s, metrics=metrics,
+                      credentials=settings.credentials())
     stop_child_processes()
     return exit_code
 

@@ -10,11 +10,14 @@ import time
 
 import gradio as gr
 import torch
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.middleware import Middleware
 from starlette.routing import Route
 
 from pipeline.engine import Engine
+from pipeline.metrics import CONTENT_TYPE, ServiceMetrics
+from webui.auth import RequireCredentials
+from webui.openai_api import openai_routes
 
 log = logging.getLogger("zimage.webui")
 
@@ -62,12 +65,41 @@ def _flush_logs() -> None:
         handler.flush()
 
 
+def metrics_route(metrics: ServiceMetrics, engine: Engine, blocks: gr.Blocks) -> Route:
+    """/metrics in Prometheus' text format: the engine's counters and histograms, and gauges read at each scrape."""
+    metrics.gauge("zimage_queue_depth", "Requests waiting in the queue (what Gradio's /queue/status reports)",
+                  lambda: blocks._queue.get_status().queue_size)
+    metrics.gauge("zimage_in_flight", "Requests on the GPU now (0 or 1)", lambda: int(engine.in_flight is not None))
+    metrics.gauge("zimage_model_loaded", "1 once the model is loaded and warmed up, and no fatal error since",
+                  lambda: int(engine.ready and engine.healthy))
+    if engine.device.type == "cuda":
+        metrics.gauge("zimage_gpu_memory_allocated_bytes", "GPU memory held by tensors",
+                      lambda: torch.cuda.memory_allocated(engine.device))
+        metrics.gauge("zimage_gpu_memory_reserved_bytes", "GPU memory held by PyTorch's caching allocator",
+                      lambda: torch.cuda.memory_reserved(engine.device))
+
+    async def scrape(_request):
+        return Response(metrics.text(), media_type=CONTENT_TYPE)
+
+    return Route("/metrics", scrape)
+
+
+def loopback_url(host: str, port: int) -> str:
+    """Where this server answers from inside the same machine."""
+    if host in ("", "0.0.0.0"):
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
 def serve(blocks: gr.Blocks, engine: Engine, *, host: str, port: int, share: bool, queue_size: int,
-          shutdown_grace_s: float) -> int:
+          shutdown_grace_s: float, metrics: ServiceMetrics, credentials: dict[str, str]) -> int:
     """Serve until SIGTERM or SIGINT, then shut down in order; returns the exit code (0: asked to stop).
 
     Every event goes through the one queue: `api_open=False` closes the REST routes that would skip it, and
-    `max_size` turns requests away as busy instead of letting the line grow without end.
+    `max_size` turns requests away as busy instead of letting the line grow without end. The OpenAI-style routes
+    join that same queue. With `credentials`, every route but the health checks needs them.
     """
     stop = threading.Event()
     received: list[str] = []
@@ -86,12 +118,17 @@ def serve(blocks: gr.Blocks, engine: Engine, *, host: str, port: int, share: boo
     signal.signal(signal.SIGINT, on_signal)
 
     blocks.queue(max_size=queue_size, default_concurrency_limit=1, api_open=False)
+    routes = [*health_routes(engine), metrics_route(metrics, engine, blocks),
+              *openai_routes(engine.output_dir, loopback_url(host, port), started_at=time.time())]
+    middleware = [Middleware(StampArrival)]
+    if credentials:
+        middleware.insert(0, Middleware(RequireCredentials, credentials=credentials))
     # Routes passed to the FastAPI constructor come before Gradio's own, so nothing of Gradio's shadows them.
     # show_error: Gradio's own input errors ("didn't receive enough input values") reach the caller; the UI's
     # handler turns everything else into a message of its own, so no internal detail leaks through it.
     blocks.launch(
         server_name=host, server_port=port, share=share, prevent_thread_lock=True, quiet=True, ssr_mode=False,
-        show_error=True, app_kwargs={"routes": health_routes(engine), "middleware": [Middleware(StampArrival)]},
+        show_error=True, app_kwargs={"routes": routes, "middleware": middleware},
     )
     log.info("ready url=http://%s:%d", host, port)
     # Short waits, not one endless one: Linux may hand SIGTERM to any thread, and then a main thread asleep in an

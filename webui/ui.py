@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import logging
-import uuid
 from dataclasses import asdict
 
 import gradio as gr
 
-from pipeline.engine import Engine, GenerationError, GenerationResult
+from pipeline.engine import Engine, GenerationResult
 from pipeline.requests import (
     DEFAULT_SHIFT,
     DEFAULT_STEPS,
@@ -18,6 +17,7 @@ from pipeline.requests import (
     GenerationRequest,
     RequestError,
 )
+from webui.errors import reported_to_the_caller
 from webui.resolutions import offered, parse_resolution
 from webui.server import ARRIVAL_KEY
 
@@ -26,6 +26,8 @@ log = logging.getLogger("zimage.webui")
 HISTORY_SIZE = 12  # images from disk shown when a page opens, so a restart loses no one's recent work
 SESSION_HISTORY_LIMIT = 48  # the gallery goes back to the browser whole after every image: keep it bounded
 API_NAME = "generate"  # the queue endpoint: gradio_client.Client(url).predict(..., api_name="/generate")
+IMAGES_API_NAME = "images"  # n images for the OpenAI-style route; through the same queue
+MAX_IMAGES_PER_CALL = 4
 GPU_QUEUE = "gpu"  # one concurrency group: every event that touches the engine waits in the same line
 
 DEMO_BANNER = (
@@ -60,7 +62,7 @@ def build_ui(engine: Engine, *, demo: bool, model_label: str, max_w: int, max_h:
 
     def generate(prompt, resolution, seed, random_seed, steps, shift, history, request: gr.Request,
                  progress=gr.Progress()):
-        try:
+        with reported_to_the_caller():
             if not isinstance(random_seed, bool):
                 raise RequestError(f"random_seed must be true or false (got {random_seed!r}).")
             width, height = parse_resolution(resolution)
@@ -68,15 +70,27 @@ def build_ui(engine: Engine, *, demo: bool, model_label: str, max_w: int, max_h:
                                            seed=None if random_seed else seed, shift=shift)
             result = engine.generate(generation, received_at=_received_at(request),
                                      progress=lambda step, total: progress((step, total), desc="Denoising"))
-        except (RequestError, GenerationError) as error:
-            raise gr.Error(str(error), print_exception=False) from None
-        except Exception:
-            incident = uuid.uuid4().hex[:8]
-            log.exception("request failed incident=%s", incident)
-            raise gr.Error(f"The server hit an internal error (incident {incident}); the operator's log has "
-                           f"the details. Try again.", print_exception=False) from None
         history = [(str(result.path), _caption(asdict(result.request))), *(history or [])][:SESSION_HISTORY_LIMIT]
         return history, history, result.request.seed, _timing(result), str(result.path)
+
+    def images(prompt: str, size: str, n: int, seed: int | None, steps: int | None, shift: float | None,
+               request: gr.Request) -> list[dict]:
+        """`n` images of `size` ("WIDTHxHEIGHT") in one turn on the GPU, seeds `seed`, `seed`+1, ... (random when
+        seed is None; steps and shift: the defaults when None). Each: the saved PNG's path, its seed and its
+        request id. The OpenAI-style route calls this."""
+        options = {name: value for name, value in (("steps", steps), ("shift", shift)) if value is not None}
+        with reported_to_the_caller():
+            if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_IMAGES_PER_CALL:
+                raise RequestError(f"n must be a whole number from 1 to {MAX_IMAGES_PER_CALL} (got {n!r}).")
+            width, height = parse_resolution(size)
+            made = []
+            for index in range(n):
+                next_seed = seed + index if isinstance(seed, int) and not isinstance(seed, bool) else seed
+                result = engine.generate(GenerationRequest(prompt=prompt, width=width, height=height, seed=next_seed,
+                                                           **options),
+                                         received_at=_received_at(request))
+                made.append({"path": str(result.path), "seed": result.request.seed, "id": result.request_id})
+        return made
 
     def load_history():
         history = [(str(path), _caption(parameters)) for path, parameters in engine.history(HISTORY_SIZE)]
@@ -125,4 +139,6 @@ def build_ui(engine: Engine, *, demo: bool, model_label: str, max_w: int, max_h:
             concurrency_limit=1,
             concurrency_id=GPU_QUEUE,
         )
+        gr.api(images, api_name=IMAGES_API_NAME, concurrency_limit=1, concurrency_id=GPU_QUEUE,
+               api_visibility="undocumented")
     return blocks
