@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import base64
 import io
+import json
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -16,6 +19,7 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from pipeline.storage import PARAMETERS_KEY
+from tests.conftest import PROJECT_DIR
 from tests.test_app_e2e import http_status, start_demo_app, stop_app
 
 pytestmark = pytest.mark.e2e
@@ -55,9 +59,9 @@ def test_the_openai_client_gets_n_images_with_consecutive_seeds(client):
     for item, seed in zip(response.data, (7, 8), strict=True):
         image = Image.open(io.BytesIO(base64.b64decode(item.b64_json)))
         assert image.size == (256, 192)
-        parameters = __import__("json").loads(image.text[PARAMETERS_KEY])
+        parameters = json.loads(image.text[PARAMETERS_KEY])
         assert (parameters["seed"], parameters["steps"], parameters["shift"]) == (seed, 2, 2.5)
-        assert "Seed: %d" % seed in image.text["parameters"]
+        assert f"Seed: {seed}," in image.text["parameters"]
 
 
 def test_url_responses_point_at_the_saved_png_behind_the_same_auth(client, app):
@@ -127,15 +131,26 @@ def test_without_credentials_everything_but_health_is_refused(app):
 
 
 def test_a_public_host_without_auth_is_refused_at_start():
-    import subprocess
-    import sys
-
-    from tests.conftest import PROJECT_DIR
-
     result = subprocess.run([sys.executable, "app.py", "--demo", "--host", "0.0.0.0"], cwd=PROJECT_DIR,
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert "refusing to serve host 0.0.0.0 without authentication" in result.stderr
+
+
+def test_insecure_public_is_allowed_with_a_warning_line(tmp_path):
+    # No weights: the process logs its start-up lines and exits before it ever binds the public address.
+    result = subprocess.run([sys.executable, "app.py", "--host", "0.0.0.0", "--insecure-public", "--model-dir",
+                             str(tmp_path)], cwd=PROJECT_DIR, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert "WARNING zimage.app INSECURE: serving host 0.0.0.0 without authentication" in result.stdout
+
+
+def test_gradio_client_reaches_the_ui_endpoint_with_basic_auth(app):
+    from gradio_client import Client
+
+    client = Client(app.url, headers={"Authorization": BASIC}, verbose=False)
+    _, seed_used, _, png_path = client.predict("a teapot", "128x128", 5, False, 1, 3.0, api_name="/generate")
+    assert seed_used == 5 and Image.open(png_path).size == (128, 128)
 
 
 def test_a_failed_generation_is_a_500_with_an_id_and_a_full_queue_a_503(tmp_path, tiny_models):
