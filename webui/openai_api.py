@@ -104,6 +104,8 @@ def openai_routes(engine_output_dir: Path, loopback_url: str, started_at: float)
             images = await _through_the_queue(client, inputs, request.headers.get("authorization"))
         except ApiError as error:
             return _error_response(error)
+        except httpx.HTTPError as error:  # the queue's own endpoint failed: a bug or a server going down
+            return _error_response(ApiError(500, f"The queue could not take the request ({type(error).__name__})."))
         data = []
         for image in images:
             path = Path(image["path"])
