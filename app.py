@@ -165,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     configure_logging(settings.log_level)
     log_banner(settings)
-    if settings.exposed and not settings.credentials():
+    credentials = settings.credentials()
+    if settings.exposed and not credentials:
         log.warning("INSECURE: serving %s without authentication (--insecure-public); anyone who reaches it can "
                     "use the GPU and see every image", "a share link" if settings.share else f"host {settings.host}")
 
@@ -200,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
                       max_h=settings.max_h)
     exit_code = serve(blocks, engine, host=settings.host, port=settings.port, share=settings.share,
                       queue_size=settings.queue_size, shutdown_grace_s=settings.shutdown_grace_s, metrics=metrics,
-                      credentials=settings.credentials())
+                      credentials=credentials)
     stop_child_processes()
     return exit_code
 

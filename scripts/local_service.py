@@ -44,21 +44,24 @@ def start_service(app_args: list[str], log_path: Path, env: dict[str, str] | Non
     raise RuntimeError(f"service not ready in {timeout_s:.0f} s; see {log_path}")
 
 
-def measure_service(app_args: list[str], log_path: Path, measure: Callable[[str, float], dict[str, object]],
-                    timeout_s: float) -> dict[str, object] | None:
+def measure_and_report(app_args: list[str], log_path: Path, measure: Callable[[str, float], dict[str, object]],
+                    timeout_s: float, json_path: Path | None) -> int:
     """Start the service, time process start → /readyz 200, add `measure(url, started)`'s figures (`started` is the
-    time.monotonic() of the start), then stop it. None, with the reason on stderr, if it never became ready."""
+    time.monotonic() of the start), stop it and report the figures; the exit code for the script. 1, with the reason
+    on stderr, if it never became ready."""
     started = time.monotonic()
     try:
         service, url = start_service(app_args, log_path, timeout_s=timeout_s)
     except RuntimeError as error:
         print(error, file=sys.stderr)
-        return None
+        return 1
     try:
-        return {"start_to_ready_s": round(time.monotonic() - started, 2), **measure(url, started)}
+        figures = {"start_to_ready_s": round(time.monotonic() - started, 2), **measure(url, started)}
     finally:
         service.terminate()
         service.wait(timeout=120)
+    report(figures, json_path)
+    return 0
 
 
 def report(figures: dict[str, object], json_path: Path | None) -> None:

@@ -19,7 +19,7 @@ import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from local_service import measure_service, report  # noqa: E402
+from local_service import measure_and_report  # noqa: E402
 
 READY_TIMEOUT_S = 600
 COMPILE_TIMEOUT_S = 600
@@ -96,11 +96,8 @@ def main(argv: list[str] | None = None) -> int:
             "peak_allocated_gib": round(max(entry["peak_allocated_mib"] for entry in logged.values()) / 1024, 2),
         }
 
-    figures = measure_service(args.app_args, args.log, compile_and_round_trips, timeout_s=READY_TIMEOUT_S)
-    if figures is None:
-        return 1
-    report(figures, args.json)
-    return 0
+    return measure_and_report(args.app_args, args.log, compile_and_round_trips, timeout_s=READY_TIMEOUT_S,
+                              json_path=args.json)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import loadtest  # noqa: E402
-from local_service import measure_service, report  # noqa: E402
+from local_service import measure_and_report  # noqa: E402
 
 # The real weights from a cold page cache take longer than the tiny model to come up.
 READY_TIMEOUT_S = 600
@@ -35,11 +35,7 @@ def main(argv: list[str] | None = None) -> int:
         return loadtest.run(argparse.Namespace(url=url, clients=args.clients, requests=args.requests, size=args.size,
                                                steps=args.steps, single_runs=args.single_runs))
 
-    figures = measure_service(args.app_args, args.log, load, timeout_s=READY_TIMEOUT_S)
-    if figures is None:
-        return 1
-    report(figures, args.json)
-    return 0
+    return measure_and_report(args.app_args, args.log, load, timeout_s=READY_TIMEOUT_S, json_path=args.json)
 
 if __name__ == "__main__":
     sys.exit(main())

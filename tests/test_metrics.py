@@ -12,9 +12,10 @@ from pipeline.requests import GenerationRequest, RequestError
 from tests.test_engine import SMALL, _engine_with
 
 
-def samples(metrics: ServiceMetrics) -> dict[tuple[str, tuple], float]:
+def parse_samples(text: str) -> dict[tuple[str, tuple], float]:
+    """Prometheus text → {(sample name, sorted labels): value}, by prometheus_client's own parser."""
     return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
-            for family in text_string_to_metric_families(metrics.text().decode()) for sample in family.samples}
+            for family in text_string_to_metric_families(text) for sample in family.samples}
 
 
 def test_each_outcome_is_counted_and_only_successes_are_timed(loaded_tiny, tmp_path):
@@ -29,7 +30,7 @@ def test_each_outcome_is_counted_and_only_successes_are_timed(loaded_tiny, tmp_p
     with pytest.raises(ServiceBusy):
         engine.generate(GenerationRequest("a fox", seed=3, **SMALL))
 
-    counted = samples(metrics)
+    counted = parse_samples(metrics.text().decode())
     assert {outcome: counted[("zimage_requests_total", (("outcome", outcome),))]
             for outcome in ("ok", "failed", "rejected", "busy", "error")} == {
         "ok": 1, "failed": 1, "rejected": 1, "busy": 1, "error": 0}

@@ -16,11 +16,11 @@ import urllib.request
 import openai
 import pytest
 from PIL import Image
-from prometheus_client.parser import text_string_to_metric_families
 
 from pipeline.storage import PARAMETERS_KEY
 from tests.conftest import PROJECT_DIR
 from tests.test_app_e2e import http_status, start_demo_app, stop_app
+from tests.test_metrics import parse_samples
 
 pytestmark = pytest.mark.e2e
 
@@ -47,9 +47,7 @@ def get(url: str, authorization: str | None = BASIC) -> bytes:
 
 
 def metric_samples(app) -> dict[tuple[str, tuple], float]:
-    text = get(f"{app.url}/metrics").decode()
-    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
-            for family in text_string_to_metric_families(text) for sample in family.samples}
+    return parse_samples(get(f"{app.url}/metrics").decode())
 
 
 def test_the_openai_client_gets_n_images_with_consecutive_seeds(client):

@@ -38,9 +38,8 @@ class ApiError(Exception):
 
 
 def _error_response(error: ApiError) -> JSONResponse:
-    kind = {400: "invalid_request_error", 503: "server_error"}.get(error.status, "server_error")
-    body = {"message": error.message, "type": kind, "param": error.param,
-            "code": {503: "busy"}.get(error.status)}
+    body = {"message": error.message, "type": "invalid_request_error" if error.status < 500 else "server_error",
+            "param": error.param, "code": "busy" if error.status == 503 else None}
     if error.status >= 500:
         # An id the operator can find in the log next to this failure.
         body["id"] = incident = uuid.uuid4().hex[:8]
