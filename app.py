@@ -137,7 +137,8 @@ def load_model(settings: Settings):
 
 
 def start_engine(settings: Settings, faults, loaded, model_name: str, metrics):
-    """The engine around the loaded pipeline: warmed up (and so ready), compiling in the background where on."""
+    """The engine around the loaded pipeline, warmed up (and so ready). Compilation, where on, starts once the server
+    answers (webui.server.serve): compiling is minutes of Python that would slow the server's own start."""
     from pipeline.engine import Engine
     from pipeline.requests import Limits
 
@@ -152,8 +153,6 @@ def start_engine(settings: Settings, faults, loaded, model_name: str, metrics):
         on_fatal=exit_on_fatal(settings.crash_dir), metrics=metrics,
     )
     engine.warm_up()
-    if engine.compile_model:
-        engine.start_compiling()
     return engine, f"{model_name} ({loaded.source})"
 
 

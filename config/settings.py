@@ -238,7 +238,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
                           help="same as --attention sdpa")
     add("--compile", action=argparse.BooleanOptionalAction,
         help="on CUDA, compile the DiT's repeated blocks and the VAE decoder in the background after start; "
-        "requests that arrive meanwhile wait, then run compiled")
+        "the eager path serves meanwhile (where the GPU has room for both) and the compiled one takes over when warm")
     add("--compile-cache-dir", type=Path, metavar="DIR",
         help="where compiled kernels are kept across restarts (a warm cache makes compiling take seconds)")
     add("--low-vram", action="store_true",

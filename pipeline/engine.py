@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 import uuid
+from contextlib import nullcontext
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import torch
 from PIL import Image
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from pipeline import acceleration, attention
 from pipeline.faults import FaultPlan
@@ -41,12 +43,23 @@ POISONED_GPU_MARKERS = (
     "CUDA error", "illegal memory access", "device-side assert", "unspecified launch failure", "misaligned address",
     "CUBLAS_STATUS", "CUDNN_STATUS", "cuDNN error", "NCCL error", "ECC error",
 )
+# The text encoder's attention kernels. Not cuDNN's: it builds an execution plan for every new sequence length, and
+# nearly every new prompt has one (an H100 encoded new prompts in 117 ms with it, 53 ms without; a repeated prompt
+# 43 ms either way). At a few hundred tokens flash and memory-efficient attention are as fast.
+TEXT_ENCODER_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 RECENT_PROMPTS = 3  # kept (as logged: summarised or not) for the crash snapshot
 HANG_CHECK_INTERVAL_S = 1.0
-MEMORY_PROBE_SIDES = (256, 512)  # warm-up sizes whose peak memory gives the memory guard its line
-# Non-square first: a square warm-up would let the compiler assume width == height ("duck sizing") and compile
-# again for the first non-square request. These two cover every offered size without a recompile.
-COMPILE_WARM_UP_SIZES = ((768, 512), (1024, 1024))
+# Warm-up sizes whose stage peaks give the memory guard its lines: large enough that fixed overheads do not hide
+# the slope, and both above the low-VRAM profile's 512-px tile, so there both decode in tiles as large requests do.
+MEMORY_PROBE_SIDES = (768, 1024)
+# The compiled path goes live only after these: every graph a request can need is compiled by then. Non-square
+# first: a square warm-up would let the compiler assume width == height ("duck sizing") and compile again for the
+# first non-square request. The small size takes the other side of size-dependent kernel choices (the CPU's
+# convolution backend changes below about 300² pixels). Prompts of different padded lengths (the caption is padded
+# to a multiple of 32 tokens) keep the sequence length symbolic.
+COMPILE_WARM_UP_SIZES = ((768, 512), (1024, 1024), (256, 256))
+COMPILE_WARM_UP_PROMPTS = ("warm-up", "a warm-up prompt long enough to fill more than one block of thirty-two "
+                           "tokens of the caption, so that the caption length is not taken for a constant", "small")
 
 
 def is_poisoned_gpu_error(error: BaseException) -> bool:
@@ -81,10 +94,22 @@ class GenerationResult:
     request: ValidRequest
     timings: StageTimings
     notices: tuple[str, ...]
+    gpu_peak_bytes: int = 0  # CUDA only: the most memory the request's tensors held at once, the model included
 
 
-def _warm_up_request(width: int, height: int | None = None) -> ValidRequest:
-    return ValidRequest(prompt="warm-up", width=width, height=height or width, steps=1, seed=0, shift=3.0)
+@dataclass
+class Rendered:
+    """One generation's image, before it is saved."""
+
+    image: Image.Image
+    stage_ms: dict[str, float]  # encode_ms, denoise_ms, decode_ms
+    notices: list[str]
+    denoise_peak_bytes: int = 0  # CUDA only: peak allocated while encoding and denoising (the DiT's activations)
+    decode_peak_bytes: int = 0  # CUDA only: peak allocated while decoding (the VAE's activations)
+
+
+def _warm_up_request(width: int, height: int | None = None, prompt: str = "warm-up") -> ValidRequest:
+    return ValidRequest(prompt=prompt, width=width, height=height or width, steps=1, seed=0, shift=3.0)
 
 
 def summarize_prompt(prompt: str, mode: str) -> str:
@@ -113,6 +138,7 @@ class Engine:
         hang_timeout_s: float = 600.0,
         queue_timeout_s: float = 300.0,
         compile_model: bool = False,
+        compile_backend: str | Callable = "inductor",
         prompt_cache_size: int = 0,
         gpu_memory_limit_bytes: int = 0,
         metrics: ServiceMetrics | None = None,
@@ -133,7 +159,9 @@ class Engine:
         self._idle = threading.Condition()
         self.attention_backend = attention.apply_backend(loaded.pipe.transformer, attention_choice, self.device)
         self.compile_model = compile_model
+        self.compile_backend = compile_backend  # tests use "eager": Dynamo's guards and shapes without Inductor
         self.compiled = "off" if not compile_model else "pending"  # → compiling → on, or failed (then eager)
+        self.serving = "eager"  # → "compiled" once the compiled pipeline is warm and swapped in
         self._prompt_cache: OrderedDict[str, tuple[list[torch.Tensor], list[str]]] = OrderedDict()
         self._prompt_cache_size = prompt_cache_size
         self.gpu_memory_limit_bytes = gpu_memory_limit_bytes
@@ -174,11 +202,16 @@ class Engine:
         """From now on new requests are refused as "shutting down"; the running one goes on."""
         self._draining = True
 
+    @property
+    def pipeline(self):
+        """The pipeline that serves now: the eager one, or its compiled copy once that is live."""
+        return self._pipe
+
     def state(self) -> dict[str, object]:
         """What the service is doing, for health probes and crash snapshots."""
         return {"ready": self.ready, "healthy": self.healthy, "busy": self.in_flight is not None,
                 "in_flight": self.in_flight, "served": self.served, "attention": self.attention_backend,
-                "compiled": self.compiled,
+                "compiled": self.compiled, "serving": self.serving,
                 "device": str(self.device), "recent_prompts": list(self._recent_prompts)}
 
     def history(self, limit: int) -> list[tuple[Path, dict[str, object]]]:
@@ -214,42 +247,61 @@ class Engine:
         idle = torch.cuda.memory_allocated(self.device)
         peaks = []
         for side in MEMORY_PROBE_SIDES:
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self._run(_warm_up_request(side), progress=None)
-            peaks.append((side * side, torch.cuda.max_memory_allocated(self.device) - idle))
+            run = self._run(_warm_up_request(side), progress=None)
+            peaks.append((side * side, run.denoise_peak_bytes - idle, run.decode_peak_bytes - idle))
         free, _total = torch.cuda.mem_get_info(self.device)
         reserved_unused = torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
         available = free + reserved_unused
         if self.gpu_memory_limit_bytes:
             available = min(available, self.gpu_memory_limit_bytes - idle)
         guard = MemoryGuard.from_measurements(peaks[0], peaks[1], available_bytes=available)
-        log.info("memory guard model_gib=%.2f available_gib=%.2f need_1024_gib=%.2f largest_square=%d",
-                 idle / GIB, available / GIB, guard.need_bytes(1024, 1024) / GIB, guard.largest_square())
+        log.info("memory guard model_gib=%.2f available_gib=%.2f need_1024_gib=%.2f need_1536_gib=%.2f "
+                 "need_2048x1152_gib=%.2f largest_square=%d", idle / GIB, available / GIB,
+                 guard.need_bytes(1024, 1024) / GIB, guard.need_bytes(1536, 1536) / GIB,
+                 guard.need_bytes(2048, 1152) / GIB, guard.largest_square())
         return guard
 
     def start_compiling(self) -> threading.Thread:
-        """Compile in the background while holding the GPU lock: requests that arrive meanwhile wait in the queue
-        (none is lost) and run compiled once it is done. On an H100 this took 28 s with a warm compile cache and 92 s
-        with a cold one. A failure leaves the service serving eagerly, with one warning."""
+        """Compile in the background. The compiled pipeline is a copy over the same weights, so the eager one goes on
+        serving meanwhile, and takes over once its warm-up has compiled every graph it needs. Where the GPU has no
+        room for a warm-up beside the largest request (a capped card), the warm-up holds the GPU and requests wait.
+        On an H100 compiling took 28 s with a warm compile cache and 92 s with a cold one. A failure leaves the
+        eager pipeline serving, with one warning."""
         thread = threading.Thread(target=self._compile, name="compile", daemon=True)
         thread.start()
         return thread
 
+    def _room_beside_a_request(self) -> bool:
+        if self.memory_guard is None:
+            return True
+        largest_request = self.memory_guard.need_bytes(self.limits.max_w, self.limits.max_h)
+        largest_warm_up = max(self.memory_guard.need_bytes(w, h) for w, h in COMPILE_WARM_UP_SIZES)
+        return largest_request + largest_warm_up <= self.memory_guard.available_bytes
+
     def _compile(self) -> None:
         started = time.perf_counter()
+        self.compiled = "compiling"
+        beside = self._room_beside_a_request()
+        log.info("compiling the DiT blocks and the VAE decoder; meanwhile %s",
+                 "the eager path serves" if beside else "requests wait (no GPU memory for both at once)")
+        whole_gpu = nullcontext() if beside else self._lock
+        text_encoder = self._lock if beside else nullcontext()  # shared with the eager path: one caller at a time
+        try:
+            with whole_gpu:
+                compiled = acceleration.compiled_copy(self._pipe, backend=self.compile_backend)
+                for (width, height), prompt in zip(COMPILE_WARM_UP_SIZES, COMPILE_WARM_UP_PROMPTS, strict=True):
+                    request = _warm_up_request(width, height, prompt)
+                    with text_encoder:
+                        prompt_embeds, _ = self.encode_prompt(request.prompt)
+                    self._render(compiled, request, prompt_embeds, progress=None, track_memory=False)
+        except Exception as error:
+            self.compiled = "failed"
+            log.warning("compilation failed; serving eagerly (%s: %s)", type(error).__name__,
+                        str(error).strip().splitlines()[0] if str(error).strip() else "", exc_info=error)
+            return
         with self._lock:
-            self.compiled = "compiling"
-            log.info("compiling the DiT blocks, the VAE decoder and the text encoder; requests wait until it is done")
-            try:
-                acceleration.compile_pipeline(self._pipe)
-                for width, height in COMPILE_WARM_UP_SIZES:
-                    self._run(_warm_up_request(width, height), progress=None)
-            except Exception as error:
-                torch.compiler.set_stance("force_eager")  # every compiled module runs as plain PyTorch from now on
-                self.compiled = "failed"
-                log.warning("compilation failed; serving eagerly (%s: %s)", type(error).__name__,
-                            str(error).strip().splitlines()[0] if str(error).strip() else "", exc_info=error)
-                return
+            self._pipe = compiled
+            self.serving = "compiled"
         self.compiled = "on"
         log.info("compiled path live seconds=%.1f", time.perf_counter() - started)
 
@@ -303,14 +355,13 @@ class Engine:
                 raise ServiceBusy(f"The server is busy: your request waited {queued_s:.0f} s for the GPU "
                                       f"(the limit is {self.queue_timeout_s:.0f} s). Try again in a moment.")
             self.in_flight = request_id
+            serving = self.serving
             self._started += 1
             self._recent_prompts.append(f"id={request_id} {prompt_summary}")
             self._job_started_at = time.monotonic()
-            if self.device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(self.device)
             out_of_memory = None
             try:
-                image, stage_ms, notices = self._run(valid, progress, request_number=self._started)
+                run = self._run(valid, progress, request_number=self._started)
             except GenerationError as error:
                 log.warning("request id=%s prompt=%s outcome=failed reason=%r", request_id, prompt_summary, str(error))
                 raise
@@ -336,26 +387,27 @@ class Engine:
         save_started = time.perf_counter()
         stem = f"{time.strftime('%H%M%S')}-{request_id}-seed{valid.seed}"
         parameters = self._parameters(request_id, valid)
-        path = save_png(image, self.output_dir, stem, parameters, infotext=a1111_parameters(parameters))
+        path = save_png(run.image, self.output_dir, stem, parameters, infotext=a1111_parameters(parameters))
         save_ms = (time.perf_counter() - save_started) * 1000
         total_ms = (time.perf_counter() - started) * 1000
-        timings = StageTimings(queue_ms=waited_ms, save_ms=save_ms, total_ms=total_ms, **stage_ms)
+        timings = StageTimings(queue_ms=waited_ms, save_ms=save_ms, total_ms=total_ms, **run.stage_ms)
         with self._idle:
             self.served += 1
         log.info(
             "request id=%s prompt=%s size=%dx%d steps=%d seed=%d shift=%g wait_ms=%.0f encode_ms=%.0f "
-            "denoise_ms=%.0f decode_ms=%.0f save_ms=%.0f total_ms=%.0f%s outcome=ok file=%s",
+            "denoise_ms=%.0f decode_ms=%.0f save_ms=%.0f total_ms=%.0f%s path=%s outcome=ok file=%s",
             request_id, prompt_summary, valid.width, valid.height, valid.steps,
             valid.seed, valid.shift, waited_ms, timings.encode_ms, timings.denoise_ms, timings.decode_ms, save_ms,
-            total_ms, self._peak_memory_field(), path,
+            total_ms, self._peak_memory_field(run), serving, path,
         )
-        return GenerationResult(request_id=request_id, image=image, path=path, request=valid, timings=timings,
-                                notices=tuple(notices))
+        return GenerationResult(request_id=request_id, image=run.image, path=path, request=valid, timings=timings,
+                                notices=tuple(run.notices),
+                                gpu_peak_bytes=max(run.denoise_peak_bytes, run.decode_peak_bytes))
 
-    def _peak_memory_field(self) -> str:
+    def _peak_memory_field(self, run: Rendered) -> str:
         if self.device.type != "cuda":
             return ""
-        return (f" gpu_peak_allocated_mib={torch.cuda.max_memory_allocated(self.device) // 2**20}"
+        return (f" gpu_peak_allocated_mib={max(run.denoise_peak_bytes, run.decode_peak_bytes) // 2**20}"
                 f" gpu_peak_reserved_mib={torch.cuda.max_memory_reserved(self.device) // 2**20}")
 
     def _release_memory(self) -> None:
@@ -375,6 +427,7 @@ class Engine:
             torch.cuda.synchronize(self.device)
         return time.perf_counter()
 
+    @torch.inference_mode()
     def encode_prompt(self, prompt: str) -> tuple[list[torch.Tensor], list[str]]:
         """The pipeline's own prompt encoding, without padding to 512 tokens: Qwen3 is causal, so padding at the
         end never changes the real tokens' hidden states, and the pipeline drops the padded ones afterwards anyway.
@@ -391,23 +444,41 @@ class Engine:
         if token_count > MAX_SEQUENCE_LENGTH:
             notices.append(f"The prompt is {token_count} tokens with the chat template; only the first "
                            f"{MAX_SEQUENCE_LENGTH} were used.")
-        prompt_embeds, _ = pipe.encode_prompt(prompt, device=self.device, do_classifier_free_guidance=False,
-                                              max_sequence_length=min(token_count, MAX_SEQUENCE_LENGTH))
+        with sdpa_kernel(TEXT_ENCODER_ATTENTION):
+            prompt_embeds, _ = pipe.encode_prompt(prompt, device=self.device, do_classifier_free_guidance=False,
+                                                  max_sequence_length=min(token_count, MAX_SEQUENCE_LENGTH))
         if self._prompt_cache_size:
             self._prompt_cache[prompt] = (prompt_embeds, notices)
             if len(self._prompt_cache) > self._prompt_cache_size:
                 self._prompt_cache.popitem(last=False)
         return prompt_embeds, notices
 
-    @torch.inference_mode()
-    def _run(self, valid: ValidRequest, progress: ProgressCallback | None, request_number: int = 0):
-        pipe = self._pipe
-        # 1. Encode the prompt (the pipeline's own chat template and hidden-state choice).
+    def _peak_bytes_since_last_call(self, track_memory: bool = True) -> int:
+        """Peak allocated bytes since the previous call (0 off CUDA): each stage's own peak, for the memory guard.
+        The counters are the device's: a compile warm-up beside a request leaves them to the request."""
+        if not track_memory or self.device.type != "cuda":
+            return 0
+        peak = torch.cuda.max_memory_allocated(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        return peak
+
+    def _run(self, valid: ValidRequest, progress: ProgressCallback | None, request_number: int = 0) -> Rendered:
+        """One generation on the pipeline that serves now: encode the prompt, then render it."""
+        self._peak_bytes_since_last_call()
         started = self._sync()
         prompt_embeds, notices = self.encode_prompt(valid.prompt)
         encoded = self._sync()
+        rendered = self._render(self._pipe, valid, prompt_embeds, progress, request_number)
+        rendered.stage_ms["encode_ms"] = (encoded - started) * 1000
+        rendered.notices.extend(notices)
+        return rendered
 
-        # 2. Denoise. The scheduler's shift is per request; the lock makes changing it safe.
+    @torch.inference_mode()
+    def _render(self, pipe, valid: ValidRequest, prompt_embeds: list[torch.Tensor],
+                progress: ProgressCallback | None, request_number: int = 0, track_memory: bool = True) -> Rendered:
+        """Denoise → decode → check: the prompt's embeddings to an image, on `pipe` (eager, or the compiled copy)."""
+        # 1. Denoise. The scheduler's shift is per request; each pipeline runs one request at a time.
+        started = self._sync()
         pipe.scheduler.set_shift(valid.shift)
         generator = torch.Generator(device=self.device).manual_seed(valid.seed)
 
@@ -423,8 +494,9 @@ class Engine:
             output_type="latent", callback_on_step_end=on_step_end,
         ).images
         denoised = self._sync()
+        denoise_peak = self._peak_bytes_since_last_call(track_memory)
 
-        # 3. Decode, as the stock pipeline does after its loop, but turn the pixels into bytes on the GPU: the
+        # 2. Decode, as the stock pipeline does after its loop, but turn the pixels into bytes on the GPU: the
         #    same operations as its postprocess (denormalize, then ×255 and round in float32), 4× less to copy back.
         vae = pipe.vae
         latents = latents.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
@@ -435,10 +507,9 @@ class Engine:
         array = pixels.permute(1, 2, 0).cpu().numpy()
         finished = self._sync()
 
-        # 4. Refuse broken output rather than return (and save) it.
+        # 3. Refuse broken output rather than return (and save) it.
         if self.nan_check and array.max() <= BLACK_LEVEL:
             raise GenerationError("The model produced an all-black image. Try another seed or prompt.")
-        image = Image.fromarray(array)
-        stage_ms = dict(encode_ms=(encoded - started) * 1000, denoise_ms=(denoised - encoded) * 1000,
-                        decode_ms=(finished - denoised) * 1000)
-        return image, stage_ms, notices
+        return Rendered(image=Image.fromarray(array), notices=[],
+                        stage_ms=dict(denoise_ms=(denoised - started) * 1000, decode_ms=(finished - denoised) * 1000),
+                        denoise_peak_bytes=denoise_peak, decode_peak_bytes=self._peak_bytes_since_last_call(track_memory))

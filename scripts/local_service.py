@@ -1,9 +1,11 @@
-"""Start app.py as a process on a free loopback port and wait until /readyz answers 200 (for the measuring scripts)."""
+"""For the measuring scripts: start app.py as a process on a free loopback port and wait until /readyz answers 200;
+read the engine's request lines back from its log; report figures."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -13,6 +15,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
+# The engine's line for each saved image (pipeline/engine.py): `request id=… prompt=… size=WxH steps=… seed=… …
+# total_ms=… [gpu_peak_…] [path=eager|compiled] outcome=ok file=…`. The prompt summary may hold any text, so only
+# what follows its ` size=` is read as fields: key=value pairs without spaces, whichever the engine writes.
+REQUEST_LINE = re.compile(r"request id=(?P<id>\S+) prompt=.* size=(?P<size>\d+x\d+) (?P<fields>steps=.*?) "
+                          r"outcome=ok ")
+FIELD = re.compile(r"(\w+)=(\S+)")
 
 
 def free_port() -> int:
@@ -58,10 +66,29 @@ def measure_and_report(app_args: list[str], log_path: Path, measure: Callable[[s
     try:
         figures = {"start_to_ready_s": round(time.monotonic() - started, 2), **measure(url, started)}
     finally:
-        service.terminate()
-        service.wait(timeout=120)
+        stop_service(service)
     report(figures, json_path)
     return 0
+
+
+def stop_service(process: subprocess.Popen, timeout_s: float = 120) -> None:
+    """SIGTERM, as supervisor stops it, and wait; kill it if it overstays."""
+    process.terminate()
+    try:
+        process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def logged_requests(log_path: Path) -> dict[int, dict[str, int | str]]:
+    """The log's saved images by seed: request id, size and every field after it (whole numbers as int). A seed
+    logged twice gives its latest line."""
+    found = {}
+    for match in REQUEST_LINE.finditer(log_path.read_text(errors="replace")):
+        fields = {key: int(value) if value.isdigit() else value for key, value in FIELD.findall(match["fields"])}
+        found[fields["seed"]] = {"id": match["id"], "size": match["size"], **fields}
+    return found
 
 
 def report(figures: dict[str, object], json_path: Path | None) -> None:

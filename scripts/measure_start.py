@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import statistics
 import sys
 import time
@@ -19,13 +18,11 @@ import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from local_service import measure_and_report  # noqa: E402
+from local_service import logged_requests, measure_and_report  # noqa: E402
 
 READY_TIMEOUT_S = 600
 COMPILE_TIMEOUT_S = 600
 PROMPT = "a lighthouse on a cliff at dusk, waves, photo"
-REQUEST_LINE = re.compile(r"request id=\S+ .*? seed=(\d+) .*?save_ms=(\d+) total_ms=(\d+)"
-                          r"(?: gpu_peak_allocated_mib=(\d+) gpu_peak_reserved_mib=(\d+))? outcome=ok")
 
 
 def compiled_state(url: str) -> str:
@@ -33,8 +30,10 @@ def compiled_state(url: str) -> str:
         return json.load(response)["compiled"]
 
 
-def wait_compiled(url: str) -> str:
-    deadline = time.monotonic() + COMPILE_TIMEOUT_S
+def wait_compiled(url: str, timeout_s: float = COMPILE_TIMEOUT_S) -> str:
+    """The compiled state once compilation has finished ("on", "failed", or "off" when it never ran); "still
+    compiling" if it has not after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         state = compiled_state(url)
         if state not in ("pending", "compiling"):
@@ -43,28 +42,24 @@ def wait_compiled(url: str) -> str:
     return "still compiling"
 
 
-def logged_requests(log_path: Path) -> dict[int, dict[str, int]]:
-    found = {}
-    for match in REQUEST_LINE.finditer(log_path.read_text()):
-        seed, save_ms, total_ms, allocated, reserved = match.groups()
-        found[int(seed)] = {"save_ms": int(save_ms), "total_ms": int(total_ms),
-                            "peak_reserved_mib": int(reserved or 0), "peak_allocated_mib": int(allocated or 0)}
-    return found
+def round_trip(client, prompt: str, size: str, seed: int, steps: int = 8) -> float:
+    """Milliseconds for one image through the UI's API, as a browser gets it: predict() (join the queue, wait,
+    receive the result) and the new PNG's download. `client`: a gradio_client Client made with
+    download_files=False, since it would otherwise download the whole session gallery after each image, where a
+    browser has the older ones cached."""
+    started = time.perf_counter()
+    *_, png = client.predict(prompt, size, seed, False, steps, 3.0, api_name="/generate")
+    with urllib.request.urlopen(png["url"], timeout=30) as response:
+        response.read()
+    return (time.perf_counter() - started) * 1000
 
 
 def round_trips(url: str, size: str, runs: int) -> dict[int, float]:
     from gradio_client import Client
 
-    # The client would download the whole session gallery after each image; a browser has the older ones
-    # cached, so the trip counts the new PNG alone.
     client = Client(url, verbose=False, download_files=False)
-    times = {}
-    for seed in range(1000, 1001 + runs):  # the first is a warm-up: the client's and the server's first call
-        started = time.perf_counter()
-        *_, png = client.predict(PROMPT, size, seed, False, 8, 3.0, api_name="/generate")
-        with urllib.request.urlopen(png["url"], timeout=30) as response:
-            response.read()
-        times[seed] = (time.perf_counter() - started) * 1000
+    # The first is a warm-up: the client's and the server's first call.
+    times = {seed: round_trip(client, PROMPT, size, seed) for seed in range(1000, 1001 + runs)}
     times.pop(1000)
     return times
 
@@ -92,8 +87,10 @@ def main(argv: list[str] | None = None) -> int:
                                                                  for s in trips),
             "round_trip_over_pipeline": round(statistics.median(
                 trip / pipe for trip, pipe in zip(trip_ms, pipeline_ms, strict=True)), 3),
-            "peak_reserved_gib": round(max(entry["peak_reserved_mib"] for entry in logged.values()) / 1024, 2),
-            "peak_allocated_gib": round(max(entry["peak_allocated_mib"] for entry in logged.values()) / 1024, 2),
+            "peak_reserved_gib": round(max(entry.get("gpu_peak_reserved_mib", 0) for entry in logged.values())
+                                       / 1024, 2),
+            "peak_allocated_gib": round(max(entry.get("gpu_peak_allocated_mib", 0) for entry in logged.values())
+                                        / 1024, 2),
         }
 
     return measure_and_report(args.app_args, args.log, compile_and_round_trips, timeout_s=READY_TIMEOUT_S,

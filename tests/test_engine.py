@@ -7,7 +7,7 @@ import torch
 
 from pipeline import attention
 from pipeline.engine import Engine, GenerationError
-from pipeline.memory import GIB, MemoryGuard
+from pipeline.memory import GIB, Line, MemoryGuard
 from pipeline.requests import GenerationRequest, Limits, RequestError
 from pipeline.storage import read_parameters
 
@@ -266,6 +266,18 @@ def test_the_unpadded_prompt_gives_the_embeddings_padding_to_512_gives(engine):
     torch.testing.assert_close(unpadded[0], padded[0], rtol=1e-4, atol=1e-4)
 
 
+def test_the_text_encoder_runs_without_cudnn_attention_and_the_rest_keeps_it(engine):
+    seen = []
+    hook = engine.pipeline.text_encoder.register_forward_pre_hook(
+        lambda *args: seen.append(torch.backends.cuda.cudnn_sdp_enabled()))
+    try:
+        engine.encode_prompt("a prompt of a new length for the plan cache")
+    finally:
+        hook.remove()
+    assert seen == [False]
+    assert torch.backends.cuda.cudnn_sdp_enabled()  # the DiT's attention is the probe's choice, untouched
+
+
 def test_a_repeated_prompt_skips_the_text_encoder_and_gives_the_same_image(loaded_tiny, tmp_path):
     engine = _engine_with(loaded_tiny, tmp_path, prompt_cache_size=2)
     first = engine.generate(GenerationRequest("a cached prompt", width=256, height=256, steps=2, seed=5))
@@ -283,7 +295,7 @@ def test_a_repeated_prompt_skips_the_text_encoder_and_gives_the_same_image(loade
 
 def test_the_memory_guard_refuses_a_size_that_cannot_fit_before_any_work(loaded_tiny, tmp_path, caplog):
     engine = _engine_with(loaded_tiny, tmp_path)
-    engine.memory_guard = MemoryGuard(available_bytes=GIB, fixed_bytes=0.1 * GIB, bytes_per_pixel=1000)
+    engine.memory_guard = MemoryGuard(available_bytes=GIB, denoise=Line(0.1 * GIB, 1000), decode=Line(0, 0))
     caplog.set_level(logging.INFO, logger="zimage.engine")
     with pytest.raises(RequestError, match="needs about .* GiB of GPU memory"):
         engine.generate(GenerationRequest("too big", width=1024, height=1024, steps=1, seed=1))
@@ -292,13 +304,58 @@ def test_the_memory_guard_refuses_a_size_that_cannot_fit_before_any_work(loaded_
     assert engine.generate(GenerationRequest("fits", width=256, height=256, steps=1, seed=1)).path.is_file()
 
 
-def test_compiled_engine_matches_eager_and_reports_its_state(loaded_tiny, tmp_path):
+def test_compiled_engine_matches_eager_and_never_recompiles_once_live(loaded_tiny, tmp_path):
+    """One compile (minutes of CPU) for both checks: the compiled path's pixels, and no graph compiled after it
+    went live, for prompt lengths from one word to over the token budget and sizes of every shape."""
+    from torch._dynamo.utils import counters
+
     request = GenerationRequest("a lighthouse at dusk", width=256, height=384, steps=2, seed=9)
     eager = _engine_with(loaded_tiny, tmp_path / "eager").generate(request)
     engine = _engine_with(loaded_tiny, tmp_path / "compiled", compile_model=True)
-    assert engine.state()["compiled"] == "pending"
+    assert (engine.state()["compiled"], engine.state()["serving"]) == ("pending", "eager")
     engine.start_compiling().join()
-    assert engine.state()["compiled"] == "on"
+    assert (engine.state()["compiled"], engine.state()["serving"]) == ("on", "compiled")
+    graphs_when_live = counters["stats"]["unique_graphs"]
+
     compiled = engine.generate(request)
     difference = np.abs(np.asarray(compiled.image, dtype=int) - np.asarray(eager.image, dtype=int))
     assert difference.max() <= 2  # compiler rounding only
+    # Not below the smallest warm-up (256²): on the CPU, each VAE convolution switches kernels under its own size
+    # threshold, so tinier images compile again there (CUDA's convolutions have no such thresholds).
+    sizes = [(1024, 1024), (512, 320), (320, 512), (576, 1024), (272, 256), (1024, 448)]
+    words = [1, 3, 17, 60, 150, 700]  # 700 words is over the 512-token budget: the prompt is cut
+    for number, ((width, height), count) in enumerate(zip(sizes, words, strict=True)):
+        engine.generate(GenerationRequest(" ".join(["lantern"] * count) + f" {number}", width=width, height=height,
+                                          steps=1, seed=number))
+    assert counters["stats"]["unique_graphs"] == graphs_when_live
+    # The compiled pipeline is a copy: the loaded one (shared by every test here) stays eager.
+    assert all(block._compiled_call_impl is None for block in loaded_tiny.pipe.transformer.layers)
+
+
+def test_the_eager_path_serves_while_the_compiled_one_compiles(loaded_tiny, tmp_path, caplog):
+    import threading
+
+    compiling, release = threading.Event(), threading.Event()
+
+    def slow_compiler(graph, example_inputs):
+        """A compile that takes as long as the test wants (a cold compile cache on a real GPU: a minute or more)."""
+        compiling.set()
+        release.wait(60)
+        return graph.forward
+
+    caplog.set_level(logging.INFO, logger="zimage.engine")
+    engine = _engine_with(loaded_tiny, tmp_path, compile_model=True, compile_backend=slow_compiler)
+    thread = engine.start_compiling()
+    try:
+        assert compiling.wait(60)
+        during = engine.generate(GenerationRequest("served meanwhile", seed=3, **SMALL))
+        assert engine.state()["compiled"] == "compiling" and thread.is_alive()
+    finally:
+        release.set()
+    thread.join(60)
+    after = engine.generate(GenerationRequest("served compiled", seed=3, **SMALL))
+    assert engine.state()["serving"] == "compiled"
+    lines = {result.request_id: next(line for line in caplog.text.splitlines() if f"id={result.request_id}" in line)
+             for result in (during, after)}
+    assert "path=eager" in lines[during.request_id] and "path=compiled" in lines[after.request_id]
+    assert "the eager path serves" in caplog.text and "compiled path live" in caplog.text

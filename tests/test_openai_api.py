@@ -50,12 +50,17 @@ def metric_samples(app) -> dict[tuple[str, tuple], float]:
     return parse_samples(get(f"{app.url}/metrics").decode())
 
 
-def test_the_openai_client_gets_n_images_with_consecutive_seeds(client):
+def test_the_openai_client_gets_n_images_with_consecutive_seeds(client, app):
     response = client.images.generate(model="z-image-turbo", prompt="a lighthouse at dusk", n=2, size="256x192",
                                       response_format="b64_json", extra_body={"seed": 7, "steps": 2, "shift": 2.5})
     assert len(response.data) == 2
     for item, seed in zip(response.data, (7, 8), strict=True):
-        image = Image.open(io.BytesIO(base64.b64decode(item.b64_json)))
+        png = base64.b64decode(item.b64_json)
+        image = Image.open(io.BytesIO(png))
+        # Encoded once: the bytes the client got are the file on disk, byte for byte.
+        (saved,) = [path for path in app.output_dir.rglob(f"*-seed{seed}.png")
+                    if json.loads(Image.open(path).text[PARAMETERS_KEY])["prompt"] == "a lighthouse at dusk"]
+        assert saved.read_bytes() == png
         assert image.size == (256, 192)
         parameters = json.loads(image.text[PARAMETERS_KEY])
         assert (parameters["seed"], parameters["steps"], parameters["shift"]) == (seed, 2, 2.5)

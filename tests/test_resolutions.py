@@ -1,7 +1,7 @@
 import pytest
 
 from pipeline.requests import RequestError
-from webui.resolutions import RESOLUTIONS, offered, parse_resolution
+from webui.resolutions import RESOLUTIONS, left_out, offered, parse_resolution
 
 RATIOS = ["1:1", "9:7", "7:9", "4:3", "3:4", "3:2", "2:3", "16:9", "9:16", "21:9", "9:21"]
 
@@ -24,6 +24,19 @@ def test_sizes_over_the_limits_are_not_offered():
     assert len(table["1024"]) == 11
     small = offered(max_w=1024, max_h=1024)
     assert list(small) == ["1024"] and small["1024"] == ["1024x1024 ( 1:1 )"]
+
+
+def test_sizes_the_memory_guard_refuses_are_left_out_and_named():
+    def fits(width, height):  # a card with room for 1.5 megapixels
+        return width * height <= 1_500_000
+
+    table = offered(max_w=2048, max_h=2048, fits=fits)
+    assert len(table["1024"]) == 11 and "1280x1280 ( 1:1 )" not in table["1280"]
+    assert "1536" not in table  # every size of that category is over 1.5 megapixels
+    missing = left_out(max_w=2048, max_h=2048, fits=fits)
+    assert "1280x1280" in missing and "2048x1152" in missing and "1024x1024" not in missing
+    offered_sizes = {label.split(" (")[0] for labels in table.values() for label in labels}
+    assert len(offered_sizes) + len(missing) == 33 and not offered_sizes & set(missing)
 
 
 @pytest.mark.parametrize(("label", "size"), [("1152x896 ( 9:7 )", (1152, 896)), ("640×480", (640, 480)),

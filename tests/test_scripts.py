@@ -1,16 +1,31 @@
 """The operator scripts, run as the operator runs them: separate processes, exit codes, printed lines."""
 
+import importlib.util
 import json
+import shutil
 import subprocess
 import sys
+
+import psutil
+import pytest
 
 from pipeline.layouts import DIT_FILE, LayoutKind, find_weights
 from pipeline.manifest import MANIFEST_NAME
 from tests.conftest import PROJECT_DIR
+from webui.resolutions import offered
 
 
 def _run(*args):
     return subprocess.run([sys.executable, *args], cwd=PROJECT_DIR, capture_output=True, text=True, timeout=300)
+
+
+def _script(name: str):
+    """A script of scripts/ (not a package) as a module, for its functions and constants."""
+    spec = importlib.util.spec_from_file_location(f"script_{name}", PROJECT_DIR / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_make_tiny_model_writes_each_layout(tmp_path):
@@ -85,3 +100,80 @@ def test_loadtest_reports_throughput_latency_and_efficiency(tmp_path, tiny_model
 def test_loadtest_only_targets_loopback():
     result = _run("scripts/loadtest.py", "--url", "http://10.0.0.5:7860", "--requests", "1")
     assert result.returncode == 2 and "loopback" in result.stderr
+
+
+def test_request_lines_are_read_with_and_without_a_serving_path(tmp_path):
+    log = tmp_path / "service.log"
+    log.write_text(
+        "2026-11-23T17:00:33+0000 INFO zimage.engine request id=aaa prompt='size=9x9 steps=1 seed=5' size=256x256 "
+        "steps=2 seed=7 shift=3 wait_ms=0 encode_ms=16 denoise_ms=69 decode_ms=157 save_ms=23 total_ms=266 "
+        "outcome=ok file=outputs/a.png\n"
+        "2026-11-23T17:00:34+0000 INFO zimage.engine request id=bbb prompt=len=12 sha=0355b1f7 start='a fox' "
+        "size=1024x1024 steps=8 seed=8 shift=3 wait_ms=1 encode_ms=30 denoise_ms=700 decode_ms=90 save_ms=150 "
+        "total_ms=971 gpu_peak_allocated_mib=21000 gpu_peak_reserved_mib=23000 path=compiled outcome=ok file=b.png\n"
+        "2026-11-23T17:00:35+0000 INFO zimage.engine request id=ccc outcome=rejected reason='too big'\n")
+    logged = _script("local_service").logged_requests(log)
+    assert set(logged) == {7, 8}
+    assert logged[7]["size"] == "256x256" and logged[7]["total_ms"] == 266 and "path" not in logged[7]
+    assert logged[8]["path"] == "compiled" and logged[8]["gpu_peak_reserved_mib"] == 23000
+    assert logged[8]["id"] == "bbb" and logged[8]["decode_ms"] == 90
+
+
+def test_recompilations_are_counted_after_the_compiled_path_went_live(tmp_path):
+    measure_service = _script("measure_service")
+    recompile = "V1123 torch/_dynamo/guards.py:3000] [0/1] [__recompiles] Recompiling function forward in x.py\n"
+    log = tmp_path / "service.log"
+    log.write_text(recompile * 2 + "INFO zimage.engine compiled path live seconds=41.0\n" + recompile +
+                   "W1123 torch._dynamo hit config.recompile_limit (8)\n")
+    assert measure_service.recompilations(log) == {"recompiles_after_live": 1, "recompile_limit_hits": 1}
+    log.write_text(recompile * 2)  # never live (compilation off or failed): the whole log counts
+    assert measure_service.recompilations(log)["recompiles_after_live"] == 2
+
+
+def test_the_mixed_run_uses_sizes_the_ui_offers_and_prompts_from_one_word_past_the_token_budget():
+    measure_service = _script("measure_service")
+    category_of = {label.split()[0]: category for category, labels in offered(2048, 2048).items() for label in labels}
+    sizes = set(measure_service.MIXED_SIZES)
+    assert len(sizes) == 6 and sizes <= category_of.keys() and len({category_of[size] for size in sizes}) == 3
+    jobs = measure_service.mixed_jobs(measure_service.FreshRequests(), 30, list(measure_service.MIXED_SIZES), 2)
+    words = [len(job.prompt.split()) for job in jobs]
+    assert min(words) == 1 and max(words) == 600 and len({job.size for job in jobs}) == 6
+    assert len({job.prompt for job in jobs}) == len({job.seed for job in jobs}) == 30
+
+
+@pytest.mark.e2e
+def test_measure_service_times_a_user_from_start_to_kill_9_and_leaves_nothing_running(tmp_path, tiny_models):
+    demo_dir, supervisor_dir = tmp_path / "demo-model", tmp_path / "sv"
+    shutil.copytree(tiny_models[LayoutKind.SINGLE_FILE], demo_dir)
+    figures_path = tmp_path / "service.json"
+    result = _run("scripts/measure_service.py", "--requests", "2", "--concurrent-clients", "2", "--per-client", "1",
+                  "--mixed", "6", "--mixed-sizes", "256x256,384x256,256x384", "--size", "256x256", "--steps", "2",
+                  "--kill-trials", "1", "--startsecs", "5", "--supervisor-dir", str(supervisor_dir),
+                  "--log", str(tmp_path / "service.log"), "--json", str(figures_path),
+                  "--", "--demo", "--demo-dir", str(demo_dir), "--output-dir", str(tmp_path / "outputs"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "kill -9 → first image" in result.stdout
+    figures = json.loads(figures_path.read_text())
+    assert "error" not in figures
+    assert figures["ready_s"] > 0 and figures["compiled"] == "off"  # the CPU runs the model eagerly
+    assert figures["compiled_live_s"] >= figures["ready_s"]
+    assert figures["first_request_after_ready_s"] > 0 and figures["first_request_after_live_s"] > 0
+    kill = figures["kill"]
+    requests = [figures["first_request_after_ready"], figures["first_request_after_live"],
+                *(request for part in ("openai", "gradio", "concurrent", "mixed") for request in figures[part]["each"]),
+                kill["trials"][0]["request"]]
+    # Each request found its own log line: the engine's total lies inside the client's time.
+    assert len(requests) == 1 + 1 + 2 + 2 + 2 + 6 + 1 == len({request["seed"] for request in requests})
+    assert all(0 < request["engine_total_ms"] < request["client_ms"] for request in requests)
+    assert all(request["path"] in (None, "eager") for request in requests)
+    assert len(list((tmp_path / "outputs").rglob("*.png"))) == len(requests)
+    assert figures["openai"]["b64_bytes_median"] > figures["openai"]["png_bytes_median"] > 0
+    assert figures["concurrent"]["ok"] == 2 and figures["concurrent"]["errors"] == {}
+    assert figures["mixed"]["words_min"] == 1 and figures["mixed"]["words_max"] == 600
+    assert figures["recompiles_after_live"] == 0
+    trial = kill["trials"][0]
+    assert 0 < trial["ready_s"] <= trial["first_image_s"]
+    assert kill["left_running"] == [] and kill["supervisor_pids"]
+    assert not any(psutil.pid_exists(pid) for pid in kill["supervisor_pids"])
+    assert not [process for process in psutil.process_iter(["cmdline"])
+                if str(supervisor_dir) in " ".join(process.info["cmdline"] or [])]

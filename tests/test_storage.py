@@ -18,15 +18,13 @@ def test_png_is_whole_and_carries_its_parameters(tmp_path):
     assert [p.name for p in path.parent.iterdir()] == ["stem.png"]  # no temporary file left behind
 
 
-def test_failed_write_leaves_no_file(tmp_path):
-    class Broken(Image.Image):
-        def save(self, *args, **kwargs):
-            raise OSError("disk full")
+def test_failed_write_leaves_no_file(tmp_path, monkeypatch):
+    def full_disk(fd):
+        raise OSError("disk full")  # a full disk can first show here, with the temporary file already written
 
-    image = Image.new("RGB", (8, 8))
-    image.__class__ = Broken
+    monkeypatch.setattr(os, "fsync", full_disk)
     with pytest.raises(OSError, match="disk full"):
-        save_png(image, tmp_path, "stem", {})
+        save_png(Image.new("RGB", (8, 8)), tmp_path, "stem", {})
     day_dirs = list(tmp_path.iterdir())
     assert day_dirs and not any(os.listdir(day_dirs[0]))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 from pipeline.requests import RequestError
 
@@ -29,16 +30,23 @@ def parse_resolution(label: object) -> tuple[int, int]:
     return int(match[1]), int(match[2])
 
 
-def offered(max_w: int, max_h: int) -> dict[str, list[str]]:
-    """The table without the sizes over the server's limits (and without categories left empty)."""
+def offered(max_w: int, max_h: int, fits: Callable[[int, int], bool] | None = None) -> dict[str, list[str]]:
+    """The table without the sizes over the server's limits or, with `fits`, those it refuses (not enough GPU
+    memory), and without categories left empty."""
     table = {}
     for category, labels in RESOLUTIONS.items():
-        fitting = [label for label in labels if _fits(label, max_w, max_h)]
+        fitting = [label for label in labels if _within(label, max_w, max_h, fits)]
         if fitting:
             table[category] = fitting
     return table
 
 
-def _fits(label: str, max_w: int, max_h: int) -> bool:
+def left_out(max_w: int, max_h: int, fits: Callable[[int, int], bool]) -> list[str]:
+    """The sizes within the limits that `fits` refuses: what the UI must explain rather than silently drop."""
+    return [label.split(" (")[0] for labels in RESOLUTIONS.values() for label in labels
+            if _within(label, max_w, max_h, None) and not _within(label, max_w, max_h, fits)]
+
+
+def _within(label: str, max_w: int, max_h: int, fits: Callable[[int, int], bool] | None) -> bool:
     width, height = parse_resolution(label)
-    return width <= max_w and height <= max_h
+    return width <= max_w and height <= max_h and (fits is None or fits(width, height))

@@ -33,7 +33,8 @@ def health_routes(engine: Engine) -> list[Route]:
     async def readyz(_request):
         state = engine.state()
         ready = bool(state["ready"] and state["healthy"])
-        body = {key: state[key] for key in ("ready", "healthy", "busy", "served", "attention", "compiled", "device")}
+        body = {key: state[key] for key in ("ready", "healthy", "busy", "served", "attention", "compiled", "serving",
+                                            "device")}
         if engine.device.type == "cuda":
             try:
                 free, total = torch.cuda.mem_get_info(engine.device)
@@ -131,6 +132,8 @@ def serve(blocks: gr.Blocks, engine: Engine, *, host: str, port: int, share: boo
         show_error=True, app_kwargs={"routes": routes, "middleware": middleware},
     )
     log.info("ready url=http://%s:%d", host, port)
+    if engine.compile_model:
+        engine.start_compiling()
     # Short waits, not one endless one: Linux may hand SIGTERM to any thread, and then a main thread asleep in an
     # untimed wait never wakes to run the Python handler. Each timeout returns to the interpreter, which runs it.
     while not stop.wait(timeout=SIGNAL_POLL_S):

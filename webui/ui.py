@@ -8,6 +8,7 @@ from dataclasses import asdict
 import gradio as gr
 
 from pipeline.engine import Engine, GenerationResult
+from pipeline.memory import GIB
 from pipeline.requests import (
     DEFAULT_SHIFT,
     DEFAULT_STEPS,
@@ -18,7 +19,7 @@ from pipeline.requests import (
     RequestError,
 )
 from webui.errors import reported_to_the_caller
-from webui.resolutions import offered, parse_resolution
+from webui.resolutions import left_out, offered, parse_resolution
 from webui.server import ARRIVAL_KEY
 
 log = logging.getLogger("zimage.webui")
@@ -54,7 +55,10 @@ def _received_at(request: gr.Request | None) -> float | None:
 
 
 def build_ui(engine: Engine, *, demo: bool, model_label: str, max_w: int, max_h: int) -> gr.Blocks:
-    table = offered(max_w, max_h)
+    guard = engine.memory_guard
+    fits = guard.fits if guard is not None else None
+    table = offered(max_w, max_h, fits)
+    missing = left_out(max_w, max_h, fits) if fits is not None else []
     # Images are served from the output folder as they are: otherwise Gradio hashes and copies every gallery file
     # into its cache on every response, which costs more than the image itself once the gallery has a few dozen.
     gr.set_static_paths([engine.output_dir])
@@ -113,6 +117,10 @@ def build_ui(engine: Engine, *, demo: bool, model_label: str, max_w: int, max_h:
                     category = gr.Dropdown(list(table), value=first_category, label="Resolution category")
                     resolution = gr.Dropdown(table[first_category], value=table[first_category][0],
                                              label="Width × height", allow_custom_value=True)
+                if missing:
+                    gr.Markdown(f"Not offered on this GPU: {', '.join(missing)}. Each needs more memory than the "
+                                f"{guard.available_bytes / GIB:.1f} GiB free next to the model.",
+                                elem_id="sizes-left-out")
                 with gr.Row():
                     seed = gr.Number(value=42, precision=0, label="Seed")
                     random_seed = gr.Checkbox(value=True, label="Random seed")

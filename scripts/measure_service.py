@@ -1,0 +1,481 @@
+"""Measure the service as a user meets it, from process start to steady state, and kill -9 → first image.
+
+Steps: start → ready → first image → compiled path live → first image after it; latency through the OpenAI route
+and the UI's API; four users at once; recompilations over mixed prompt lengths and sizes; optionally kill -9 →
+ready → first image under supervisord.
+
+    .venv/bin/python scripts/measure_service.py --json service.json -- --model-dir /opt/z-image-turbo/weights
+    .venv/bin/python scripts/measure_service.py --mixed 0 --kill-trials 3 --json kill.json -- --model-dir DIR
+    .venv/bin/python scripts/measure_service.py --requests 2 --size 256x256 --steps 2 --mixed 6 \\
+        --mixed-sizes 256x256,384x256,256x384 -- --demo                                       # a quick run on CPU
+
+Everything after `--` goes to app.py; --kill-trials installs that same command under a standalone supervisord of
+its own. Every request carries a prompt not sent before (no prompt-cache hit) and a seed of its own, which finds
+its line in the service's log: the engine's time per stage and the path (eager or compiled) that served it. Prints
+a table; --json writes every figure, and what was measured before a step failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import collections
+import json
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import measure_restart  # noqa: E402
+from install_service import DEFAULT_STARTSECS  # noqa: E402
+from loadtest import error_kind, percentile  # noqa: E402
+from local_service import PROJECT_DIR, free_port, logged_requests, start_service, stop_service  # noqa: E402
+from measure_start import round_trip, wait_compiled  # noqa: E402
+
+READY_TIMEOUT_S = 600  # full-size weights from a cold page cache
+COMPILE_TIMEOUT_S = 600  # a cold compile cache took 92 s on an H100
+REQUEST_TIMEOUT_S = 900  # a request may wait behind compilation; the service's queue timeout (300 s) ends it sooner
+RETRY_AFTER_S = 0.25  # how soon the user's client of a kill trial tries again after connection refused or 503
+PROGRAM = "z-image-turbo"
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+STAGES = ("wait", "encode", "denoise", "decode", "save")
+# Two from each of the UI's size categories (webui/resolutions.py), both orientations, square and the extreme
+# ratios, all within the default --max-w/--max-h of 2048: the shapes a compiled graph must serve.
+MIXED_SIZES = ("1024x1024", "1344x576", "1120x1440", "1536x864", "1536x1536", "1152x2048")
+MIXED_MAX_WORDS = 600  # past the text encoder's 512-token budget, where the engine cuts prompts
+# Lines that TORCH_LOGS=recompiles (set for the service here) writes for each recompilation, and the one torch
+# writes when a function has recompiled so often that it gives up and runs it eagerly.
+RECOMPILE_MARKER = "Recompiling function"
+RECOMPILE_LIMIT_MARKER = "torch._dynamo hit config.recompile_limit"
+LIVE_MARKER = "compiled path live"
+VOCABULARY = (
+    "a", "lighthouse", "on", "cliff", "at", "dusk", "misty", "harbour", "old", "fishing", "boat", "golden", "hour",
+    "portrait", "of", "woman", "with", "red", "scarf", "city", "street", "rain", "neon", "signs", "reflections",
+    "mountain", "lake", "pine", "forest", "snow", "morning", "fog", "cat", "sleeping", "window", "sill", "sunlight",
+    "bowl", "ramen", "steam", "wooden", "table", "watercolor", "oil", "painting", "photo", "35mm", "film", "grain",
+    "wide", "angle", "close-up", "soft", "light", "dramatic", "shadows", "desert", "dunes", "night", "stars",
+    "market", "stall", "oranges", "lanterns", "bridge", "river", "autumn", "leaves", "robot", "garden", "flowers",
+    "library", "dust", "glass", "vase", "tulips", "train", "station", "crowd", "umbrella", "blue", "green",
+)
+
+
+@dataclass(frozen=True)
+class Job:
+    prompt: str
+    seed: int
+    size: str  # "WxH"
+    steps: int
+
+
+class FreshRequests:
+    """Jobs whose prompt was never sent before (so the service's prompt cache cannot answer) and whose seed is
+    their own (the key to their line in the log). Deterministic: two runs send the same prompts."""
+
+    def __init__(self) -> None:
+        self._random = random.Random(0)
+        self._sent: set[str] = set()
+        self._next_seed = 1000
+
+    def job(self, size: str, steps: int, words: int | None = None) -> Job:
+        """A job with a prompt of `words` words, or of 5 to 60 when not given."""
+        count = words or self._random.randint(5, 60)
+        prompt = " ".join(self._random.choices(VOCABULARY, k=count))
+        while prompt in self._sent:  # only very short prompts can come out the same twice
+            prompt = " ".join(self._random.choices(VOCABULARY, k=count))
+        self._sent.add(prompt)
+        self._next_seed += 1
+        return Job(prompt, self._next_seed, size, steps)
+
+
+class ServiceRefused(RuntimeError):
+    """The service answered with an HTTP error; the message is its body."""
+
+    def __init__(self, status: int, body: str):
+        super().__init__(f"HTTP {status}: {body}")
+        self.status = status
+
+
+def note(message: str) -> None:
+    """Progress on stderr: a full run on the GPU takes minutes."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def readiness(url: str) -> dict[str, object]:
+    with urllib.request.urlopen(f"{url}/readyz", timeout=5) as response:
+        return json.load(response)
+
+
+def openai_image(url: str, job: Job) -> dict[str, object]:
+    """One image through POST /v1/images/generations as b64_json, as an OpenAI client sends it: the client time
+    (request sent → whole JSON received) and the payload's size. ServiceRefused or OSError when it fails."""
+    body = {"prompt": job.prompt, "size": job.size, "seed": job.seed, "steps": job.steps, "n": 1,
+            "response_format": "b64_json"}
+    request = urllib.request.Request(f"{url}/v1/images/generations", data=json.dumps(body).encode(),
+                                     headers={"content-type": "application/json"})
+    started = time.perf_counter()
+    try:
+        with urllib.request.urlopen(request, timeout=REQUEST_TIMEOUT_S) as response:
+            image = json.load(response)["data"][0]
+    except urllib.error.HTTPError as error:
+        raise ServiceRefused(error.code, error.read().decode(errors="replace")) from None
+    client_ms = (time.perf_counter() - started) * 1000
+    png = base64.b64decode(image["b64_json"])
+    if not png.startswith(PNG_SIGNATURE) or image["seed"] != job.seed:
+        raise RuntimeError(f"seed {job.seed}: the answer is not this request's PNG (seed {image['seed']})")
+    return {**_describe(job), "client_ms": round(client_ms, 1), "b64_bytes": len(image["b64_json"]),
+            "png_bytes": len(png)}
+
+
+def gradio_image(client, job: Job) -> dict[str, object]:
+    """One image through the UI's API and the PNG's download (measure_start.round_trip)."""
+    return {**_describe(job), "client_ms": round(round_trip(client, job.prompt, job.size, job.seed, job.steps), 1)}
+
+
+def _describe(job: Job) -> dict[str, object]:
+    return {"seed": job.seed, "size": job.size, "words": len(job.prompt.split())}
+
+
+def with_engine_times(records: list[dict[str, object]], log_path: Path) -> list[dict[str, object]]:
+    """Each record with the engine's times for its request and the path that served it ("path": None where the
+    engine does not log one), from the log line its seed finds."""
+    logged = logged_requests(log_path)
+    for record in records:
+        line = logged.get(record["seed"])
+        if line is None:
+            raise RuntimeError(f"no request line with seed={record['seed']} in {log_path}: has its format changed?")
+        record.update({f"{stage}_ms": line[f"{stage}_ms"] for stage in STAGES},
+                      engine_total_ms=line["total_ms"], path=line.get("path"))
+    return records
+
+
+def one_request(url: str, job: Job, log_path: Path) -> dict[str, object]:
+    return with_engine_times([openai_image(url, job)], log_path)[0]
+
+
+def sequential_summary(records: list[dict[str, object]]) -> dict[str, object]:
+    """Client time (median, p95), the engine's own total and stages (medians), and what lies between the two:
+    HTTP, the queue's hand-offs, base64 or the PNG download."""
+    client_ms = [record["client_ms"] for record in records]
+    summary = {
+        "requests": len(records),
+        "client_ms_median": round(statistics.median(client_ms), 1),
+        "client_ms_p95": percentile(client_ms, 0.95),
+        "engine_total_ms_median": statistics.median(record["engine_total_ms"] for record in records),
+        "overhead_ms_median": round(statistics.median(record["client_ms"] - record["engine_total_ms"]
+                                                      for record in records), 1),
+        "stage_ms_median": {stage: statistics.median(record[f"{stage}_ms"] for record in records)
+                            for stage in STAGES},
+        "paths": dict(collections.Counter(str(record["path"]) for record in records)),
+    }
+    if "b64_bytes" in records[0]:
+        summary["b64_bytes_median"] = statistics.median(record["b64_bytes"] for record in records)
+        summary["png_bytes_median"] = statistics.median(record["png_bytes"] for record in records)
+    return summary | {"each": records}
+
+
+def concurrent_users(url: str, jobs_per_user: list[list[Job]], log_path: Path) -> dict[str, object]:
+    """Users at once, each sending its jobs one after another; refusals (a full queue) are counted, not fatal."""
+
+    def user(jobs: list[Job]) -> tuple[list[dict[str, object]], list[str]]:
+        records, errors = [], []
+        for job in jobs:
+            try:
+                records.append(openai_image(url, job))
+            except (ServiceRefused, OSError) as error:
+                errors.append(error_kind(error))
+        return records, errors
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(len(jobs_per_user)) as pool:
+        results = list(pool.map(user, jobs_per_user))
+    wall_s = time.perf_counter() - started
+    records = with_engine_times([record for user_records, _ in results for record in user_records], log_path)
+    latency_s = [record["client_ms"] / 1000 for record in records]
+    return {
+        "clients": len(jobs_per_user), "per_client": len(jobs_per_user[0]), "ok": len(records),
+        "errors": dict(collections.Counter(kind for _, errors in results for kind in errors)),
+        "wall_s": round(wall_s, 2), "images_per_s": round(len(records) / wall_s, 3),
+        "latency_s_p50": round(percentile(latency_s, 0.5), 3) if records else None,
+        "latency_s_p95": round(percentile(latency_s, 0.95), 3) if records else None,
+        "each": records,
+    }
+
+
+def mixed_jobs(fresh: FreshRequests, count: int, sizes: list[str], steps: int) -> list[Job]:
+    """`count` prompts from 1 word up to MIXED_MAX_WORDS, more short ones than long (spaced by the square, as
+    people write them), cycling through `sizes`."""
+    fractions = [number / max(count - 1, 1) for number in range(count)]
+    return [fresh.job(sizes[number % len(sizes)], steps, words=round(1 + (MIXED_MAX_WORDS - 1) * fraction ** 2))
+            for number, fraction in enumerate(fractions)]
+
+
+def mixed_run(url: str, jobs: list[Job], log_path: Path) -> dict[str, object]:
+    started = time.perf_counter()
+    records = with_engine_times([openai_image(url, job) for job in jobs], log_path)
+    return {"requests": len(records), "sizes": list(dict.fromkeys(job.size for job in jobs)),
+            "steps": jobs[0].steps, "words_min": min(record["words"] for record in records),
+            "words_max": max(record["words"] for record in records), "wall_s": round(time.perf_counter() - started, 2),
+            "client_ms_max": max(record["client_ms"] for record in records), "each": records}
+
+
+def recompilations(log_path: Path) -> dict[str, int]:
+    """Recompilations logged after the compiled path went live, or in the whole log where it never did
+    (compilation off or failed): after a warm-up that covered every shape, each one is a user's request stalled."""
+    text = log_path.read_text(errors="replace")
+    lines = text[max(text.rfind(LIVE_MARKER), 0):].splitlines()
+    return {"recompiles_after_live": sum(RECOMPILE_MARKER in line for line in lines),
+            "recompile_limit_hits": sum(RECOMPILE_LIMIT_MARKER in line for line in lines)}
+
+
+def measure_service(args: argparse.Namespace, fresh: FreshRequests, figures: dict[str, object]) -> None:
+    """Steps 1–8 against one service started here, filling `figures` as they go; the service is stopped after."""
+    def job() -> Job:  # steps 2–7 send one size and step count
+        return fresh.job(args.size, args.steps)
+
+    started = time.monotonic()
+    service, url = start_service(args.app_args, args.log, env={"TORCH_LOGS": "recompiles"},
+                                 timeout_s=args.ready_timeout)
+    try:
+        # 1. Process start → /readyz 200, and which path serves at that moment.
+        figures["ready_s"] = round(time.monotonic() - started, 2)
+        state = readiness(url)
+        figures.update(serving_at_ready=state.get("serving"), compiled_at_ready=state["compiled"])
+        note(f"ready after {figures['ready_s']} s")
+        # 2. The first user, right at ready: served eagerly, or waiting for compilation?
+        first = one_request(url, job(), args.log)
+        figures.update(first_request_after_ready_s=round(first["client_ms"] / 1000, 2),
+                       first_request_after_ready_path=first["path"], first_request_after_ready=first)
+        # 3. Compilation finished (or never ran: "off").
+        figures["compiled"] = wait_compiled(url, args.compile_timeout)
+        finished = figures["compiled"] in ("on", "off", "failed")  # not "still compiling" at the timeout
+        figures["compiled_live_s"] = round(time.monotonic() - started, 2) if finished else None
+        note(f"compiled: {figures['compiled']} at {figures['compiled_live_s']} s")
+        # 4. The first user after that.
+        first = one_request(url, job(), args.log)
+        figures.update(first_request_after_live_s=round(first["client_ms"] / 1000, 2),
+                       first_request_after_live_path=first["path"], first_request_after_live=first)
+        # 5. Sequential requests through the OpenAI route.
+        figures["openai"] = sequential_summary(with_engine_times([openai_image(url, job())
+                                                                  for _ in range(args.requests)], args.log))
+        note(f"OpenAI route: median {figures['openai']['client_ms_median']} ms")
+        # 6. The same through the UI's API (gradio_client), as the web page sends them.
+        from gradio_client import Client
+
+        client = Client(url, verbose=False, download_files=False)
+        figures["gradio"] = sequential_summary(with_engine_times([gradio_image(client, job())
+                                                                  for _ in range(args.requests)], args.log))
+        note(f"gradio_client: median {figures['gradio']['client_ms_median']} ms")
+        # 7. Users at once.
+        jobs = [[job() for _ in range(args.per_client)] for _ in range(args.concurrent_clients)]
+        figures["concurrent"] = concurrent_users(url, jobs, args.log)
+        note(f"{args.concurrent_clients} users at once: {figures['concurrent']['images_per_s']} images/s")
+        # 8. Mixed prompt lengths and sizes, then the recompilations they (or anything above) caused.
+        if args.mixed:
+            figures["mixed"] = mixed_run(url, mixed_jobs(fresh, args.mixed, args.mixed_sizes, args.mixed_steps),
+                                         args.log)
+        figures.update(recompilations(args.log))
+        note(f"recompiles after live: {figures['recompiles_after_live']}")
+    finally:
+        stop_service(service)
+
+
+def measure_kill_trials(args: argparse.Namespace, fresh: FreshRequests, figures: dict[str, object]) -> None:
+    """Step 9: the same app under a standalone supervisord of its own; each trial kills it with SIGKILL once it
+    serves in its steady state (compilation finished) and times the way back while a user retries a request.
+    supervisord and everything it started are shut down afterwards, and whatever outlived that is named."""
+    root = (args.supervisor_dir or Path(tempfile.mkdtemp(prefix="zimage-kill-"))).resolve()
+    conf, log_path, port = root / "supervisord.conf", root / "log" / f"{PROGRAM}.log", free_port()
+    url = f"http://127.0.0.1:{port}"
+    figures.update(supervisor_dir=str(root), log=str(log_path), trials=[])
+    try:
+        install_supervised(args, root, port, log_path)
+        wait_ready(url, args.ready_timeout)
+        for number in range(1, args.kill_trials + 1):
+            wait_compiled(url, args.compile_timeout)
+            figures["trials"].append(kill_trial(conf, url, log_path, fresh.job(args.size, args.steps), args))
+            note(f"kill trial {number}: ready {figures['trials'][-1]['ready_s']} s, "
+                 f"first image {figures['trials'][-1]['first_image_s']} s")
+    finally:
+        figures.update(shut_down_supervisor(root))
+    for key in ("ready_s", "first_image_s"):
+        figures[f"{key}_median"] = round(statistics.median(trial[key] for trial in figures["trials"]), 2)
+        figures[f"{key}_max"] = max(trial[key] for trial in figures["trials"])
+
+
+def install_supervised(args: argparse.Namespace, root: Path, port: int, log_path: Path) -> None:
+    command = [sys.executable, "scripts/install_service.py", "--standalone", str(root), "--name", PROGRAM,
+               "--python", sys.executable, "--port", str(port), "--log-file", str(log_path),
+               "--crash-dir", str(root / "crashes"), "--output-dir", str(root / "outputs"),
+               "--startsecs", str(args.startsecs), "--", *args.app_args]
+    result = subprocess.run(command, cwd=PROJECT_DIR, capture_output=True, text=True, timeout=120)
+    if result.returncode != 0:
+        raise RuntimeError(f"install_service.py failed:\n{result.stdout}{result.stderr}")
+
+
+def wait_ready(url: str, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not measure_restart.is_ready(url):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the supervised service at {url} was not ready within {timeout_s} s")
+        time.sleep(0.5)
+
+
+def kill_trial(conf: Path, url: str, log_path: Path, job: Job, args: argparse.Namespace) -> dict[str, object]:
+    """Seconds from the SIGKILL to /readyz 200 and to the image in the hands of a user who sent `job` right after
+    the kill and kept trying; which path served it."""
+    killed_pid, killed_at = measure_restart.kill_program(conf, PROGRAM, url, args.ready_timeout)
+    with ThreadPoolExecutor(1) as pool:
+        user = pool.submit(image_when_back, url, job, killed_at + args.ready_timeout + REQUEST_TIMEOUT_S)
+        ready_s = measure_restart.wait_ready_again(conf, PROGRAM, url, killed_pid, killed_at, args.ready_timeout)
+        record, received_at = user.result()
+    record = with_engine_times([record], log_path)[0]
+    return {"killed_pid": killed_pid, "ready_s": round(ready_s, 2), "first_image_s": round(received_at - killed_at, 2),
+            "path": record["path"], "request": record}
+
+
+def image_when_back(url: str, job: Job, deadline: float) -> tuple[dict[str, object], float]:
+    """Send `job` as a user's client does while the service restarts: a refused connection or a 503 is tried again
+    after RETRY_AFTER_S. (the image's record, the time.monotonic() it arrived)"""
+    while True:
+        try:
+            return openai_image(url, job), time.monotonic()
+        except ServiceRefused as error:
+            if error.status != 503:
+                raise
+        except OSError:  # connection refused or reset: no process listens on the port yet
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"no image from {url} before the deadline after kill -9")
+        time.sleep(RETRY_AFTER_S)
+
+
+def shut_down_supervisor(root: Path, timeout_s: float = 90) -> dict[str, list[int]]:
+    """`supervisorctl shutdown` (supervisord stops the service with SIGTERM, as on a host's shutdown), then wait for
+    supervisord and everything it started to exit; whatever is alive after `timeout_s` is killed and named in
+    "left_running"."""
+    pid_file = root / "supervisord.pid"
+    try:
+        supervisord = psutil.Process(int(pid_file.read_text()))
+        # A stale pid file's number may belong to another process by now.
+        if str(root / "supervisord.conf") not in supervisord.cmdline():
+            return {"supervisor_pids": [], "left_running": []}
+        processes = [supervisord, *supervisord.children(recursive=True)]
+    except (FileNotFoundError, psutil.NoSuchProcess):  # supervisord never started, or is gone already
+        return {"supervisor_pids": [], "left_running": []}
+    measure_restart.supervisorctl(root / "supervisord.conf", "shutdown")
+    _, alive = psutil.wait_procs(processes, timeout=timeout_s)
+    for process in alive:
+        process.kill()
+    return {"supervisor_pids": [process.pid for process in processes],
+            "left_running": [process.pid for process in alive]}
+
+
+def table(figures: dict[str, object]) -> str:
+    """The headline figures, one line each, for what was measured."""
+    rows = []
+    if "ready_s" in figures:
+        rows.append(("start → /readyz 200", f"{figures['ready_s']} s",
+                     f"serving {figures['serving_at_ready']}, compiled {figures['compiled_at_ready']}"))
+    if "first_request_after_ready_s" in figures:
+        rows.append(("first image right at ready", f"{figures['first_request_after_ready_s']} s",
+                     f"path {figures['first_request_after_ready_path']}"))
+    if "compiled" in figures:
+        rows.append(("start → compilation finished", f"{figures['compiled_live_s']} s", figures["compiled"]))
+    if "first_request_after_live_s" in figures:
+        rows.append(("first image after that", f"{figures['first_request_after_live_s']} s",
+                     f"path {figures['first_request_after_live_path']}"))
+    for key, label in (("openai", "OpenAI route"), ("gradio", "gradio_client + PNG")):
+        if key in figures:
+            part = figures[key]
+            detail = (f"p95 {part['client_ms_p95']} ms, engine {part['engine_total_ms_median']} ms, "
+                      f"overhead {part['overhead_ms_median']} ms")
+            if "b64_bytes_median" in part:
+                detail += f", b64 {part['b64_bytes_median'] / 2**20:.2f} MiB"
+            rows.append((f"{label}, {part['requests']} in a row", f"{part['client_ms_median']} ms", detail))
+    if "concurrent" in figures:
+        part = figures["concurrent"]
+        rows.append((f"{part['clients']} users × {part['per_client']}", f"{part['images_per_s']} img/s",
+                     f"p50 {part['latency_s_p50']} s, p95 {part['latency_s_p95']} s, wall {part['wall_s']} s, "
+                     f"{part['ok']} ok, errors {part['errors'] or 'none'}"))
+    if "mixed" in figures:
+        part = figures["mixed"]
+        rows.append((f"mixed run, {part['requests']} requests", f"{part['wall_s']} s",
+                     f"{len(part['sizes'])} sizes, {part['words_min']}–{part['words_max']} words, "
+                     f"slowest {part['client_ms_max']} ms"))
+    if "recompiles_after_live" in figures:
+        rows.append(("recompiles after live", str(figures["recompiles_after_live"]),
+                     f"recompile-limit hits {figures['recompile_limit_hits']}"))
+    if figures.get("kill", {}).get("trials"):
+        part = figures["kill"]
+        rows.append((f"kill -9 → /readyz 200 ({len(part['trials'])})", f"{part.get('ready_s_median')} s",
+                     f"median; max {part.get('ready_s_max')} s"))
+        rows.append(("kill -9 → first image", f"{part.get('first_image_s_median')} s",
+                     f"median; max {part.get('first_image_s_max')} s; paths "
+                     f"{sorted({str(trial['path']) for trial in part['trials']})}"))
+    return "\n".join(f"{what:<34} {figure:>12}  {detail}" for what, figure, detail in rows)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--size", default="1024x1024", help="WxH of the requests of steps 2–7 and 9")
+    parser.add_argument("--steps", type=int, default=8, help="steps of those requests")
+    parser.add_argument("--requests", type=int, default=8, help="requests in a row, through each API")
+    parser.add_argument("--concurrent-clients", type=int, default=4, help="users sending at once")
+    parser.add_argument("--per-client", type=int, default=3, help="requests each of those users sends")
+    parser.add_argument("--mixed", type=int, default=30, help="requests of the mixed run (0: skip it)")
+    parser.add_argument("--mixed-sizes", type=lambda text: text.split(","), default=",".join(MIXED_SIZES),
+                        help="comma-separated WxH sizes the mixed run cycles through")
+    parser.add_argument("--mixed-steps", type=int, default=2, help="steps of the mixed run's requests")
+    parser.add_argument("--kill-trials", type=int, default=0, help="kill -9 trials under supervisord (0: none)")
+    parser.add_argument("--startsecs", type=int, default=DEFAULT_STARTSECS,
+                        help="supervisor's startsecs for the kill trials; a kill comes only after it")
+    parser.add_argument("--supervisor-dir", type=Path,
+                        help="the kill trials' supervisord, logs and images (default: a new temporary directory, "
+                        "kept for its logs)")
+    parser.add_argument("--ready-timeout", type=float, default=READY_TIMEOUT_S, help="seconds to wait for ready")
+    parser.add_argument("--compile-timeout", type=float, default=COMPILE_TIMEOUT_S,
+                        help="seconds to wait for compilation to finish")
+    parser.add_argument("--log", type=Path, default=Path("measure_service.log"), help="the service's log")
+    parser.add_argument("--json", type=Path, help="write every figure here")
+    parser.add_argument("app_args", nargs="*", help="after --: arguments for app.py")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for name in ("requests", "concurrent_clients", "per_client"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    fresh = FreshRequests()
+    figures: dict[str, object] = {"app_args": args.app_args, "size": args.size, "steps": args.steps,
+                                  "log": str(args.log)}
+    exit_code = 0
+    try:
+        measure_service(args, fresh, figures)
+        if args.kill_trials:
+            measure_kill_trials(args, fresh, figures.setdefault("kill", {}))
+    except Exception as error:  # keep what was measured: a full run on the GPU takes many minutes
+        traceback.print_exc()
+        figures["error"] = f"{type(error).__name__}: {error}"
+        exit_code = 1
+    print(table(figures))
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=2) + "\n")
+    return exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
