@@ -122,6 +122,9 @@ def _generate(client, prompt, resolution="256x256", seed=1234, random_seed=False
 def test_health_and_readiness_answer(demo_app):
     assert http_status(f"{demo_app.url}/healthz") == 200
     assert http_status(f"{demo_app.url}/readyz") == 200
+    # On the CPU nothing compiles: the eager path serves, and /readyz says so.
+    state = json.loads(urllib.request.urlopen(f"{demo_app.url}/readyz", timeout=5).read())
+    assert (state["compiled"], state["serving"]) == ("off", "eager")
 
 
 def test_demo_model_is_built_on_first_use_and_labelled(demo_app):
