@@ -18,19 +18,22 @@ from importlib import metadata
 
 import pipeline  # noqa: F401  (must come before any Hugging Face import: it turns their network use off)
 from config import Settings, SettingsError, load_settings
+from config.log_lines import LOG_DATE_FORMAT, LOG_FORMAT, LinesToLog, OneLinePerRecord
 
 log = logging.getLogger("zimage.app")
 
 
 def configure_logging(level: str) -> None:
-    """One format for every line, ours and the libraries', on stdout (supervisor writes it to the log file)."""
+    """One format for every line, ours and the libraries', on stdout (supervisor writes it to the log file); no
+    client text reaches it unescaped (OneLinePerRecord), not even what libraries print (LinesToLog)."""
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
-    logging.basicConfig(
-        level=level, stream=sys.stdout, force=True,
-        format="%(asctime)s %(levelname)s %(name)s %(message)s", datefmt="%Y-%m-%dT%H:%M:%S%z",
-    )
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(OneLinePerRecord(LOG_FORMAT, LOG_DATE_FORMAT))
+    logging.basicConfig(level=level, handlers=[handler], force=True)
+    sys.stdout = LinesToLog(logging.getLogger("stdout"), logging.INFO, sys.stdout)
+    sys.stderr = LinesToLog(logging.getLogger("stderr"), logging.WARNING, sys.stderr)
     for library in (diffusers_logging, transformers_logging):
         library.disable_default_handler()
         library.enable_propagation()
@@ -157,8 +160,11 @@ def start_engine(settings: Settings, faults, loaded, model_name: str, metrics):
 
 
 def main(argv: list[str] | None = None) -> int:
+    from config.settings import check_port_free
+
     try:
         settings = load_settings(argv)
+        check_port_free(settings.host, settings.port)  # before minutes of loading, not after
     except SettingsError as error:
         print(f"app.py: error: {error}", file=sys.stderr)
         return 2
@@ -168,6 +174,16 @@ def main(argv: list[str] | None = None) -> int:
     if settings.exposed and not credentials:
         log.warning("INSECURE: serving %s without authentication (--insecure-public); anyone who reaches it can "
                     "use the GPU and see every image", "a share link" if settings.share else f"host {settings.host}")
+    for warning in settings.credential_warnings(argv):
+        log.warning("INSECURE: %s", warning)
+
+    from pipeline.output_dir import OutputDirError, prepare_output_dir
+
+    try:
+        prepare_output_dir(settings.output_dir)
+    except OutputDirError as error:
+        log.error("cannot start: %s", error)
+        return 1
 
     from pipeline.faults import FaultConfigError, FaultPlan
     from pipeline.layouts import WeightsError

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import functools
 import ipaddress
 import os
+import socket
+import stat
 import tomllib
 import typing
 from collections.abc import Mapping, Sequence
@@ -121,8 +124,11 @@ class Settings:
                 lines = path.read_text().splitlines()
             except OSError as error:
                 raise SettingsError(f"auth_file {path} cannot be read: {error.strerror}.") from None
-            entries += [(f"auth_file {path} line {number}", line.strip()) for number, line in enumerate(lines, 1)
-                        if line.strip() and not line.lstrip().startswith("#")]
+            from_file = [(f"auth_file {path} line {number}", line.strip()) for number, line in enumerate(lines, 1)
+                         if line.strip() and not line.lstrip().startswith("#")]
+            if not from_file:  # served without the auth the operator meant to set up: worse than not starting
+                raise SettingsError(f"auth_file {path} holds no user:password line (only comments or blank lines).")
+            entries += from_file
         credentials = {}
         for source, entry in entries:
             user, colon, password = entry.partition(":")
@@ -130,6 +136,21 @@ class Settings:
                 raise SettingsError(f"{source} must be user:password, both non-empty.")
             credentials[user] = password
         return credentials
+
+    def credential_warnings(self, argv: Sequence[str] | None = None) -> list[str]:
+        """Where other users of this machine can read a password, one sentence each, for the log at start. `argv` is
+        what load_settings parsed (None: sys.argv), to tell --auth on the command line from ZIMAGE_AUTH."""
+        warnings = []
+        if self.auth and "auth" in _parse_flags(argv):
+            warnings.append("the --auth password is visible to every user of this machine (ps, /proc/PID/cmdline); "
+                            "use --auth-file FILE with mode 600, or the environment variable ZIMAGE_AUTH")
+        if self.auth_file:
+            path = Path(self.auth_file).expanduser()
+            mode = path.stat().st_mode
+            if mode & stat.S_IROTH:
+                warnings.append(f"auth_file {path} is readable by every user of this machine (mode {mode & 0o777:o}); "
+                                f"chmod 600 {path}")
+        return warnings
 
     def as_log_fields(self) -> dict[str, object]:
         fields = {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
@@ -270,9 +291,14 @@ def build_arg_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _parse_flags(argv: Sequence[str] | None) -> dict[str, object]:
+    """Only the flags given on the command line (argv None: sys.argv), by setting name."""
+    return vars(build_arg_parser().parse_args(argv))
+
+
 def load_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
     """Parse flags and merge them over the environment and the settings files; bad values raise SettingsError."""
-    flags = vars(build_arg_parser().parse_args(argv))
+    flags = _parse_flags(argv)
     values = _read_file(DEFAULTS_FILE)
     config_file = flags.pop("config_file", None)
     if config_file is not None:
@@ -283,3 +309,22 @@ def load_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str] 
     if missing:
         raise SettingsError(f"no value for {', '.join(missing)}: add them to {DEFAULTS_FILE}.")
     return Settings(**values)
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Bind (host, port) as the server will, and let go: a port taken by a second copy of the service fails in a
+    second, not after minutes of loading weights. Another process could take the port between this check and the
+    server's own bind, but that bind follows within seconds, and if it loses supervisord restarts the service; the
+    check is for the common case, not that race."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        # As uvicorn binds: a port whose last connections linger in TIME_WAIT after a restart is free.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            if error.errno == errno.EADDRINUSE:
+                raise SettingsError(f"port {port} on {host} is in use: is another copy of the service running? "
+                                    f"(ss -ltnp 'sport = :{port}' names the process) Or choose another --port."
+                                    ) from None
+            raise SettingsError(f"cannot listen on port {port} of {host}: {error.strerror}.") from None

@@ -25,6 +25,7 @@ from pipeline.faults import FaultPlan
 from pipeline.loader import LoadedPipeline
 from pipeline.memory import GIB, MemoryGuard
 from pipeline.metrics import ServiceMetrics
+from pipeline.output_dir import OutputDirCheck
 from pipeline.requests import GenerationRequest, Limits, RequestError, ValidRequest, validate
 from pipeline.storage import a1111_parameters, recent_images, remove_partial_files, save_png
 
@@ -149,6 +150,7 @@ class Engine:
         self.dtype = loaded.dtype
         self.limits = limits
         self.output_dir = output_dir
+        self._output_dir_check = OutputDirCheck(output_dir)
         self.model_name = model_name
         self.nan_check = nan_check
         self.log_prompts = log_prompts
@@ -213,6 +215,10 @@ class Engine:
                 "in_flight": self.in_flight, "served": self.served, "attention": self.attention_backend,
                 "compiled": self.compiled, "serving": self.serving,
                 "device": str(self.device), "recent_prompts": list(self._recent_prompts)}
+
+    def output_dir_problem(self) -> str | None:
+        """Why an image could not be saved now (the directory is not writable, or the disk nearly full), or None."""
+        return self._output_dir_check.problem()
 
     def history(self, limit: int) -> list[tuple[Path, dict[str, object]]]:
         """The newest saved images and their parameters: what earlier sessions (and earlier processes) made."""
@@ -349,6 +355,11 @@ class Engine:
             if self._draining:
                 log.info("request id=%s outcome=refused reason=shutting-down", request_id)
                 raise ServiceBusy("The service is shutting down; try again in a minute.")
+            # Checked here, after the wait and before the GPU work: an image that cannot be saved is GPU time lost.
+            if self.output_dir_problem() is not None:
+                log.info("request id=%s outcome=refused reason=output-dir-unusable", request_id)
+                raise ServiceBusy("The server cannot save images right now (its output directory is not writable or "
+                                  "its disk is full); the operator has to fix it. Try again later.")
             waited_ms = (time.perf_counter() - started) * 1000
             queued_s = time.monotonic() - received_at if received_at is not None else waited_ms / 1000
             if queued_s > self.queue_timeout_s:
@@ -478,7 +489,7 @@ class Engine:
     @torch.inference_mode()
     def _render(self, pipe, valid: ValidRequest, prompt_embeds: list[torch.Tensor],
                 progress: ProgressCallback | None, request_number: int = 0, track_memory: bool = True) -> Rendered:
-        """Denoise → decode → check: the prompt's embeddings to an image, on `pipe` (eager, or the compiled copy)."""
+        """Denoise → decode → check: the prompt's embeddings to an image on `pipe` (eager, or the compiled copy)."""
         # 1. Denoise. The scheduler's shift is per request; each pipeline runs one request at a time.
         started = self._sync()
         pipe.scheduler.set_shift(valid.shift)
@@ -514,4 +525,5 @@ class Engine:
             raise GenerationError("The model produced an all-black image. Try another seed or prompt.")
         return Rendered(image=Image.fromarray(array), notices=[],
                         stage_ms=dict(denoise_ms=(denoised - started) * 1000, decode_ms=(finished - denoised) * 1000),
-                        denoise_peak_bytes=denoise_peak, decode_peak_bytes=self._peak_bytes_since_last_call(track_memory))
+                        denoise_peak_bytes=denoise_peak,
+                        decode_peak_bytes=self._peak_bytes_since_last_call(track_memory))

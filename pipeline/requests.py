@@ -20,6 +20,17 @@ DEFAULT_STEPS = 8
 DEFAULT_SHIFT = 3.0
 
 
+SHOWN_CHARS = 40  # enough of a value to recognise it in a message; a megabyte sent is not a megabyte echoed
+
+
+def shown(value: object) -> str:
+    """`value` as Python writes it (repr), cut to SHOWN_CHARS characters with "…": what an error message or a log
+    line may echo of anything a caller sent."""
+    # A long string is cut before repr so that a megabyte in a field is never copied whole just to be dropped.
+    text = repr(value[:SHOWN_CHARS] if isinstance(value, str) else value)
+    return text if len(text) <= SHOWN_CHARS else f"{text[:SHOWN_CHARS - 1]}…"
+
+
 class RequestError(ValueError):
     """Input the service will not run; the message is meant for the person who sent it."""
 
@@ -52,9 +63,9 @@ class ValidRequest:
 
 def _whole_number(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise RequestError(f"{name} must be a whole number (got {value!r}).")
+        raise RequestError(f"{name} must be a whole number (got {shown(value)}).")
     if isinstance(value, float) and not (math.isfinite(value) and value.is_integer()):
-        raise RequestError(f"{name} must be a whole number (got {value!r}).")
+        raise RequestError(f"{name} must be a whole number (got {shown(value)}).")
     return int(value)
 
 
@@ -106,7 +117,7 @@ def validate(request: GenerationRequest, limits: Limits) -> ValidRequest:
                            f"{DEFAULT_STEPS}.")
     shift = request.shift
     if isinstance(shift, bool) or not isinstance(shift, (int, float)) or not math.isfinite(shift):
-        raise RequestError(f"shift must be a number (got {shift!r}).")
+        raise RequestError(f"shift must be a number (got {shown(shift)}).")
     if not MIN_SHIFT <= shift <= MAX_SHIFT:
         raise RequestError(f"shift must be between {MIN_SHIFT} and {MAX_SHIFT} (got {shift}); "
                            f"the default is {DEFAULT_SHIFT}.")

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pipeline import attention
-from pipeline.engine import Engine, GenerationError
+from pipeline.engine import Engine, GenerationError, ServiceBusy
 from pipeline.memory import GIB, Line, MemoryGuard
 from pipeline.requests import GenerationRequest, Limits, RequestError
 from pipeline.storage import read_parameters
@@ -168,6 +168,26 @@ def test_draining_engine_refuses_new_requests(engine):
     engine.stop_accepting()
     with pytest.raises(GenerationError, match="shutting down"):
         engine.generate(GenerationRequest("x", seed=1, **SMALL))
+
+
+def test_an_output_dir_that_cannot_take_images_refuses_the_request_before_any_gpu_work(loaded_tiny, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")  # where the output directory's parent should be: unwritable even for root
+    engine = Engine(loaded_tiny, limits=Limits(1024, 1024), output_dir=blocker / "outputs", model_name="t",
+                    attention_choice="sdpa")
+    calls = []
+    hooks = [module.register_forward_hook(lambda *args: calls.append(1))
+             for module in (engine._pipe.text_encoder, engine._pipe.transformer)]
+    try:
+        with pytest.raises(ServiceBusy, match="cannot save images right now"):
+            engine.generate(GenerationRequest("never drawn", seed=1, **SMALL))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert calls == [] and engine.served == 0
+    assert engine.output_dir_problem().endswith(f"(missing; its parent {blocker}) is not a directory")
+    blocker.unlink()  # fixed: the next request is served
+    assert engine.generate(GenerationRequest("drawn", seed=1, **SMALL)).path.is_file()
 
 
 def _engine_with(loaded_tiny, tmp_path, fault=None, **options):

@@ -82,19 +82,98 @@ def test_models_lists_the_one_model(client):
     assert [model.id for model in client.models.list()] == ["z-image-turbo"]
 
 
-@pytest.mark.parametrize("arguments, message", [
-    ({"prompt": "x", "size": "100x100"}, "multiple of 16"),
-    ({"prompt": "x", "n": 5}, "n must be a whole number from 1 to 4"),
-    ({"prompt": "   "}, "prompt"),
-    ({"prompt": "x", "extra_body": {"steps": "eight"}}, "steps must be a whole number"),
-    ({"prompt": "x", "model": "dall-e-3"}, "is not served here"),
-    ({"prompt": "x", "response_format": "png"}, "response_format must be one of"),
+@pytest.mark.parametrize("arguments, message, param", [
+    ({"prompt": "x", "size": "100x100"}, "multiple of 16", "size"),
+    ({"prompt": "x", "n": 5}, "n must be a whole number from 1 to 4", "n"),
+    ({"prompt": "   "}, "prompt", "prompt"),
+    ({"prompt": "x", "extra_body": {"steps": "eight"}}, "steps must be a whole number", "steps"),
+    ({"prompt": "x", "extra_body": {"steps": 99}}, "steps must be between 1 and 50", "steps"),
+    ({"prompt": "x", "model": "dall-e-3"}, "model must be 'z-image-turbo'", "model"),
+    ({"prompt": "x", "response_format": "png"}, "response_format must be one of", "response_format"),
+    ({"prompt": "x", "extra_body": {"output_format": "webp"}}, "output_format must be 'png'", "output_format"),
+    ({"prompt": "x", "extra_body": {"stream": True}}, "stream must be false", "stream"),
+    ({"prompt": "x", "extra_body": {"step": 4}}, "Unrecognized request argument supplied: 'step'", None),
 ])
-def test_bad_input_is_a_400_in_openai_shape_and_the_service_goes_on(client, app, arguments, message):
+def test_bad_input_is_a_400_in_openai_shape_and_the_service_goes_on(client, app, arguments, message, param):
     with pytest.raises(openai.BadRequestError) as refused:
         client.images.generate(**arguments)
     assert refused.value.status_code == 400 and message in refused.value.body["message"]
+    assert refused.value.body["param"] == param
     assert http_status(f"{app.url}/readyz") == 200
+
+
+def post_raw(app, body: bytes, content_type: str = "application/json") -> tuple[int, dict]:
+    request = urllib.request.Request(f"{app.url}/v1/images/generations", data=body, method="POST",
+                                     headers={"Authorization": BASIC, "Content-Type": content_type})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+@pytest.mark.parametrize("body, param", [
+    (b'{"prompt": "x", "seed": NaN}', "seed"),
+    (b'{"prompt": "x", "steps": Infinity}', "steps"),
+    (b'{"prompt": "x", "shift": -Infinity}', "shift"),
+    (b'{"prompt": "x", "steps": 1e999}', "steps"),  # past a float's range: Python reads it as inf
+    (b'{"prompt": "x", "n": ' + b"9" * 4301 + b"}", "n"),  # past Python's int-parsing limit
+    (b'{"prompt": "x", "n": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", None),  # past the recursion limit
+    (b'{"prompt": "a \\ud800 b"}', "prompt"),  # a lone surrogate, escaped
+    (b'{"prompt": "a \xff\xfe b"}', "prompt"),  # bytes that are not UTF-8
+    (b'{"prompt": "x", "seed": "' + b"A" * 1_000_000 + b'"}', "seed"),
+    (b'{"prompt": "x", "size": "' + b"9" * 100 + b'x64"}', "size"),
+    (b'{"prompt": "x", "' + b"k" * 1_000_000 + b'": 1}', None),
+])
+def test_hostile_json_is_a_short_400_naming_the_field(app, body, param):
+    status, answer = post_raw(app, body)
+    assert status == 400, answer
+    assert set(answer["error"]) == {"message", "type", "param", "code"}
+    assert answer["error"]["type"] == "invalid_request_error" and answer["error"]["param"] == param
+    # Whatever was sent, what comes back (and what the log holds) echoes a few dozen characters of it at most.
+    assert len(json.dumps(answer)) < 400
+    assert "A" * 100 not in app.log() and "k" * 100 not in app.log()
+
+
+def test_fields_openai_defines_but_this_service_does_not_use_are_accepted(client):
+    response = client.images.generate(prompt="a quiet harbour", size="64x64", quality="hd", style="vivid",
+                                      user="someone", extra_body={"steps": 1, "background": "auto",
+                                                                  "moderation": "low", "output_format": "png",
+                                                                  "output_compression": 80})
+    assert len(response.data) == 1
+
+
+@pytest.mark.parametrize("content_type, body", [
+    ("text/plain", b'{"prompt": "x"}'),  # what fetch() may send cross-site without a preflight
+    ("application/x-www-form-urlencoded", b"prompt=x"),  # what an HTML form sends
+    ("application/json; charset=latin-1", b'{"prompt": "x"}'),
+])
+def test_a_body_that_is_not_declared_json_is_a_415(app, content_type, body):
+    status, answer = post_raw(app, body, content_type)
+    assert status == 415 and answer["error"]["type"] == "invalid_request_error"
+    assert "application/json" in answer["error"]["message"]
+
+
+def test_json_with_a_utf8_charset_is_accepted(app):
+    status, answer = post_raw(app, b'{"prompt": "x", "size": "64x64", "steps": 1}', "application/json; charset=UTF-8")
+    assert status == 200 and len(answer["data"]) == 1
+
+
+@pytest.mark.parametrize("method, path, status", [
+    ("GET", "/v1/images/generations", 405),
+    ("DELETE", "/v1/models", 405),
+    ("GET", "/v1/images/edits", 404),
+    ("POST", "/v1/chat/completions", 404),
+])
+def test_unknown_paths_and_methods_under_v1_answer_in_openai_shape(app, method, path, status):
+    request = urllib.request.Request(f"{app.url}{path}", method=method, headers={"Authorization": BASIC})
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=30)
+    assert refused.value.code == status
+    error = json.loads(refused.value.read())["error"]
+    assert error["type"] == "invalid_request_error" and method in error["message"]
+    if status == 405:
+        assert refused.value.headers["Allow"] in ("POST", "GET, HEAD")
 
 
 def test_metrics_parse_and_move_with_requests(client, app):

@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from pipeline.requests import RANDOM_SEED_LIMIT, GenerationRequest, Limits, RequestError, validate
+from pipeline.requests import RANDOM_SEED_LIMIT, SHOWN_CHARS, GenerationRequest, Limits, RequestError, shown, validate
 
 LIMITS = Limits(max_h=1536, max_w=2048)
 
@@ -76,3 +76,11 @@ def test_each_rule_rejects_with_a_message_naming_the_field(field, value, message
 
 def test_tabs_and_newlines_are_plain_text():
     assert validate(GenerationRequest("line one\n\tline two\r\n", seed=1), LIMITS).prompt == "line one\n\tline two"
+
+
+def test_shown_cuts_an_echoed_value_to_a_few_dozen_characters():
+    assert shown("steps") == "'steps'" and shown(8) == "8"
+    long = shown("A" * 1_000_000)
+    assert len(long) == SHOWN_CHARS and long.startswith("'AAAA") and long.endswith("…")
+    assert len(shown([["A" * 100]] * 1000)) == SHOWN_CHARS
+    assert shown("\ud800") == r"'\ud800'"  # escaped: a lone surrogate cannot break the JSON or the log it goes into

@@ -1,8 +1,10 @@
+import socket
 from pathlib import Path
 
 import pytest
 
 from config import PROJECT_DIR, SettingsError, build_arg_parser, load_settings
+from config.settings import check_port_free
 
 
 def test_defaults_come_from_the_settings_file():
@@ -132,3 +134,38 @@ def test_auth_must_be_user_colon_password_and_the_file_must_exist(tmp_path):
         load_settings(["--auth", "justauser"], environ={})
     with pytest.raises(SettingsError, match="cannot be read"):
         load_settings(["--auth-file", str(tmp_path / "missing")], environ={})
+
+
+def test_an_auth_file_of_only_comments_and_blank_lines_is_refused(tmp_path):
+    users = tmp_path / "users"
+    users.write_text("# alice:s3cret (disabled)\n\n   \n  # bob:hunter2\n")
+    with pytest.raises(SettingsError, match=f"auth_file {users} holds no user:password line"):
+        load_settings(["--auth-file", str(users)], environ={})
+
+
+def test_a_world_readable_auth_file_and_a_password_on_the_command_line_are_warned_about(tmp_path):
+    users = tmp_path / "users"
+    users.write_text("alice:s3cret\n")
+    users.chmod(0o644)
+    argv = ["--auth", "carol:pw", "--auth-file", str(users)]
+    first, second = load_settings(argv, environ={}).credential_warnings(argv)
+    assert "--auth password is visible to every user" in first and "ZIMAGE_AUTH" in first and "pw" not in first
+    assert second == f"auth_file {users} is readable by every user of this machine (mode 644); chmod 600 {users}"
+
+
+def test_a_private_auth_file_and_the_password_from_the_environment_are_not_warned_about(tmp_path):
+    users = tmp_path / "users"
+    users.write_text("alice:s3cret\n")
+    users.chmod(0o600)
+    argv = ["--auth-file", str(users)]
+    assert load_settings(argv, environ={"ZIMAGE_AUTH": "carol:pw"}).credential_warnings(argv) == []
+
+
+def test_a_port_in_use_is_named_and_a_free_one_passes():
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        with pytest.raises(SettingsError, match=f"port {port} on 127.0.0.1 is in use"):
+            check_port_free("127.0.0.1", port)
+    check_port_free("127.0.0.1", port)  # closed: free again

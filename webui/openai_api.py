@@ -3,7 +3,8 @@
 A request joins Gradio's queue through Gradio's own REST API (`/gradio_api/call/images`, over loopback), so it waits
 in the same line as the UI, under the same queue limit, and the engine validates it as it does the UI's: nothing
 here talks to the GPU. What this module does is translate: the OpenAI request shape in, the OpenAI response and
-error shapes out.
+error shapes out. It checks the JSON's own types here (no NaN, no lone surrogates, no unknown keys, a string where a
+string belongs), so that no hostile value reaches the queue or comes back whole in a message.
 """
 
 from __future__ import annotations
@@ -11,8 +12,11 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import math
+import re
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -20,6 +24,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from pipeline.requests import shown
 from webui import errors
 
 log = logging.getLogger("zimage.openai")
@@ -29,6 +34,20 @@ RESPONSE_FORMATS = ("b64_json", "url")
 DEFAULT_SIZE = "1024x1024"
 GRADIO_CALL = "/gradio_api/call/images"
 STATUS_BY_KIND = {errors.INVALID: 400, errors.BUSY: 503, errors.FAILED: 500, errors.INTERNAL: 500}
+SIZE_PATTERN = re.compile(r"\d{1,5}x\d{1,5}")  # OpenAI's "WIDTHxHEIGHT"; five digits is past any size served
+MAX_DIGITS = 30  # the longest whole number this route reads is a seed below 2**64: 20 digits
+# The fields this route reads: OpenAI's, then this service's own (sent by the openai client through extra_body).
+FIELDS = ("model", "prompt", "n", "size", "response_format", "output_format", "stream", "seed", "steps", "shift")
+# Fields of OpenAI's images API taken but not acted on. They tune the picture (quality, style, background,
+# moderation), name the caller (user), or apply to formats and streams not served here (output_compression: JPEG
+# and WebP; partial_images: streaming). The official client sends each one its caller passes, so refusing them
+# would break working code for no gain; none changes the shape of the answer. Any other key gets a 400, as OpenAI
+# itself answers "Unrecognized request argument", so that a typo such as "step" is not silently dropped.
+IGNORED_FIELDS = ("quality", "style", "user", "background", "moderation", "output_compression", "partial_images")
+UNMATCHED_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")  # OPTIONS stays Gradio's CORS preflight
+# The engine's messages start with the field they are about; width, height and resolution come from size.
+PARAM_BY_SUBJECT = {"prompt": "prompt", "n": "n", "seed": "seed", "steps": "steps", "shift": "shift",
+                    "width": "size", "height": "size", "resolution": "size"}
 
 
 class ApiError(Exception):
@@ -37,36 +56,98 @@ class ApiError(Exception):
         self.status, self.message, self.param = status, message, param
 
 
-def _error_response(error: ApiError) -> JSONResponse:
+def _error_response(error: ApiError, headers: dict[str, str] | None = None) -> JSONResponse:
     body = {"message": error.message, "type": "invalid_request_error" if error.status < 500 else "server_error",
             "param": error.param, "code": "busy" if error.status == 503 else None}
     if error.status >= 500:
         # An id the operator can find in the log next to this failure.
         body["id"] = incident = uuid.uuid4().hex[:8]
         log.warning("images request failed id=%s status=%d message=%r", incident, error.status, error.message)
-    return JSONResponse({"error": body}, status_code=error.status)
+    return JSONResponse({"error": body}, status_code=error.status, headers=headers)
+
+
+def _is_json(content_type: str) -> bool:
+    """application/json, with no charset or UTF-8 (JSON is UTF-8: RFC 8259)."""
+    media_type, *parameters = (part.strip().lower() for part in content_type.split(";"))
+    charsets = [value.strip('"') for name, _, value in (p.partition("=") for p in parameters) if name == "charset"]
+    return media_type == "application/json" and all(charset in ("utf-8", "utf8") for charset in charsets)
+
+
+class _NotANumber:
+    """What the parser leaves where the body holds a number this route does not read: NaN and Infinity (Python's
+    json takes them, JSON does not), one past a float's range, or one too long to parse. The field check names
+    the field that holds it."""
+
+    def __init__(self, text: str):
+        self.what = f"{shown(text)} is not a number this service reads"
+
+
+def _whole(text: str) -> int | _NotANumber:
+    return int(text) if len(text.lstrip("-")) <= MAX_DIGITS else _NotANumber(text)
+
+
+def _real(text: str) -> float | _NotANumber:
+    number = float(text)
+    return number if math.isfinite(number) else _NotANumber(text)
+
+
+def _parse(raw: bytes) -> dict:
+    """The body as a JSON object, or ApiError(400)."""
+    try:
+        # surrogateescape: bytes that are not UTF-8 become lone surrogates, so the field check can name the field
+        # that holds them instead of refusing the whole body without saying where.
+        body = json.loads(raw.decode("utf-8", "surrogateescape"), parse_constant=_NotANumber, parse_int=_whole,
+                          parse_float=_real)
+    except RecursionError:
+        raise ApiError(400, "The request body is nested too deeply; send a flat JSON object.") from None
+    except ValueError:
+        raise ApiError(400, "The request body must be JSON.") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "The request body must be a JSON object.")
+    unknown = next((key for key in body if key not in FIELDS and key not in IGNORED_FIELDS), None)
+    if unknown is not None:
+        raise ApiError(400, f"Unrecognized request argument supplied: {shown(unknown)}.")
+    return body
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _field(body: dict, name: str, accepted: Callable[[object], bool], expected: str) -> object:
+    """body[name] (None when absent or null), checked for its JSON type here so that no value of the wrong type
+    reaches a message that echoes it whole; the engine checks ranges and meaning."""
+    value = body.get(name)
+    if isinstance(value, _NotANumber):
+        raise ApiError(400, f"{name} must be {expected}; {value.what}.", name)
+    if value is not None and not accepted(value):
+        raise ApiError(400, f"{name} must be {expected} (got {shown(value)}).", name)
+    return value
 
 
 def _read_body(raw: bytes) -> tuple[list[object], str]:
     """The Gradio call's inputs and the response format, from the JSON body; ApiError(400) names a bad field."""
-    try:
-        body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise ApiError(400, "The request body must be JSON.") from None
-    if not isinstance(body, dict):
-        raise ApiError(400, "The request body must be a JSON object.")
-    if "prompt" not in body:
+    body = _parse(raw)
+    prompt = _field(body, "prompt", lambda value: isinstance(value, str), "text")
+    if prompt is None:
         raise ApiError(400, "prompt is required.", "prompt")
-    model = body.get("model")
-    if model not in (None, MODEL_ID):
-        raise ApiError(400, f"model {model!r} is not served here; this service serves {MODEL_ID!r}.", "model")
-    response_format = body.get("response_format") or "b64_json"
-    if response_format not in RESPONSE_FORMATS:
-        raise ApiError(400, f"response_format must be one of {', '.join(RESPONSE_FORMATS)} "
-                            f"(got {response_format!r}).", "response_format")
-    size = body.get("size") or DEFAULT_SIZE
-    inputs = [body["prompt"], size, body.get("n", 1), body.get("seed"), body.get("steps", None),
-              body.get("shift", None)]
+    try:
+        prompt.encode()
+    except UnicodeEncodeError:  # a lone surrogate: escaped in the JSON, or bytes that were not UTF-8
+        raise ApiError(400, "prompt must be UTF-8 text (it holds a lone surrogate or bytes that are not UTF-8).",
+                       "prompt") from None
+    _field(body, "model", lambda value: value == MODEL_ID, f"{MODEL_ID!r}, the one model served here")
+    _field(body, "output_format", lambda value: value == "png", "'png': the images are PNG")
+    _field(body, "stream", lambda value: value is False, "false: the images come back whole, in one response")
+    response_format = _field(body, "response_format", lambda value: value in RESPONSE_FORMATS,
+                             f"one of {', '.join(RESPONSE_FORMATS)}") or "b64_json"
+    size = _field(body, "size", lambda value: isinstance(value, str) and bool(SIZE_PATTERN.fullmatch(value)
+                                                                             or value == "auto"),
+                  "'auto' or WIDTHxHEIGHT, such as 1024x1024")
+    n = _field(body, "n", _number, "a whole number")
+    inputs = [prompt, DEFAULT_SIZE if size in (None, "auto") else size, 1 if n is None else n,
+              _field(body, "seed", lambda value: _number(value) or value == "random", "a whole number or 'random'"),
+              _field(body, "steps", _number, "a whole number"), _field(body, "shift", _number, "a number")]
     return inputs, response_format
 
 
@@ -76,6 +157,8 @@ async def _through_the_queue(client: httpx.AsyncClient, inputs: list[object], au
     joined = await client.post(GRADIO_CALL, json={"data": inputs}, headers=headers)
     if joined.status_code == 503:
         raise ApiError(503, "The server is busy: the queue is full. Try again in a moment.")
+    if joined.status_code == 413:  # a body just under the limit here, a few bytes longer in the queue's shape
+        raise ApiError(413, "The request is too large.")
     joined.raise_for_status()
     event_id = joined.json()["event_id"]
     async with client.stream("GET", f"{GRADIO_CALL}/{event_id}", headers=headers) as stream:
@@ -88,7 +171,9 @@ async def _through_the_queue(client: httpx.AsyncClient, inputs: list[object], au
                 if event == "complete":
                     return data[0]
                 if isinstance(data, dict) and data.get("error"):
-                    raise ApiError(STATUS_BY_KIND.get(data.get("title"), 500), data["error"])
+                    status = STATUS_BY_KIND.get(data.get("title"), 500)
+                    subject = data["error"].partition(" ")[0]
+                    raise ApiError(status, data["error"], PARAM_BY_SUBJECT.get(subject) if status == 400 else None)
                 raise ApiError(500, "The server hit an internal error; the operator's log has the details.")
     raise ApiError(500, "The queue closed the request without a result (is the service stopping?).")
 
@@ -98,6 +183,12 @@ def openai_routes(engine_output_dir: Path, loopback_url: str, started_at: float)
     client = httpx.AsyncClient(base_url=loopback_url, timeout=httpx.Timeout(30.0, read=None))
 
     async def generations(request: Request):
+        # Only JSON: a text/plain or form body is what a cross-site HTML form, or fetch without a preflight, can
+        # send; refusing it before the body is read keeps such requests from ever reaching the queue.
+        content_type = request.headers.get("content-type", "")
+        if not _is_json(content_type):
+            return _error_response(ApiError(415, f"Send the body as JSON, with Content-Type: application/json "
+                                                 f"(got {shown(content_type)})."))
         try:
             inputs, response_format = _read_body(await request.body())
             images = await _through_the_queue(client, inputs, request.headers.get("authorization"))
@@ -122,4 +213,17 @@ def openai_routes(engine_output_dir: Path, loopback_url: str, started_at: float)
         return JSONResponse({"object": "list", "data": [{"id": MODEL_ID, "object": "model",
                                                          "created": int(started_at), "owned_by": "Tongyi-MAI"}]})
 
-    return [Route("/v1/images/generations", generations, methods=["POST"]), Route("/v1/models", models)]
+    routes = [Route("/v1/images/generations", generations, methods=["POST"]), Route("/v1/models", models)]
+
+    async def unmatched(request: Request):
+        """Any other method or path under /v1/: the 405 or 404 an OpenAI client can read, not Starlette's text."""
+        path = request.url.path
+        allowed = next((route.methods for route in routes if route.path == path), None)
+        if allowed:
+            return _error_response(ApiError(405, f"{request.method} is not allowed on {path}; use "
+                                                 f"{' or '.join(sorted(allowed))}."),
+                                   headers={"allow": ", ".join(sorted(allowed))})
+        return _error_response(ApiError(404, f"Invalid URL ({request.method} {shown(path)}): this service serves "
+                                             f"{', '.join(route.path for route in routes)}."))
+
+    return [*routes, Route("/v1/{rest:path}", unmatched, methods=list(UNMATCHED_METHODS))]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
-from pipeline.requests import RequestError
+from pipeline.requests import RequestError, shown
 
 RESOLUTIONS = {
     "1024": ["1024x1024 ( 1:1 )", "1152x896 ( 9:7 )", "896x1152 ( 7:9 )", "1152x864 ( 4:3 )", "864x1152 ( 3:4 )",
@@ -26,7 +26,7 @@ def parse_resolution(label: object) -> tuple[int, int]:
     """'1152x896 ( 9:7 )' or '1152x896' → (width, height)."""
     match = _SIZE.match(label) if isinstance(label, str) else None
     if not match:
-        raise RequestError(f"resolution must look like 1024x1024 (got {label!r}).")
+        raise RequestError(f"resolution must look like 1024x1024 (got {shown(label)}).")
     return int(match[1]), int(match[2])
 
 

@@ -17,7 +17,9 @@ from starlette.routing import Route
 from pipeline.engine import Engine
 from pipeline.metrics import CONTENT_TYPE, ServiceMetrics
 from webui.auth import RequireCredentials
+from webui.limits import LimitBodySize
 from webui.openai_api import openai_routes
+from webui.origin import RefuseCrossSite
 
 log = logging.getLogger("zimage.webui")
 
@@ -42,6 +44,10 @@ def health_routes(engine: Engine) -> list[Route]:
             except RuntimeError as error:  # a poisoned context fails every call: not ready, and say why
                 ready = False
                 body.update(ready=False, gpu_error=str(error).splitlines()[0])
+        # Every request would be refused while images cannot be saved; the field tells the operator what to fix.
+        if (output_dir_error := engine.output_dir_problem()) is not None:
+            ready = False
+            body.update(ready=False, output_dir_error=output_dir_error)
         return JSONResponse(body, status_code=200 if ready else 503)
 
     return [Route("/healthz", healthz), Route("/readyz", readyz)]
@@ -121,7 +127,7 @@ def serve(blocks: gr.Blocks, engine: Engine, *, host: str, port: int, share: boo
     blocks.queue(max_size=queue_size, default_concurrency_limit=1, api_open=False)
     routes = [*health_routes(engine), metrics_route(metrics, engine, blocks),
               *openai_routes(engine.output_dir, loopback_url(host, port), started_at=time.time())]
-    middleware = [Middleware(StampArrival)]
+    middleware = [Middleware(StampArrival), Middleware(RefuseCrossSite), Middleware(LimitBodySize)]
     if credentials:
         middleware.insert(0, Middleware(RequireCredentials, credentials=credentials))
     # Routes passed to the FastAPI constructor come before Gradio's own, so nothing of Gradio's shadows them.

@@ -17,6 +17,7 @@ from pipeline.requests import (
     MIN_SHIFT,
     GenerationRequest,
     RequestError,
+    shown,
 )
 from webui.errors import reported_to_the_caller
 from webui.resolutions import left_out, offered, parse_resolution
@@ -68,7 +69,7 @@ def build_ui(engine: Engine, *, demo: bool, model_label: str, max_w: int, max_h:
                  progress=gr.Progress()):
         with reported_to_the_caller():
             if not isinstance(random_seed, bool):
-                raise RequestError(f"random_seed must be true or false (got {random_seed!r}).")
+                raise RequestError(f"random_seed must be true or false (got {shown(random_seed)}).")
             width, height = parse_resolution(resolution)
             generation = GenerationRequest(prompt=prompt, width=width, height=height, steps=steps,
                                            seed=None if random_seed else seed, shift=shift)
@@ -85,7 +86,7 @@ def build_ui(engine: Engine, *, demo: bool, model_label: str, max_w: int, max_h:
         options = {name: value for name, value in (("steps", steps), ("shift", shift)) if value is not None}
         with reported_to_the_caller():
             if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_IMAGES_PER_CALL:
-                raise RequestError(f"n must be a whole number from 1 to {MAX_IMAGES_PER_CALL} (got {n!r}).")
+                raise RequestError(f"n must be a whole number from 1 to {MAX_IMAGES_PER_CALL} (got {shown(n)}).")
             width, height = parse_resolution(size)
             made = []
             for index in range(n):

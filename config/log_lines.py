@@ -1,0 +1,99 @@
+"""Log lines a person can grep and a client cannot forge: one format for every record, control characters escaped,
+tracebacks marked, and whatever libraries print turned into records too. app.configure_logging installs them."""
+
+from __future__ import annotations
+
+import io
+import logging
+import threading
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
+LOG_DATE_FORMAT = "%Y-%m-%dT%H:%M:%S%z"
+MAX_MESSAGE_CHARS = 8192  # a prompt is at most a few thousand characters; more is a client filling the disk
+TRACEBACK_MARK = "| "  # starts every line of a record after its first; see OneLinePerRecord
+
+
+def _control_escapes() -> dict[int, str]:
+    """Characters that break a line, move the cursor or recolour a terminal (C0, DEL, C1, the Unicode line and
+    paragraph separators) or reorder what a reader sees (bidi overrides), each as the escape Python would write.
+    The backslash itself stays as it is: a client who types a literal "\\n" still cannot begin a line, and paths
+    and regular expressions in messages stay readable."""
+    escapes = {code: f"\\x{code:02x}" for code in (*range(0x20), *range(0x7f, 0xa0))}
+    escapes.update({ord("\n"): "\\n", ord("\r"): "\\r", ord("\t"): "\\t"})
+    separators_and_bidi = (0x2028, 0x2029, *range(0x202a, 0x202f), *range(0x2066, 0x206a))
+    escapes.update({code: f"\\u{code:04x}" for code in separators_and_bidi})
+    return escapes
+
+
+CONTROL_ESCAPES = _control_escapes()
+
+
+def _cut(text: str) -> str:
+    if len(text) <= MAX_MESSAGE_CHARS:
+        return text
+    return f"{text[:MAX_MESSAGE_CHARS]} [... {len(text) - MAX_MESSAGE_CHARS} more characters cut]"
+
+
+class OneLinePerRecord(logging.Formatter):
+    """Client text (prompts, headers, the inputs Gradio echoes in its errors) reaches log messages and exception
+    texts; raw, a newline in it forges a line of its own and an ESC recolours the operator's terminal. Here every
+    control character is escaped, so a record's message is one line, and every line a record did not begin starts
+    with TRACEBACK_MARK: only this formatter starts a line with a timestamp. Tracebacks keep their line breaks
+    (marked, not escaped) because a person reads them top to bottom; `grep -v '^| '` leaves one line per record.
+    A Formatter, not a Filter: the traceback text is made here, and a Filter would rewrite the record for every
+    handler."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        record.message = _cut(record.getMessage())
+        if self.usesTime():
+            record.asctime = self.formatTime(record, self.datefmt)
+        lines = [self.formatMessage(record).translate(CONTROL_ESCAPES)]
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        for detail in (record.exc_text, record.stack_info):
+            if detail:
+                lines += [TRACEBACK_MARK + _cut(line).translate(CONTROL_ESCAPES) for line in detail.split("\n")]
+        return "\n".join(lines)
+
+
+class LinesToLog(io.TextIOBase):
+    """Stands in for sys.stdout / sys.stderr: each line written becomes a record of `logger`, and so is escaped
+    like any other. Libraries print client text there directly: Gradio's traceback.print_exc() of a bad request
+    includes the inputs it received, and uvicorn's handlers write to stderr. `fileno()` is the real stream's, so
+    faulthandler's dumps (written to the descriptor, after a crash) still reach the log."""
+
+    def __init__(self, logger: logging.Logger, level: int, real_stream):
+        self.logger, self.level, self.real_stream = logger, level, real_stream
+        self._pending = ""
+        self._lock = threading.Lock()
+        self._inside = threading.local()
+
+    def write(self, text: str) -> int:
+        with self._lock:
+            *lines, self._pending = (self._pending + text).split("\n")
+        self._log(lines)
+        return len(text)
+
+    def flush(self) -> None:
+        with self._lock:
+            lines, self._pending = ([self._pending] if self._pending else []), ""
+        self._log(lines)
+
+    def _log(self, lines: list[str]) -> None:
+        if getattr(self._inside, "active", False):
+            # The logging machinery itself wrote here (a handler reporting its own failure): logging it again
+            # would recurse, so it goes to the real stream, escaped all the same.
+            self.real_stream.write("".join(f"{line.translate(CONTROL_ESCAPES)}\n" for line in lines))
+            return
+        self._inside.active = True
+        try:
+            for line in lines:
+                self.logger.log(self.level, "%s", line)
+        finally:
+            self._inside.active = False
+
+    def fileno(self) -> int:
+        return self.real_stream.fileno()
+
+    def writable(self) -> bool:
+        return True

@@ -1,0 +1,176 @@
+"""The body limit on a real `app.py --demo` process, attacked over raw sockets (an HTTP client library would buffer,
+retry or refuse to send what a hostile client sends), and the helper that cuts echoed values."""
+
+from __future__ import annotations
+
+import json
+import select
+import socket
+import threading
+import time
+from urllib.parse import urlsplit
+
+import psutil
+import pytest
+from gradio_client import Client
+
+from pipeline.requests import MAX_PROMPT_CHARS
+from tests.test_app_e2e import http_status, start_demo_app, stop_app
+from webui.limits import MAX_BODY_BYTES
+
+CHUNK = 64 * 1024
+RSS_GROWTH_LIMIT = 100 * 2**20  # before the limit, 8 bodies of 50 MB at once took the process from ~1 GB to 3.1 GB
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory, tiny_models):
+    app = start_demo_app(tmp_path_factory.mktemp("limits-app"), tiny_models)
+    yield app
+    stop_app(app)
+
+
+def _connect(app) -> socket.socket:
+    address = urlsplit(app.url)
+    return socket.create_connection((address.hostname, address.port), timeout=30)
+
+
+def _head(path: str, *fields: str) -> bytes:
+    lines = [f"POST {path} HTTP/1.1", "Host: localhost", "Content-Type: application/json", "Connection: close",
+             *fields]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+def _chunked(data: bytes, chunk: int = CHUNK):
+    for start in range(0, len(data), chunk):
+        piece = data[start:start + chunk]
+        yield b"%x\r\n%s\r\n" % (len(piece), piece)
+    yield b"0\r\n\r\n"
+
+
+def _push(sock: socket.socket, pieces) -> int:
+    """Send `pieces` until the server answers or hangs up, as a client that ignores the answer would; the number of
+    bytes sent."""
+    sent = 0
+    for piece in pieces:
+        if select.select([sock], [], [], 0)[0]:
+            break
+        try:
+            sock.sendall(piece)
+        except (BrokenPipeError, ConnectionResetError):
+            break
+        sent += len(piece)
+    return sent
+
+
+def _response(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
+    """Status, headers and body of the one response on this connection (every request here says Connection: close)."""
+    data = b""
+    while piece := sock.recv(CHUNK):
+        data += piece
+    head, _, body = data.partition(b"\r\n\r\n")
+    status_line, *header_lines = head.decode("latin-1").split("\r\n")
+    headers = dict(line.lower().split(": ", 1) for line in header_lines)
+    return int(status_line.split()[1]), headers, body
+
+
+def _assert_refused_as_too_large(status: int, headers: dict[str, str], body: bytes) -> None:
+    assert status == 413
+    assert headers["connection"] == "close"
+    error = json.loads(body)["error"]
+    assert error["code"] == "request_too_large" and str(MAX_BODY_BYTES) in error["message"]
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("path", ["/gradio_api/call/images", "/v1/images/generations"])
+def test_a_declared_oversized_body_is_refused_before_a_byte_of_it_is_sent(app, path):
+    with _connect(app) as sock:
+        sock.sendall(_head(path, f"Content-Length: {50 * 2**20}"))
+        _assert_refused_as_too_large(*_response(sock))
+
+
+@pytest.mark.e2e
+def test_a_chunked_body_is_refused_the_moment_it_passes_the_limit(app):
+    # One byte past the limit and no end of body: the answer comes while the body is still open. (Sending no more
+    # than the server reads keeps the test deterministic: bytes left unread when it hangs up would make its kernel
+    # answer with a reset, which may drop the 413 before the client reads it.)
+    with _connect(app) as sock:
+        sock.sendall(_head("/gradio_api/call/images", "Transfer-Encoding: chunked"))
+        for piece in list(_chunked(b"x" * (MAX_BODY_BYTES + 1)))[:-1]:
+            sock.sendall(piece)
+        _assert_refused_as_too_large(*_response(sock))
+
+
+@pytest.mark.e2e
+def test_a_chunked_body_under_the_limit_goes_through(app):
+    request = json.dumps({"prompt": "a chunked lighthouse", "size": "64x64", "steps": 1}).encode()
+    with _connect(app) as sock:
+        sock.sendall(_head("/v1/images/generations", "Transfer-Encoding: chunked"))
+        _push(sock, _chunked(request, chunk=7))
+        status, _, body = _response(sock)
+    assert status == 200 and len(json.loads(body)["data"]) == 1
+
+
+@pytest.mark.e2e
+def test_many_large_bodies_at_once_leave_memory_flat_and_the_server_serving(app):
+    """Issue 11's attacks, at once: bodies of 50 MB with their length declared, and chunked ones of 20 MB."""
+    process = psutil.Process(app.process.pid)
+    before = peak = process.memory_info().rss
+    attacking = True
+
+    def sample() -> None:
+        nonlocal peak
+        while attacking:
+            peak = max(peak, process.memory_info().rss)
+            time.sleep(0.02)
+
+    def refused(sock: socket.socket) -> None:
+        try:
+            _assert_refused_as_too_large(*_response(sock))
+        except ConnectionResetError:
+            pass  # the server hung up on bytes it will not read; its 413 may be lost to the reset, as with any server
+
+    def declared(path: str) -> None:
+        size = 50 * 2**20
+        with _connect(app) as sock:
+            sock.sendall(_head(path, f"Content-Length: {size}"))
+            _push(sock, (b"x" * 2**20 for _ in range(size // 2**20)))
+            refused(sock)
+
+    def chunked(path: str) -> None:
+        with _connect(app) as sock:
+            sock.sendall(_head(path, "Transfer-Encoding: chunked"))
+            _push(sock, _chunked(b"x" * 20 * 2**20))
+            refused(sock)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    failures = []
+
+    def run(attack, path) -> None:
+        try:
+            attack(path)
+        except Exception as error:  # noqa: BLE001 - reported below, in the test's own thread
+            failures.append(error)
+
+    attackers = [threading.Thread(target=run, args=(attack, path))
+                 for attack in (declared, chunked) for path in ("/gradio_api/call/images", "/v1/images/generations")
+                 for _ in range(4)]
+    for attacker in attackers:
+        attacker.start()
+    for attacker in attackers:
+        attacker.join(timeout=60)
+    attacking = False
+    sampler.join()
+    assert not failures
+    assert peak - before < RSS_GROWTH_LIMIT, f"RSS grew by {(peak - before) / 2**20:.0f} MiB"
+    assert http_status(f"{app.url}/readyz") == 200
+
+
+@pytest.mark.e2e
+def test_the_longest_prompt_the_ui_can_send_is_far_under_the_limit(app):
+    # Three bytes a character in UTF-8, six when escaped: still a small part of the limit.
+    prompt = "猫" * MAX_PROMPT_CHARS
+    assert len(json.dumps(prompt)) < MAX_BODY_BYTES // 4
+    client = Client(app.url, verbose=False)
+    _, seed_used, _, _ = client.predict(prompt, "64x64", 3, False, 1, 3.0, api_name="/generate")
+    assert seed_used == 3

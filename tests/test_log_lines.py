@@ -1,0 +1,97 @@
+"""No client text reaches the log raw: no forged lines, no terminal escapes, no endless lines."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import re
+import sys
+import urllib.request
+
+import pytest
+
+from config.log_lines import (
+    LOG_DATE_FORMAT,
+    LOG_FORMAT,
+    MAX_MESSAGE_CHARS,
+    TRACEBACK_MARK,
+    LinesToLog,
+    OneLinePerRecord,
+)
+from tests.test_app_e2e import start_demo_app, stop_app
+
+FORGED = "2026-01-01T00:00:00+0000 CRITICAL zimage.app all images deleted"
+HOSTILE = f"a cat\n{FORGED}\r\x1b[31mred\x1b[0m\u2028\u202eevil\x7f\x85"
+RECORD_HEAD = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4} [A-Z]+ ")
+
+
+def formatted(message: str, *args, exc_info=None) -> str:
+    record = logging.LogRecord("zimage.test", logging.WARNING, __file__, 1, message, args, exc_info)
+    return OneLinePerRecord(LOG_FORMAT, LOG_DATE_FORMAT).format(record)
+
+
+def test_a_multi_line_message_is_one_line_with_every_control_character_escaped():
+    line = formatted("prompt=%s", HOSTILE)
+    assert "\n" not in line and "\x1b" not in line and "\r" not in line
+    assert line.endswith(r"prompt=a cat\n" + FORGED + r"\r\x1b[31mred\x1b[0m\u2028\u202eevil\x7f\x85")
+
+
+def test_a_traceback_keeps_its_lines_and_every_line_after_the_first_is_marked():
+    try:
+        raise ValueError(f"bad prompt {HOSTILE}")
+    except ValueError:
+        text = formatted("request failed", exc_info=sys.exc_info())
+    head, *rest = text.split("\n")
+    assert RECORD_HEAD.match(head) and head.endswith("request failed")
+    assert rest[0] == TRACEBACK_MARK + "Traceback (most recent call last):"
+    assert all(line.startswith(TRACEBACK_MARK) for line in rest)
+    # The forged line cannot start a line of its own.
+    assert TRACEBACK_MARK + FORGED + r"\r\x1b[31mred\x1b[0m\u2028\u202eevil\x7f\x85" in rest
+    assert "\x1b" not in text
+
+
+def test_a_huge_message_is_cut_with_a_note_of_how_much():
+    line = formatted("prompt=%s", "x" * (MAX_MESSAGE_CHARS + 5000))
+    assert line.endswith(" [... 5007 more characters cut]")  # "prompt=" counts too
+    assert len(line) < MAX_MESSAGE_CHARS + 200
+
+
+def test_what_libraries_print_becomes_one_escaped_record_per_line():
+    out = io.StringIO()
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(OneLinePerRecord(LOG_FORMAT, LOG_DATE_FORMAT))
+    logger = logging.getLogger("test.stderr")
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        stream = LinesToLog(logger, logging.WARNING, io.StringIO())
+        print("Received inputs:\n    [", HOSTILE, end="", file=stream)
+        stream.flush()  # a last line without its newline is not lost
+    finally:
+        logger.removeHandler(handler)
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 3 and all(RECORD_HEAD.match(line) for line in lines)
+    assert lines[2].endswith(r" WARNING test.stderr " + FORGED + r"\r\x1b[31mred\x1b[0m\u2028\u202eevil\x7f\x85")
+
+
+@pytest.mark.e2e
+def test_a_forged_line_in_a_prompt_reaches_the_log_escaped(tmp_path, tiny_models):
+    app = start_demo_app(tmp_path, tiny_models, "--log-prompts", "summary")
+    try:
+        # One input of seven: Gradio refuses it and prints its error, with the inputs it received, to stderr.
+        request = urllib.request.Request(f"{app.url}/gradio_api/call/generate",
+                                         json.dumps({"data": [HOSTILE]}).encode(),
+                                         headers={"Content-Type": "application/json"})
+        event_id = json.loads(urllib.request.urlopen(request, timeout=30).read())["event_id"]
+        with urllib.request.urlopen(f"{app.url}/gradio_api/call/generate/{event_id}", timeout=60) as stream:
+            assert b"event: error" in stream.read()
+    finally:
+        stop_app(app)
+    log = app.log_path.read_bytes().decode()
+    assert "didn't receive enough input values" in log  # the error did reach the log
+    assert r"\x1b[31mred\x1b[0m\u2028\u202eevil" in log
+    assert not any(line.startswith("2026-01-01") for line in log.splitlines())
+    assert "\x1b" not in log and "\u2028" not in log and "\u202e" not in log
+    for line in log.split("\n")[:-1]:
+        assert RECORD_HEAD.match(line) or line.startswith(TRACEBACK_MARK), line
