@@ -175,8 +175,9 @@ def test_installer_writes_a_block_supervisord_accepts(supervised):
 
 def test_log_rotates_at_the_configured_size_keeping_the_configured_backups(supervised):
     supervised.wait_ready()
-    long_prompt = "a very long and detailed prompt " * 470  # ~15 KB: each request line is logged in full
-    for number in range(14):
+    # ~7 KB, under the 8 KiB the log keeps of one message: each request line is logged in full.
+    long_prompt = "a very long and detailed prompt " * 220
+    for number in range(24):
         supervised.generate(f"prompt number {number} {long_prompt}")
     log_files = sorted(path.name for path in supervised.log_dir.glob(f"{PROGRAM}.log*"))
     assert log_files == [f"{PROGRAM}.log", f"{PROGRAM}.log.1", f"{PROGRAM}.log.2"]
