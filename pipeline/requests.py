@@ -14,6 +14,7 @@ MIN_SHIFT, MAX_SHIFT = 1.0, 10.0  # the range of the official demo's time-shift 
 SEED_LIMIT = 2**64  # torch.Generator.manual_seed takes any 64-bit value
 RANDOM_SEED_LIMIT = 2**32  # random seeds stay below 2**53 so they survive a round trip through JavaScript
 MAX_PROMPT_CHARS = 20_000
+MAX_IMAGES_PER_CALL = 4  # n of the OpenAI-style route: one turn on the GPU for up to this many images
 
 DEFAULT_SIZE = 1024
 DEFAULT_STEPS = 8
@@ -81,8 +82,12 @@ def _size(name: str, value: object, limit: int, flag: str) -> int:
     return size
 
 
+def _is_random(seed: object) -> bool:
+    return seed is None or (isinstance(seed, str) and seed.strip().lower() == "random")
+
+
 def _seed(value: object) -> int:
-    if value is None or (isinstance(value, str) and value.strip().lower() == "random"):
+    if _is_random(value):
         return secrets.randbelow(RANDOM_SEED_LIMIT)
     seed = _whole_number("seed", value)
     if not 0 <= seed < SEED_LIMIT:
@@ -123,3 +128,18 @@ def validate(request: GenerationRequest, limits: Limits) -> ValidRequest:
                            f"the default is {DEFAULT_SHIFT}.")
     return ValidRequest(prompt=prompt, width=width, height=height, steps=steps, seed=_seed(request.seed),
                         shift=float(shift))
+
+
+def batch_seeds(seed: object, n: object) -> list[int | None]:
+    """The seeds of `n` images asked for at once: `seed`, `seed`+1, ..., or None for each (drawn at random) when
+    seed is None or "random". Checked whole before the first image, so a batch that would run past the last seed
+    is refused before anything is generated or saved."""
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_IMAGES_PER_CALL:
+        raise RequestError(f"n must be a whole number from 1 to {MAX_IMAGES_PER_CALL} (got {shown(n)}).")
+    if _is_random(seed):
+        return [None] * n
+    first = _seed(seed)
+    if first + n > SEED_LIMIT:
+        raise RequestError(f"seed must be at most {SEED_LIMIT - n} when n is {n}: the images take seeds {first} "
+                           f"to {first + n - 1} (the largest is {SEED_LIMIT - 1}).")
+    return [first + index for index in range(n)]

@@ -112,6 +112,17 @@ def post_raw(app, body: bytes, content_type: str = "application/json") -> tuple[
         return error.code, json.loads(error.read())
 
 
+def test_a_batch_is_checked_whole_before_its_first_image(app):
+    before = len(list(app.output_dir.rglob("*.png")))
+    status, body = post_raw(app, json.dumps({"prompt": "x", "n": 2, "seed": 2**64 - 1, "size": "64x64",
+                                             "steps": 1}).encode())
+    assert status == 400 and body["error"]["param"] == "seed" and "when n is 2" in body["error"]["message"]
+    assert len(list(app.output_dir.rglob("*.png"))) == before  # not even the first of the two
+    status, body = post_raw(app, json.dumps({"prompt": "x", "n": 3, "seed": 5.0, "size": "64x64",
+                                             "steps": 1}).encode())
+    assert status == 200 and [item["seed"] for item in body["data"]] == [5, 6, 7]
+
+
 @pytest.mark.parametrize("body, param", [
     (b'{"prompt": "x", "seed": NaN}', "seed"),
     (b'{"prompt": "x", "steps": Infinity}', "steps"),

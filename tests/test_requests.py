@@ -2,7 +2,18 @@ import math
 
 import pytest
 
-from pipeline.requests import RANDOM_SEED_LIMIT, SHOWN_CHARS, GenerationRequest, Limits, RequestError, shown, validate
+from pipeline.requests import (
+    MAX_IMAGES_PER_CALL,
+    RANDOM_SEED_LIMIT,
+    SEED_LIMIT,
+    SHOWN_CHARS,
+    GenerationRequest,
+    Limits,
+    RequestError,
+    batch_seeds,
+    shown,
+    validate,
+)
 
 LIMITS = Limits(max_h=1536, max_w=2048)
 
@@ -84,3 +95,17 @@ def test_shown_cuts_an_echoed_value_to_a_few_dozen_characters():
     assert len(long) == SHOWN_CHARS and long.startswith("'AAAA") and long.endswith("…")
     assert len(shown([["A" * 100]] * 1000)) == SHOWN_CHARS
     assert shown("\ud800") == r"'\ud800'"  # escaped: a lone surrogate cannot break the JSON or the log it goes into
+
+
+def test_a_batch_takes_consecutive_seeds_checked_whole_before_the_first_image():
+    assert batch_seeds(5, 3) == [5, 6, 7]
+    assert batch_seeds(5.0, 3) == [5, 6, 7]  # a whole float is that number, for every image, not 5 three times
+    assert batch_seeds(None, 2) == [None, None] and batch_seeds("random", 1) == [None]
+    assert batch_seeds(SEED_LIMIT - 2, 2) == [SEED_LIMIT - 2, SEED_LIMIT - 1]
+    with pytest.raises(RequestError, match=r"seed must be at most .* when n is 2"):
+        batch_seeds(SEED_LIMIT - 1, 2)  # the second image would need seed 2**64
+    for n in (0, MAX_IMAGES_PER_CALL + 1, True, 2.0, "2"):
+        with pytest.raises(RequestError, match="n must be a whole number"):
+            batch_seeds(1, n)
+    with pytest.raises(RequestError, match="seed must be a whole number"):
+        batch_seeds(5.5, 2)

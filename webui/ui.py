@@ -17,6 +17,7 @@ from pipeline.requests import (
     MIN_SHIFT,
     GenerationRequest,
     RequestError,
+    batch_seeds,
     shown,
 )
 from webui.errors import reported_to_the_caller
@@ -29,7 +30,6 @@ HISTORY_SIZE = 12  # images from disk shown when a page opens, so a restart lose
 SESSION_HISTORY_LIMIT = 48  # the gallery goes back to the browser whole after every image: keep it bounded
 API_NAME = "generate"  # the queue endpoint: gradio_client.Client(url).predict(..., api_name="/generate")
 IMAGES_API_NAME = "images"  # n images for the OpenAI-style route; through the same queue
-MAX_IMAGES_PER_CALL = 4
 GPU_QUEUE = "gpu"  # one concurrency group: every event that touches the engine waits in the same line
 
 DEMO_BANNER = (
@@ -85,12 +85,10 @@ def build_ui(engine: Engine, *, demo: bool, model_label: str, max_w: int, max_h:
         request id. The OpenAI-style route calls this."""
         options = {name: value for name, value in (("steps", steps), ("shift", shift)) if value is not None}
         with reported_to_the_caller():
-            if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_IMAGES_PER_CALL:
-                raise RequestError(f"n must be a whole number from 1 to {MAX_IMAGES_PER_CALL} (got {shown(n)}).")
+            seeds = batch_seeds(seed, n)
             width, height = parse_resolution(size)
             made = []
-            for index in range(n):
-                next_seed = seed + index if isinstance(seed, int) and not isinstance(seed, bool) else seed
+            for next_seed in seeds:
                 result = engine.generate(GenerationRequest(prompt=prompt, width=width, height=height, seed=next_seed,
                                                            **options),
                                          received_at=_received_at(request))
