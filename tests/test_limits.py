@@ -174,3 +174,19 @@ def test_the_longest_prompt_the_ui_can_send_is_far_under_the_limit(app):
     client = Client(app.url, verbose=False)
     _, seed_used, _, _ = client.predict(prompt, "64x64", 3, False, 1, 3.0, api_name="/generate")
     assert seed_used == 3
+
+
+def test_uploads_are_refused_since_no_component_takes_a_file(app):
+    boundary = "zimage-test-boundary"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"x.bin\"\r\n"
+            f"Content-Type: application/octet-stream\r\n\r\n{'A' * 1000}\r\n--{boundary}--\r\n").encode()
+    sock = _connect(app)
+    with sock:
+        sock.sendall(f"POST /gradio_api/upload HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n"
+                     f"Content-Type: multipart/form-data; boundary={boundary}\r\n"
+                     f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+    assert http_status(f"{app.url}/readyz") == 200

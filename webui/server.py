@@ -136,6 +136,9 @@ def serve(blocks: gr.Blocks, engine: Engine, *, host: str, port: int, share: boo
     blocks.launch(
         server_name=host, server_port=port, share=share, prevent_thread_lock=True, quiet=True, ssr_mode=False,
         show_error=True, app_kwargs={"routes": routes, "middleware": middleware},
+        # No component takes a file, so Gradio's upload route has nothing to receive: a limit of 0 bytes makes it
+        # refuse every upload (413) instead of storing what anyone sends, uncollected, in its temp dir.
+        max_file_size=0,
     )
     log.info("ready url=http://%s:%d", host, port)
     if engine.compile_model:
