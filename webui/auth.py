@@ -11,7 +11,8 @@ from __future__ import annotations
 import base64
 import binascii
 import hmac
-import json
+
+from webui.asgi_errors import openai_error, send_json
 
 OPEN_PATHS = ("/healthz", "/readyz")  # local liveness checks (supervisor, load balancers) carry no credentials
 # Gradio's launch() calls this over loopback, without credentials, to start its queue; it takes no input.
@@ -60,10 +61,6 @@ class RequireCredentials:
         if scope["type"] == "websocket":
             await send({"type": "websocket.close", "code": 1008})
             return
-        body = json.dumps({"error": {"message": "Authentication required: HTTP Basic, or 'user:password' as the "
-                                                "API key.", "type": "invalid_request_error", "param": None,
-                                     "code": "invalid_api_key"}}).encode()
-        await send({"type": "http.response.start", "status": 401,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                                (b"www-authenticate", f'Basic realm="{REALM}"'.encode())]})
-        await send({"type": "http.response.body", "body": body})
+        await send_json(send, 401, openai_error("Authentication required: HTTP Basic, or 'user:password' as the API "
+                                                "key.", "invalid_api_key"),
+                        headers=((b"www-authenticate", f'Basic realm="{REALM}"'.encode()),))

@@ -1,14 +1,15 @@
-"""Bounds on what a caller can make the server hold or repeat: the size of a request body, and how much of a
-caller's value an error message or a log line echoes."""
+"""A bound on what a caller can make the server hold: the size of a request body."""
 
 from __future__ import annotations
 
-import json
+from webui.asgi_errors import openai_error, send_json
 
 # The largest body the service means to take is a JSON request around one prompt of at most 20,000 characters
 # (pipeline.requests.MAX_PROMPT_CHARS): under 120 KB even with every character escaped as \uXXXX. The UI's posts to
 # Gradio's queue carry the same few fields. 1 MiB leaves room for all of that on every route, and no more.
 MAX_BODY_BYTES = 2**20
+
+
 class BodyTooLarge(Exception):
     """Raised from `receive` once the bytes received pass the limit, so the app stops reading."""
 
@@ -65,11 +66,6 @@ class LimitBodySize:
 
     async def _refuse(self, send) -> None:
         # OpenAI's error shape on every route: what /v1 clients parse, and short, readable JSON everywhere else.
-        body = json.dumps({"error": {"message": f"The request body is over the limit of {self.limit} bytes.",
-                                     "type": "invalid_request_error", "param": None,
-                                     "code": "request_too_large"}}).encode()
         # connection: close, so the server stops reading a body it will not use.
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                                (b"connection", b"close")]})
-        await send({"type": "http.response.body", "body": body})
+        await send_json(send, 413, openai_error(f"The request body is over the limit of {self.limit} bytes.",
+                                                "request_too_large"), headers=((b"connection", b"close"),))

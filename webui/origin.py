@@ -11,9 +11,10 @@ gradio_client, Prometheus, our own loopback call into the queue) send neither Or
 
 from __future__ import annotations
 
-import json
 import logging
 from urllib.parse import urlsplit
+
+from webui.asgi_errors import openai_error, send_json
 
 log = logging.getLogger("zimage.webui")
 
@@ -62,11 +63,5 @@ class RefuseCrossSite:
         log.warning("cross-site request refused method=%s path=%s origin=%r", scope["method"], scope["path"], origin)
         message = ("Cross-site request refused: this server only accepts state-changing requests from its own "
                    "pages, or from clients that send no Origin or Referer header.")
-        if scope["path"].startswith("/v1/"):
-            error = {"message": message, "type": "invalid_request_error", "param": None, "code": "forbidden_origin"}
-        else:
-            error = message
-        body = json.dumps({"error": error}).encode()
-        await send({"type": "http.response.start", "status": 403,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})
+        payload = openai_error(message, "forbidden_origin") if scope["path"].startswith("/v1/") else {"error": message}
+        await send_json(send, 403, payload)

@@ -1,0 +1,18 @@
+"""Answers that ASGI middleware sends itself, before any app runs: JSON with its length, and OpenAI's error shape
+(what /v1 clients parse, and short, readable JSON on every other route)."""
+
+from __future__ import annotations
+
+import json
+
+
+def openai_error(message: str, code: str | None, param: str | None = None) -> dict[str, object]:
+    return {"error": {"message": message, "type": "invalid_request_error", "param": param, "code": code}}
+
+
+async def send_json(send, status: int, payload: object, headers: tuple[tuple[bytes, bytes], ...] = ()) -> None:
+    body = json.dumps(payload).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            *headers]})
+    await send({"type": "http.response.body", "body": body})
