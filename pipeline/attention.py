@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import statistics
 import time
+from collections.abc import Iterable
 
 import torch
 
@@ -22,6 +23,10 @@ _CANDIDATES = {
 }
 PROBE_TOKENS = 4096 + 32  # a 1024² image (64 × 64 patches) and a short prompt: the shape that matters most
 PROBE_RUNS = 5
+# Backends that run through cuDNN's attention ("native" may pick it by heuristics). cuDNN builds an execution plan
+# for every sequence length, and PyTorch caches plans per thread: on an H100 a call at a length not yet seen on that
+# thread took 65-70 ms instead of 0.8 ms. A new prompt usually brings a new caption length, so twice per request.
+PLANNED_BACKENDS = ("_native_cudnn", SDPA)
 
 
 def candidates(choice: str, device_type: str) -> list[str]:
@@ -85,3 +90,34 @@ def fall_back_to_sdpa(transformer, failed: str, error: BaseException) -> str:
                 failed, type(error).__name__, str(error).strip().splitlines()[0] if str(error).strip() else "")
     transformer.set_attention_backend(SDPA)
     return SDPA
+
+
+def builds_plans(backend: str, device: torch.device) -> bool:
+    return device.type == "cuda" and backend in PLANNED_BACKENDS
+
+
+def dit_sequence_lengths(pipe, sizes: Iterable[tuple[int, int]], max_caption_tokens: int) -> list[int]:
+    """Every sequence length the DiT's attention meets at these (width, height) sizes, in order of first need:
+    the image tokens alone (noise refiner), the caption alone (context refiner) and both (the main blocks), each
+    padded by diffusers to a multiple of its SEQ_MULTI_OF."""
+    from diffusers.models.transformers.transformer_z_image import SEQ_MULTI_OF
+
+    def padded(tokens: int) -> int:
+        return tokens + (-tokens) % SEQ_MULTI_OF
+
+    patch_pixels = pipe.vae_scale_factor * pipe.transformer.config.all_patch_size[0]
+    captions = range(SEQ_MULTI_OF, padded(max_caption_tokens) + 1, SEQ_MULTI_OF)
+    lengths = dict.fromkeys(captions)
+    for width, height in sizes:
+        image = padded((width // patch_pixels) * (height // patch_pixels))
+        lengths.update(dict.fromkeys([image, *(image + caption for caption in captions)]))
+    return list(lengths)
+
+
+def build_plan(backend: str, tokens: int, heads: int, head_dim: int, device: torch.device,
+               dtype: torch.dtype) -> None:
+    """One attention call at `tokens`, as the DiT makes it: the calling thread keeps the plan cuDNN builds for it."""
+    from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+    query = torch.zeros(1, tokens, heads, head_dim, device=device, dtype=dtype)
+    dispatch_attention_fn(query, query, query, backend=backend)

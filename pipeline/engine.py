@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import faulthandler
 import gc
 import hashlib
@@ -11,7 +12,8 @@ import threading
 import time
 import uuid
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -157,6 +159,10 @@ class Engine:
         self._faults = faults
         self._on_fatal = on_fatal
         self._lock = threading.Lock()  # the GPU runs one job at a time, whoever calls
+        # ...and always on this one thread. PyTorch keeps cuDNN's attention plans (one per sequence length) and
+        # cuBLAS handles per thread: run on whichever worker thread the web server picked, a request rebuilt them
+        # (tens of ms each) although the process had built the same ones before.
+        self._gpu_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gpu")
         self._active = 0  # requests between validation and saved PNG; the save runs outside the GPU lock
         self._idle = threading.Condition()
         self.attention_backend = attention.apply_backend(loaded.pipe.transformer, attention_choice, self.device)
@@ -233,21 +239,34 @@ class Engine:
         """One small generation: proves the device works and gives a failing attention backend its first call.
         On CUDA two more sizes measure the memory a request needs, for the memory guard. Compilation, when on,
         starts afterwards in the background (see start_compiling): "ready" does not wait for it."""
-        request = _warm_up_request(256)
         started = time.perf_counter()
         with self._lock:
-            try:
-                self._run(request, progress=None)
-            except Exception as error:
-                if self.attention_backend == attention.SDPA:
-                    raise
-                self.attention_backend = attention.fall_back_to_sdpa(self._pipe.transformer, self.attention_backend,
-                                                                     error)
-                self._run(request, progress=None)
-            if self.device.type == "cuda":
-                self.memory_guard = self._measure_memory_guard()
+            self._on_gpu_thread(self._warm_up)
         self.ready = True
         log.info("warm-up done attention=%s seconds=%.2f", self.attention_backend, time.perf_counter() - started)
+
+    def _warm_up(self) -> None:
+        request = _warm_up_request(256)
+        try:
+            self._run(request, progress=None)
+        except Exception as error:
+            if self.attention_backend == attention.SDPA:
+                raise
+            self.attention_backend = attention.fall_back_to_sdpa(self._pipe.transformer, self.attention_backend, error)
+            self._run(request, progress=None)
+        if self.device.type == "cuda":
+            self.memory_guard = self._measure_memory_guard()
+
+    def _on_gpu_thread(self, work: Callable, *args):
+        """work(*args) on the GPU thread, in the caller's context (Gradio finds its progress bar through context
+        variables); its result or exception comes back here."""
+        future = self._gpu_thread.submit(contextvars.copy_context().run, work, *args)
+        try:
+            return future.result()
+        finally:
+            # The future holds a failed call's exception, whose frames hold its tensors: an out-of-memory error's
+            # must be gone before the memory is released.
+            future = None
 
     def _measure_memory_guard(self) -> MemoryGuard:
         idle = torch.cuda.memory_allocated(self.device)
@@ -278,6 +297,32 @@ class Engine:
         thread = threading.Thread(target=self._compile, name="compile", daemon=True)
         thread.start()
         return thread
+
+    def build_attention_plans(self, sizes: Iterable[tuple[int, int]]) -> threading.Thread | None:
+        """Build, on the GPU thread, the attention plans requests at these sizes will need, one length at a time
+        between requests: cuDNN's plans cost 65-70 ms each, and a new prompt's caption length needs two. None when
+        the backend builds no plans."""
+        if not attention.builds_plans(self.attention_backend, self.device):
+            return None
+        lengths = attention.dit_sequence_lengths(self._pipe, sizes, MAX_SEQUENCE_LENGTH)
+        thread = threading.Thread(target=self._build_plans, args=(lengths,), name="attention-plans", daemon=True)
+        thread.start()
+        return thread
+
+    def _build_plans(self, lengths: list[int]) -> None:
+        started = time.perf_counter()
+        config = self._pipe.transformer.config
+        for built, tokens in enumerate(lengths):
+            if self._draining:
+                return
+            try:
+                self._on_gpu_thread(attention.build_plan, self.attention_backend, tokens, config.n_heads,
+                                    config.dim // config.n_heads, self.device, self.dtype)
+            except Exception as error:  # requests build their own plans as before: slower, not wrong
+                log.warning("building attention plans stopped at tokens=%d after %d of %d (%s: %s)", tokens, built,
+                            len(lengths), type(error).__name__, str(error).strip()[:200])
+                return
+        log.info("attention plans built lengths=%d seconds=%.1f", len(lengths), time.perf_counter() - started)
 
     def _room_beside_a_request(self) -> bool:
         if self.memory_guard is None:
@@ -374,7 +419,7 @@ class Engine:
             self._job_started_at = time.monotonic()
             out_of_memory = None
             try:
-                run = self._run(valid, progress, request_number=self._started)
+                run = self._on_gpu_thread(self._run, valid, progress, self._started)
             except GenerationError as error:
                 log.warning("request id=%s prompt=%s outcome=failed reason=%r", request_id, prompt_summary, str(error))
                 raise

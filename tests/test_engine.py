@@ -1,4 +1,6 @@
+import contextvars
 import logging
+import threading
 import time
 
 import numpy as np
@@ -53,6 +55,32 @@ def test_progress_is_reported_for_every_step(engine):
     seen = []
     engine.generate(GenerationRequest("x", seed=1, **SMALL), progress=lambda step, total: seen.append((step, total)))
     assert seen == [(1, 3), (2, 3), (3, 3)]
+
+
+def test_every_request_runs_on_one_gpu_thread_whichever_thread_calls(engine):
+    """cuDNN's attention plans and cuBLAS handles are per thread: callers on many threads must not rebuild them."""
+    ran_on = []
+    hook = engine.pipeline.transformer.register_forward_pre_hook(
+        lambda _module, _args: ran_on.append(threading.get_ident()))
+    variable = contextvars.ContextVar("caller")
+    seen_by_progress = []
+
+    def call(name):
+        variable.set(name)
+        engine.generate(GenerationRequest(f"from {name}", seed=1, **SMALL),
+                        progress=lambda _step, _total: seen_by_progress.append(variable.get(None)))
+
+    try:
+        callers = [threading.Thread(target=call, args=(f"caller {n}",)) for n in range(3)]
+        for caller in callers:
+            caller.start()
+            caller.join()
+    finally:
+        hook.remove()
+    assert len(ran_on) == 3 * SMALL["steps"] and len(set(ran_on)) == 1
+    assert ran_on[0] not in {caller.ident for caller in callers} | {threading.get_ident()}
+    # The progress callback runs in its caller's context (Gradio's progress bar finds its request through it).
+    assert seen_by_progress == [f"caller {n}" for n in range(3) for _ in range(SMALL["steps"])]
 
 
 def test_timings_cover_every_stage(engine):

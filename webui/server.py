@@ -20,6 +20,7 @@ from webui.auth import RequireCredentials
 from webui.limits import LimitBodySize
 from webui.openai_api import openai_routes
 from webui.origin import RefuseCrossSite
+from webui.resolutions import offered, parse_resolution
 
 log = logging.getLogger("zimage.webui")
 
@@ -143,6 +144,10 @@ def serve(blocks: gr.Blocks, engine: Engine, *, host: str, port: int, share: boo
     log.info("ready url=http://%s:%d", host, port)
     if engine.compile_model:
         engine.start_compiling()
+    # The UI's sizes, the default (1024²) first: what most requests will need.
+    engine.build_attention_plans(
+        parse_resolution(label) for labels in offered(engine.limits.max_w, engine.limits.max_h).values()
+        for label in labels)
     # Short waits, not one endless one: Linux may hand SIGTERM to any thread, and then a main thread asleep in an
     # untimed wait never wakes to run the Python handler. Each timeout returns to the interpreter, which runs it.
     while not stop.wait(timeout=SIGNAL_POLL_S):
