@@ -1,5 +1,6 @@
 import contextvars
 import logging
+import sys
 import threading
 import time
 
@@ -8,7 +9,7 @@ import pytest
 import torch
 
 from pipeline import attention
-from pipeline.engine import Engine, GenerationError, ServiceBusy
+from pipeline.engine import COMPILE_SWITCH_INTERVAL_S, Engine, GenerationError, ServiceBusy
 from pipeline.memory import GIB, Line, MemoryGuard
 from pipeline.requests import GenerationRequest, Limits, RequestError
 from pipeline.storage import read_parameters
@@ -385,8 +386,12 @@ def test_the_eager_path_serves_while_the_compiled_one_compiles(loaded_tiny, tmp_
 
     compiling, release = threading.Event(), threading.Event()
 
+    switch_intervals = []
+
     def slow_compiler(graph, example_inputs):
         """A compile that takes as long as the test wants (a cold compile cache on a real GPU: a minute or more)."""
+        if engine.compiled == "compiling":
+            switch_intervals.append(sys.getswitchinterval())
         compiling.set()
         release.wait(60)
         return graph.forward
@@ -407,3 +412,6 @@ def test_the_eager_path_serves_while_the_compiled_one_compiles(loaded_tiny, tmp_
              for result in (during, after)}
     assert "path=eager" in lines[during.request_id] and "path=compiled" in lines[after.request_id]
     assert "the eager path serves" in caplog.text and "compiled path live" in caplog.text
+    # The compiler hands the interpreter over often while it runs, and the old interval is back once it is done.
+    assert switch_intervals and max(switch_intervals) == pytest.approx(COMPILE_SWITCH_INTERVAL_S)
+    assert sys.getswitchinterval() > 10 * COMPILE_SWITCH_INTERVAL_S
