@@ -19,6 +19,7 @@ from importlib import metadata
 import pipeline  # noqa: F401  (must come before any Hugging Face import: it turns their network use off)
 from config import Settings, SettingsError, load_settings
 from config.log_lines import LOG_DATE_FORMAT, LOG_FORMAT, LinesToLog, OneLinePerRecord
+from webui.connections import OccasionalAcceptErrors, raise_fd_limit
 
 log = logging.getLogger("zimage.app")
 
@@ -40,6 +41,7 @@ def configure_logging(level: str) -> None:
         library.disable_progress_bar()
     for noisy in ("httpx", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.getLogger("asyncio").addFilter(OccasionalAcceptErrors())
 
 
 def log_banner(settings: Settings) -> None:
@@ -176,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
                     "use the GPU and see every image", "a share link" if settings.share else f"host {settings.host}")
     for warning in settings.credential_warnings(argv):
         log.warning("INSECURE: %s", warning)
+    max_connections = raise_fd_limit(settings.max_connections)
 
     from pipeline.output_dir import OutputDirError, prepare_output_dir
 
@@ -216,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
                       max_h=settings.max_h)
     exit_code = serve(blocks, engine, host=settings.host, port=settings.port, share=settings.share,
                       queue_size=settings.queue_size, shutdown_grace_s=settings.shutdown_grace_s, metrics=metrics,
-                      credentials=credentials)
+                      credentials=credentials, max_connections=max_connections,
+                      header_timeout_s=settings.header_timeout_s)
     stop_child_processes()
     return exit_code
 

@@ -58,6 +58,8 @@ class Settings:
     max_w: int  # largest width a request may ask for (pixels)
     queue_size: int  # requests that may wait for the GPU; more are turned away as "busy"
     queue_timeout_s: int  # a request that waited longer than this is answered with a timeout, not run late
+    max_connections: int  # open HTTP connections at once; idle ones are closed first to make room
+    header_timeout_s: int  # a connection that has not sent a whole request head by then is closed
     output_dir: Path  # every returned image is saved here as PNG
     nan_check: bool  # refuse NaN / all-black images instead of returning them
     log_level: LogLevelChoice
@@ -88,6 +90,10 @@ class Settings:
             raise SettingsError(f"prompt_cache_size must be 0 (off) or more (got {self.prompt_cache_size}).")
         if self.queue_size < 1:
             raise SettingsError(f"queue_size must be at least 1 (got {self.queue_size}).")
+        if self.max_connections < 8:
+            raise SettingsError(f"max_connections must be at least 8 (got {self.max_connections}).")
+        if self.header_timeout_s < 1:
+            raise SettingsError(f"header_timeout_s must be at least 1 (got {self.header_timeout_s}).")
         credentials = self.credentials()
         if self.exposed and not credentials and not self.insecure_public:
             where = "a share link" if self.share else f"host {self.host}"
@@ -275,6 +281,12 @@ def build_arg_parser() -> argparse.ArgumentParser:
     add("--queue-size", type=int, metavar="N", help="requests that may wait for the GPU before new ones are refused")
     add("--queue-timeout", dest="queue_timeout_s", type=int, metavar="SECONDS",
         help="a request that waited longer than this for the GPU gets a clear timeout instead of running late")
+    add("--max-connections", type=int, metavar="N",
+        help="open HTTP connections at once; past it the oldest connection still sending its request head is closed "
+        "(the open-file limit is raised to fit)")
+    add("--header-timeout", dest="header_timeout_s", type=int, metavar="SECONDS",
+        help="a connection that has not sent a whole request head this long after connecting (or after its last "
+        "response) is closed")
     add("--output-dir", type=Path, metavar="DIR", help="where every returned image is saved as PNG")
     add("--disable-nan-check", dest="nan_check", action="store_false",
         help="return images even when they contain NaN or are all black (default: check on)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import resource
 import shutil
 import signal
 import subprocess
@@ -49,7 +50,9 @@ def http_status(url: str) -> int:
         return error.code
 
 
-def start_app(tmp_path: Path, *flags: str, env: dict[str, str] | None = None) -> RunningApp:
+def start_app(tmp_path: Path, *flags: str, env: dict[str, str] | None = None,
+              open_files: int | None = None) -> RunningApp:
+    """`open_files`: the soft limit on open files the process starts with (as a supervisord or shell may leave it)."""
     port = free_port()
     output_dir = tmp_path / "outputs"
     log_path = tmp_path / "app.log"
@@ -58,6 +61,8 @@ def start_app(tmp_path: Path, *flags: str, env: dict[str, str] | None = None) ->
         process = subprocess.Popen(
             [sys.executable, "app.py", "--port", str(port), "--output-dir", str(output_dir), *flags],
             cwd=PROJECT_DIR, stdout=log, stderr=subprocess.STDOUT, env=env,
+            preexec_fn=None if open_files is None else lambda: resource.setrlimit(
+                resource.RLIMIT_NOFILE, (open_files, resource.getrlimit(resource.RLIMIT_NOFILE)[1])),
         )
     app = RunningApp(f"http://127.0.0.1:{port}", output_dir, log_path, process)
     deadline = time.monotonic() + START_TIMEOUT_S
@@ -84,12 +89,13 @@ def exit_code_within(app: RunningApp, timeout_s: float) -> int:
         raise AssertionError(f"app still running {timeout_s} s after the signal:\n{app.log()[-6000:]}") from None
 
 
-def start_demo_app(tmp_path: Path, tiny_models, *flags: str, env: dict[str, str] | None = None) -> RunningApp:
+def start_demo_app(tmp_path: Path, tiny_models, *flags: str, env: dict[str, str] | None = None,
+                   open_files: int | None = None) -> RunningApp:
     """`app.py --demo` on a copy of the session's tiny model (no rebuild)."""
     demo_dir = tmp_path / "demo-model"
     if not demo_dir.exists():
         shutil.copytree(tiny_models[LayoutKind.SINGLE_FILE], demo_dir)
-    return start_app(tmp_path, "--demo", "--demo-dir", str(demo_dir), *flags, env=env)
+    return start_app(tmp_path, "--demo", "--demo-dir", str(demo_dir), *flags, env=env, open_files=open_files)
 
 
 def stop_app(app: RunningApp) -> None:

@@ -17,6 +17,7 @@ from starlette.routing import Route
 from pipeline.engine import Engine
 from pipeline.metrics import CONTENT_TYPE, ServiceMetrics
 from webui.auth import RequireCredentials
+from webui.connections import guard_connections
 from webui.limits import LimitBodySize
 from webui.openai_api import openai_routes
 from webui.origin import RefuseCrossSite
@@ -102,7 +103,8 @@ def loopback_url(host: str, port: int) -> str:
 
 
 def serve(blocks: gr.Blocks, engine: Engine, *, host: str, port: int, share: bool, queue_size: int,
-          shutdown_grace_s: float, metrics: ServiceMetrics, credentials: dict[str, str]) -> int:
+          shutdown_grace_s: float, metrics: ServiceMetrics, credentials: dict[str, str], max_connections: int,
+          header_timeout_s: float) -> int:
     """Serve until SIGTERM or SIGINT, then shut down in order; returns the exit code (0: asked to stop).
 
     Every event goes through the one queue: `api_open=False` closes the REST routes that would skip it, and
@@ -141,6 +143,7 @@ def serve(blocks: gr.Blocks, engine: Engine, *, host: str, port: int, share: boo
         # refuse every upload (413) instead of storing what anyone sends, uncollected, in its temp dir.
         max_file_size=0,
     )
+    guard_connections(blocks.server, max_connections=max_connections, head_timeout_s=header_timeout_s)
     log.info("ready url=http://%s:%d", host, port)
     if engine.compile_model:
         engine.start_compiling()

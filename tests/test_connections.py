@@ -1,0 +1,134 @@
+"""Idle and half-open sockets against a real `app.py --demo` process, over raw sockets: a client library would finish
+its headers, which is exactly what these clients do not do."""
+
+from __future__ import annotations
+
+import logging
+import select
+import socket
+import time
+from urllib.parse import urlsplit
+
+import pytest
+
+from tests.test_app_e2e import http_status, start_demo_app, stop_app
+from webui.connections import OccasionalAcceptErrors
+
+MAX_CONNECTIONS = 64
+HEADER_TIMEOUT_S = 3
+IDLE_SOCKETS = 300  # more than the cap, and more than the 200 open files the process is started with
+PARTIAL_HEAD = b"GET /readyz HTTP/1.1\r\nHost: localhost\r\n"  # never the blank line that ends a head
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory, tiny_models):
+    app = start_demo_app(tmp_path_factory.mktemp("connections-app"), tiny_models,
+                         "--max-connections", str(MAX_CONNECTIONS), "--header-timeout", str(HEADER_TIMEOUT_S),
+                         open_files=200)
+    yield app
+    stop_app(app)
+
+
+def _connect(app, timeout: float = 10) -> socket.socket:
+    address = urlsplit(app.url)
+    return socket.create_connection((address.hostname, address.port), timeout=timeout)
+
+
+def _closed_by_server(sock: socket.socket) -> bool:
+    """True once the server has closed this connection (EOF or reset); False while it is still open."""
+    if not select.select([sock], [], [], 0)[0]:
+        return False
+    try:
+        return sock.recv(4096) == b""
+    except (ConnectionResetError, BrokenPipeError):
+        return True
+
+
+def _wait_until_closed(socks: list[socket.socket], deadline_s: float) -> list[socket.socket]:
+    """The sockets the server has not closed by the deadline."""
+    open_ = list(socks)
+    deadline = time.monotonic() + deadline_s
+    while open_ and time.monotonic() < deadline:
+        open_ = [sock for sock in open_ if not _closed_by_server(sock)]
+        time.sleep(0.1)
+    return open_
+
+
+def test_the_open_file_limit_is_raised_to_fit_the_connection_cap(app):
+    assert f"connections capped at {MAX_CONNECTIONS}" in app.log()
+    assert "open-file limit 384 (hard" in app.log()  # 64 × 2 + 256, up from 200
+
+
+def test_health_answers_while_hundreds_of_sockets_never_finish_their_heads(app):
+    idle = []
+    try:
+        for _ in range(IDLE_SOCKETS):
+            sock = _connect(app)
+            sock.sendall(PARTIAL_HEAD)
+            idle.append(sock)
+        for _ in range(5):
+            started = time.monotonic()
+            assert http_status(f"{app.url}/readyz") == 200
+            assert time.monotonic() - started < 2
+        # The cap closed the oldest waiting sockets as new ones came: at most the cap is left open.
+        still_open = [sock for sock in idle if not _closed_by_server(sock)]
+        assert len(still_open) <= MAX_CONNECTIONS
+        # ...and the head deadline closes the rest.
+        assert _wait_until_closed(still_open, HEADER_TIMEOUT_S + 5) == []
+    finally:
+        for sock in idle:
+            sock.close()
+    log = app.log()
+    # One line per interval for each kind of refusal, not one per socket.
+    assert 1 <= log.count(f"(max_connections={MAX_CONNECTIONS}): closed the oldest") <= 3
+    assert 1 <= log.count("sent no complete request head") <= 3
+    assert "out of system resource" not in log
+
+
+def test_a_request_whose_head_arrived_is_not_dropped_to_make_room(app):
+    busy = _connect(app, timeout=30)
+    body = b'{"prompt": "x", "size": "bad"}'
+    busy.sendall(b"POST /v1/images/generations HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                 b"Connection: close\r\nContent-Length: %d\r\n\r\n" % len(body))
+    idle = []
+    try:
+        for _ in range(2 * MAX_CONNECTIONS):
+            sock = _connect(app)
+            sock.sendall(PARTIAL_HEAD)
+            idle.append(sock)
+        busy.sendall(body)
+        answer = b""
+        while chunk := busy.recv(4096):
+            answer += chunk
+        assert answer.startswith(b"HTTP/1.1 400") and b'"param":"size"' in answer
+    finally:
+        busy.close()
+        for sock in idle:
+            sock.close()
+
+
+def test_a_kept_alive_connection_that_stalls_in_its_next_head_is_closed(app):
+    sock = _connect(app)
+    try:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        assert sock.recv(4096).startswith(b"HTTP/1.1 200")
+        sock.sendall(PARTIAL_HEAD)  # uvicorn's keep-alive timer stops here: only the head deadline remains
+        assert _wait_until_closed([sock], HEADER_TIMEOUT_S + 3) == []
+    finally:
+        sock.close()
+
+
+def test_failed_accepts_are_logged_once_an_interval_with_a_count(caplog):
+    logger = logging.getLogger("asyncio.test-accept")
+    logger.addFilter(OccasionalAcceptErrors(interval_s=0.2))
+    caplog.set_level(logging.ERROR, logger="asyncio.test-accept")
+    for _ in range(1000):
+        logger.error("socket.accept() out of system resource", exc_info=OSError(24, "Too many open files"))
+    time.sleep(0.25)
+    logger.error("socket.accept() out of system resource")
+    logger.error("an unrelated error")
+    lines = [record.getMessage() for record in caplog.records]
+    assert lines == ["socket.accept() out of system resource (0 more since the last such line)",
+                     "socket.accept() out of system resource (999 more since the last such line)",
+                     "an unrelated error"]
+    assert all(record.exc_info is None for record in caplog.records)

@@ -1,0 +1,158 @@
+"""Idle and half-open sockets: a deadline for each request head, a cap on open connections, and enough file
+descriptors for that cap.
+
+Written by hand because uvicorn has no deadline for a request head (its keep-alive timeout starts only after a first
+response) and counts connections only to answer 503 once a head is complete: ~1,100 sockets that never finished
+their headers used up the process's 1,024 file descriptors and /readyz stopped answering. Gradio builds uvicorn's
+Config itself and passes none of its limits; uvicorn reads the protocol class and its limits from the Config for each
+new connection, so `guard_connections` sets them on the running server.
+"""
+
+from __future__ import annotations
+
+import logging
+import resource
+import time
+
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+log = logging.getLogger("zimage.connections")
+
+FDS_PER_CONNECTION = 2  # the socket, and room for the files and pipes a request may open meanwhile
+FDS_RESERVED = 256  # the model's files, the log, compile workers' pipes: what the process needs besides sockets
+REFUSAL_LOG_INTERVAL_S = 10.0  # an attack repeats the same event thousands of times a second: one line per interval
+
+
+def raise_fd_limit(max_connections: int) -> int:
+    """Raise the soft limit on open files as far as the hard one allows (supervisord and shells often leave 1,024),
+    and return how many connections fit in it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = max_connections * FDS_PER_CONNECTION + FDS_RESERVED
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if target > soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        soft = target
+    fitting = max(1, (soft - FDS_RESERVED) // FDS_PER_CONNECTION)
+    if fitting < max_connections:
+        log.warning("open-file limit %d (hard %d) leaves room for %d connections, not max_connections=%d; raise "
+                    "the hard limit (minfds in supervisord.conf, ulimit -Hn) to allow more", soft, hard, fitting,
+                    max_connections)
+        return fitting
+    log.info("open-file limit %d (hard %d); connections capped at %d", soft, hard, max_connections)
+    return max_connections
+
+
+class _Occasional:
+    """Logs a repeated event at most once an interval, with how many happened since the last line."""
+
+    def __init__(self, interval_s: float):
+        self.interval_s, self.last, self.unlogged = interval_s, float("-inf"), 0
+
+    def __call__(self, message: str, *args) -> None:
+        self.unlogged += 1
+        now = time.monotonic()
+        if now - self.last >= self.interval_s:
+            log.warning(message + " (%d time(s) since the last such line)", *args, self.unlogged)
+            self.last, self.unlogged = now, 0
+
+
+class GuardedH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol, plus: a request head must arrive whole within `head_timeout_s` of the connection
+    (or of the previous response, on a kept-alive one), and past `max_connections` the oldest connection still
+    waiting for its head is closed to make room. A health probe sends its head at once, so it always gets through;
+    sockets that never do are the ones dropped."""
+
+    head_timeout_s = 10.0
+    max_connections = 512
+    _evictions = _Occasional(REFUSAL_LOG_INTERVAL_S)
+    _timeouts = _Occasional(REFUSAL_LOG_INTERVAL_S)
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self._waiting_since = time.monotonic()
+        self._head_deadline = None
+        self._await_head()
+        if len(self.connections) > self.max_connections:
+            self._evict_oldest_waiting()
+
+    def _await_head(self) -> None:
+        self._cycle_before_head = self.cycle
+        self._waiting_since = time.monotonic()
+        self._head_deadline = self.loop.call_later(self.head_timeout_s, self._head_timed_out)
+
+    def _head_arrived(self) -> bool:
+        return self.cycle is not self._cycle_before_head
+
+    def _stop_waiting(self) -> None:
+        if self._head_deadline is not None:
+            self._head_deadline.cancel()
+            self._head_deadline = None
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self._head_deadline is not None and self._head_arrived():
+            self._stop_waiting()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing() and self._head_deadline is None:
+            self._await_head()
+
+    def handle_websocket_upgrade(self, event) -> None:
+        self._stop_waiting()  # the connection is the websocket protocol's from here
+        super().handle_websocket_upgrade(event)
+
+    def connection_lost(self, exc) -> None:
+        self._stop_waiting()
+        super().connection_lost(exc)
+
+    def _head_timed_out(self) -> None:
+        self._head_deadline = None
+        if self._head_arrived() or self.transport.is_closing():
+            return
+        self._timeouts("closed a connection that sent no complete request head in %.0f s", self.head_timeout_s)
+        self.transport.close()
+
+    def _evict_oldest_waiting(self) -> None:
+        waiting = [c for c in self.connections
+                   if isinstance(c, GuardedH11Protocol) and c._head_deadline is not None and not c._head_arrived()
+                   and not c.transport.is_closing()]
+        if not waiting:
+            return  # every connection is busy with a request: uvicorn's own limit answers 503 to the next one
+        oldest = min(waiting, key=lambda connection: connection._waiting_since)
+        self._evictions("%d connections open (max_connections=%d): closed the oldest still waiting for its head",
+                        len(self.connections), self.max_connections)
+        oldest._stop_waiting()
+        oldest.transport.close()
+
+
+def guard_connections(server, *, max_connections: int, head_timeout_s: float) -> None:
+    """From now on, every new connection to this uvicorn `server` has a head deadline and counts against the cap."""
+    GuardedH11Protocol.max_connections = max_connections
+    GuardedH11Protocol.head_timeout_s = head_timeout_s
+    server.config.http_protocol_class = GuardedH11Protocol
+    # Past the cap uvicorn itself answers 503 to complete requests; each one busy with a request counts.
+    server.config.limit_concurrency = max_connections + 1
+
+
+class OccasionalAcceptErrors(logging.Filter):
+    """asyncio logs one error with a traceback for every failed accept(): thousands a second when the process is
+    out of file descriptors. Let one through per interval, with the count of the others."""
+
+    MARKER = "socket.accept() out of system resource"
+
+    def __init__(self, interval_s: float = REFUSAL_LOG_INTERVAL_S):
+        super().__init__()
+        self.interval_s, self.last, self.dropped = interval_s, float("-inf"), 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.MARKER not in record.getMessage():
+            return True
+        now = time.monotonic()
+        if now - self.last < self.interval_s:
+            self.dropped += 1
+            return False
+        record.msg, record.args = f"{self.MARKER} ({self.dropped} more since the last such line)", ()
+        record.exc_info = record.exc_text = None
+        self.last, self.dropped = now, 0
+        return True
