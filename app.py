@@ -220,7 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     exit_code = serve(blocks, engine, host=settings.host, port=settings.port, share=settings.share,
                       queue_size=settings.queue_size, shutdown_grace_s=settings.shutdown_grace_s, metrics=metrics,
                       credentials=credentials, max_connections=max_connections,
-                      header_timeout_s=settings.header_timeout_s)
+                      header_timeout_s=settings.header_timeout_s, ssl_certfile=settings.ssl_certfile,
+                      ssl_keyfile=settings.ssl_keyfile)
     stop_child_processes()
     return exit_code
 

@@ -42,7 +42,9 @@ class Settings:
     share: bool  # Gradio share link (a public URL through Gradio's relay); off for a private service
     auth: str  # "user:password" needed for every page and API route but the health checks; "" for none
     auth_file: str  # a file of "user:password" lines; "" for none
-    insecure_public: bool  # serve a non-loopback host or share link without auth anyway
+    insecure_public: bool  # serve a non-loopback host or share link without auth (or auth without TLS) anyway
+    ssl_certfile: str  # PEM certificate: serve HTTPS; "" for plain HTTP
+    ssl_keyfile: str  # PEM private key of that certificate; "" for plain HTTP
     model_dir: Path  # weights: the three single files (layout A) or a diffusers folder (layout B)
     demo: bool  # serve the tiny random-weight model instead of real weights
     demo_dir: Path  # where --demo builds and caches the tiny model
@@ -102,12 +104,35 @@ class Settings:
                 f"see every image. Give --auth user:password or --auth-file FILE, or --insecure-public to accept "
                 f"the risk."
             )
+        self._check_tls(credentials)
         for field in dataclasses.fields(self):
             choices = typing.get_args(_field_types()[field.name])
             if choices and getattr(self, field.name) not in choices:
                 raise SettingsError(
                     f"{field.name} must be one of {', '.join(choices)} (got {getattr(self, field.name)!r})."
                 )
+
+    def _check_tls(self, credentials: dict[str, str]) -> None:
+        if bool(self.ssl_certfile) != bool(self.ssl_keyfile):
+            raise SettingsError("ssl_certfile and ssl_keyfile go together: give both, or neither.")
+        for name in ("ssl_certfile", "ssl_keyfile"):
+            if value := getattr(self, name):
+                path = Path(value).expanduser()
+                try:
+                    path.open("rb").close()
+                except OSError as error:
+                    raise SettingsError(f"{name} {path} cannot be read: {error.strerror}.") from None
+        # A share link is HTTPS to Gradio's relay; a bound address is plain HTTP unless this process speaks TLS.
+        if credentials and self.exposed and not self.share and not self.tls and not self.insecure_public:
+            raise SettingsError(
+                f"refusing to take passwords in clear text on host {self.host}: anyone on the network path could "
+                f"read them. Give --ssl-certfile and --ssl-keyfile, or bind to 127.0.0.1 behind a TLS reverse proxy "
+                f"(README: TLS), or --insecure-public to accept the risk."
+            )
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.ssl_certfile and self.ssl_keyfile)
 
     @property
     def exposed(self) -> bool:
@@ -156,6 +181,9 @@ class Settings:
             if mode & stat.S_IROTH:
                 warnings.append(f"auth_file {path} is readable by every user of this machine (mode {mode & 0o777:o}); "
                                 f"chmod 600 {path}")
+        if self.exposed and not self.share and not self.tls and (self.auth or self.auth_file):
+            warnings.append(f"passwords reach host {self.host} in clear text (no --ssl-certfile; --insecure-public "
+                            f"allowed it); anyone on the network path can read them")
         return warnings
 
     def as_log_fields(self) -> dict[str, object]:
@@ -247,6 +275,10 @@ def build_arg_parser() -> argparse.ArgumentParser:
     add("--auth-file", metavar="FILE", help="like --auth, one USER:PASSWORD per line (# comments allowed)")
     add("--insecure-public", action="store_true",
         help="serve a non-loopback --host or a --share link without --auth (refused otherwise)")
+    add("--ssl-certfile", metavar="FILE",
+        help="serve HTTPS with this PEM certificate (with --ssl-keyfile); required with --auth on a non-loopback "
+        "--host unless --insecure-public")
+    add("--ssl-keyfile", metavar="FILE", help="the certificate's PEM private key")
     add("--model-dir", type=Path, metavar="DIR",
         help="weights directory: the three single files (layout A) or a diffusers folder (layout B)")
     add("--demo", action="store_true",

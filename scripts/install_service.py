@@ -85,6 +85,7 @@ def render_program(args: argparse.Namespace) -> str:
         log_maxbytes=args.log_maxbytes, log_backups=args.log_backups, log_dir=args.log_file.parent,
         environment=environment, watchdog_failures=args.watchdog_failures, startup_grace=args.startup_grace,
         min_free_gpu_mib=args.min_free_gpu_mib,
+        scheme="https" if any(arg.startswith("--ssl-certfile") for arg in args.app_args) else "http",
     )
 
 

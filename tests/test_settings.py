@@ -111,13 +111,45 @@ def test_loopback_needs_no_auth(host):
     assert load_settings(["--host", host], environ={}).exposed is False
 
 
-def test_a_public_bind_is_allowed_with_auth_or_when_insecure_is_explicit(tmp_path):
+def _tls_files(tmp_path) -> list[str]:
+    (tmp_path / "cert.pem").write_text("certificate")
+    (tmp_path / "key.pem").write_text("key")
+    return ["--ssl-certfile", str(tmp_path / "cert.pem"), "--ssl-keyfile", str(tmp_path / "key.pem")]
+
+
+def test_a_public_bind_is_allowed_with_auth_over_tls_or_when_insecure_is_explicit(tmp_path):
     users = tmp_path / "users"
     users.write_text("# operators\nalice:s3cret:with:colons\n\nbob:hunter2\n")
-    settings = load_settings(["--host", "0.0.0.0", "--auth", "carol:pw", "--auth-file", str(users)], environ={})
+    users.chmod(0o600)
+    settings = load_settings(["--host", "0.0.0.0", "--auth", "carol:pw", "--auth-file", str(users),
+                              *_tls_files(tmp_path)], environ={})
+    assert settings.tls and settings.credential_warnings([]) == []
     assert settings.credentials() == {"carol": "pw", "alice": "s3cret:with:colons", "bob": "hunter2"}
     assert "pw" not in str(settings.as_log_fields())
     assert load_settings(["--host", "0.0.0.0", "--insecure-public"], environ={}).credentials() == {}
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "10.1.2.3", "gpu-box.lan"])
+def test_passwords_in_clear_text_on_a_public_bind_are_refused_unless_insecure_is_explicit(host):
+    with pytest.raises(SettingsError, match=f"clear text on host {host}.*--ssl-certfile and --ssl-keyfile.*"
+                                            "--insecure-public"):
+        load_settings(["--host", host, "--auth", "alice:pw"], environ={})
+    settings = load_settings(["--host", host, "--auth", "alice:pw", "--insecure-public"], environ={})
+    assert any("clear text" in warning for warning in settings.credential_warnings([]))
+
+
+def test_loopback_and_share_links_take_passwords_without_tls_of_their_own():
+    assert not load_settings(["--auth", "alice:pw"], environ={}).tls
+    assert load_settings(["--share", "--auth", "alice:pw"], environ={}).credential_warnings([]) == []
+
+
+def test_tls_needs_both_files_and_readable_ones(tmp_path):
+    certificate, key = _tls_files(tmp_path)[1], _tls_files(tmp_path)[3]
+    with pytest.raises(SettingsError, match="ssl_certfile and ssl_keyfile go together"):
+        load_settings(["--ssl-certfile", certificate], environ={})
+    with pytest.raises(SettingsError, match=f"ssl_keyfile {tmp_path}/missing.pem cannot be read"):
+        load_settings(["--ssl-certfile", certificate, "--ssl-keyfile", str(tmp_path / "missing.pem")], environ={})
+    assert load_settings(["--ssl-certfile", certificate, "--ssl-keyfile", key], environ={}).tls
 
 
 @pytest.mark.parametrize("content, message", [("alice\n", "line 1 must be user:password"),

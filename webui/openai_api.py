@@ -180,7 +180,8 @@ async def _through_the_queue(client: httpx.AsyncClient, inputs: list[object], au
 
 def openai_routes(engine_output_dir: Path, loopback_url: str, started_at: float) -> list[Route]:
     """`loopback_url`: where this same server answers locally, for joining its queue."""
-    client = httpx.AsyncClient(base_url=loopback_url, timeout=httpx.Timeout(30.0, read=None))
+    # verify=False: this is the server's own loopback address, which its certificate (if TLS is on) does not name.
+    client = httpx.AsyncClient(base_url=loopback_url, timeout=httpx.Timeout(30.0, read=None), verify=False)
 
     async def generations(request: Request):
         # Only JSON: a text/plain or form body is what a cross-site HTML form, or fetch without a preflight, can

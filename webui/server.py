@@ -93,18 +93,19 @@ def metrics_route(metrics: ServiceMetrics, engine: Engine, blocks: gr.Blocks) ->
     return Route("/metrics", scrape)
 
 
-def loopback_url(host: str, port: int) -> str:
+def loopback_url(host: str, port: int, tls: bool = False) -> str:
     """Where this server answers from inside the same machine."""
     if host in ("", "0.0.0.0"):
         host = "127.0.0.1"
     elif host == "::":
         host = "::1"
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+    scheme = "https" if tls else "http"
+    return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
 
 
 def serve(blocks: gr.Blocks, engine: Engine, *, host: str, port: int, share: bool, queue_size: int,
           shutdown_grace_s: float, metrics: ServiceMetrics, credentials: dict[str, str], max_connections: int,
-          header_timeout_s: float) -> int:
+          header_timeout_s: float, ssl_certfile: str = "", ssl_keyfile: str = "") -> int:
     """Serve until SIGTERM or SIGINT, then shut down in order; returns the exit code (0: asked to stop).
 
     Every event goes through the one queue: `api_open=False` closes the REST routes that would skip it, and
@@ -129,7 +130,8 @@ def serve(blocks: gr.Blocks, engine: Engine, *, host: str, port: int, share: boo
 
     blocks.queue(max_size=queue_size, default_concurrency_limit=1, api_open=False)
     routes = [*health_routes(engine), metrics_route(metrics, engine, blocks),
-              *openai_routes(engine.output_dir, loopback_url(host, port), started_at=time.time())]
+              *openai_routes(engine.output_dir, loopback_url(host, port, tls=bool(ssl_certfile)),
+                             started_at=time.time())]
     middleware = [Middleware(StampArrival), Middleware(RefuseCrossSite), Middleware(LimitBodySize)]
     if credentials:
         middleware.insert(0, Middleware(RequireCredentials, credentials=credentials))
@@ -142,9 +144,12 @@ def serve(blocks: gr.Blocks, engine: Engine, *, host: str, port: int, share: boo
         # No component takes a file, so Gradio's upload route has nothing to receive: a limit of 0 bytes makes it
         # refuse every upload (413) instead of storing what anyone sends, uncollected, in its temp dir.
         max_file_size=0,
+        # ssl_verify=False: Gradio checks its own URL once at launch, and a certificate names the public host, not
+        # the loopback address it checks.
+        ssl_certfile=ssl_certfile or None, ssl_keyfile=ssl_keyfile or None, ssl_verify=False,
     )
     guard_connections(blocks.server, max_connections=max_connections, head_timeout_s=header_timeout_s)
-    log.info("ready url=http://%s:%d", host, port)
+    log.info("ready url=%s://%s:%d", "https" if ssl_certfile else "http", host, port)
     if engine.compile_model:
         engine.start_compiling()
     # The UI's sizes, the default (1024²) first: what most requests will need.

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import ssl
 import sys
 import time
 import urllib.error
@@ -26,10 +27,15 @@ from supervisor import childutils
 Probe = Callable[[str, float], "tuple[bool, dict]"]
 
 
+# The probe goes to the service's loopback address, which a TLS certificate (made for the public name) never names:
+# the certificate is not what a liveness probe checks.
+UNVERIFIED_TLS = ssl._create_unverified_context()
+
+
 def http_probe(url: str, timeout: float) -> tuple[bool, dict]:
     """(answered 2xx, JSON body or {})."""
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
+        with urllib.request.urlopen(url, timeout=timeout, context=UNVERIFIED_TLS) as response:
             return 200 <= response.status < 300, json.loads(response.read() or b"{}")
     except urllib.error.HTTPError as error:
         return False, json.loads(error.read() or b"{}") if error.headers.get_content_type() == "application/json" \
