@@ -29,7 +29,7 @@ from pipeline.memory import GIB, MemoryGuard
 from pipeline.metrics import ServiceMetrics
 from pipeline.output_dir import OutputDirCheck
 from pipeline.requests import GenerationRequest, Limits, RequestError, ValidRequest, validate
-from pipeline.storage import a1111_parameters, recent_images, remove_partial_files, save_png
+from pipeline.storage import RecentImages, a1111_parameters, remove_partial_files, save_png
 
 log = logging.getLogger("zimage.engine")
 
@@ -51,6 +51,7 @@ POISONED_GPU_MARKERS = (
 # 43 ms either way). At a few hundred tokens flash and memory-efficient attention are as fast.
 TEXT_ENCODER_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 RECENT_PROMPTS = 3  # kept (as logged: summarised or not) for the crash snapshot
+RECENT_IMAGES = 2000  # the newest images (of all owners) kept in memory for the galleries' history
 HANG_CHECK_INTERVAL_S = 1.0
 # Warm-up sizes whose stage peaks give the memory guard its lines: large enough that fixed overheads do not hide
 # the slope, and both above the low-VRAM profile's 512-px tile, so there both decode in tiles as large requests do.
@@ -158,6 +159,7 @@ class Engine:
         self.limits = limits
         self.output_dir = output_dir
         self._output_dir_check = OutputDirCheck(output_dir)
+        self._recent_images = RecentImages(output_dir, keep=RECENT_IMAGES)
         self.model_name = model_name
         self.nan_check = nan_check
         self.log_prompts = log_prompts
@@ -231,9 +233,10 @@ class Engine:
         """Why an image could not be saved now (the directory is not writable, or the disk nearly full), or None."""
         return self._output_dir_check.problem()
 
-    def history(self, limit: int) -> list[tuple[Path, dict[str, object]]]:
-        """The newest saved images and their parameters: what earlier sessions (and earlier processes) made."""
-        return recent_images(self.output_dir, limit)
+    def history(self, limit: int, owner: str | None) -> list[tuple[Path, dict[str, object]]]:
+        """The newest images saved for `owner` and their parameters, this process's and earlier ones'; none for no
+        owner."""
+        return self._recent_images.newest(limit, owner)
 
     def wait_idle(self, timeout: float) -> bool:
         """Wait until no request is running or saving; False if one still is after `timeout` seconds."""
@@ -368,10 +371,11 @@ class Engine:
         log.info("compiled path live seconds=%.1f", time.perf_counter() - started)
 
     def generate(self, request: GenerationRequest, progress: ProgressCallback | None = None,
-                 received_at: float | None = None) -> GenerationResult:
+                 received_at: float | None = None, owner: str | None = None) -> GenerationResult:
         """Validate → encode → denoise → decode → check → save. Bad input raises RequestError, failures
         GenerationError; either way nothing is saved and the engine stays usable. `received_at` (time.monotonic()
-        when the request arrived, before any queue) lets a request that waited too long fail instead of run late."""
+        when the request arrived, before any queue) lets a request that waited too long fail instead of run late.
+        `owner` (an opaque id) is saved with the image: history(owner=...) lists only that owner's images."""
         request_id = uuid.uuid4().hex[:12]
         try:
             valid = validate(request, self.limits)
@@ -385,7 +389,7 @@ class Engine:
             self._active += 1
         outcome, stage_ms = "error", None
         try:
-            result = self._generate(request_id, valid, progress, received_at)
+            result = self._generate(request_id, valid, progress, received_at, owner)
             outcome = "ok"
             stage_ms = {name.removesuffix("_ms"): value for name, value in asdict(result.timings).items()}
             return result
@@ -402,7 +406,7 @@ class Engine:
             self._metrics.request_finished(outcome, stage_ms)
 
     def _generate(self, request_id: str, valid: ValidRequest, progress: ProgressCallback | None,
-                  received_at: float | None) -> GenerationResult:
+                  received_at: float | None, owner: str | None) -> GenerationResult:
         started = time.perf_counter()
         prompt_summary = summarize_prompt(valid.prompt, self.log_prompts)
         with self._lock:
@@ -453,8 +457,9 @@ class Engine:
                 raise GenerationError(f"Out of {out_of_memory} at {valid.width}×{valid.height}; try a smaller size.")
         save_started = time.perf_counter()
         stem = f"{time.strftime('%H%M%S')}-{request_id}-seed{valid.seed}"
-        parameters = self._parameters(request_id, valid)
+        parameters = self._parameters(request_id, valid) | ({"owner": owner} if owner else {})
         path = save_png(run.image, self.output_dir, stem, parameters, infotext=a1111_parameters(parameters))
+        self._recent_images.add(path, parameters)
         save_ms = (time.perf_counter() - save_started) * 1000
         total_ms = (time.perf_counter() - started) * 1000
         timings = StageTimings(queue_ms=waited_ms, save_ms=save_ms, total_ms=total_ms, **run.stage_ms)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import tempfile
+import threading
 from datetime import datetime
 from pathlib import Path
 
@@ -97,3 +99,35 @@ def recent_images(output_dir: Path, limit: int) -> list[tuple[Path, dict[str, ob
             if len(images) == limit:
                 return images
     return images
+
+
+class RecentImages:
+    """The newest `keep` saved images with their parameters, read from disk on first use and kept up to date as
+    images are saved: a page load reads memory instead of every PNG's text chunk (200 page loads at once, each
+    reading the folders, slowed a running image from 0.19 s to 17.5 s). An owner whose newest image is older than
+    the `keep` newest of all sees none."""
+
+    def __init__(self, output_dir: Path, keep: int):
+        self.output_dir, self.keep = output_dir, keep
+        self._images: list[tuple[Path, dict[str, object]]] | None = None  # newest first
+        self._lock = threading.Lock()
+
+    def _loaded(self) -> list[tuple[Path, dict[str, object]]]:
+        if self._images is None:
+            self._images = recent_images(self.output_dir, self.keep)
+        return self._images
+
+    def add(self, path: Path, parameters: dict[str, object]) -> None:
+        with self._lock:
+            if self._images is not None:
+                self._images.insert(0, (path, parameters))
+                del self._images[self.keep:]
+
+    def newest(self, limit: int, owner: str | None) -> list[tuple[Path, dict[str, object]]]:
+        """The newest `limit` images saved with this owner (none for no owner), newest first; ones since deleted
+        from disk are left out."""
+        if owner is None:
+            return []
+        with self._lock:
+            mine = [(path, parameters) for path, parameters in self._loaded() if parameters.get("owner") == owner]
+        return list(itertools.islice(((path, parameters) for path, parameters in mine if path.exists()), limit))

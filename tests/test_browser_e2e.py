@@ -13,6 +13,7 @@ pytestmark = pytest.mark.e2e
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 # Headless as root on a machine with no network: no sandbox, and none of Chromium's background connections.
+VIEWPORT = {"width": 1400, "height": 1000}
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
@@ -25,21 +26,41 @@ def browser_app(tmp_path_factory, tiny_models):
 
 
 @pytest.fixture(scope="module")
-def page(browser_app, tmp_path_factory):
+def chromium():
     playwright_api = pytest.importorskip("playwright.sync_api")
     if not shutil.which(CHROMIUM):
         pytest.fail(f"Chromium not found at {CHROMIUM}: run scripts/setup.sh --test (installs Debian's chromium)")
     with playwright_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
-        context = browser.new_context(viewport={"width": 1400, "height": 1000})
-        yield context.new_page()
+        yield browser
         browser.close()
+
+
+@pytest.fixture(scope="module")
+def page(chromium):
+    return chromium.new_context(viewport=VIEWPORT).new_page()
 
 
 def open_ui(page, url):
     # Gradio keeps a connection open for its queue, so "network idle" never comes; wait for the form instead.
     page.goto(url, wait_until="domcontentloaded")
     page.locator("#prompt textarea").wait_for(state="visible", timeout=60_000)
+
+
+def generate_in(page, prompt: str) -> None:
+    page.locator("#prompt textarea").fill(prompt)
+    page.locator("#generate").click()
+    page.wait_for_function("() => [...document.querySelectorAll('#gallery img')].some(i => i.naturalWidth > 0)",
+                           timeout=120_000)
+
+
+def open_and_count_gallery(page, url) -> int:
+    """Open the UI; the images in its gallery once the page's load event (the owner's history, answered without the
+    queue) has come back and the page has drawn it."""
+    with page.expect_response(lambda response: "/gradio_api/run/" in response.url, timeout=60_000):
+        open_ui(page, url)
+    page.evaluate("() => new Promise(done => requestAnimationFrame(() => requestAnimationFrame(done)))")
+    return page.locator("#gallery img").count()
 
 
 def test_page_loads_labelled_as_demo(page, browser_app):
@@ -71,3 +92,41 @@ def test_empty_prompt_shows_the_error_to_the_person(page, browser_app):
     page.get_by_text("prompt is empty").first.wait_for(state="visible", timeout=30_000)
     ARTIFACTS_DIR.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS_DIR / "ui-error.png"), full_page=True)
+
+
+def test_each_browser_sees_its_own_images_and_keeps_them_across_reloads(chromium, browser_app):
+    first = chromium.new_context(viewport=VIEWPORT).new_page()
+    assert open_and_count_gallery(first, browser_app.url) == 0
+    generate_in(first, "made in the first browser")
+    assert open_and_count_gallery(first, browser_app.url) == 1  # a reload: the same browser, its image back
+    stranger = chromium.new_context(viewport=VIEWPORT).new_page()
+    assert open_and_count_gallery(stranger, browser_app.url) == 0
+    first.context.close()
+    stranger.context.close()
+
+
+def test_each_user_sees_their_own_images_in_any_browser_and_after_a_restart(chromium, tmp_path, tiny_models):
+    users = tmp_path / "users"
+    users.write_text("alice:wonderland\nbob:builder\n")
+    users.chmod(0o600)
+
+    def browser_of(user: str, password: str):
+        return chromium.new_context(viewport=VIEWPORT, http_credentials={"username": user, "password": password})
+
+    app = start_demo_app(tmp_path, tiny_models, "--auth-file", str(users))
+    try:
+        alice = browser_of("alice", "wonderland").new_page()
+        open_ui(alice, app.url)
+        generate_in(alice, "alice's secret prompt")
+    finally:
+        app.process.kill()
+        app.process.wait()
+    app = start_demo_app(tmp_path, tiny_models, "--auth-file", str(users))
+    try:
+        elsewhere = browser_of("alice", "wonderland").new_page()  # another browser: no localStorage in common
+        assert open_and_count_gallery(elsewhere, app.url) == 1
+        bob = browser_of("bob", "builder").new_page()
+        assert open_and_count_gallery(bob, app.url) == 0
+        assert "alice's secret prompt" not in bob.content()
+    finally:
+        stop_app(app)

@@ -415,3 +415,12 @@ def test_the_eager_path_serves_while_the_compiled_one_compiles(loaded_tiny, tmp_
     # The compiler hands the interpreter over often while it runs, and the old interval is back once it is done.
     assert switch_intervals and max(switch_intervals) == pytest.approx(COMPILE_SWITCH_INTERVAL_S)
     assert sys.getswitchinterval() > 10 * COMPILE_SWITCH_INTERVAL_S
+
+
+def test_an_image_is_saved_with_its_owner_and_listed_only_for_that_owner(engine):
+    alices = engine.generate(GenerationRequest("alice's", seed=1, **SMALL), owner="alice")
+    engine.generate(GenerationRequest("bob's", seed=2, **SMALL), owner="bob")
+    nobodys = engine.generate(GenerationRequest("nobody's", seed=3, **SMALL))
+    assert read_parameters(alices.path)["owner"] == "alice" and "owner" not in read_parameters(nobodys.path)
+    assert [path for path, _ in engine.history(10, "alice")] == [alices.path]
+    assert engine.history(10, None) == []

@@ -119,3 +119,41 @@ def test_png_info_tools_read_the_a1111_parameters(tmp_path):
     assert sampler.parameters["seed"] == "4242" and sampler.parameters["steps"] == "8"
     assert sampler.parameters["cfg_scale"] == "1"
     assert info.metadata["Size"] == "768x512" and info.metadata["Shift"] == "3.0"
+
+
+def test_recent_images_reads_the_disk_once_then_keeps_up_with_saves_per_owner(tmp_path):
+    import time
+
+    from pipeline.storage import RecentImages
+
+    image = Image.new("RGB", (8, 8))
+    alices = save_png(image, tmp_path, "alice-1", {"seed": 1, "owner": "alice"})
+    time.sleep(0.01)
+    bobs = save_png(image, tmp_path, "bob-1", {"seed": 2, "owner": "bob"})
+    save_png(image, tmp_path, "nobody", {"seed": 3})
+    recent = RecentImages(tmp_path, keep=10)
+    assert recent.newest(10, "alice") == [(alices, {"seed": 1, "owner": "alice"})]
+    assert recent.newest(10, "bob") == [(bobs, {"seed": 2, "owner": "bob"})]
+    assert recent.newest(10, None) == [] and recent.newest(10, "carol") == []
+
+    # Saved after the first read: known without reading the disk again (a file written behind its back is not).
+    newer = save_png(image, tmp_path, "alice-2", {"seed": 4, "owner": "alice"})
+    recent.add(newer, {"seed": 4, "owner": "alice"})
+    save_png(image, tmp_path, "behind-its-back", {"seed": 5, "owner": "alice"})
+    assert [params["seed"] for _, params in recent.newest(10, "alice")] == [4, 1]
+    assert [params["seed"] for _, params in recent.newest(1, "alice")] == [4]
+    # An image deleted from disk leaves the gallery.
+    alices.unlink()
+    assert [params["seed"] for _, params in recent.newest(10, "alice")] == [4]
+
+
+def test_recent_images_keeps_only_the_newest(tmp_path):
+    from pipeline.storage import RecentImages
+
+    recent = RecentImages(tmp_path, keep=3)
+    image = Image.new("RGB", (8, 8))
+    recent.newest(1, "x")  # the first read: an empty folder
+    for seed in range(5):
+        recent.add(save_png(image, tmp_path, f"image-{seed}", {"seed": seed, "owner": "x"}), {"seed": seed,
+                                                                                             "owner": "x"})
+    assert [params["seed"] for _, params in recent.newest(10, "x")] == [4, 3, 2]

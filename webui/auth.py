@@ -14,6 +14,7 @@ import hmac
 
 from webui.asgi_errors import openai_error, send_json
 
+USER_KEY = "user"  # request.state key: the user whose credentials the request carried
 OPEN_PATHS = ("/healthz", "/readyz")  # local liveness checks (supervisor, load balancers) carry no credentials
 # Gradio's launch() calls this over loopback, without credentials, to start its queue; it takes no input.
 LOOPBACK_ONLY_OPEN_PATHS = ("/gradio_api/startup-events",)
@@ -43,6 +44,7 @@ class RequireCredentials:
         self.credentials = credentials
 
     def _allowed(self, scope) -> bool:
+        """Whether the request may pass; one with valid credentials carries its user in request.state."""
         if scope["path"] in OPEN_PATHS:
             return True
         if scope["path"] in LOOPBACK_ONLY_OPEN_PATHS and (scope.get("client") or ("",))[0] in LOOPBACK_CLIENTS:
@@ -52,7 +54,10 @@ class RequireCredentials:
             return False
         expected = self.credentials.get(presented[0], "")
         # compare_digest: the time taken does not tell how much of a guess was right.
-        return bool(expected) and hmac.compare_digest(expected.encode(), presented[1].encode())
+        if not (expected and hmac.compare_digest(expected.encode(), presented[1].encode())):
+            return False
+        scope.setdefault("state", {})[USER_KEY] = presented[0]
+        return True
 
     async def __call__(self, scope, receive, send):
         if scope["type"] not in ("http", "websocket") or self._allowed(scope):

@@ -21,12 +21,13 @@ from pipeline.requests import (
     shown,
 )
 from webui.errors import reported_to_the_caller
+from webui.owners import BROWSER_ID, BROWSER_STORAGE_KEY, BROWSER_STORAGE_SECRET, new_browser_id, owner_of
 from webui.resolutions import left_out, offered, parse_resolution
 from webui.server import ARRIVAL_KEY
 
 log = logging.getLogger("zimage.webui")
 
-HISTORY_SIZE = 12  # images from disk shown when a page opens, so a restart loses no one's recent work
+HISTORY_SIZE = 12  # the owner's images from disk shown when a page opens, so a restart loses no one's recent work
 SESSION_HISTORY_LIMIT = 48  # the gallery goes back to the browser whole after every image: keep it bounded
 API_NAME = "generate"  # the queue endpoint: gradio_client.Client(url).predict(..., api_name="/generate")
 IMAGES_API_NAME = "images"  # n images for the OpenAI-style route; through the same queue
@@ -65,7 +66,7 @@ def build_ui(engine: Engine, *, demo: bool, model_label: str, max_w: int, max_h:
     gr.set_static_paths([engine.output_dir])
     first_category = next(iter(table))
 
-    def generate(prompt, resolution, seed, random_seed, steps, shift, history, request: gr.Request,
+    def generate(prompt, resolution, seed, random_seed, steps, shift, history, browser_id, request: gr.Request,
                  progress=gr.Progress()):
         with reported_to_the_caller():
             if not isinstance(random_seed, bool):
@@ -74,7 +75,8 @@ def build_ui(engine: Engine, *, demo: bool, model_label: str, max_w: int, max_h:
             generation = GenerationRequest(prompt=prompt, width=width, height=height, steps=steps,
                                            seed=None if random_seed else seed, shift=shift)
             result = engine.generate(generation, received_at=_received_at(request),
-                                     progress=lambda step, total: progress((step, total), desc="Denoising"))
+                                     progress=lambda step, total: progress((step, total), desc="Denoising"),
+                                     owner=owner_of(request, browser_id))
         history = [(str(result.path), _caption(asdict(result.request))), *(history or [])][:SESSION_HISTORY_LIMIT]
         return history, history, result.request.seed, _timing(result), str(result.path)
 
@@ -91,13 +93,18 @@ def build_ui(engine: Engine, *, demo: bool, model_label: str, max_w: int, max_h:
             for next_seed in seeds:
                 result = engine.generate(GenerationRequest(prompt=prompt, width=width, height=height, seed=next_seed,
                                                            **options),
-                                         received_at=_received_at(request))
+                                         received_at=_received_at(request), owner=owner_of(request, None))
                 made.append({"path": str(result.path), "seed": result.request.seed, "id": result.request_id})
         return made
 
-    def load_history():
-        history = [(str(path), _caption(parameters)) for path, parameters in engine.history(HISTORY_SIZE)]
-        return history, history
+    def load_history(stored_browser_id, request: gr.Request):
+        """A page opens: its browser's id (a new one on its first visit, kept in localStorage) and the owner's
+        newest images."""
+        browser_id = stored_browser_id if isinstance(stored_browser_id, str) and BROWSER_ID.fullmatch(
+            stored_browser_id) else new_browser_id()
+        owned = engine.history(HISTORY_SIZE, owner_of(request, browser_id))
+        history = [(str(path), _caption(parameters)) for path, parameters in owned]
+        return history, history, browser_id, browser_id
 
     def switch_category(category):
         choices = table.get(category, [])
@@ -108,6 +115,8 @@ def build_ui(engine: Engine, *, demo: bool, model_label: str, max_w: int, max_h:
         if demo:
             gr.Markdown(DEMO_BANNER, elem_id="demo-banner")
         history = gr.State([])
+        stored_browser_id = gr.BrowserState(None, storage_key=BROWSER_STORAGE_KEY, secret=BROWSER_STORAGE_SECRET)
+        browser_id = gr.State(None)  # the page's copy, for generate: a State is no input of the API
         with gr.Row():
             with gr.Column(scale=1):
                 prompt = gr.Textbox(label="Prompt", lines=4, elem_id="prompt",
@@ -133,11 +142,12 @@ def build_ui(engine: Engine, *, demo: bool, model_label: str, max_w: int, max_h:
                 timing = gr.Markdown(label="Timing", elem_id="timing")
                 png = gr.File(label="PNG download", interactive=False)
         category.change(switch_category, category, resolution, queue=False, api_visibility="private")
-        blocks.load(load_history, outputs=[gallery, history], queue=False, api_name="history")
+        blocks.load(load_history, inputs=stored_browser_id, outputs=[gallery, history, stored_browser_id, browser_id],
+                    queue=False, api_visibility="private")
         gr.on(
             [run.click, prompt.submit],
             generate,
-            inputs=[prompt, resolution, seed, random_seed, steps, shift, history],
+            inputs=[prompt, resolution, seed, random_seed, steps, shift, history, browser_id],
             outputs=[gallery, history, seed_used, timing, png],
             api_name=API_NAME,
             # Raw values reach the handler, so the engine checks every field and names it in its message
