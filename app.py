@@ -12,13 +12,16 @@ import importlib
 import logging
 import os
 import platform
+import shutil
 import sys
 import threading
 from importlib import metadata
+from pathlib import Path
 
 import pipeline  # noqa: F401  (must come before any Hugging Face import: it turns their network use off)
 from config import Settings, SettingsError, load_settings
 from config.log_lines import LOG_DATE_FORMAT, LOG_FORMAT, LinesToLog, OneLinePerRecord
+from config.settings import PROJECT_DIR
 from webui.connections import OccasionalAcceptErrors, raise_fd_limit
 
 log = logging.getLogger("zimage.app")
@@ -89,6 +92,22 @@ def stop_child_processes(timeout_s: float = 3.0) -> None:
         log.warning("child pid=%d ignored SIGTERM; killing it", child.pid)
         child.kill()
     psutil.wait_procs(alive, timeout=timeout_s)
+
+
+def use_private_gradio_temp_dir(port: int) -> Path:
+    """Gradio copies every file it serves (the PNG download) into its temp dir, /tmp/gradio by default: shared with
+    every user of the machine, and kept forever. This service's own (one per port: instances side by side do not
+    share one), readable by its user only and emptied at each start (it holds copies; the images themselves are in
+    the output dir). GRADIO_TEMP_DIR, when set, is kept. Must run before Gradio is imported: it reads it then."""
+    configured = os.environ.get("GRADIO_TEMP_DIR")
+    temp_dir = Path(configured) if configured else PROJECT_DIR / ".cache" / "gradio-temp" / str(port)
+    if not configured:
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        os.environ["GRADIO_TEMP_DIR"] = str(temp_dir)
+    temp_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    temp_dir.chmod(0o700)
+    log.info("gradio temp dir %s (mode 700%s)", temp_dir, ", from GRADIO_TEMP_DIR" if configured else ", emptied")
+    return temp_dir
 
 
 def import_ui_in_background() -> threading.Thread:
@@ -200,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error("cannot start: %s", error)
         return 2
     faults.at_start()
+    use_private_gradio_temp_dir(settings.port)
     ui_import = import_ui_in_background()
     try:
         loaded, model_name = load_model(settings)
@@ -221,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
                       queue_size=settings.queue_size, shutdown_grace_s=settings.shutdown_grace_s, metrics=metrics,
                       credentials=credentials, max_connections=max_connections,
                       header_timeout_s=settings.header_timeout_s, ssl_certfile=settings.ssl_certfile,
-                      ssl_keyfile=settings.ssl_keyfile)
+                      ssl_keyfile=settings.ssl_keyfile, public_url=settings.public_url)
     stop_child_processes()
     return exit_code
 

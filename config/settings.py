@@ -12,6 +12,7 @@ import socket
 import stat
 import tomllib
 import typing
+import urllib.parse
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +46,7 @@ class Settings:
     insecure_public: bool  # serve a non-loopback host or share link without auth (or auth without TLS) anyway
     ssl_certfile: str  # PEM certificate: serve HTTPS; "" for plain HTTP
     ssl_keyfile: str  # PEM private key of that certificate; "" for plain HTTP
+    public_url: str  # base of the URLs API answers hold (never the request's Host header); "" for the bound address
     model_dir: Path  # weights: the three single files (layout A) or a diffusers folder (layout B)
     demo: bool  # serve the tiny random-weight model instead of real weights
     demo_dir: Path  # where --demo builds and caches the tiny model
@@ -105,6 +107,11 @@ class Settings:
                 f"the risk."
             )
         self._check_tls(credentials)
+        if self.public_url:
+            parts = urllib.parse.urlsplit(self.public_url)
+            if parts.scheme not in ("http", "https") or not parts.netloc or parts.query or parts.fragment:
+                raise SettingsError(f"public_url must be an http:// or https:// base URL such as "
+                                    f"https://images.example.com (got {self.public_url!r}).")
         for field in dataclasses.fields(self):
             choices = typing.get_args(_field_types()[field.name])
             if choices and getattr(self, field.name) not in choices:
@@ -279,6 +286,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
         help="serve HTTPS with this PEM certificate (with --ssl-keyfile); required with --auth on a non-loopback "
         "--host unless --insecure-public")
     add("--ssl-keyfile", metavar="FILE", help="the certificate's PEM private key")
+    add("--public-url", metavar="URL",
+        help="the base URL clients reach the service at, e.g. https://images.example.com behind a reverse proxy; "
+        "image URLs in API answers start with it (default: the address the service binds)")
     add("--model-dir", type=Path, metavar="DIR",
         help="weights directory: the three single files (layout A) or a diffusers folder (layout B)")
     add("--demo", action="store_true",

@@ -8,15 +8,18 @@ import re
 import resource
 import shutil
 import signal
+import stat
 import ssl
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import numpy as np
 import pytest
@@ -156,6 +159,25 @@ def test_generate_saves_a_png_with_its_parameters_and_the_seed_round_trips(demo_
     assert (mine[0]["seed"], mine[0]["width"], mine[0]["height"], mine[0]["steps"]) == (1234, 256, 256, 4)
     with Image.open(png_path) as served:
         assert served.size == (256, 256)
+
+
+def test_files_others_leave_in_the_shared_gradio_folder_are_not_served(demo_app, tmp_path):
+    """Gradio serves any file under its temp dir through /gradio_api/file=; by default that is /tmp/gradio, where
+    every user and every other Gradio app on the machine writes."""
+    shared = Path(tempfile.gettempdir()) / "gradio" / f"zimage-test-{os.getpid()}"
+    shared.mkdir(parents=True, exist_ok=True)
+    planted = shared / "planted.txt"
+    planted.write_text("another user's file")
+    try:
+        assert http_status(f"{demo_app.url}/gradio_api/file={planted}") == 403
+    finally:
+        shutil.rmtree(shared)
+    temp_dir = PROJECT_DIR / ".cache" / "gradio-temp" / str(urlsplit(demo_app.url).port)
+    assert f"gradio temp dir {temp_dir} (mode 700, emptied)" in demo_app.log()
+    assert stat.S_IMODE(temp_dir.stat().st_mode) == 0o700
+    mine = temp_dir / "mine.txt"
+    mine.write_text("this instance's own")
+    assert http_status(f"{demo_app.url}/gradio_api/file={mine}") == 200
 
 
 def test_random_seed_is_returned_and_reproduces_the_image(client):
@@ -367,6 +389,9 @@ def test_full_queue_is_refused_at_once_and_a_request_that_waited_too_long_times_
         assert "Queue is full" in outcomes["one too many"][0] and outcomes["one too many"][1] < 5
         assert app.process.poll() is None
         assert len(list(app.output_dir.rglob("*.png"))) == 1
+        # Both refusals are counted as busy: the engine's timeout, and the queue's own refusal it never saw.
+        metrics = urllib.request.urlopen(f"{app.url}/metrics", timeout=5).read().decode()
+        assert 'zimage_requests_total{outcome="busy"} 2.0' in metrics
     finally:
         stop_app(app)
 

@@ -6,12 +6,14 @@ from __future__ import annotations
 import base64
 import io
 import json
+import socket
 import subprocess
 import sys
 import threading
 import time
 import urllib.error
 import urllib.request
+from urllib.parse import urlsplit
 
 import openai
 import pytest
@@ -76,6 +78,35 @@ def test_url_responses_point_at_the_saved_png_behind_the_same_auth(client, app):
     with pytest.raises(urllib.error.HTTPError) as refused:
         get(item.url, authorization=None)
     assert refused.value.code == 401
+
+
+def test_a_forged_host_header_does_not_decide_the_returned_url(app):
+    status, answer = _raw_generation(app, "Host: evil.example")
+    assert status == 200 and answer["data"][0]["url"].startswith(f"{app.url}/gradio_api/file=")
+
+
+def test_the_configured_public_url_is_the_base_of_returned_urls(tmp_path, tiny_models):
+    public = start_demo_app(tmp_path, tiny_models, "--public-url", "https://images.example.com/zimage")
+    try:
+        status, answer = _raw_generation(public, "Host: evil.example")
+    finally:
+        stop_app(public)
+    assert status == 200 and answer["data"][0]["url"].startswith("https://images.example.com/zimage/gradio_api/file=")
+
+
+def _raw_generation(app, *fields: str) -> tuple[int, dict]:
+    """One url-format generation over a raw socket, with these header lines (a client library sets Host itself)."""
+    body = json.dumps({"prompt": "a kite", "size": "128x128", "steps": 1, "response_format": "url"}).encode()
+    address = urlsplit(app.url)
+    head = ["POST /v1/images/generations HTTP/1.1", "Content-Type: application/json", "Connection: close",
+            f"Content-Length: {len(body)}", f"Authorization: Bearer {USER}:{PASSWORD}", *fields]
+    with socket.create_connection((address.hostname, address.port), timeout=60) as sock:
+        sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode() + body)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    status_line, _, rest = answer.partition(b"\r\n")
+    return int(status_line.split()[1]), json.loads(rest.partition(b"\r\n\r\n")[2])
 
 
 def test_models_lists_the_one_model(client):

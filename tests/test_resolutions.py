@@ -45,7 +45,8 @@ def test_labels_and_plain_sizes_parse(label, size):
     assert parse_resolution(label) == size
 
 
-@pytest.mark.parametrize("label", ["", "big", "1024", None, 1024, "x768"])
+@pytest.mark.parametrize("label", ["", "big", "1024", None, 1024, "x768", "256x256 trailing junk", "256x256x3",
+                                   "1152x896 ( 9:7 ) more", "9" * 40 + "x9"])
 def test_unreadable_resolution_is_a_clear_error(label):
     with pytest.raises(RequestError, match="resolution must look like 1024x1024"):
         parse_resolution(label)

@@ -201,3 +201,10 @@ def test_a_port_in_use_is_named_and_a_free_one_passes():
         with pytest.raises(SettingsError, match=f"port {port} on 127.0.0.1 is in use"):
             check_port_free("127.0.0.1", port)
     check_port_free("127.0.0.1", port)  # closed: free again
+
+
+@pytest.mark.parametrize("url", ["images.example.com", "ftp://images.example.com", "https://", "https://x/?a=1"])
+def test_a_public_url_must_be_an_http_base_url(url):
+    with pytest.raises(SettingsError, match="public_url must be an http:// or https:// base URL"):
+        load_settings(["--public-url", url], environ={})
+    assert load_settings(["--public-url", "https://images.example.com/zimage"], environ={}).public_url

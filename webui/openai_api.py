@@ -178,8 +178,9 @@ async def _through_the_queue(client: httpx.AsyncClient, inputs: list[object], au
     raise ApiError(500, "The queue closed the request without a result (is the service stopping?).")
 
 
-def openai_routes(engine_output_dir: Path, loopback_url: str, started_at: float) -> list[Route]:
-    """`loopback_url`: where this same server answers locally, for joining its queue."""
+def openai_routes(engine_output_dir: Path, loopback_url: str, public_url: str, started_at: float) -> list[Route]:
+    """`loopback_url`: where this same server answers locally, for joining its queue. `public_url`: the base of the
+    image URLs it returns (configured, never taken from the request's Host header, which any client can forge)."""
     # verify=False: this is the server's own loopback address, which its certificate (if TLS is on) does not name.
     client = httpx.AsyncClient(base_url=loopback_url, timeout=httpx.Timeout(30.0, read=None), verify=False)
 
@@ -206,7 +207,7 @@ def openai_routes(engine_output_dir: Path, loopback_url: str, started_at: float)
             if response_format == "b64_json":
                 item["b64_json"] = base64.b64encode(path.read_bytes()).decode()
             else:
-                item["url"] = f"{str(request.base_url).rstrip('/')}/gradio_api/file={path}"
+                item["url"] = f"{public_url.rstrip('/')}/gradio_api/file={path}"
             data.append(item)
         return JSONResponse({"created": int(time.time()), "data": data})
 

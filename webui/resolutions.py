@@ -19,12 +19,14 @@ RESOLUTIONS = {
              "1152x2048 ( 9:16 )", "2016x864 ( 21:9 )", "864x2016 ( 9:21 )"],
 }
 
-_SIZE = re.compile(r"^\s*(\d+)\s*[x×]\s*(\d+)\b")
+# "WIDTHxHEIGHT", optionally followed by the table's aspect ratio "( 9:7 )"; nothing else, so that a typo is named
+# rather than half read.
+_SIZE = re.compile(r"\s*(\d{1,5})\s*[x×]\s*(\d{1,5})\s*(?:\(\s*\d+\s*:\s*\d+\s*\))?\s*")
 
 
 def parse_resolution(label: object) -> tuple[int, int]:
     """'1152x896 ( 9:7 )' or '1152x896' → (width, height)."""
-    match = _SIZE.match(label) if isinstance(label, str) else None
+    match = _SIZE.fullmatch(label) if isinstance(label, str) else None
     if not match:
         raise RequestError(f"resolution must look like 1024x1024 (got {shown(label)}).")
     return int(match[1]), int(match[2])

@@ -27,6 +27,8 @@ log = logging.getLogger("zimage.webui")
 
 ARRIVAL_KEY = "zimage_received_at"
 SIGNAL_POLL_S = 0.5
+# Where a request joins Gradio's queue: the UI's (queue/join) and the REST API's (call/<api name>).
+QUEUE_JOIN_PATHS = ("/gradio_api/queue/join", "/gradio_api/call/")
 RESULT_DELIVERY_S = 1.0  # after the last image is saved, time for it to reach the browser before closing
 
 
@@ -69,6 +71,28 @@ class StampArrival:
         await self.app(scope, receive, send)
 
 
+class CountQueueRefusals:
+    """ASGI middleware: a request Gradio's queue turns away (full, or stopping: 503 when it tries to join) never
+    reaches the engine, which counts every other outcome; count it here as "busy", so zimage_requests_total shows
+    the load that was refused."""
+
+    def __init__(self, app, metrics: ServiceMetrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        path = scope.get("path", "")
+        if scope["type"] != "http" or scope["method"] != "POST" or not path.startswith(QUEUE_JOIN_PATHS):
+            await self.app(scope, receive, send)
+            return
+
+        async def noting_refusals(message):
+            if message["type"] == "http.response.start" and message["status"] == 503:
+                self.metrics.request_finished("busy")
+            await send(message)
+
+        await self.app(scope, receive, noting_refusals)
+
+
 def _flush_logs() -> None:
     for handler in logging.getLogger().handlers:
         handler.flush()
@@ -105,7 +129,7 @@ def loopback_url(host: str, port: int, tls: bool = False) -> str:
 
 def serve(blocks: gr.Blocks, engine: Engine, *, host: str, port: int, share: bool, queue_size: int,
           shutdown_grace_s: float, metrics: ServiceMetrics, credentials: dict[str, str], max_connections: int,
-          header_timeout_s: float, ssl_certfile: str = "", ssl_keyfile: str = "") -> int:
+          header_timeout_s: float, ssl_certfile: str = "", ssl_keyfile: str = "", public_url: str = "") -> int:
     """Serve until SIGTERM or SIGINT, then shut down in order; returns the exit code (0: asked to stop).
 
     Every event goes through the one queue: `api_open=False` closes the REST routes that would skip it, and
@@ -131,8 +155,9 @@ def serve(blocks: gr.Blocks, engine: Engine, *, host: str, port: int, share: boo
     blocks.queue(max_size=queue_size, default_concurrency_limit=1, api_open=False)
     routes = [*health_routes(engine), metrics_route(metrics, engine, blocks),
               *openai_routes(engine.output_dir, loopback_url(host, port, tls=bool(ssl_certfile)),
-                             started_at=time.time())]
-    middleware = [Middleware(StampArrival), Middleware(RefuseCrossSite), Middleware(LimitBodySize)]
+                             public_url or loopback_url(host, port, tls=bool(ssl_certfile)), started_at=time.time())]
+    middleware = [Middleware(StampArrival), Middleware(RefuseCrossSite), Middleware(LimitBodySize),
+                  Middleware(CountQueueRefusals, metrics=metrics)]
     if credentials:
         middleware.insert(0, Middleware(RequireCredentials, credentials=credentials))
     # Routes passed to the FastAPI constructor come before Gradio's own, so nothing of Gradio's shadows them.
