@@ -190,3 +190,24 @@ def test_uploads_are_refused_since_no_component_takes_a_file(app):
             answer += chunk
     assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
     assert http_status(f"{app.url}/readyz") == 200
+
+
+def test_a_flood_of_the_pages_small_events_is_refused_past_the_rate_and_passes_again_after(app):
+    from webui.limits import UI_EVENT_BURST
+
+    def ui_event() -> tuple[int, dict[str, str], bytes]:
+        sock = _connect(app)
+        with sock:
+            body = b'{"data": [null], "fn_index": 0, "session_hash": "flood"}'
+            sock.sendall(_head("/gradio_api/run/predict", f"Content-Length: {len(body)}") + body)
+            return _response(sock)
+
+    statuses = [ui_event()[0] for _ in range(UI_EVENT_BURST + 20)]
+    assert 429 in statuses and statuses[0] != 429
+    status, headers, body = next(answer for answer in (ui_event() for _ in range(5)) if answer[0] == 429)
+    assert headers["retry-after"] == "1" and json.loads(body)["error"]["code"] == "rate_limited"
+    assert http_status(f"{app.url}/readyz") == 200  # other routes are not limited
+    deadline = time.monotonic() + 5
+    while ui_event()[0] == 429:
+        assert time.monotonic() < deadline, "still refused 5 s after the flood"
+        time.sleep(0.1)

@@ -18,7 +18,7 @@ from pipeline.engine import Engine
 from pipeline.metrics import CONTENT_TYPE, ServiceMetrics
 from webui.auth import RequireCredentials
 from webui.connections import guard_connections
-from webui.limits import LimitBodySize
+from webui.limits import LimitBodySize, LimitUIEventRate
 from webui.openai_api import openai_routes
 from webui.origin import RefuseCrossSite
 from webui.resolutions import offered, parse_resolution
@@ -156,8 +156,8 @@ def serve(blocks: gr.Blocks, engine: Engine, *, host: str, port: int, share: boo
     routes = [*health_routes(engine), metrics_route(metrics, engine, blocks),
               *openai_routes(engine.output_dir, loopback_url(host, port, tls=bool(ssl_certfile)),
                              public_url or loopback_url(host, port, tls=bool(ssl_certfile)), started_at=time.time())]
-    middleware = [Middleware(StampArrival), Middleware(RefuseCrossSite), Middleware(LimitBodySize),
-                  Middleware(CountQueueRefusals, metrics=metrics)]
+    middleware = [Middleware(LimitUIEventRate), Middleware(StampArrival), Middleware(RefuseCrossSite),
+                  Middleware(LimitBodySize), Middleware(CountQueueRefusals, metrics=metrics)]
     if credentials:
         middleware.insert(0, Middleware(RequireCredentials, credentials=credentials))
     # Routes passed to the FastAPI constructor come before Gradio's own, so nothing of Gradio's shadows them.
