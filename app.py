@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pipeline  # noqa: F401  (must come before any Hugging Face import: it turns their network use off)
 from config import Settings, SettingsError, load_settings
-from config.log_lines import LOG_DATE_FORMAT, LOG_FORMAT, LinesToLog, OneLinePerRecord
+from config.log_lines import LOG_DATE_FORMAT, LOG_FORMAT, LibraryWarningsOnce, LinesToLog, OneLinePerRecord
 from config.settings import PROJECT_DIR
 from webui.connections import OccasionalAcceptErrors, raise_fd_limit
 
@@ -35,6 +35,7 @@ def configure_logging(level: str) -> None:
 
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(OneLinePerRecord(LOG_FORMAT, LOG_DATE_FORMAT))
+    handler.addFilter(LibraryWarningsOnce())
     logging.basicConfig(level=level, handlers=[handler], force=True)
     sys.stdout = LinesToLog(logging.getLogger("stdout"), logging.INFO, sys.stdout)
     sys.stderr = LinesToLog(logging.getLogger("stderr"), logging.WARNING, sys.stderr)

@@ -97,3 +97,23 @@ class LinesToLog(io.TextIOBase):
 
     def writable(self) -> bool:
         return True
+
+
+class LibraryWarningsOnce(logging.Filter):
+    """A library's identical warning once per process: diffusers repeats its own at every component it loads and
+    every attention backend it is asked about ("Attention backends are an experimental feature" twice per start)."""
+
+    LIBRARIES = ("diffusers", "transformers")
+
+    def __init__(self):
+        super().__init__()
+        self._seen: set[tuple[str, str]] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno != logging.WARNING or not record.name.startswith(self.LIBRARIES):
+            return True
+        key = (record.name, record.getMessage())
+        if key in self._seen:
+            return False
+        self._seen.add(key)
+        return True

@@ -371,7 +371,7 @@ def print_table(report: dict[str, object]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--random-weights", action="store_true", help="the full-size architecture, random bf16")
     source.add_argument("--model-dir", type=Path, help="real weights (layout A or B)")

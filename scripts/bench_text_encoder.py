@@ -40,7 +40,7 @@ def timed_ms(encode) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("model_dir", type=Path)
     args = parser.parse_args()
     loaded = load_pipeline(args.model_dir, torch.device("cuda"))

@@ -48,7 +48,7 @@ def download(layout: str, out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     action = parser.add_mutually_exclusive_group(required=True)
     action.add_argument("--layout", choices=["single-file", "diffusers"],
                         help="download this layout into DIR, then write its manifest")

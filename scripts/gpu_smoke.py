@@ -102,7 +102,7 @@ def measure(size: int, steps: int, runs: int, attention: str, check_oom: bool) -
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", type=int, default=1024, help="image width and height (default: 1024)")
     parser.add_argument("--steps", type=int, default=8, help="denoising steps (default: 8)")
     parser.add_argument("--runs", type=int, default=5, help="timed generations after warm-up (default: 5)")

@@ -21,10 +21,14 @@ from pathlib import Path
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 TEMPLATES = PROJECT_DIR / "deploy" / "supervisor"
 
-# Above the measured start-to-ready times (README, "Measured"): 29 s for the full-size model on an H100 reading
-# 20 GB from a warm page cache, ~10 s for the tiny model on 2 CPU cores; a cold cache adds ~20 s. startsecs must
-# cover loading so that a crash while loading is a failed start, not an endless restart loop (see the template).
+# Above the measured start-to-ready times (README, "Measured"): 21-38 s for the full-size model on an H100 reading
+# 20 GB from a warm page cache (a cold cache adds ~20 s), ~10 s for the tiny --demo model on 2 CPU cores. startsecs
+# must cover loading so that a crash while loading is a failed start, not an endless restart loop (see the
+# template); meanwhile `supervisorctl start` waits and status says STARTING, so it is no larger than that.
 DEFAULT_STARTSECS = 60
+DEMO_STARTSECS = 15
+SYSTEM_LOG_FILE = Path("/var/log/z-image-turbo.log")
+SYSTEM_CRASH_DIR = Path("/var/log/z-image-turbo-crashes")
 
 
 def _default_python() -> Path:
@@ -33,7 +37,7 @@ def _default_python() -> Path:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--name", default="z-image-turbo", help="supervisor program name")
     parser.add_argument("--conf-dir", type=Path, default=Path("/etc/supervisor/conf.d"),
@@ -50,13 +54,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model-dir", type=Path, default=Path("/opt/z-image-turbo/weights"), help="weights")
     parser.add_argument("--output-dir", type=Path, default=PROJECT_DIR / "outputs", help="where images are saved")
     parser.add_argument("--port", type=int, default=7860, help="UI port (bound to 127.0.0.1)")
-    parser.add_argument("--log-file", type=Path, default=Path("/var/log/z-image-turbo.log"),
-                        help="the service's log (stdout and stderr)")
+    parser.add_argument("--log-file", type=Path,
+                        help=f"the service's log (stdout and stderr) (default: {SYSTEM_LOG_FILE}; with --standalone "
+                        f"DIR/log/z-image-turbo.log)")
     parser.add_argument("--log-maxbytes", default="10MB", help="rotate the log at this size")
     parser.add_argument("--log-backups", type=int, default=5, help="rotated logs kept")
-    parser.add_argument("--crash-dir", type=Path, default=Path("/var/log/z-image-turbo-crashes"),
-                        help="crash reports and snapshots")
-    parser.add_argument("--startsecs", type=int, default=DEFAULT_STARTSECS, help="seconds up to count as started")
+    parser.add_argument("--crash-dir", type=Path,
+                        help=f"crash reports and snapshots (default: {SYSTEM_CRASH_DIR}; with --standalone "
+                        f"DIR/crashes)")
+    parser.add_argument("--startsecs", type=int,
+                        help=f"seconds up to count as started; supervisorctl start waits this long (default: "
+                        f"{DEFAULT_STARTSECS}, with --demo {DEMO_STARTSECS})")
     parser.add_argument("--stopwaitsecs", type=int, default=30,
                         help="seconds between SIGTERM and SIGKILL; the running job gets this minus 10")
     parser.add_argument("--watchdog-failures", type=int, default=3, help="failed /healthz probes before a restart")
@@ -123,6 +131,11 @@ def _start_standalone_supervisord(args: argparse.Namespace, socket_path: Path) -
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    standalone_root = args.standalone.resolve() if args.standalone else None
+    args.log_file = args.log_file or (standalone_root / "log" / "z-image-turbo.log" if standalone_root
+                                      else SYSTEM_LOG_FILE)
+    args.crash_dir = args.crash_dir or (standalone_root / "crashes" if standalone_root else SYSTEM_CRASH_DIR)
+    args.startsecs = args.startsecs or (DEMO_STARTSECS if "--demo" in args.app_args else DEFAULT_STARTSECS)
     if args.standalone:
         root = args.standalone.resolve()
         args.conf_dir = root / "conf.d"

@@ -19,7 +19,7 @@ from pipeline.random_model import FULL_SIZE, TINY, write_random_model  # noqa: E
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--layout", choices=[kind.value for kind in LayoutKind], default=LayoutKind.SINGLE_FILE.value,
                         help="single-file: the three ComfyUI-style files (layout A); diffusers: the folder layout "
                         "(layout B) (default: single-file)")

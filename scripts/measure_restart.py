@@ -92,7 +92,7 @@ def measure(conf: Path | None, program: str, url: str, trials: int, timeout_s: f
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--supervisor-conf", type=Path, help="supervisord.conf for supervisorctl -c")
     parser.add_argument("--program", default="z-image-turbo")
     parser.add_argument("--url", default="http://127.0.0.1:7860")

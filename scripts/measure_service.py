@@ -427,7 +427,7 @@ def table(figures: dict[str, object]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--size", default="1024x1024", help="WxH of the requests of steps 2–7 and 9")
     parser.add_argument("--steps", type=int, default=8, help="steps of those requests")

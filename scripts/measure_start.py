@@ -65,7 +65,7 @@ def round_trips(url: str, size: str, runs: int) -> dict[int, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=5, help="timed round trips after one warm-up (default: 5)")
     parser.add_argument("--size", default="1024x1024", help="WxH of each request (default: 1024x1024)")
     parser.add_argument("--log", type=Path, default=Path("measure_start.log"), help="the service's log")

@@ -20,7 +20,7 @@ READY_TIMEOUT_S = 600
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--requests", type=int, default=20, help="requests per client")
     parser.add_argument("--size", type=int, default=1024)

@@ -74,7 +74,7 @@ def run(args, workdir: Path) -> dict[str, object]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=500)
     parser.add_argument("--size", type=int, default=256, help="image width and height")
     parser.add_argument("--steps", type=int, default=4)

@@ -145,6 +145,9 @@ def test_health_and_readiness_answer(demo_app):
 def test_demo_model_is_built_on_first_use_and_labelled(demo_app):
     log = demo_app.log()
     assert "DEMO MODEL" in log and "ready url=http://127.0.0.1:" in log
+    library_warnings = [line.split(" WARNING ", 1)[1] for line in log.splitlines()
+                        if " WARNING diffusers." in line or " WARNING transformers." in line]
+    assert len(library_warnings) == len(set(library_warnings))  # each said once, not once per component
     assert "weights layout=single-file" in log
 
 
@@ -361,6 +364,38 @@ def test_sigterm_lets_the_running_job_finish_and_reach_the_client(tmp_path, tiny
     assert results and results[0][1] == 1234
     log = app.log()
     assert "shutdown requested signal=SIGTERM in_flight=" in log and "shutdown done job=finished id=" in log
+
+
+def test_sigterm_during_an_openai_request_returns_its_image_and_exits_within_the_grace(tmp_path, tiny_models):
+    grace_s = 20
+    app = start_demo_app(tmp_path, tiny_models, "--shutdown-grace", str(grace_s))
+    answers = []
+
+    def ask() -> None:
+        request = urllib.request.Request(
+            f"{app.url}/v1/images/generations", method="POST", headers={"Content-Type": "application/json"},
+            data=json.dumps({"prompt": "a slow one", "size": "1536x1536", "steps": 8, "seed": 9}).encode())
+        try:
+            with urllib.request.urlopen(request, timeout=120) as response:
+                answers.append((response.status, json.loads(response.read())))
+        except urllib.error.HTTPError as error:
+            answers.append((error.code, json.loads(error.read())))
+
+    worker = threading.Thread(target=ask)
+    worker.start()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # until the job is on the "GPU"
+        if '"busy":true' in urllib.request.urlopen(f"{app.url}/readyz", timeout=5).read().decode():
+            break
+        time.sleep(0.1)
+    signalled = time.monotonic()
+    app.process.send_signal(signal.SIGTERM)
+    assert exit_code_within(app, 90) == 0
+    assert time.monotonic() - signalled < grace_s
+    worker.join(timeout=30)
+    [(status, body)] = answers
+    assert status == 200 and body["data"][0]["seed"] == 9 and body["data"][0]["b64_json"]
+    assert "shutdown done job=finished id=" in app.log() and "still being sent" not in app.log()
 
 
 def test_full_queue_is_refused_at_once_and_a_request_that_waited_too_long_times_out(tmp_path, tiny_models):

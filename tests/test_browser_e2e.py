@@ -6,6 +6,7 @@ import shutil
 
 import pytest
 
+from pipeline.storage import read_parameters
 from tests.conftest import ARTIFACTS_DIR
 from tests.test_app_e2e import start_demo_app, stop_app
 
@@ -130,3 +131,58 @@ def test_each_user_sees_their_own_images_in_any_browser_and_after_a_restart(chro
         assert "alice's secret prompt" not in bob.content()
     finally:
         stop_app(app)
+
+
+def _screenshot(page, state: str) -> None:
+    ARTIFACTS_DIR.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS_DIR / f"ui-{state}.png"), full_page=True)
+
+
+def _images(app) -> list:
+    return sorted(app.output_dir.rglob("*.png"))
+
+
+def test_a_persons_hour_examples_ctrl_enter_status_refusal_and_reuse(chromium, browser_app):
+    page = chromium.new_context(viewport=VIEWPORT).new_page()
+    open_and_count_gallery(page, browser_app.url)
+    status = page.locator("#status")
+    status.get_by_text("waiting").wait_for(timeout=30_000)
+    assert "pipeline" in status.inner_text() and "up " in status.inner_text()
+    assert page.locator("#seed-used").count() == 0 or not page.locator("#seed-used").is_visible()  # none yet
+    _screenshot(page, "fresh")
+
+    # An example fills the prompt; Ctrl+Enter generates exactly one image.
+    page.get_by_text("A ginger cat in a red knitted scarf").first.click()
+    assert "ginger cat" in page.locator("#prompt textarea").input_value()
+    before = len(_images(browser_app))
+    page.locator("#prompt textarea").press("Control+Enter")
+    page.wait_for_function("() => [...document.querySelectorAll('#gallery img')].some(i => i.naturalWidth > 0)",
+                           timeout=120_000)
+    page.wait_for_function("() => document.querySelector('#timing').innerText.includes(' s')", timeout=60_000)
+    assert len(_images(browser_app)) == before + 1
+    [made] = [read_parameters(path) for path in _images(browser_app)
+              if "ginger cat" in read_parameters(path)["prompt"]]
+    seed_shown = page.get_by_label("Seed used").input_value()
+    assert seed_shown == str(made["seed"])
+    timing_shown = page.locator("#timing").inner_text()
+    _screenshot(page, "done")
+
+    # A refusal: a toast with the message; the gallery, the seed and the timing keep their values.
+    page.locator("#prompt textarea").fill("   ")
+    page.locator("#generate").click()
+    page.get_by_text("prompt is empty").first.wait_for(state="visible", timeout=30_000)
+    assert page.locator("#gallery img").count() == 1
+    assert page.get_by_label("Seed used").input_value() == seed_shown
+    assert page.locator("#timing").inner_text() == timing_shown
+    assert len(_images(browser_app)) == before + 1
+    _screenshot(page, "refused")
+
+    # Reuse: the selected image's own settings come back into the form, its seed fixed.
+    page.locator("#gallery img").first.click()
+    page.locator("#reuse").click()
+    page.wait_for_function("() => document.querySelector('#prompt textarea').value.includes('ginger cat')",
+                           timeout=30_000)
+    assert page.get_by_label("Seed", exact=True).input_value() == str(made["seed"])
+    assert not page.get_by_label("Random seed").is_checked()
+    _screenshot(page, "reused")
+    page.context.close()

@@ -95,3 +95,35 @@ def test_a_forged_line_in_a_prompt_reaches_the_log_escaped(tmp_path, tiny_models
     assert "\x1b" not in log and "\u2028" not in log and "\u202e" not in log
     for line in log.split("\n")[:-1]:
         assert RECORD_HEAD.match(line) or line.startswith(TRACEBACK_MARK), line
+
+
+def test_a_librarys_repeated_warning_is_logged_once_and_ours_every_time():
+    from config.log_lines import LibraryWarningsOnce
+
+    class Collect(logging.Handler):
+        def __init__(self):
+            super().__init__()
+            self.records = []
+
+        def emit(self, record):
+            self.records.append((record.name, record.getMessage()))
+
+    handler = Collect()
+    handler.addFilter(LibraryWarningsOnce())
+    loggers = [logging.getLogger(name) for name in ("diffusers.test", "transformers.test", "zimage.test")]
+    for logger in loggers:
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+    try:
+        for _ in range(3):
+            loggers[0].warning("Attention backends are experimental.")
+            loggers[0].info("an info line")
+            loggers[2].warning("ours, each time")
+        loggers[1].warning("Attention backends are experimental.")
+    finally:
+        for logger in loggers:
+            logger.removeHandler(handler)
+    assert handler.records.count(("diffusers.test", "Attention backends are experimental.")) == 1
+    assert handler.records.count(("diffusers.test", "an info line")) == 3
+    assert handler.records.count(("zimage.test", "ours, each time")) == 3
+    assert ("transformers.test", "Attention backends are experimental.") in handler.records

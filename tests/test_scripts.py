@@ -177,3 +177,17 @@ def test_measure_service_times_a_user_from_start_to_kill_9_and_leaves_nothing_ru
     assert not any(psutil.pid_exists(pid) for pid in kill["supervisor_pids"])
     assert not [process for process in psutil.process_iter(["cmdline"])
                 if str(supervisor_dir) in " ".join(process.info["cmdline"] or [])]
+
+
+def test_a_standalone_install_keeps_its_logs_and_crashes_in_its_own_dir_and_fits_startsecs_to_the_demo(tmp_path):
+    root = tmp_path / "sv"
+    result = subprocess.run([sys.executable, "scripts/install_service.py", "--standalone", str(root), "--no-update",
+                             "--", "--demo"], cwd=PROJECT_DIR, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    program = (root / "conf.d" / "z-image-turbo.conf").read_text()
+    assert f"stdout_logfile={root}/log/z-image-turbo.log" in program
+    assert f"--crash-dir {root}/crashes" in program and "startsecs=15" in program
+    assert "/var/log" not in program
+    real = subprocess.run([sys.executable, "scripts/install_service.py", "--standalone", str(tmp_path / "real"),
+                           "--no-update"], cwd=PROJECT_DIR, capture_output=True, text=True, timeout=60)
+    assert real.returncode == 0 and "startsecs=60" in (tmp_path / "real" / "conf.d" / "z-image-turbo.conf").read_text()

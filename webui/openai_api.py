@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import httpx
+from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
@@ -178,13 +179,26 @@ async def _through_the_queue(client: httpx.AsyncClient, inputs: list[object], au
     raise ApiError(500, "The queue closed the request without a result (is the service stopping?).")
 
 
-def openai_routes(engine_output_dir: Path, loopback_url: str, public_url: str, started_at: float) -> list[Route]:
+def openai_routes(engine_output_dir: Path, loopback_url: str, public_url: str, started_at: float,
+                  deliveries) -> list[Route]:
     """`loopback_url`: where this same server answers locally, for joining its queue. `public_url`: the base of the
-    image URLs it returns (configured, never taken from the request's Host header, which any client can forge)."""
+    image URLs it returns (configured, never taken from the request's Host header, which any client can forge).
+    `deliveries` counts each generation request from its arrival until its answer has been sent (Starlette runs a
+    response's background task after the last byte), so a shutdown can wait for it."""
     # verify=False: this is the server's own loopback address, which its certificate (if TLS is on) does not name.
     client = httpx.AsyncClient(base_url=loopback_url, timeout=httpx.Timeout(30.0, read=None), verify=False)
 
     async def generations(request: Request):
+        deliveries.begin()
+        try:
+            response = await _generations(request)
+        except BaseException:
+            deliveries.end()
+            raise
+        response.background = BackgroundTask(deliveries.end)
+        return response
+
+    async def _generations(request: Request):
         # Only JSON: a text/plain or form body is what a cross-site HTML form, or fetch without a preflight, can
         # send; refusing it before the body is read keeps such requests from ever reaching the queue.
         content_type = request.headers.get("content-type", "")

@@ -30,6 +30,7 @@ SIGNAL_POLL_S = 0.5
 # Where a request joins Gradio's queue: the UI's (queue/join) and the REST API's (call/<api name>).
 QUEUE_JOIN_PATHS = ("/gradio_api/queue/join", "/gradio_api/call/")
 RESULT_DELIVERY_S = 1.0  # after the last image is saved, time for it to reach the browser before closing
+CLOSE_S = 1  # uvicorn's graceful-shutdown limit: open event streams (a page's queue) are cut after this
 
 
 def health_routes(engine: Engine) -> list[Route]:
@@ -69,6 +70,28 @@ class StampArrival:
         if scope["type"] == "http":
             scope.setdefault("state", {})[ARRIVAL_KEY] = time.monotonic()
         await self.app(scope, receive, send)
+
+
+class Deliveries:
+    """Responses that carry images and are still being answered (the OpenAI route's): a shutdown waits for them, so
+    an image the engine finished reaches its client instead of a 500 from a closed queue."""
+
+    def __init__(self):
+        self._active = 0
+        self._done = threading.Condition()
+
+    def begin(self) -> None:
+        with self._done:
+            self._active += 1
+
+    def end(self) -> None:
+        with self._done:
+            self._active -= 1
+            self._done.notify_all()
+
+    def wait_done(self, timeout: float) -> bool:
+        with self._done:
+            return self._done.wait_for(lambda: self._active == 0, timeout=max(0.0, timeout))
 
 
 class CountQueueRefusals:
@@ -153,9 +176,11 @@ def serve(blocks: gr.Blocks, engine: Engine, *, host: str, port: int, share: boo
     signal.signal(signal.SIGINT, on_signal)
 
     blocks.queue(max_size=queue_size, default_concurrency_limit=1, api_open=False)
+    deliveries = Deliveries()
     routes = [*health_routes(engine), metrics_route(metrics, engine, blocks),
               *openai_routes(engine.output_dir, loopback_url(host, port, tls=bool(ssl_certfile)),
-                             public_url or loopback_url(host, port, tls=bool(ssl_certfile)), started_at=time.time())]
+                             public_url or loopback_url(host, port, tls=bool(ssl_certfile)), started_at=time.time(),
+                             deliveries=deliveries)]
     middleware = [Middleware(LimitUIEventRate), Middleware(StampArrival), Middleware(RefuseCrossSite),
                   Middleware(LimitBodySize), Middleware(CountQueueRefusals, metrics=metrics)]
     if credentials:
@@ -186,17 +211,24 @@ def serve(blocks: gr.Blocks, engine: Engine, *, host: str, port: int, share: boo
     while not stop.wait(timeout=SIGNAL_POLL_S):
         pass
 
-    # Stop accepting → let the running job finish within the grace period → close the server → exit.
+    # Stop accepting → let the running job finish and reach its client, all within the grace period → close the
+    # server (open event streams cut after CLOSE_S) → exit.
+    deadline = time.monotonic() + shutdown_grace_s - CLOSE_S
     in_flight = engine.in_flight
     log.info("shutdown requested signal=%s in_flight=%s grace_s=%s", received[0], in_flight or "none",
              shutdown_grace_s)
     engine.stop_accepting()
-    if engine.wait_idle(timeout=shutdown_grace_s):
+    if engine.wait_idle(timeout=deadline - time.monotonic()):
+        delivered = deliveries.wait_done(timeout=deadline - time.monotonic())
         if in_flight:
-            time.sleep(RESULT_DELIVERY_S)
+            # A page or gradio_client reads its result from the queue's event stream: give it a moment.
+            time.sleep(max(0.0, min(RESULT_DELIVERY_S, deadline - time.monotonic())))
         outcome = f"finished id={in_flight}" if in_flight else "none"
+        if not delivered:
+            outcome += " (an API response was still being sent at the deadline)"
     else:
         outcome = f"abandoned id={engine.in_flight} (still running after {shutdown_grace_s} s; not returned)"
+    blocks.server.config.timeout_graceful_shutdown = CLOSE_S  # read by uvicorn when it shuts down
     blocks.close(verbose=False)
     log.info("shutdown done job=%s exit=0", outcome)
     return 0

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import asdict
+from pathlib import Path
 
 import gradio as gr
+import torch
 
 from pipeline.engine import Engine, GenerationResult
 from pipeline.memory import GIB
@@ -20,7 +23,8 @@ from pipeline.requests import (
     batch_seeds,
     shown,
 )
-from webui.errors import reported_to_the_caller
+from pipeline.storage import read_parameters
+from webui.errors import INVALID, reported_to_the_caller
 from webui.owners import BROWSER_ID, BROWSER_STORAGE_KEY, BROWSER_STORAGE_SECRET, new_browser_id, owner_of
 from webui.resolutions import left_out, offered, parse_resolution
 from webui.server import ARRIVAL_KEY
@@ -32,6 +36,28 @@ SESSION_HISTORY_LIMIT = 48  # the gallery goes back to the browser whole after e
 API_NAME = "generate"  # the queue endpoint: gradio_client.Client(url).predict(..., api_name="/generate")
 IMAGES_API_NAME = "images"  # n images for the OpenAI-style route; through the same queue
 GPU_QUEUE = "gpu"  # one concurrency group: every event that touches the engine waits in the same line
+
+STATUS_REFRESH_S = 10
+# The official Space's kind of prompt, in both languages the text encoder reads.
+EXAMPLES = [
+    "A ginger cat in a red knitted scarf sitting in fresh snow, soft morning light, 35mm photo",
+    "雪山脚下湖边的小木屋，清晨薄雾，湖面倒影，写实摄影",
+    "A neon-lit rainy street at night, reflections on wet asphalt, a lone cyclist, cinematic",
+    "穿汉服的少女站在樱花树下，微风吹起花瓣，柔和的光线，细腻的插画风格",
+    'A minimalist poster of a lighthouse with the words "Keep the light on" in bold serif type',
+]
+# Ctrl+Enter (Cmd+Enter on a Mac) anywhere on the page clicks Generate; Enter alone still makes a new line.
+CTRL_ENTER_JS = """
+() => {
+  document.addEventListener("keydown", (event) => {
+    if ((event.ctrlKey || event.metaKey) && event.key === "Enter") {
+      event.preventDefault();
+      event.stopPropagation();
+      document.querySelector("#generate")?.click();
+    }
+  }, true);
+}
+"""
 
 DEMO_BANNER = (
     "⚠️ **DEMO MODEL** — tiny random weights, built for testing the service. Its images are noise, "
@@ -50,6 +76,18 @@ def _timing(result: GenerationResult) -> str:
     return "\n\n".join([text, *result.notices])
 
 
+def _uptime(seconds: float) -> str:
+    hours, rest = divmod(int(seconds), 3600)
+    return f"{hours} h {rest // 60:02d} min" if hours else f"{rest // 60} min {rest % 60:02d} s"
+
+
+def _page(state: object) -> dict:
+    """The page's State: {"browser_id": ..., "images": [(path, caption), ...]}; empty for a caller that has none."""
+    if isinstance(state, dict):
+        return {"browser_id": state.get("browser_id"), "images": list(state.get("images") or [])}
+    return {"browser_id": None, "images": []}
+
+
 def _received_at(request: gr.Request | None) -> float | None:
     """When the request that joined Gradio's queue arrived (stamped by webui.server.StampArrival), if known."""
     starlette_request = getattr(request, "request", None)
@@ -66,8 +104,9 @@ def build_ui(engine: Engine, *, demo: bool, model_label: str, max_w: int, max_h:
     gr.set_static_paths([engine.output_dir])
     first_category = next(iter(table))
 
-    def generate(prompt, resolution, seed, random_seed, steps, shift, history, browser_id, request: gr.Request,
+    def generate(prompt, resolution, seed, random_seed, steps, shift, page, request: gr.Request,
                  progress=gr.Progress()):
+        page = _page(page)
         with reported_to_the_caller():
             if not isinstance(random_seed, bool):
                 raise RequestError(f"random_seed must be true or false (got {shown(random_seed)}).")
@@ -76,9 +115,9 @@ def build_ui(engine: Engine, *, demo: bool, model_label: str, max_w: int, max_h:
                                            seed=None if random_seed else seed, shift=shift)
             result = engine.generate(generation, received_at=_received_at(request),
                                      progress=lambda step, total: progress((step, total), desc="Denoising"),
-                                     owner=owner_of(request, browser_id))
-        history = [(str(result.path), _caption(asdict(result.request))), *(history or [])][:SESSION_HISTORY_LIMIT]
-        return history, history, result.request.seed, _timing(result), str(result.path)
+                                     owner=owner_of(request, page["browser_id"]))
+        images = [(str(result.path), _caption(asdict(result.request))), *page["images"]][:SESSION_HISTORY_LIMIT]
+        return images, {**page, "images": images}, result.request.seed, _timing(result), str(result.path)
 
     def images(prompt: str, size: str, n: int, seed: int | None, steps: int | None, shift: float | None,
                request: gr.Request) -> list[dict]:
@@ -103,20 +142,46 @@ def build_ui(engine: Engine, *, demo: bool, model_label: str, max_w: int, max_h:
         browser_id = stored_browser_id if isinstance(stored_browser_id, str) and BROWSER_ID.fullmatch(
             stored_browser_id) else new_browser_id()
         owned = engine.history(HISTORY_SIZE, owner_of(request, browser_id))
-        history = [(str(path), _caption(parameters)) for path, parameters in owned]
-        return history, history, browser_id, browser_id
+        images = [(str(path), _caption(parameters)) for path, parameters in owned]
+        return images, {"browser_id": browser_id, "images": images}, browser_id
+
+    def status_line() -> str:
+        """Queue, GPU memory, uptime and which pipeline serves: what a person wants to know before waiting."""
+        state = engine.state()
+        waiting = blocks._queue.get_status().queue_size if blocks._queue.server_app is not None else 0
+        parts = [f"{waiting} waiting" + (" · one running" if state["busy"] else ""),
+                 f"up {_uptime(time.monotonic() - started_at)}",
+                 f"{state['serving']} pipeline" + (" (compiling)" if state["compiled"] == "compiling" else "")]
+        if engine.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(engine.device)
+            parts.insert(1, f"GPU memory {(total - free) / GIB:.1f} of {total / GIB:.0f} GiB in use")
+        return " · ".join(parts)
+
+    def remember_selection(event: gr.SelectData):
+        return event.index
+
+    def reuse_settings(index, page):
+        """The selected image's own settings (read from its PNG) back in the form, its seed fixed."""
+        images = _page(page)["images"]
+        if not isinstance(index, int) or not 0 <= index < len(images):
+            raise gr.Error("Select an image in the gallery first.", title=INVALID, print_exception=False)
+        parameters = read_parameters(Path(images[index][0]))
+        return (parameters["prompt"], f"{parameters['width']}x{parameters['height']}", parameters["seed"], False,
+                parameters["steps"], parameters["shift"])
 
     def switch_category(category):
         choices = table.get(category, [])
         return gr.Dropdown(choices=choices, value=choices[0] if choices else None)
 
+    started_at = time.monotonic()
     with gr.Blocks(title="Z-Image-Turbo") as blocks:
         gr.Markdown(f"# Z-Image-Turbo\nModel: `{model_label}`")
         if demo:
             gr.Markdown(DEMO_BANNER, elem_id="demo-banner")
-        history = gr.State([])
+        # The page's own state: its browser's id and the images in its gallery. One State, so /generate keeps the
+        # inputs it always had; a REST caller passing null for it owns no gallery.
+        page = gr.State(None)
         stored_browser_id = gr.BrowserState(None, storage_key=BROWSER_STORAGE_KEY, secret=BROWSER_STORAGE_SECRET)
-        browser_id = gr.State(None)  # the page's copy, for generate: a State is no input of the API
         with gr.Row():
             with gr.Column(scale=1):
                 prompt = gr.Textbox(label="Prompt", lines=4, elem_id="prompt",
@@ -134,28 +199,45 @@ def build_ui(engine: Engine, *, demo: bool, model_label: str, max_w: int, max_h:
                     random_seed = gr.Checkbox(value=True, label="Random seed")
                 steps = gr.Slider(1, MAX_STEPS, value=DEFAULT_STEPS, step=1, label="Steps")
                 shift = gr.Slider(MIN_SHIFT, MAX_SHIFT, value=DEFAULT_SHIFT, step=0.1, label="Time shift")
-                run = gr.Button("Generate", variant="primary", elem_id="generate")
+                run = gr.Button("Generate (Ctrl+Enter)", variant="primary", elem_id="generate")
+                gr.Examples([[example] for example in EXAMPLES], inputs=[prompt], label="Example prompts")
             with gr.Column(scale=1):
+                status = gr.Markdown(status_line, elem_id="status")
                 gallery = gr.Gallery(label="Images (newest first)", columns=2, height=560, format="png",
                                      buttons=["download", "fullscreen"], elem_id="gallery")
-                seed_used = gr.Number(label="Seed used", precision=0, interactive=False)
+                reuse = gr.Button("Reuse the selected image's settings", size="sm", elem_id="reuse")
+                seed_used = gr.Number(label="Seed used", precision=0, interactive=False, visible=False,
+                                      elem_id="seed-used")
                 timing = gr.Markdown(label="Timing", elem_id="timing")
                 png = gr.File(label="PNG download", interactive=False)
+        selected = gr.State(None)
         category.change(switch_category, category, resolution, queue=False, api_visibility="private")
-        blocks.load(load_history, inputs=stored_browser_id, outputs=[gallery, history, stored_browser_id, browser_id],
+        gallery.select(remember_selection, None, selected, queue=False, api_visibility="private")
+        reuse.click(reuse_settings, [selected, page], [prompt, resolution, seed, random_seed, steps, shift],
                     queue=False, api_visibility="private")
-        gr.on(
+        gr.Timer(STATUS_REFRESH_S).tick(status_line, None, status, queue=False, show_progress="hidden",
+                                        api_visibility="private")
+        blocks.load(None, js=CTRL_ENTER_JS)
+        blocks.load(load_history, inputs=stored_browser_id, outputs=[gallery, page, stored_browser_id],
+                    queue=False, api_visibility="private")
+        generated = gr.on(
             [run.click, prompt.submit],
             generate,
-            inputs=[prompt, resolution, seed, random_seed, steps, shift, history, browser_id],
-            outputs=[gallery, history, seed_used, timing, png],
+            inputs=[prompt, resolution, seed, random_seed, steps, shift, page],
+            outputs=[gallery, page, seed_used, timing, png],
             api_name=API_NAME,
             # Raw values reach the handler, so the engine checks every field and names it in its message
             # (Gradio's own conversions would fail first, some without a message a person can use).
             preprocess=False,
             concurrency_limit=1,
             concurrency_id=GPU_QUEUE,
+            # Progress, and a refusal's mark, on the status line only: the gallery, seed, timing and PNG keep
+            # their last good values (a refusal's message comes as a toast).
+            show_progress_on=status,
         )
+        # Shown once there is a seed to show (a fresh page's 0 read as "the seed was 0"); a UI-only step, so the
+        # API's answer stays the number itself.
+        generated.success(lambda: gr.Number(visible=True), None, seed_used, queue=False, api_visibility="private")
         gr.api(images, api_name=IMAGES_API_NAME, concurrency_limit=1, concurrency_id=GPU_QUEUE,
                api_visibility="undocumented")
     return blocks
