@@ -22,7 +22,7 @@ import pipeline  # noqa: F401  (must come before any Hugging Face import: it tur
 from config import Settings, SettingsError, load_settings
 from config.log_lines import LOG_DATE_FORMAT, LOG_FORMAT, LibraryWarningsOnce, LinesToLog, OneLinePerRecord
 from config.settings import PROJECT_DIR
-from webui.connections import OccasionalAcceptErrors, raise_fd_limit
+from webui.connections import OccasionalAcceptErrors, check_port_free, raise_fd_limit
 
 log = logging.getLogger("zimage.app")
 
@@ -182,8 +182,6 @@ def start_engine(settings: Settings, faults, loaded, model_name: str, metrics):
 
 
 def main(argv: list[str] | None = None) -> int:
-    from config.settings import check_port_free
-
     try:
         settings = load_settings(argv)
         check_port_free(settings.host, settings.port)  # before minutes of loading, not after

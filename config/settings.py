@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import errno
 import functools
 import ipaddress
 import os
-import socket
 import stat
 import tomllib
 import typing
@@ -363,22 +361,3 @@ def load_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str] 
     if missing:
         raise SettingsError(f"no value for {', '.join(missing)}: add them to {DEFAULTS_FILE}.")
     return Settings(**values)
-
-
-def check_port_free(host: str, port: int) -> None:
-    """Bind (host, port) as the server will, and let go: a port taken by a second copy of the service fails in a
-    second, not after minutes of loading weights. Another process could take the port between this check and the
-    server's own bind, but that bind follows within seconds, and if it loses supervisord restarts the service; the
-    check is for the common case, not that race."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        # As uvicorn binds: a port whose last connections linger in TIME_WAIT after a restart is free.
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind((host, port))
-        except OSError as error:
-            if error.errno == errno.EADDRINUSE:
-                raise SettingsError(f"port {port} on {host} is in use: is another copy of the service running? "
-                                    f"(ss -ltnp 'sport = :{port}' names the process) Or choose another --port."
-                                    ) from None
-            raise SettingsError(f"cannot listen on port {port} of {host}: {error.strerror}.") from None

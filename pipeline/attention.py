@@ -9,6 +9,8 @@ from collections.abc import Iterable
 
 import torch
 
+from pipeline.messages import first_line
+
 log = logging.getLogger("zimage.attention")
 
 SDPA = "native"  # diffusers' name for torch.nn.functional.scaled_dot_product_attention
@@ -87,7 +89,7 @@ def apply_backend(transformer, choice: str, device: torch.device) -> str:
 def fall_back_to_sdpa(transformer, failed: str, error: BaseException) -> str:
     """After a backend failed its first real call: one warning line, then SDPA."""
     log.warning("attention backend=%s failed its first call (%s: %s); falling back to sdpa",
-                failed, type(error).__name__, str(error).strip().splitlines()[0] if str(error).strip() else "")
+                failed, type(error).__name__, first_line(error))
     transformer.set_attention_backend(SDPA)
     return SDPA
 

@@ -26,6 +26,7 @@ from pipeline import acceleration, attention
 from pipeline.faults import FaultPlan
 from pipeline.loader import LoadedPipeline
 from pipeline.memory import GIB, MemoryGuard
+from pipeline.messages import first_line
 from pipeline.metrics import ServiceMetrics
 from pipeline.output_dir import OutputDirCheck
 from pipeline.requests import GenerationRequest, Limits, RequestError, ValidRequest, validate
@@ -300,7 +301,7 @@ class Engine:
         """Compile in the background. The compiled pipeline is a copy over the same weights, so the eager one goes on
         serving meanwhile, and takes over once its warm-up has compiled every graph it needs. Where the GPU has no
         room for a warm-up beside the largest request (a capped card), the warm-up holds the GPU and requests wait.
-        On an H100 it took 30 s with a warm compile cache and 76–81 s with a cold one. A failure leaves the eager
+        How long it takes, with a warm compile cache and a cold one: docs/PERFORMANCE.md. A failure leaves the eager
         pipeline serving, with one warning."""
         thread = threading.Thread(target=self._compile, name="compile", daemon=True)
         thread.start()
@@ -359,8 +360,8 @@ class Engine:
                     self._render(compiled, request, prompt_embeds, progress=None, track_memory=False)
         except Exception as error:
             self.compiled = "failed"
-            log.warning("compilation failed; serving eagerly (%s: %s)", type(error).__name__,
-                        str(error).strip().splitlines()[0] if str(error).strip() else "", exc_info=error)
+            log.warning("compilation failed; serving eagerly (%s: %s)", type(error).__name__, first_line(error),
+                        exc_info=error)
             return
         finally:
             sys.setswitchinterval(switch_interval)

@@ -21,6 +21,7 @@ from pipeline.layouts import (
     find_weights,
 )
 from pipeline.manifest import verify_manifest
+from pipeline.messages import first_line
 
 log = logging.getLogger("zimage.loader")
 
@@ -158,7 +159,7 @@ def load_pipeline(model_dir: Path, device: torch.device, verify: bool = False,
     except WeightsError:
         raise
     except (OSError, ValueError, RuntimeError, KeyError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise WeightsError(f"cannot load the weights in {layout.root}: {first_line}. {FETCH_HINT}.") from error
+        raise WeightsError(f"cannot load the weights in {layout.root}: {first_line(error)}. {FETCH_HINT}.") \
+            from error
     pipe = ZImagePipeline(**components)
     return LoadedPipeline(pipe=pipe, source=f"{layout.kind.value} {layout.root}", device=device, dtype=dtype)

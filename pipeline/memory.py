@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 from pipeline.requests import RequestError
 
-log = logging.getLogger("zimage.memory")
 
 GIB = 2**30
 SAFETY_FACTOR = 1.25  # the lines come from two sizes; fragmentation and rounding get a quarter on top

@@ -12,7 +12,8 @@ from urllib.parse import urlsplit
 import pytest
 
 from tests.test_app_e2e import http_status, start_demo_app, stop_app
-from webui.connections import OccasionalAcceptErrors
+from config.settings import SettingsError
+from webui.connections import OccasionalAcceptErrors, check_port_free
 
 MAX_CONNECTIONS = 64
 HEADER_TIMEOUT_S = 3
@@ -132,3 +133,13 @@ def test_failed_accepts_are_logged_once_an_interval_with_a_count(caplog):
                      "socket.accept() out of system resource (999 more since the last such line)",
                      "an unrelated error"]
     assert all(record.exc_info is None for record in caplog.records)
+
+
+def test_a_port_in_use_is_named_and_a_free_one_passes():
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        with pytest.raises(SettingsError, match=f"port {port} on 127.0.0.1 is in use"):
+            check_port_free("127.0.0.1", port)
+    check_port_free("127.0.0.1", port)  # closed: free again

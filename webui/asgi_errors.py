@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 
 
-def openai_error(message: str, code: str | None, param: str | None = None) -> dict[str, object]:
-    return {"error": {"message": message, "type": "invalid_request_error", "param": param, "code": code}}
+def openai_error(message: str, code: str | None, param: str | None = None, status: int = 400) -> dict[str, object]:
+    """OpenAI's error body: the caller's mistakes are "invalid_request_error", the server's "server_error"."""
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
 async def send_json(send, status: int, payload: object, headers: tuple[tuple[bytes, bytes], ...] = ()) -> None:

@@ -10,17 +10,40 @@ new connection, so `guard_connections` sets them on the running server.
 
 from __future__ import annotations
 
+import errno
 import logging
 import resource
+import socket
 import time
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from config.settings import SettingsError
 
 log = logging.getLogger("zimage.connections")
 
 FDS_PER_CONNECTION = 2  # the socket, and room for the files and pipes a request may open meanwhile
 FDS_RESERVED = 256  # the model's files, the log, compile workers' pipes: what the process needs besides sockets
 REFUSAL_LOG_INTERVAL_S = 10.0  # an attack repeats the same event thousands of times a second: one line per interval
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Bind (host, port) as the server will, and let go: a port taken by a second copy of the service fails in a
+    second, not after minutes of loading weights. Another process could take the port between this check and the
+    server's own bind, but that bind follows within seconds, and if it loses supervisord restarts the service; the
+    check is for the common case, not that race."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        # As uvicorn binds: a port whose last connections linger in TIME_WAIT after a restart is free.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            if error.errno == errno.EADDRINUSE:
+                raise SettingsError(f"port {port} on {host} is in use: is another copy of the service running? "
+                                    f"(ss -ltnp 'sport = :{port}' names the process) Or choose another --port."
+                                    ) from None
+            raise SettingsError(f"cannot listen on port {port} of {host}: {error.strerror}.") from None
 
 
 def raise_fd_limit(max_connections: int) -> int:

@@ -27,6 +27,7 @@ from starlette.routing import Route
 
 from pipeline.requests import shown
 from webui import errors
+from webui.asgi_errors import openai_error
 
 log = logging.getLogger("zimage.openai")
 
@@ -58,13 +59,12 @@ class ApiError(Exception):
 
 
 def _error_response(error: ApiError, headers: dict[str, str] | None = None) -> JSONResponse:
-    body = {"message": error.message, "type": "invalid_request_error" if error.status < 500 else "server_error",
-            "param": error.param, "code": "busy" if error.status == 503 else None}
+    payload = openai_error(error.message, "busy" if error.status == 503 else None, error.param, error.status)
     if error.status >= 500:
         # An id the operator can find in the log next to this failure.
-        body["id"] = incident = uuid.uuid4().hex[:8]
+        payload["error"]["id"] = incident = uuid.uuid4().hex[:8]
         log.warning("images request failed id=%s status=%d message=%r", incident, error.status, error.message)
-    return JSONResponse({"error": body}, status_code=error.status, headers=headers)
+    return JSONResponse(payload, status_code=error.status, headers=headers)
 
 
 def _is_json(content_type: str) -> bool:

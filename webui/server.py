@@ -15,7 +15,9 @@ from starlette.middleware import Middleware
 from starlette.routing import Route
 
 from pipeline.engine import Engine
+from pipeline.messages import first_line
 from pipeline.metrics import CONTENT_TYPE, ServiceMetrics
+from webui.arrival import StampArrival
 from webui.auth import RequireCredentials
 from webui.connections import guard_connections
 from webui.limits import LimitBodySize, LimitUIEventRate
@@ -25,7 +27,6 @@ from webui.resolutions import offered, parse_resolution
 
 log = logging.getLogger("zimage.webui")
 
-ARRIVAL_KEY = "zimage_received_at"
 SIGNAL_POLL_S = 0.5
 # Where a request joins Gradio's queue: the UI's (queue/join) and the REST API's (call/<api name>).
 QUEUE_JOIN_PATHS = ("/gradio_api/queue/join", "/gradio_api/call/")
@@ -48,7 +49,7 @@ def health_routes(engine: Engine) -> list[Route]:
                 body.update(gpu_free_mib=free // 2**20, gpu_total_mib=total // 2**20)
             except RuntimeError as error:  # a poisoned context fails every call: not ready, and say why
                 ready = False
-                body.update(ready=False, gpu_error=str(error).splitlines()[0])
+                body.update(ready=False, gpu_error=first_line(error))
         # Every request would be refused while images cannot be saved; the field tells the operator what to fix.
         if (output_dir_error := engine.output_dir_problem()) is not None:
             ready = False
@@ -56,20 +57,6 @@ def health_routes(engine: Engine) -> list[Route]:
         return JSONResponse(body, status_code=200 if ready else 503)
 
     return [Route("/healthz", healthz), Route("/readyz", readyz)]
-
-
-class StampArrival:
-    """ASGI middleware: note when each HTTP request arrived. Gradio keeps the request that joined its queue with
-    the event, but tells the handler nothing of when that was; the engine needs it to refuse requests that waited
-    too long."""
-
-    def __init__(self, app):
-        self.app = app
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] == "http":
-            scope.setdefault("state", {})[ARRIVAL_KEY] = time.monotonic()
-        await self.app(scope, receive, send)
 
 
 class Deliveries:

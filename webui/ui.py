@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -24,12 +23,10 @@ from pipeline.requests import (
     shown,
 )
 from pipeline.storage import read_parameters
+from webui.arrival import received_at
 from webui.errors import INVALID, reported_to_the_caller
 from webui.owners import BROWSER_ID, BROWSER_STORAGE_KEY, BROWSER_STORAGE_SECRET, new_browser_id, owner_of
 from webui.resolutions import left_out, offered, parse_resolution
-from webui.server import ARRIVAL_KEY
-
-log = logging.getLogger("zimage.webui")
 
 HISTORY_SIZE = 12  # the owner's images from disk shown when a page opens, so a restart loses no one's recent work
 SESSION_HISTORY_LIMIT = 48  # the gallery goes back to the browser whole after every image: keep it bounded
@@ -88,12 +85,6 @@ def _page(state: object) -> dict:
     return {"browser_id": None, "images": []}
 
 
-def _received_at(request: gr.Request | None) -> float | None:
-    """When the request that joined Gradio's queue arrived (stamped by webui.server.StampArrival), if known."""
-    starlette_request = getattr(request, "request", None)
-    return getattr(starlette_request.state, ARRIVAL_KEY, None) if starlette_request is not None else None
-
-
 def build_ui(engine: Engine, *, demo: bool, model_label: str, max_w: int, max_h: int) -> gr.Blocks:
     guard = engine.memory_guard
     fits = guard.fits if guard is not None else None
@@ -113,7 +104,7 @@ def build_ui(engine: Engine, *, demo: bool, model_label: str, max_w: int, max_h:
             width, height = parse_resolution(resolution)
             generation = GenerationRequest(prompt=prompt, width=width, height=height, steps=steps,
                                            seed=None if random_seed else seed, shift=shift)
-            result = engine.generate(generation, received_at=_received_at(request),
+            result = engine.generate(generation, received_at=received_at(request),
                                      progress=lambda step, total: progress((step, total), desc="Denoising"),
                                      owner=owner_of(request, page["browser_id"]))
         images = [(str(result.path), _caption(asdict(result.request))), *page["images"]][:SESSION_HISTORY_LIMIT]
@@ -132,7 +123,7 @@ def build_ui(engine: Engine, *, demo: bool, model_label: str, max_w: int, max_h:
             for next_seed in seeds:
                 result = engine.generate(GenerationRequest(prompt=prompt, width=width, height=height, seed=next_seed,
                                                            **options),
-                                         received_at=_received_at(request), owner=owner_of(request, None))
+                                         received_at=received_at(request), owner=owner_of(request, None))
                 made.append({"path": str(result.path), "seed": result.request.seed, "id": result.request_id})
         return made
 

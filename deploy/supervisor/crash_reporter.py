@@ -92,7 +92,7 @@ def write_report(rpc, program: str, pid: str, crash_dir: Path, log_lines: int) -
 
 
 def main(argv=None, stdin=sys.stdin, stdout=sys.stdout, rpc=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--program", default="z-image-turbo", help="supervisor program to report on")
     parser.add_argument("--crash-dir", type=Path, default=Path("/var/log/z-image-turbo-crashes"))
     parser.add_argument("--log-lines", type=int, default=100, help="log lines to include")

@@ -119,7 +119,7 @@ class Watchdog:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--program", default="z-image-turbo", help="supervisor program to watch")
     parser.add_argument("--url", default="http://127.0.0.1:7860", help="the service's base URL")
     parser.add_argument("--timeout", type=float, default=5.0, help="seconds a probe may take")
