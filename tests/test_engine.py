@@ -424,3 +424,19 @@ def test_an_image_is_saved_with_its_owner_and_listed_only_for_that_owner(engine)
     assert read_parameters(alices.path)["owner"] == "alice" and "owner" not in read_parameters(nobodys.path)
     assert [path for path, _ in engine.history(10, "alice")] == [alices.path]
     assert engine.history(10, None) == []
+
+
+def test_the_engine_paints_what_the_stock_pipeline_paints(engine):
+    """The test diffusers has for its own pipelines: same prompt, seed and settings through `ZImagePipeline.__call__`
+    and through the engine (unpadded encoding, its own decode to bytes, the GPU thread) give the same picture."""
+    request = GenerationRequest("a red bicycle against a blue wall", width=128, height=96, steps=3, seed=21,
+                                shift=3.0)
+    ours = _pixels(engine.generate(request)).astype(int)
+    pipe = engine.pipeline
+    pipe.scheduler.set_shift(3.0)
+    stock = pipe(prompt=request.prompt, height=96, width=128, num_inference_steps=3, guidance_scale=0.0,
+                 generator=torch.Generator().manual_seed(21)).images[0]
+    stock = np.asarray(stock).astype(int)
+    assert ours.shape == stock.shape == (96, 128, 3)
+    # Float rounding differs (unpadded vs 512-token attention); a pixel may move by a step or two, not more.
+    assert np.abs(ours - stock).max() <= 2 and np.abs(ours - stock).mean() < 0.1
