@@ -156,6 +156,8 @@ def test_a_persons_hour_examples_ctrl_enter_status_refusal_and_reuse(chromium, b
     assert "ginger cat" in page.locator("#prompt textarea").input_value()
     before = len(_images(browser_app))
     page.locator("#prompt textarea").press("Control+Enter")
+    page.locator("#status").get_by_text("Denoising").wait_for(timeout=60_000)  # the step progress, on the status line
+    _screenshot(page, "running")
     page.wait_for_function("() => [...document.querySelectorAll('#gallery img')].some(i => i.naturalWidth > 0)",
                            timeout=120_000)
     page.wait_for_function("() => document.querySelector('#timing').innerText.includes(' s')", timeout=60_000)
