@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from pipeline.requests import SIZE_MULTIPLE  # the model's own size step: one definition
+
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 DEFAULTS_FILE = Path(__file__).resolve().parent / "defaults.toml"
 ENV_PREFIX = "ZIMAGE_"
@@ -25,8 +27,7 @@ AttentionChoice = Literal["auto", "sdpa", "flash", "xformers"]
 LogPromptsChoice = Literal["none", "summary", "full"]
 LogLevelChoice = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
 
-# The model works on 16-pixel cells (VAE factor 8 × DiT patch 2); 4096 keeps one image inside any GPU we target.
-SIZE_MULTIPLE = 16
+# The largest side a flag may allow: 4096 keeps one image inside any GPU we target.
 SIZE_CEILING = 4096
 
 
