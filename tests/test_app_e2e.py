@@ -367,14 +367,14 @@ def test_sigterm_lets_the_running_job_finish_and_reach_the_client(tmp_path, tiny
 
 
 def test_sigterm_during_an_openai_request_returns_its_image_and_exits_within_the_grace(tmp_path, tiny_models):
-    grace_s = 20
+    grace_s = 30
     app = start_demo_app(tmp_path, tiny_models, "--shutdown-grace", str(grace_s))
     answers = []
 
     def ask() -> None:
         request = urllib.request.Request(
             f"{app.url}/v1/images/generations", method="POST", headers={"Content-Type": "application/json"},
-            data=json.dumps({"prompt": "a slow one", "size": "1536x1536", "steps": 8, "seed": 9}).encode())
+            data=json.dumps({"prompt": "a slow one", "size": "1024x1024", "steps": 8, "seed": 9}).encode())
         try:
             with urllib.request.urlopen(request, timeout=120) as response:
                 answers.append((response.status, json.loads(response.read())))

@@ -153,7 +153,8 @@ def test_a_persons_hour_examples_ctrl_enter_status_refusal_and_reuse(chromium, b
 
     # An example fills the prompt; Ctrl+Enter generates exactly one image.
     page.get_by_text("A ginger cat in a red knitted scarf").first.click()
-    assert "ginger cat" in page.locator("#prompt textarea").input_value()
+    page.wait_for_function("() => document.querySelector('#prompt textarea').value.includes('ginger cat')",
+                           timeout=30_000)
     before = len(_images(browser_app))
     page.locator("#prompt textarea").press("Control+Enter")
     page.locator("#status").get_by_text("Denoising").wait_for(timeout=60_000)  # the step progress, on the status line

@@ -32,6 +32,7 @@ SIGNAL_POLL_S = 0.5
 QUEUE_JOIN_PATHS = ("/gradio_api/queue/join", "/gradio_api/call/")
 RESULT_DELIVERY_S = 1.0  # after the last image is saved, time for it to reach the browser before closing
 CLOSE_S = 1  # uvicorn's graceful-shutdown limit: open event streams (a page's queue) are cut after this
+EXIT_S = 1  # what the process needs after closing the server: child processes, the last log lines
 
 
 def health_routes(engine: Engine) -> list[Route]:
@@ -200,7 +201,7 @@ def serve(blocks: gr.Blocks, engine: Engine, *, host: str, port: int, share: boo
 
     # Stop accepting → let the running job finish and reach its client, all within the grace period → close the
     # server (open event streams cut after CLOSE_S) → exit.
-    deadline = time.monotonic() + shutdown_grace_s - CLOSE_S
+    deadline = time.monotonic() + shutdown_grace_s - CLOSE_S - EXIT_S
     in_flight = engine.in_flight
     log.info("shutdown requested signal=%s in_flight=%s grace_s=%s", received[0], in_flight or "none",
              shutdown_grace_s)
@@ -214,7 +215,8 @@ def serve(blocks: gr.Blocks, engine: Engine, *, host: str, port: int, share: boo
         if not delivered:
             outcome += " (an API response was still being sent at the deadline)"
     else:
-        outcome = f"abandoned id={engine.in_flight} (still running after {shutdown_grace_s} s; not returned)"
+        outcome = (f"abandoned id={engine.in_flight} (still running at the end of the {shutdown_grace_s} s grace; "
+                   f"not returned)")
     blocks.server.config.timeout_graceful_shutdown = CLOSE_S  # read by uvicorn when it shuts down
     blocks.close(verbose=False)
     log.info("shutdown done job=%s exit=0", outcome)
