@@ -20,8 +20,9 @@ pytestmark = pytest.mark.e2e
 
 def make_self_signed(directory) -> tuple[str, str]:
     certificate, key = directory / "cert.pem", directory / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=zimage.test",
-                    "-keyout", str(key), "-out", str(certificate)], check=True, capture_output=True)
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=zimage.test", "-keyout", str(key), "-out", str(certificate)],
+                   check=True, capture_output=True)
     return str(certificate), str(key)
 
 
