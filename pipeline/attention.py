@@ -15,20 +15,24 @@ log = logging.getLogger("zimage.attention")
 
 SDPA = "native"  # diffusers' name for torch.nn.functional.scaled_dot_product_attention
 
-# Our flag values → diffusers backend names. FA3 (Hopper) and FA2 need their packages; the _native_* ones are
-# PyTorch's own SDPA kernels pinned one by one (cuDNN, flash), which "native" chooses between by heuristics.
+# Our flag values → diffusers backend names. FA3 (Hopper) and FA2 need their packages. Not diffusers' _native_cudnn
+# and _native_flash: they pin PyTorch's SDPA kernel with `sdpa_kernel`, whose switches are process-wide, and the
+# compile thread runs beside requests. With _native_cudnn chosen on an H100, the VAE's attention (head size 512,
+# no cuDNN kernel) in the other thread found every other kernel switched off: "No available kernel", a failed
+# compile and a 500. "native" reaches the same cuDNN kernel by PyTorch's own heuristics (0.54-0.71 ms at 1024²).
 _CANDIDATES = {
-    "auto": ["_flash_3", "flash", "_native_cudnn", "_native_flash", SDPA],
+    "auto": ["_flash_3", "flash", SDPA],
     "sdpa": [SDPA],
     "flash": ["_flash_3", "flash", SDPA],
     "xformers": ["xformers", SDPA],
 }
 PROBE_TOKENS = 4096 + 32  # a 1024² image (64 × 64 patches) and a short prompt: the shape that matters most
 PROBE_RUNS = 5
-# Backends that run through cuDNN's attention ("native" may pick it by heuristics). cuDNN builds an execution plan
-# for every sequence length, and PyTorch caches plans per thread: on an H100 a call at a length not yet seen on that
-# thread took 65-70 ms instead of 0.8 ms. A new prompt usually brings a new caption length, so twice per request.
-PLANNED_BACKENDS = ("_native_cudnn", SDPA)
+# Backends that may run through cuDNN's attention ("native" picks it by heuristics on Hopper). cuDNN builds an
+# execution plan for every sequence length, and PyTorch caches plans per thread: on an H100 a call at a length not
+# yet seen on that thread took 65-70 ms instead of 0.8 ms. A new prompt usually brings a new caption length, so
+# twice per request.
+PLANNED_BACKENDS = (SDPA,)
 
 
 def candidates(choice: str, device_type: str) -> list[str]:

@@ -37,10 +37,10 @@ def test_the_lengths_built_ahead_are_every_length_the_dit_meets_at_those_sizes(e
     assert len(planned) == len(set(planned))
 
 
-def test_only_cudnn_backends_on_cuda_build_plans():
-    assert attention.builds_plans("_native_cudnn", torch.device("cuda"))
-    assert not attention.builds_plans("_native_flash", torch.device("cuda"))
-    assert not attention.builds_plans("_native_cudnn", torch.device("cpu"))
+def test_only_sdpa_on_cuda_builds_plans():
+    assert attention.builds_plans(attention.SDPA, torch.device("cuda"))
+    assert not attention.builds_plans("_flash_3", torch.device("cuda"))
+    assert not attention.builds_plans(attention.SDPA, torch.device("cpu"))
 
 
 def test_the_engine_builds_no_plans_where_the_backend_keeps_none(engine):
