@@ -165,9 +165,9 @@ def serve(blocks: gr.Blocks, engine: Engine, *, host: str, port: int, share: boo
 
     blocks.queue(max_size=queue_size, default_concurrency_limit=1, api_open=False)
     deliveries = Deliveries()
+    local_url = loopback_url(host, port, tls=bool(ssl_certfile))
     routes = [*health_routes(engine), metrics_route(metrics, engine, blocks),
-              *openai_routes(engine.output_dir, loopback_url(host, port, tls=bool(ssl_certfile)),
-                             public_url or loopback_url(host, port, tls=bool(ssl_certfile)), started_at=time.time(),
+              *openai_routes(engine.output_dir, local_url, public_url or local_url, started_at=time.time(),
                              deliveries=deliveries)]
     middleware = [Middleware(LimitUIEventRate), Middleware(StampArrival), Middleware(RefuseCrossSite),
                   Middleware(LimitBodySize), Middleware(CountQueueRefusals, metrics=metrics)]
