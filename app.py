@@ -240,7 +240,8 @@ def main(argv: list[str] | None = None) -> int:
                       queue_size=settings.queue_size, shutdown_grace_s=settings.shutdown_grace_s, metrics=metrics,
                       credentials=credentials, max_connections=max_connections,
                       header_timeout_s=settings.header_timeout_s, ssl_certfile=settings.ssl_certfile,
-                      ssl_keyfile=settings.ssl_keyfile, public_url=settings.public_url)
+                      ssl_keyfile=settings.ssl_keyfile, public_url=settings.public_url,
+                      compile_delay_s=settings.compile_delay_s)
     stop_child_processes()
     return exit_code
 

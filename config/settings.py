@@ -54,6 +54,10 @@ class Settings:
     attention: AttentionChoice  # diffusers attention backend; a missing or failing one falls back to SDPA
     compile: bool  # CUDA only: regional compilation of the DiT blocks and the VAE decoder, in the background
     compile_cache_dir: Path  # Inductor and Triton caches: a warm one makes the compile after a restart take seconds
+    # Compiling starts once the first request is answered, or this many seconds after ready if none comes first:
+    # the compiler's Python slows every request served beside it, so a client retrying through a restart gets its
+    # image before the compile begins.
+    compile_delay_s: int
     low_vram: bool  # profile for 16 GB cards: text encoder streamed from CPU memory, VAE tiling above 1024 px
     gpu_memory_limit_gib: int  # cap on this process's GPU memory; 0 means the whole GPU
     prompt_cache_size: int  # how many prompts' embeddings are kept for reuse
@@ -83,6 +87,8 @@ class Settings:
                 )
         if self.hang_timeout_s < 1:
             raise SettingsError(f"hang_timeout_s must be at least 1 (got {self.hang_timeout_s}).")
+        if self.compile_delay_s < 0:
+            raise SettingsError(f"compile_delay_s must be 0 or more (got {self.compile_delay_s}).")
         if self.shutdown_grace_s < 0:
             raise SettingsError(f"shutdown_grace_s must be 0 or more (got {self.shutdown_grace_s}).")
         if self.queue_timeout_s < 1:
@@ -309,6 +315,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
         "the eager path serves meanwhile (where the GPU has room for both) and the compiled one takes over when warm")
     add("--compile-cache-dir", type=Path, metavar="DIR",
         help="where compiled kernels are kept across restarts (a warm cache makes compiling take seconds)")
+    add("--compile-delay", dest="compile_delay_s", type=int, metavar="SECONDS",
+        help="compiling starts when the first request has been answered, or this long after ready if none comes")
     add("--low-vram", action="store_true",
         help="profile for 16 GB GPUs: the text encoder stays in CPU memory and streams to the GPU layer by layer; "
         "the VAE decodes in tiles above 1024 px")

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from pipeline import acceleration, attention
 from pipeline.faults import FaultPlan
@@ -31,10 +30,10 @@ from pipeline.metrics import ServiceMetrics
 from pipeline.output_dir import OutputDirCheck
 from pipeline.requests import GenerationRequest, Limits, RequestError, ValidRequest, validate
 from pipeline.storage import RecentImages, a1111_parameters, remove_partial_files, save_png
+from pipeline.text_encoder import MAX_SEQUENCE_LENGTH, PromptEncoder
 
 log = logging.getLogger("zimage.engine")
 
-MAX_SEQUENCE_LENGTH = 512  # the text encoder's token budget in stock diffusers; longer prompts are cut
 GUIDANCE_SCALE = 0.0  # Turbo is distilled to run without classifier-free guidance
 BLACK_LEVEL = 2  # an image whose brightest pixel is at most this (of 255) is treated as a failed, black one
 
@@ -47,10 +46,6 @@ POISONED_GPU_MARKERS = (
     "CUDA error", "illegal memory access", "device-side assert", "unspecified launch failure", "misaligned address",
     "CUBLAS_STATUS", "CUDNN_STATUS", "cuDNN error", "NCCL error", "ECC error",
 )
-# The text encoder's attention kernels. Not cuDNN's: it builds an execution plan for every new sequence length, and
-# nearly every new prompt has one (an H100 encoded new prompts in 117 ms with it, 53 ms without; a repeated prompt
-# 43 ms either way). At a few hundred tokens flash and memory-efficient attention are as fast.
-TEXT_ENCODER_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 RECENT_PROMPTS = 3  # kept (as logged: summarised or not) for the crash snapshot
 RECENT_IMAGES = 2000  # the newest images (of all owners) kept in memory for the galleries' history
 HANG_CHECK_INTERVAL_S = 1.0
@@ -173,11 +168,13 @@ class Engine:
         self._gpu_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gpu")
         self._active = 0  # requests between validation and saved PNG; the save runs outside the GPU lock
         self._idle = threading.Condition()
+        self._answered = threading.Event()  # set once a request has produced its image
         self.attention_backend = attention.apply_backend(loaded.pipe.transformer, attention_choice, self.device)
         self.compile_model = compile_model
         self.compile_backend = compile_backend  # torch.compile's backend; tests pass a deliberately slow one
         self.compiled = "off" if not compile_model else "pending"  # → compiling → on, or failed (then eager)
         self.serving = "eager"  # → "compiled" once the compiled pipeline is warm and swapped in
+        self._prompt_encoder = PromptEncoder(loaded.pipe.tokenizer, loaded.pipe.text_encoder, self.device)
         self._prompt_cache: OrderedDict[str, tuple[list[torch.Tensor], list[str]]] = OrderedDict()
         self._prompt_cache_size = prompt_cache_size
         self.gpu_memory_limit_bytes = gpu_memory_limit_bytes
@@ -228,6 +225,7 @@ class Engine:
         return {"ready": self.ready, "healthy": self.healthy, "busy": self.in_flight is not None,
                 "in_flight": self.in_flight, "served": self.served, "attention": self.attention_backend,
                 "compiled": self.compiled, "serving": self.serving,
+                "text_encoder": "graphs" if self._prompt_encoder.graphed else "eager",
                 "device": str(self.device), "recent_prompts": list(self._recent_prompts)}
 
     def output_dir_problem(self) -> str | None:
@@ -263,6 +261,8 @@ class Engine:
                 raise
             self.attention_backend = attention.fall_back_to_sdpa(self._pipe.transformer, self.attention_backend, error)
             self._run(request, progress=None)
+        if self._prompt_encoder.graphs_possible:
+            self._prompt_encoder.capture_graphs()
         if self.device.type == "cuda":
             self.memory_guard = self._measure_memory_guard()
 
@@ -297,13 +297,14 @@ class Engine:
                  guard.need_bytes(2048, 1152) / GIB, guard.largest_square())
         return guard
 
-    def start_compiling(self) -> threading.Thread:
-        """Compile in the background. The compiled pipeline is a copy over the same weights, so the eager one goes on
+    def start_compiling(self, delay_s: float = 0.0) -> threading.Thread:
+        """Compile in the background, once a request has been answered or `delay_s` has passed, whichever comes
+        first (a request served beside the compiler's Python is slow: the first one after a restart should not be). The compiled pipeline is a copy over the same weights, so the eager one goes on
         serving meanwhile, and takes over once its warm-up has compiled every graph it needs. Where the GPU has no
         room for a warm-up beside the largest request (a capped card), the warm-up holds the GPU and requests wait.
         How long it takes, with a warm compile cache and a cold one: docs/PERFORMANCE.md. A failure leaves the eager
         pipeline serving, with one warning."""
-        thread = threading.Thread(target=self._compile, name="compile", daemon=True)
+        thread = threading.Thread(target=self._compile, args=(delay_s,), name="compile", daemon=True)
         thread.start()
         return thread
 
@@ -340,11 +341,14 @@ class Engine:
         largest_warm_up = max(self.memory_guard.need_bytes(w, h) for w, h in COMPILE_WARM_UP_SIZES)
         return largest_request + largest_warm_up <= self.memory_guard.available_bytes
 
-    def _compile(self) -> None:
+    def _compile(self, delay_s: float) -> None:
+        after = "a request was answered" if self._answered.wait(timeout=delay_s) else f"{delay_s:g} s without requests"
+        if self._draining:
+            return
         started = time.perf_counter()
         self.compiled = "compiling"
         beside = self._room_beside_a_request()
-        log.info("compiling the DiT blocks and the VAE decoder; meanwhile %s",
+        log.info("compiling the DiT blocks and the VAE decoder (after %s); meanwhile %s", after,
                  "the eager path serves" if beside else "requests wait (no GPU memory for both at once)")
         whole_gpu = nullcontext() if beside else self._lock
         text_encoder = self._lock if beside else nullcontext()  # shared with the eager path: one caller at a time
@@ -466,6 +470,7 @@ class Engine:
         timings = StageTimings(queue_ms=waited_ms, save_ms=save_ms, total_ms=total_ms, **run.stage_ms)
         with self._idle:
             self.served += 1
+        self._answered.set()
         log.info(
             "request id=%s prompt=%s size=%dx%d steps=%d seed=%d shift=%g wait_ms=%.0f encode_ms=%.0f "
             "denoise_ms=%.0f decode_ms=%.0f save_ms=%.0f total_ms=%.0f%s path=%s outcome=ok file=%s",
@@ -500,26 +505,18 @@ class Engine:
             torch.cuda.synchronize(self.device)
         return time.perf_counter()
 
-    @torch.inference_mode()
     def encode_prompt(self, prompt: str) -> tuple[list[torch.Tensor], list[str]]:
-        """The pipeline's own prompt encoding, without padding to 512 tokens: Qwen3 is causal, so padding at the
-        end never changes the real tokens' hidden states, and the pipeline drops the padded ones afterwards anyway.
-        Repeated prompts (new seeds for the same text) come from a small cache."""
+        """The prompt's embeddings, in the pipeline's list form, and notices for the user. Repeated prompts (new
+        seeds for the same text) come from a small cache."""
         if prompt in self._prompt_cache:
             self._prompt_cache.move_to_end(prompt)
             return self._prompt_cache[prompt]
-        pipe = self._pipe
-        # The same chat template the pipeline applies before tokenizing; only its length is needed here.
-        templated = pipe.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                                       add_generation_prompt=True, enable_thinking=True)
-        token_count = len(pipe.tokenizer(templated).input_ids)
+        encoded = self._prompt_encoder.encode(prompt)
         notices = []
-        if token_count > MAX_SEQUENCE_LENGTH:
-            notices.append(f"The prompt is {token_count} tokens with the chat template; only the first "
+        if encoded.prompt_tokens > MAX_SEQUENCE_LENGTH:
+            notices.append(f"The prompt is {encoded.prompt_tokens} tokens with the chat template; only the first "
                            f"{MAX_SEQUENCE_LENGTH} were used.")
-        with sdpa_kernel(TEXT_ENCODER_ATTENTION):
-            prompt_embeds, _ = pipe.encode_prompt(prompt, device=self.device, do_classifier_free_guidance=False,
-                                                  max_sequence_length=min(token_count, MAX_SEQUENCE_LENGTH))
+        prompt_embeds = [encoded.embeddings]
         if self._prompt_cache_size:
             self._prompt_cache[prompt] = (prompt_embeds, notices)
             if len(self._prompt_cache) > self._prompt_cache_size:

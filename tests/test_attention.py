@@ -4,7 +4,7 @@ import threading
 import torch
 
 from pipeline import attention
-from pipeline.engine import MAX_SEQUENCE_LENGTH
+from pipeline.text_encoder import MAX_SEQUENCE_LENGTH
 from pipeline.requests import GenerationRequest
 
 SIZES = [(128, 128), (192, 128), (128, 256)]

@@ -417,6 +417,26 @@ def test_the_eager_path_serves_while_the_compiled_one_compiles(loaded_tiny, tmp_
     assert sys.getswitchinterval() > 10 * COMPILE_SWITCH_INTERVAL_S
 
 
+def test_compiling_waits_for_the_first_answered_request(loaded_tiny, tmp_path, caplog):
+    """A restart's first request is served before the compiler takes its share of the interpreter."""
+    import threading
+
+    compiling = threading.Event()
+
+    def noting_compiler(graph, example_inputs):
+        compiling.set()
+        return graph.forward
+
+    caplog.set_level(logging.INFO, logger="zimage.engine")
+    engine = _engine_with(loaded_tiny, tmp_path, compile_model=True, compile_backend=noting_compiler)
+    thread = engine.start_compiling(delay_s=600)
+    assert not compiling.wait(1.0) and engine.state()["compiled"] == "pending"
+    engine.generate(GenerationRequest("the first request after a start", seed=3, **SMALL))
+    thread.join(120)
+    assert compiling.is_set() and engine.state()["compiled"] == "on"
+    assert "(after a request was answered)" in caplog.text
+
+
 def test_an_image_is_saved_with_its_owner_and_listed_only_for_that_owner(engine):
     alices = engine.generate(GenerationRequest("alice's", seed=1, **SMALL), owner="alice")
     engine.generate(GenerationRequest("bob's", seed=2, **SMALL), owner="bob")

@@ -43,7 +43,7 @@ def health_routes(engine: Engine) -> list[Route]:
         state = engine.state()
         ready = bool(state["ready"] and state["healthy"])
         body = {key: state[key] for key in ("ready", "healthy", "busy", "served", "attention", "compiled", "serving",
-                                            "device")}
+                                            "text_encoder", "device")}
         if engine.device.type == "cuda":
             try:
                 free, total = torch.cuda.mem_get_info(engine.device)
@@ -140,7 +140,8 @@ def loopback_url(host: str, port: int, tls: bool = False) -> str:
 
 def serve(blocks: gr.Blocks, engine: Engine, *, host: str, port: int, share: bool, queue_size: int,
           shutdown_grace_s: float, metrics: ServiceMetrics, credentials: dict[str, str], max_connections: int,
-          header_timeout_s: float, ssl_certfile: str = "", ssl_keyfile: str = "", public_url: str = "") -> int:
+          header_timeout_s: float, ssl_certfile: str = "", ssl_keyfile: str = "", public_url: str = "",
+          compile_delay_s: float = 0.0) -> int:
     """Serve until SIGTERM or SIGINT, then shut down in order; returns the exit code (0: asked to stop).
 
     Every event goes through the one queue: `api_open=False` closes the REST routes that would skip it, and
@@ -189,7 +190,7 @@ def serve(blocks: gr.Blocks, engine: Engine, *, host: str, port: int, share: boo
     guard_connections(blocks.server, max_connections=max_connections, head_timeout_s=header_timeout_s)
     log.info("ready url=%s://%s:%d", "https" if ssl_certfile else "http", host, port)
     if engine.compile_model:
-        engine.start_compiling()
+        engine.start_compiling(delay_s=compile_delay_s)
     # The UI's sizes, the default (1024²) first: what most requests will need.
     engine.build_attention_plans(
         parse_resolution(label) for labels in offered(engine.limits.max_w, engine.limits.max_h).values()
