@@ -289,6 +289,19 @@ def test_prompt_past_the_token_limit_is_cut_with_a_notice(client):
     assert "only the first 512 were used" in timing
 
 
+def test_the_images_endpoint_gives_a_script_the_timings_as_values(demo_app, client):
+    """/generate's timing is Markdown for the page; /images carries the same figures as numbers."""
+    [image] = client.predict("timed for a script " + "word " * 600, "256x256", 1, 5, 2, None, api_name="/images")
+    assert image["seed"] == 5 and Path(image["file"]).is_file()
+    timings = image["timings_ms"]
+    assert set(timings) == {"queue", "encode", "denoise", "decode", "save", "total"}
+    assert all(isinstance(value, (int, float)) and value >= 0 for value in timings.values())
+    assert timings["total"] >= timings["encode"] + timings["denoise"] + timings["decode"] + timings["save"] - 1
+    assert any("only the first 512 were used" in notice for notice in image["notices"])
+    line = next(line for line in demo_app.log().splitlines() if f"id={image['id']}" in line and "outcome=ok" in line)
+    assert f"total_ms={timings['total']:.0f}" in line
+
+
 def test_server_keeps_serving_after_bad_input(client):
     _, seed_used, _, _ = _generate(client, "still here", seed=7)
     assert seed_used == 7

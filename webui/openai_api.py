@@ -225,7 +225,7 @@ def openai_routes(engine_output_dir: Path, loopback_url: str, public_url: str, s
         answered = time.perf_counter()
         data = []
         for image in images:
-            path = Path(image["path"])
+            path = Path(image["file"])
             if not path.resolve().is_relative_to(engine_output_dir.resolve()):
                 return _error_response(ApiError(500, "An image was saved outside the output folder."))
             item = {"revised_prompt": None, "seed": image["seed"]}

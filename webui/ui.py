@@ -113,8 +113,9 @@ def build_ui(engine: Engine, *, demo: bool, model_label: str, max_w: int, max_h:
     def images(prompt: str, size: str, n: int, seed: int | None, steps: int | None, shift: float | None,
                request: gr.Request) -> list[dict]:
         """`n` images of `size` ("WIDTHxHEIGHT") in one turn on the GPU, seeds `seed`, `seed`+1, ... (random when
-        seed is None; steps and shift: the defaults when None). Each: the saved PNG's path, its seed and its
-        request id. The OpenAI-style route calls this."""
+        seed is None; steps and shift: the defaults when None). Each: the saved PNG's path ("file": gradio_client
+        would take a "path" key for a file to download and drop the rest), its seed, its request id, its stage timings in milliseconds and any notices (a prompt cut to the token budget): what /generate
+        shows as Markdown, as values a script can read. The OpenAI-style route calls this too."""
         options = {name: value for name, value in (("steps", steps), ("shift", shift)) if value is not None}
         with reported_to_the_caller():
             seeds = batch_seeds(seed, n)
@@ -124,7 +125,10 @@ def build_ui(engine: Engine, *, demo: bool, model_label: str, max_w: int, max_h:
                 result = engine.generate(GenerationRequest(prompt=prompt, width=width, height=height, seed=next_seed,
                                                            **options),
                                          received_at=received_at(request), owner=owner_of(request, None))
-                made.append({"path": str(result.path), "seed": result.request.seed, "id": result.request_id})
+                made.append({"file": str(result.path), "seed": result.request.seed, "id": result.request_id,
+                             "timings_ms": {stage.removesuffix("_ms"): round(value, 1)
+                                            for stage, value in asdict(result.timings).items()},
+                             "notices": list(result.notices)})
         return made
 
     def load_history(stored_browser_id, request: gr.Request):
@@ -229,6 +233,5 @@ def build_ui(engine: Engine, *, demo: bool, model_label: str, max_w: int, max_h:
         # Shown once there is a seed to show (a fresh page's 0 read as "the seed was 0"); a UI-only step, so the
         # API's answer stays the number itself.
         generated.success(lambda: gr.Number(visible=True), None, seed_used, queue=False, api_visibility="private")
-        gr.api(images, api_name=IMAGES_API_NAME, concurrency_limit=1, concurrency_id=GPU_QUEUE,
-               api_visibility="undocumented")
+        gr.api(images, api_name=IMAGES_API_NAME, concurrency_limit=1, concurrency_id=GPU_QUEUE)
     return blocks
