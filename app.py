@@ -181,6 +181,29 @@ def start_engine(settings: Settings, faults, loaded, model_name: str, metrics):
     return engine, f"{model_name} ({loaded.source})"
 
 
+def start_service(settings: Settings):
+    """Everything between settings and serving: the output dir checked, the weights loaded, the engine warmed up.
+    Any problem a person must fix raises a StartupError (pipeline.messages) naming it."""
+    from pipeline.faults import FaultPlan
+    from pipeline.metrics import ServiceMetrics
+    from pipeline.output_dir import prepare_output_dir
+    from pipeline.snapshot import enable_fault_tracebacks, install_snapshot_hooks
+
+    prepare_output_dir(settings.output_dir)
+    enable_fault_tracebacks()
+    faults = FaultPlan.from_env(os.environ)
+    faults.at_start()
+    use_private_gradio_temp_dir(settings.port)
+    ui_import = import_ui_in_background()
+    loaded, model_name = load_model(settings)
+    # The attention probe and the warm-up time GPU work: no import competing with them for the interpreter.
+    ui_import.join()
+    metrics = ServiceMetrics()
+    engine, model_label = start_engine(settings, faults, loaded, model_name, metrics)
+    install_snapshot_hooks(settings.crash_dir, engine.state)
+    return engine, metrics, model_label
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         settings = load_settings(argv)
@@ -198,38 +221,13 @@ def main(argv: list[str] | None = None) -> int:
         log.warning("INSECURE: %s", warning)
     max_connections = raise_fd_limit(settings.max_connections)
 
-    from pipeline.output_dir import OutputDirError, prepare_output_dir
+    from pipeline.messages import StartupError
 
     try:
-        prepare_output_dir(settings.output_dir)
-    except OutputDirError as error:
+        engine, metrics, model_label = start_service(settings)
+    except StartupError as error:
         log.error("cannot start: %s", error)
-        return 1
-
-    from pipeline.faults import FaultConfigError, FaultPlan
-    from pipeline.layouts import WeightsError
-    from pipeline.metrics import ServiceMetrics
-    from pipeline.snapshot import enable_fault_tracebacks, install_snapshot_hooks
-
-    enable_fault_tracebacks()
-    try:
-        faults = FaultPlan.from_env(os.environ)
-    except FaultConfigError as error:
-        log.error("cannot start: %s", error)
-        return 2
-    faults.at_start()
-    use_private_gradio_temp_dir(settings.port)
-    ui_import = import_ui_in_background()
-    try:
-        loaded, model_name = load_model(settings)
-    except WeightsError as error:
-        log.error("cannot start: %s", error)
-        return 1
-    # The attention probe and the warm-up time GPU work: no import competing with them for the interpreter.
-    ui_import.join()
-    metrics = ServiceMetrics()
-    engine, model_label = start_engine(settings, faults, loaded, model_name, metrics)
-    install_snapshot_hooks(settings.crash_dir, engine.state)
+        return error.exit_code
 
     from webui.server import serve
     from webui.ui import build_ui

@@ -9,7 +9,7 @@ from collections.abc import Iterable
 
 import torch
 
-from pipeline.messages import first_line
+from pipeline.messages import StartupError, first_line
 
 log = logging.getLogger("zimage.attention")
 
@@ -33,6 +33,10 @@ PROBE_RUNS = 5
 # yet seen on that thread took 65-70 ms instead of 0.8 ms. A new prompt usually brings a new caption length, so
 # twice per request.
 PLANNED_BACKENDS = (SDPA,)
+
+
+class AttentionError(StartupError):
+    """No attention backend works on this machine."""
 
 
 def candidates(choice: str, device_type: str) -> list[str]:
@@ -68,7 +72,7 @@ def apply_backend(transformer, choice: str, device: torch.device) -> str:
             continue
         usable.append(name)
     if not usable:
-        raise RuntimeError(f"no attention backend is usable: {'; '.join(reasons)}")
+        raise AttentionError(f"no attention backend is usable: {'; '.join(reasons)}")
     chosen = usable[0]
     if device.type == "cuda" and len(usable) > 1:
         heads = transformer.config.n_heads

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
+from pipeline.messages import StartupError
+
 log = logging.getLogger("zimage.faults")
 
 FAULT_ENV = "ZIMAGE_FAULT"
@@ -34,8 +36,10 @@ START_FAULTS = ("spawn-child",)
 _STEP_SPEC = re.compile(r"^(?P<kind>[a-z-]+)@(?P<step>[1-9]\d*)(?:/(?P<every>[1-9]\d*))?$")
 
 
-class FaultConfigError(ValueError):
+class FaultConfigError(StartupError):
     """A fault switch that must not be honoured; the message says why."""
+
+    exit_code = 2
 
 
 @dataclass(frozen=True)

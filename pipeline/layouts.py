@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
+from pipeline.messages import StartupError
+
 DIT_FILE = "z_image_turbo_bf16.safetensors"
 TEXT_ENCODER_FILE = "qwen_3_4b.safetensors"
 VAE_FILE = "ae.safetensors"
@@ -58,7 +60,7 @@ MAX_HEADER_BYTES = 100 * 2**20
 FETCH_HINT = "Fetch the weights with scripts/fetch_weights.py (on a machine with internet) or copy them in place"
 
 
-class WeightsError(RuntimeError):
+class WeightsError(StartupError):
     """Weights that cannot be loaded; the message is one line naming the file and what to do."""
 
 

@@ -21,9 +21,13 @@ from pipeline.layouts import (
     find_weights,
 )
 from pipeline.manifest import verify_manifest
-from pipeline.messages import first_line
+from pipeline.messages import StartupError, first_line
 
 log = logging.getLogger("zimage.loader")
+
+
+class DeviceError(StartupError):
+    """The configured device is not there."""
 
 
 @dataclass(frozen=True)
@@ -36,7 +40,7 @@ class LoadedPipeline:
 
 def resolve_device(choice: str) -> torch.device:
     if choice == "cuda" and not torch.cuda.is_available():
-        raise WeightsError("--device cuda was asked for, but PyTorch sees no CUDA GPU (check nvidia-smi and the "
+        raise DeviceError("--device cuda was asked for, but PyTorch sees no CUDA GPU (check nvidia-smi and the "
                            "torch build: python -c 'import torch; print(torch.version.cuda)').")
     if choice == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -11,13 +11,15 @@ import tempfile
 import threading
 from pathlib import Path
 
+from pipeline.messages import StartupError
+
 log = logging.getLogger("zimage.output_dir")
 
 # Room for a few of the largest PNGs (a 4096² one is under 64 MiB) with some margin for the rest of the disk's users.
 MIN_FREE_BYTES = 64 * 2**20
 
 
-class OutputDirError(OSError):
+class OutputDirError(StartupError):
     """The output directory cannot take images; the message names the directory and what is wrong with it."""
 
 

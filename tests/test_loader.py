@@ -7,7 +7,7 @@ from diffusers.loaders import single_file_model
 from safetensors.torch import load_file, save_file
 
 from pipeline.layouts import DIT_FILE, TEXT_ENCODER_FILE, LayoutKind, WeightsError
-from pipeline.loader import dtype_for, load_pipeline, resolve_device
+from pipeline.loader import DeviceError, dtype_for, load_pipeline, resolve_device
 from pipeline.random_model import build_components
 
 
@@ -102,5 +102,5 @@ def test_cpu_computes_in_float32_and_cuda_in_bfloat16():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without a GPU")
 def test_asking_for_cuda_without_a_gpu_is_a_clear_error():
-    with pytest.raises(WeightsError, match="--device cuda .* no CUDA GPU"):
+    with pytest.raises(DeviceError, match="--device cuda .* no CUDA GPU"):
         resolve_device("cuda")
