@@ -1,8 +1,10 @@
-"""What a caller may ask for, and the checks that turn loose input (UI numbers, API JSON) into a clean request."""
+"""What a caller may ask for, and the checks that turn loose input (UI numbers, API JSON) into a clean request:
+the one place a size string, a batch of n and its seeds, and every field are read and refused with a named error."""
 
 from __future__ import annotations
 
 import math
+import re
 import secrets
 import unicodedata
 from dataclasses import dataclass
@@ -20,6 +22,10 @@ DEFAULT_SIZE = 1024
 DEFAULT_STEPS = 8
 DEFAULT_SHIFT = 3.0
 
+
+# "WIDTHxHEIGHT", optionally followed by the UI table's aspect ratio "( 9:7 )"; nothing else, so that a typo is named
+# rather than half read.
+_SIZE = re.compile(r"\s*(\d{1,5})\s*[x×]\s*(\d{1,5})\s*(?:\(\s*\d+\s*:\s*\d+\s*\))?\s*")
 
 SHOWN_CHARS = 40  # enough of a value to recognise it in a message; a megabyte sent is not a megabyte echoed
 
@@ -128,6 +134,28 @@ def validate(request: GenerationRequest, limits: Limits) -> ValidRequest:
                            f"the default is {DEFAULT_SHIFT}.")
     return ValidRequest(prompt=prompt, width=width, height=height, steps=steps, seed=_seed(request.seed),
                         shift=float(shift))
+
+
+def parse_size(label: object, field: str = "size") -> tuple[int, int]:
+    """'1152x896 ( 9:7 )' or '1152x896' → (width, height); `field` is what the caller calls it, for the message.
+    The numbers are checked against the limits with the rest of the request (validate)."""
+    match = _SIZE.fullmatch(label) if isinstance(label, str) else None
+    if not match:
+        raise RequestError(f"{field} must look like 1024x1024 (got {shown(label)}).")
+    return int(match[1]), int(match[2])
+
+
+def batch(prompt: object, size: object, n: object, seed: object, steps: object = None,
+          shift: object = None) -> list[GenerationRequest]:
+    """`n` images of one prompt and `size` ("WIDTHxHEIGHT"), seeds `seed`, `seed`+1, ... (each drawn at random when
+    seed is None or "random"); steps and shift take their defaults when None. Size, n and seeds are checked here,
+    before the first image; each request's fields when the engine validates it."""
+    seeds = batch_seeds(seed, n)
+    width, height = parse_size(size)
+    return [GenerationRequest(prompt=prompt, width=width, height=height, seed=image_seed,
+                              steps=DEFAULT_STEPS if steps is None else steps,
+                              shift=DEFAULT_SHIFT if shift is None else shift)
+            for image_seed in seeds]
 
 
 def batch_seeds(seed: object, n: object) -> list[int | None]:

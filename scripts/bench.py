@@ -3,6 +3,7 @@
     PYTHONPATH=. python scripts/bench.py --random-weights --json bench.json        # full-size, random bf16 weights
     PYTHONPATH=. python scripts/bench.py --model-dir /opt/z-image-turbo/weights    # the real files
     PYTHONPATH=. python scripts/bench.py --random-weights --low-vram               # the 16 GB profile alone
+    PYTHONPATH=. python scripts/bench.py --random-weights --no-compile --sizes 1024x1024 --oom-check  # + a real OOM
 
 Stock runs first, exactly as shipped (prompt padded to 512 tokens, default attention, eager). Then the same modules
 get the engine's levers one at a time, each timed before and after: unpadded prompt, the attention probe's
@@ -330,6 +331,8 @@ def run(args, report: dict[str, object]) -> None:
         report["compile_s"] = round(time.perf_counter() - started, 1)
         report["compiled"] = engine.compiled
     report["ours"] = engine_figures(engine, sizes, args.runs, args.size_runs)
+    if args.oom_check:
+        report["oom_check"] = oom_check(engine, HEADLINE[0])
     if not args.low_vram:
         stock = Stock(engine.pipeline)  # the compiled copy, where compilation is on
         compiled = stage_table(stock, *HEADLINE, args.runs, encode_length=tokens)
@@ -356,6 +359,29 @@ def run(args, report: dict[str, object]) -> None:
         key = "x".join(map(str, HEADLINE))
         report["speedup_1024"] = round(report["stock"]["end_to_end_ms"][key] / report["ours"]["end_to_end_ms"][key],
                                        3)
+
+
+def oom_check(engine: Engine, side: int) -> dict[str, object]:
+    """A real CUDA out-of-memory: cap this process's GPU memory a little above what `side`² needs, ask for twice the
+    side, and compare allocated memory before that request with after the engine recovered."""
+    from pipeline.engine import GenerationError
+
+    torch.cuda.reset_peak_memory_stats()
+    engine.generate(GenerationRequest(PROMPT, width=side, height=side, steps=STEPS, seed=2))
+    cap = torch.cuda.max_memory_reserved() + 2 * 2**30
+    torch.cuda.set_per_process_memory_fraction(cap / torch.cuda.get_device_properties(0).total_memory)
+    allocated_before = torch.cuda.memory_allocated()
+    try:
+        engine.generate(GenerationRequest(PROMPT, width=2 * side, height=2 * side, steps=STEPS, seed=3))
+        message = "no OOM: the larger request fitted"
+    except GenerationError as error:
+        message = str(error)
+    allocated_after = torch.cuda.memory_allocated()
+    after = engine.generate(GenerationRequest(PROMPT, width=side, height=side, steps=STEPS, seed=2))
+    torch.cuda.set_per_process_memory_fraction(1.0)
+    return {"cap_gib": round(cap / 2**30, 2), "message": message,
+            "allocated_before_oom_mib": allocated_before // 2**20,
+            "allocated_after_recovery_mib": allocated_after // 2**20, "next_request_ok": after.path.is_file()}
 
 
 def print_table(report: dict[str, object]) -> None:
@@ -385,6 +411,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="cap the process's GPU memory, as app.py's flag does (default: no cap)")
     parser.add_argument("--no-compile", action="store_true", help="leave the engine eager")
     parser.add_argument("--compile-cache-dir", type=Path, help="Inductor/Triton cache (default: their own)")
+    parser.add_argument("--oom-check", action="store_true",
+                        help="also provoke a real CUDA OOM (memory capped) and check the engine recovers from it")
     parser.add_argument("--json", type=Path, help="also write the report here")
     args = parser.parse_args(argv)
     args.sizes = [tuple(int(side) for side in size.split("x")) for size in args.sizes]

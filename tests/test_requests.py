@@ -3,6 +3,8 @@ import math
 import pytest
 
 from pipeline.requests import (
+    DEFAULT_SHIFT,
+    DEFAULT_STEPS,
     MAX_IMAGES_PER_CALL,
     RANDOM_SEED_LIMIT,
     SEED_LIMIT,
@@ -10,7 +12,9 @@ from pipeline.requests import (
     GenerationRequest,
     Limits,
     RequestError,
+    batch,
     batch_seeds,
+    parse_size,
     shown,
     validate,
 )
@@ -109,3 +113,27 @@ def test_a_batch_takes_consecutive_seeds_checked_whole_before_the_first_image():
             batch_seeds(1, n)
     with pytest.raises(RequestError, match="seed must be a whole number"):
         batch_seeds(5.5, 2)
+
+
+@pytest.mark.parametrize(("label", "size"), [("1152x896 ( 9:7 )", (1152, 896)), ("640×480", (640, 480)),
+                                             (" 512x512", (512, 512))])
+def test_labels_and_plain_sizes_parse(label, size):
+    assert parse_size(label) == size
+
+
+@pytest.mark.parametrize("label", ["", "big", "1024", None, 1024, "x768", "256x256 trailing junk", "256x256x3",
+                                   "1152x896 ( 9:7 ) more", "9" * 40 + "x9"])
+def test_unreadable_resolution_is_a_clear_error(label):
+    with pytest.raises(RequestError, match="resolution must look like 1024x1024"):
+        parse_size(label, "resolution")
+
+
+def test_a_batch_reads_size_n_and_seeds_before_any_image():
+    first, second = batch("a cat", "1152x896", 2, 7)
+    assert (first.width, first.height, first.seed, second.seed) == (1152, 896, 7, 8)
+    assert (first.steps, first.shift) == (DEFAULT_STEPS, DEFAULT_SHIFT)
+    assert [request.seed for request in batch("a cat", "64x64", 3, "random", steps=2, shift=5.0)] == [None] * 3
+    with pytest.raises(RequestError, match="n must be a whole number from 1 to 4"):
+        batch("a cat", "not a size", 9, 7)  # n first, as the OpenAI route reports it
+    with pytest.raises(RequestError, match="size must look like 1024x1024"):
+        batch("a cat", "1024", 1, 7)

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 
-from pipeline.requests import RequestError, shown
+from pipeline.requests import parse_size
 
 RESOLUTIONS = {
     "1024": ["1024x1024 ( 1:1 )", "1152x896 ( 9:7 )", "896x1152 ( 7:9 )", "1152x864 ( 4:3 )", "864x1152 ( 3:4 )",
@@ -18,19 +17,6 @@ RESOLUTIONS = {
              "1296x1728 ( 3:4 )", "1872x1248 ( 3:2 )", "1248x1872 ( 2:3 )", "2048x1152 ( 16:9 )",
              "1152x2048 ( 9:16 )", "2016x864 ( 21:9 )", "864x2016 ( 9:21 )"],
 }
-
-# "WIDTHxHEIGHT", optionally followed by the table's aspect ratio "( 9:7 )"; nothing else, so that a typo is named
-# rather than half read.
-_SIZE = re.compile(r"\s*(\d{1,5})\s*[x×]\s*(\d{1,5})\s*(?:\(\s*\d+\s*:\s*\d+\s*\))?\s*")
-
-
-def parse_resolution(label: object) -> tuple[int, int]:
-    """'1152x896 ( 9:7 )' or '1152x896' → (width, height)."""
-    match = _SIZE.fullmatch(label) if isinstance(label, str) else None
-    if not match:
-        raise RequestError(f"resolution must look like 1024x1024 (got {shown(label)}).")
-    return int(match[1]), int(match[2])
-
 
 def offered(max_w: int, max_h: int, fits: Callable[[int, int], bool] | None = None) -> dict[str, list[str]]:
     """The table without the sizes over the server's limits or, with `fits`, those it refuses (not enough GPU
@@ -50,5 +36,5 @@ def left_out(max_w: int, max_h: int, fits: Callable[[int, int], bool]) -> list[s
 
 
 def _within(label: str, max_w: int, max_h: int, fits: Callable[[int, int], bool] | None) -> bool:
-    width, height = parse_resolution(label)
+    width, height = parse_size(label)
     return width <= max_w and height <= max_h and (fits is None or fits(width, height))

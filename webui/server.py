@@ -23,7 +23,8 @@ from webui.connections import guard_connections
 from webui.limits import LimitBodySize, LimitUIEventRate
 from webui.openai_api import openai_routes
 from webui.origin import RefuseCrossSite
-from webui.resolutions import offered, parse_resolution
+from pipeline.requests import parse_size
+from webui.resolutions import offered
 
 log = logging.getLogger("zimage.webui")
 
@@ -193,7 +194,7 @@ def serve(blocks: gr.Blocks, engine: Engine, *, host: str, port: int, share: boo
         engine.start_compiling(delay_s=compile_delay_s)
     # The UI's sizes, the default (1024²) first: what most requests will need.
     engine.build_attention_plans(
-        parse_resolution(label) for labels in offered(engine.limits.max_w, engine.limits.max_h).values()
+        parse_size(label) for labels in offered(engine.limits.max_w, engine.limits.max_h).values()
         for label in labels)
     # Short waits, not one endless one: Linux may hand SIGTERM to any thread, and then a main thread asleep in an
     # untimed wait never wakes to run the Python handler. Each timeout returns to the interpreter, which runs it.

@@ -19,14 +19,15 @@ from pipeline.requests import (
     MIN_SHIFT,
     GenerationRequest,
     RequestError,
-    batch_seeds,
+    batch,
+    parse_size,
     shown,
 )
 from pipeline.storage import read_parameters
 from webui.arrival import received_at
 from webui.errors import INVALID, reported_to_the_caller
 from webui.owners import BROWSER_ID, BROWSER_STORAGE_KEY, BROWSER_STORAGE_SECRET, new_browser_id, owner_of
-from webui.resolutions import left_out, offered, parse_resolution
+from webui.resolutions import left_out, offered
 
 HISTORY_SIZE = 12  # the owner's images from disk shown when a page opens, so a restart loses no one's recent work
 SESSION_HISTORY_LIMIT = 48  # the gallery goes back to the browser whole after every image: keep it bounded
@@ -101,7 +102,7 @@ def build_ui(engine: Engine, *, demo: bool, model_label: str, max_w: int, max_h:
         with reported_to_the_caller():
             if not isinstance(random_seed, bool):
                 raise RequestError(f"random_seed must be true or false (got {shown(random_seed)}).")
-            width, height = parse_resolution(resolution)
+            width, height = parse_size(resolution, "resolution")
             generation = GenerationRequest(prompt=prompt, width=width, height=height, steps=steps,
                                            seed=None if random_seed else seed, shift=shift)
             result = engine.generate(generation, received_at=received_at(request),
@@ -112,19 +113,15 @@ def build_ui(engine: Engine, *, demo: bool, model_label: str, max_w: int, max_h:
 
     def images(prompt: str, size: str, n: int, seed: int | None, steps: int | None, shift: float | None,
                request: gr.Request) -> list[dict]:
-        """`n` images of `size` ("WIDTHxHEIGHT") in one turn on the GPU, seeds `seed`, `seed`+1, ... (random when
-        seed is None; steps and shift: the defaults when None). Each: the saved PNG's path ("file": gradio_client
-        would take a "path" key for a file to download and drop the rest), its seed, its request id, its stage timings in milliseconds and any notices (a prompt cut to the token budget): what /generate
-        shows as Markdown, as values a script can read. The OpenAI-style route calls this too."""
-        options = {name: value for name, value in (("steps", steps), ("shift", shift)) if value is not None}
+        """`n` images of `size` ("WIDTHxHEIGHT") in one turn on the GPU, as pipeline.requests.batch reads them.
+        Each: the saved PNG's path ("file": gradio_client would take a "path" key for a file to download and drop
+        the rest), its seed, its request id, its stage timings in milliseconds and any notices (a prompt cut to the
+        token budget): what /generate shows as Markdown, as values a script can read. The OpenAI-style route calls
+        this too."""
+        made = []
         with reported_to_the_caller():
-            seeds = batch_seeds(seed, n)
-            width, height = parse_resolution(size)
-            made = []
-            for next_seed in seeds:
-                result = engine.generate(GenerationRequest(prompt=prompt, width=width, height=height, seed=next_seed,
-                                                           **options),
-                                         received_at=received_at(request), owner=owner_of(request, None))
+            for generation in batch(prompt, size, n, seed, steps, shift):
+                result = engine.generate(generation, received_at=received_at(request), owner=owner_of(request, None))
                 made.append({"file": str(result.path), "seed": result.request.seed, "id": result.request_id,
                              "timings_ms": {stage.removesuffix("_ms"): round(value, 1)
                                             for stage, value in asdict(result.timings).items()},
