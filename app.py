@@ -161,22 +161,28 @@ def load_model(settings: Settings):
     return loaded, model_name
 
 
+def engine_options(settings: Settings, model_name: str, on_gpu: bool):
+    """The engine's slice of the settings: the one place Settings become EngineOptions."""
+    from pipeline.engine import EngineOptions
+    from pipeline.requests import Limits
+
+    return EngineOptions(
+        limits=Limits(max_h=settings.max_h, max_w=settings.max_w), output_dir=settings.output_dir,
+        model_name=model_name, attention=settings.attention, nan_check=settings.nan_check,
+        log_prompts=settings.log_prompts, hang_timeout_s=settings.hang_timeout_s,
+        queue_timeout_s=settings.queue_timeout_s, compile_model=on_gpu and settings.compile,
+        prompt_cache_size=settings.prompt_cache_size,
+        gpu_memory_limit_bytes=settings.gpu_memory_limit_gib * 2**30 if on_gpu else 0,
+    )
+
+
 def start_engine(settings: Settings, faults, loaded, model_name: str, metrics):
     """The engine around the loaded pipeline, warmed up (and so ready). Compilation, where on, starts once the server
     answers (webui.server.serve): compiling is minutes of Python that would slow the server's own start."""
     from pipeline.engine import Engine
-    from pipeline.requests import Limits
 
-    on_gpu = loaded.device.type == "cuda"
-    engine = Engine(
-        loaded, limits=Limits(max_h=settings.max_h, max_w=settings.max_w), output_dir=settings.output_dir,
-        model_name=model_name, attention_choice=settings.attention, nan_check=settings.nan_check,
-        log_prompts=settings.log_prompts, faults=faults, hang_timeout_s=settings.hang_timeout_s,
-        queue_timeout_s=settings.queue_timeout_s, compile_model=on_gpu and settings.compile,
-        prompt_cache_size=settings.prompt_cache_size,
-        gpu_memory_limit_bytes=settings.gpu_memory_limit_gib * 2**30 if on_gpu else 0,
-        on_fatal=exit_on_fatal(settings.crash_dir), metrics=metrics,
-    )
+    options = engine_options(settings, model_name, on_gpu=loaded.device.type == "cuda")
+    engine = Engine(loaded, options, faults=faults, on_fatal=exit_on_fatal(settings.crash_dir), metrics=metrics)
     engine.warm_up()
     return engine, f"{model_name} ({loaded.source})"
 

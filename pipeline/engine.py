@@ -127,27 +127,31 @@ def summarize_prompt(prompt: str, mode: str) -> str:
     return f"len={len(prompt)} sha={digest} start={first_words!r}"
 
 
+@dataclass(frozen=True)
+class EngineOptions:
+    """What the engine takes from the service's settings. app.py builds it from config.Settings in one place; the
+    defaults live only in config/defaults.toml."""
+
+    limits: Limits
+    output_dir: Path
+    model_name: str  # in each PNG's parameters and the log
+    attention: str  # the flag's choice; the probe picks among the usable backends (attention.apply_backend)
+    nan_check: bool  # refuse NaN or all-black images instead of saving them
+    log_prompts: str  # full | summary | none: how much of a prompt the log keeps
+    hang_timeout_s: float  # a GPU call running longer than this is a hang: stacks dumped, the process ended
+    queue_timeout_s: float  # a request that waited longer than this for the GPU is refused, not run late
+    compile_model: bool  # compile a copy of the pipeline in the background (start_compiling)
+    prompt_cache_size: int  # prompts whose embeddings are kept for reuse
+    gpu_memory_limit_bytes: int  # 0: the whole GPU; else the memory guard plans within this cap
+
+
 class Engine:
-    def __init__(
-        self,
-        loaded: LoadedPipeline,
-        *,
-        limits: Limits,
-        output_dir: Path,
-        model_name: str,
-        attention_choice: str = "auto",
-        nan_check: bool = True,
-        log_prompts: str = "summary",
-        faults: FaultPlan = FaultPlan(),
-        on_fatal: FatalHandler | None = None,
-        hang_timeout_s: float = 600.0,
-        queue_timeout_s: float = 300.0,
-        compile_model: bool = False,
-        compile_backend: str | Callable = "inductor",
-        prompt_cache_size: int = 0,
-        gpu_memory_limit_bytes: int = 0,
-        metrics: ServiceMetrics | None = None,
-    ) -> None:
+    def __init__(self, loaded: LoadedPipeline, options: EngineOptions, *, faults: FaultPlan = FaultPlan(),
+                 on_fatal: FatalHandler | None = None, metrics: ServiceMetrics | None = None,
+                 compile_backend: str | Callable = "inductor") -> None:
+        """`faults`: test-only failures to inject; `on_fatal`: called after an error that leaves the GPU unusable
+        (app.py's ends the process); `compile_backend`: torch.compile's (tests pass a deliberately slow one)."""
+        limits, output_dir = options.limits, options.output_dir
         self._pipe = loaded.pipe
         self._pipe.set_progress_bar_config(disable=True)  # progress goes to the caller, not to tqdm on stderr
         self.device = loaded.device
@@ -156,9 +160,9 @@ class Engine:
         self.output_dir = output_dir
         self._output_dir_check = OutputDirCheck(output_dir)
         self._recent_images = RecentImages(output_dir, keep=RECENT_IMAGES)
-        self.model_name = model_name
-        self.nan_check = nan_check
-        self.log_prompts = log_prompts
+        self.model_name = options.model_name
+        self.nan_check = options.nan_check
+        self.log_prompts = options.log_prompts
         self._faults = faults
         self._on_fatal = on_fatal
         self._lock = threading.Lock()  # the GPU runs one job at a time, whoever calls
@@ -169,15 +173,15 @@ class Engine:
         self._active = 0  # requests between validation and saved PNG; the save runs outside the GPU lock
         self._idle = threading.Condition()
         self._answered = threading.Event()  # set once a request has produced its image
-        self.attention_backend = attention.apply_backend(loaded.pipe.transformer, attention_choice, self.device)
-        self.compile_model = compile_model
-        self.compile_backend = compile_backend  # torch.compile's backend; tests pass a deliberately slow one
-        self.compiled = "off" if not compile_model else "pending"  # → compiling → on, or failed (then eager)
+        self.attention_backend = attention.apply_backend(loaded.pipe.transformer, options.attention, self.device)
+        self.compile_model = options.compile_model
+        self.compile_backend = compile_backend
+        self.compiled = "off" if not options.compile_model else "pending"  # → compiling → on, or failed (then eager)
         self.serving = "eager"  # → "compiled" once the compiled pipeline is warm and swapped in
         self._prompt_encoder = PromptEncoder(loaded.pipe.tokenizer, loaded.pipe.text_encoder, self.device)
         self._prompt_cache: OrderedDict[str, tuple[list[torch.Tensor], list[str]]] = OrderedDict()
-        self._prompt_cache_size = prompt_cache_size
-        self.gpu_memory_limit_bytes = gpu_memory_limit_bytes
+        self._prompt_cache_size = options.prompt_cache_size
+        self.gpu_memory_limit_bytes = options.gpu_memory_limit_bytes
         self._metrics = metrics or ServiceMetrics()
         self.memory_guard: MemoryGuard | None = None  # set by warm_up on CUDA
         self.ready = False  # a warm-up generation succeeded on the device
@@ -188,8 +192,8 @@ class Engine:
         self._draining = False
         self._started = 0  # requests that reached the GPU
         self._job_started_at: float | None = None
-        self.hang_timeout_s = hang_timeout_s
-        self.queue_timeout_s = queue_timeout_s
+        self.hang_timeout_s = options.hang_timeout_s
+        self.queue_timeout_s = options.queue_timeout_s
         if output_dir.is_dir() and (removed := remove_partial_files(output_dir)):
             log.warning("removed %d partial image file(s) left by an interrupted save in %s", removed, output_dir)
         threading.Thread(target=self._watch_for_hangs, name="hang-detector", daemon=True).start()
@@ -382,6 +386,7 @@ class Engine:
         when the request arrived, before any queue) lets a request that waited too long fail instead of run late.
         `owner` (an opaque id) is saved with the image: history(owner=...) lists only that owner's images."""
         request_id = uuid.uuid4().hex[:12]
+        # 1. Validate, and refuse a size the GPU has no memory for, before anything waits or runs.
         try:
             valid = validate(request, self.limits)
             if self.memory_guard is not None:
@@ -414,6 +419,7 @@ class Engine:
                   received_at: float | None, owner: str | None) -> GenerationResult:
         started = time.perf_counter()
         prompt_summary = summarize_prompt(valid.prompt, self.log_prompts)
+        # 2. Wait for the GPU; then refuse what should not run now (stopping, nowhere to save, waited too long).
         with self._lock:
             if self._draining:
                 log.info("request id=%s outcome=refused reason=shutting-down", request_id)
@@ -436,6 +442,8 @@ class Engine:
             self._recent_prompts.append(f"id={request_id} {prompt_summary}")
             self._job_started_at = time.monotonic()
             out_of_memory = None
+            # 3-5. Encode, denoise, decode and check, on the GPU thread (_run, _render). A failure here is either
+            #      the request's own (GenerationError, out of memory: the engine goes on) or the GPU's (poisoned).
             try:
                 run = self._on_gpu_thread(self._run, valid, progress, self._started)
             except GenerationError as error:
@@ -460,6 +468,7 @@ class Engine:
                 # Only here, with the exception and its frames gone, are the request's tensors unreferenced.
                 self._release_memory()
                 raise GenerationError(f"Out of {out_of_memory} at {valid.width}×{valid.height}; try a smaller size.")
+        # 6. Save, outside the GPU lock: the next request's GPU work overlaps this one's PNG.
         save_started = time.perf_counter()
         stem = f"{time.strftime('%H%M%S')}-{request_id}-seed{valid.seed}"
         parameters = self._parameters(request_id, valid) | ({"owner": owner} if owner else {})

@@ -25,6 +25,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -35,10 +36,12 @@ from pipeline import acceleration, attention
 from pipeline.engine import Engine
 from pipeline.loader import LoadedPipeline, load_pipeline
 from pipeline.random_model import FULL_SIZE, build_components
-from pipeline.requests import GenerationRequest, Limits
+from pipeline.requests import GenerationRequest
 from pipeline.storage import save_png
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from app import engine_options  # noqa: E402
+from config import load_settings  # noqa: E402
 from local_service import report  # noqa: E402
 
 PROMPT = "一只戴着红色围巾的橘猫坐在雪地里, a ginger cat in a red scarf sitting in the snow, photo, 85mm"
@@ -316,9 +319,11 @@ def run(args, report: dict[str, object]) -> None:
             "attention_dit_step_ms": attention_lever(stock, pipe, [unpadded], args.runs),
         }
     torch.cuda.reset_peak_memory_stats()
-    engine = Engine(loaded, limits=Limits(max_h=2048, max_w=2048), output_dir=output_dir,
-                    model_name=loaded.source, compile_model=not args.no_compile,
-                    gpu_memory_limit_bytes=args.gpu_memory_limit_gib * 2**30)
+    # The service's own options from its defaults file, with this run's sizes, output and switches.
+    settings = load_settings(["--max-w", "2048", "--max-h", "2048", "--output-dir", str(output_dir)], environ={})
+    options = replace(engine_options(settings, loaded.source, on_gpu=True), compile_model=not args.no_compile,
+                      gpu_memory_limit_bytes=args.gpu_memory_limit_gib * 2**30)
+    engine = Engine(loaded, options)
     engine.warm_up()
     report["attention"] = engine.attention_backend
     report["memory_guard_need_1024_gib"] = round(engine.memory_guard.need_bytes(1024, 1024) / 2**30, 2)

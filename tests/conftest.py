@@ -1,9 +1,8 @@
-"""Shared fixtures: tiny models in both layouts (built once per run), a CPU engine, free loopback ports."""
+"""Shared fixtures: tiny models in both layouts (built once per run), the tiny pipeline loaded once, a CPU engine."""
 
 from __future__ import annotations
 
 import shutil
-import socket
 from pathlib import Path
 
 import pytest
@@ -14,10 +13,7 @@ from pipeline.engine import Engine
 from pipeline.layouts import LayoutKind
 from pipeline.loader import load_pipeline
 from pipeline.random_model import write_random_model
-from pipeline.requests import Limits
-
-PROJECT_DIR = Path(__file__).resolve().parent.parent
-ARTIFACTS_DIR = PROJECT_DIR / "test-artifacts"
+from tests.helpers import engine_options
 
 
 @pytest.fixture(scope="session")
@@ -40,17 +36,10 @@ def tiny_copy(tiny_models, tmp_path):
 
 @pytest.fixture(scope="session")
 def loaded_tiny(tiny_models):
+    """Loaded once for the run and shared: a test that changes it (weights, attention backend, hooks) puts it back."""
     return load_pipeline(tiny_models[LayoutKind.SINGLE_FILE], torch.device("cpu"))
 
 
 @pytest.fixture
 def engine(loaded_tiny, tmp_path) -> Engine:
-    loaded_tiny.pipe.transformer.set_attention_backend("native")
-    return Engine(loaded_tiny, limits=Limits(max_h=1024, max_w=1024), output_dir=tmp_path / "outputs",
-                  model_name="tiny test model", attention_choice="sdpa")
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+    return Engine(loaded_tiny, engine_options(tmp_path / "outputs"))

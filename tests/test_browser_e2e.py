@@ -7,8 +7,7 @@ import shutil
 import pytest
 
 from pipeline.storage import read_parameters
-from tests.conftest import ARTIFACTS_DIR
-from tests.test_app_e2e import start_demo_app, stop_app
+from tests.helpers import ARTIFACTS_DIR, start_demo_app, stop_app
 
 pytestmark = pytest.mark.e2e
 

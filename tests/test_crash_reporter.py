@@ -5,9 +5,9 @@ import io
 
 import pytest
 
-from tests.listeners import load
+from tests.helpers import load_listener
 
-crash_reporter = load("crash_reporter")
+crash_reporter = load_listener("crash_reporter")
 
 
 @pytest.mark.parametrize(("ended", "meaning"), [

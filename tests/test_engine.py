@@ -2,7 +2,6 @@ import contextvars
 import logging
 import sys
 import threading
-import time
 
 import numpy as np
 import pytest
@@ -11,10 +10,13 @@ import torch
 from pipeline import attention
 from pipeline.engine import COMPILE_SWITCH_INTERVAL_S, Engine, GenerationError, ServiceBusy
 from pipeline.memory import GIB, Line, MemoryGuard
-from pipeline.requests import GenerationRequest, Limits, RequestError
+from pipeline.requests import GenerationRequest, RequestError
 from pipeline.storage import read_parameters
+from tests.helpers import SMALL, engine_options, engine_with
 
-SMALL = dict(width=128, height=128, steps=3)
+# Proving the compiler waits for a request needs a window in which it does not start; without that wait the compile
+# thread would report "compiling" within milliseconds of its start.
+COMPILE_NOT_STARTED_WINDOW_S = 0.25
 
 
 def _pixels(result):
@@ -123,8 +125,7 @@ def test_nan_output_is_refused_and_not_saved(engine, nan_vae):
 
 
 def test_nan_check_can_be_turned_off(loaded_tiny, tmp_path, nan_vae):
-    unchecked = Engine(loaded_tiny, limits=Limits(1024, 1024), output_dir=tmp_path, model_name="t",
-                       attention_choice="sdpa", nan_check=False)
+    unchecked = Engine(loaded_tiny, engine_options(tmp_path, nan_check=False))
     assert unchecked.generate(GenerationRequest("x", seed=1, **SMALL)).path.is_file()
 
 
@@ -149,16 +150,22 @@ def test_black_output_is_refused(engine, black_vae):
 def test_missing_backend_falls_back_to_sdpa_with_one_warning(loaded_tiny, tmp_path, caplog):
     for choice in ("xformers", "flash"):
         caplog.clear()
-        engine = Engine(loaded_tiny, limits=Limits(1024, 1024), output_dir=tmp_path, model_name="t",
-                        attention_choice=choice)
+        engine = Engine(loaded_tiny, engine_options(tmp_path, attention=choice))
         assert engine.attention_backend == attention.SDPA
         warnings = [r for r in caplog.records if r.levelname == "WARNING" and r.name == "zimage.attention"]
         assert len(warnings) == 1 and f"attention={choice} is not usable" in warnings[0].getMessage()
 
 
-def test_backend_that_fails_its_first_call_falls_back_at_warm_up(loaded_tiny, tmp_path, caplog):
-    engine = Engine(loaded_tiny, limits=Limits(1024, 1024), output_dir=tmp_path, model_name="t",
-                    attention_choice="sdpa")
+@pytest.fixture
+def attention_put_back(loaded_tiny):
+    """For a test that sets the shared transformer's attention backend itself: SDPA again afterwards, on the
+    transformer and as diffusers' process-wide active backend, as every engine here sets them."""
+    yield
+    loaded_tiny.pipe.transformer.set_attention_backend(attention.SDPA)
+
+
+def test_backend_that_fails_its_first_call_falls_back_at_warm_up(loaded_tiny, tmp_path, caplog, attention_put_back):
+    engine = Engine(loaded_tiny, engine_options(tmp_path))
     # cuDNN attention is accepted by diffusers but has no CPU kernel: it fails on its first real call.
     loaded_tiny.pipe.transformer.set_attention_backend("_native_cudnn")
     engine.attention_backend = "_native_cudnn"
@@ -175,19 +182,18 @@ def test_engine_is_not_ready_before_warm_up(engine):
 
 
 def test_wait_idle_waits_for_a_running_request(engine):
-    import threading
+    started, release = threading.Event(), threading.Event()
 
-    started = threading.Event()
-
-    def slow_progress(step, total):
+    def held_progress(step, total):
         started.set()
-        time.sleep(0.3)
+        release.wait(30)
 
     worker = threading.Thread(target=lambda: engine.generate(GenerationRequest("x", seed=1, **SMALL),
-                                                             progress=slow_progress))
+                                                             progress=held_progress))
     worker.start()
-    started.wait(10)
+    assert started.wait(10)
     assert engine.wait_idle(timeout=0.1) is False
+    release.set()
     assert engine.wait_idle(timeout=30) is True
     worker.join()
     assert engine.served == 1 and engine.state()["busy"] is False
@@ -202,8 +208,7 @@ def test_draining_engine_refuses_new_requests(engine):
 def test_an_output_dir_that_cannot_take_images_refuses_the_request_before_any_gpu_work(loaded_tiny, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("")  # where the output directory's parent should be: unwritable even for root
-    engine = Engine(loaded_tiny, limits=Limits(1024, 1024), output_dir=blocker / "outputs", model_name="t",
-                    attention_choice="sdpa")
+    engine = Engine(loaded_tiny, engine_options(blocker / "outputs"))
     calls = []
     hooks = [module.register_forward_hook(lambda *args: calls.append(1))
              for module in (engine._pipe.text_encoder, engine._pipe.transformer)]
@@ -219,17 +224,10 @@ def test_an_output_dir_that_cannot_take_images_refuses_the_request_before_any_gp
     assert engine.generate(GenerationRequest("drawn", seed=1, **SMALL)).path.is_file()
 
 
-def _engine_with(loaded_tiny, tmp_path, fault=None, **options):
-    from pipeline.faults import FaultPlan
-
-    return Engine(loaded_tiny, limits=Limits(1024, 1024), output_dir=tmp_path / "outputs", model_name="t",
-                  attention_choice="sdpa", faults=fault or FaultPlan(), **options)
-
-
 def test_out_of_memory_fails_that_request_only_and_the_next_ones_are_unharmed(loaded_tiny, tmp_path, caplog):
     from pipeline.faults import FaultPlan
 
-    engine = _engine_with(loaded_tiny, tmp_path, FaultPlan("oom", 2, every=2))
+    engine = engine_with(loaded_tiny, tmp_path, FaultPlan("oom", 2, every=2))
     first = engine.generate(GenerationRequest("a red fox", seed=11, **SMALL))
     with pytest.raises(GenerationError, match="Out of GPU memory at 128×128; try a smaller size"):
         engine.generate(GenerationRequest("a red fox", seed=11, **SMALL))
@@ -243,7 +241,7 @@ def test_out_of_memory_fails_that_request_only_and_the_next_ones_are_unharmed(lo
 def test_nan_latents_are_refused_by_the_check(loaded_tiny, tmp_path):
     from pipeline.faults import FaultPlan
 
-    engine = _engine_with(loaded_tiny, tmp_path, FaultPlan("nan", 2))
+    engine = engine_with(loaded_tiny, tmp_path, FaultPlan("nan", 2))
     with pytest.raises(GenerationError, match="NaN"):
         engine.generate(GenerationRequest("x", seed=1, **SMALL))
     assert not engine.output_dir.exists()
@@ -253,8 +251,8 @@ def test_poisoned_gpu_error_goes_to_the_fatal_handler(loaded_tiny, tmp_path):
     from pipeline.faults import FaultPlan
 
     seen = []
-    engine = _engine_with(loaded_tiny, tmp_path, FaultPlan("poison", 1),
-                          on_fatal=lambda error, state: seen.append((error, state)))
+    engine = engine_with(loaded_tiny, tmp_path, FaultPlan("poison", 1),
+                         on_fatal=lambda error, state: seen.append((error, state)))
     with pytest.raises(RuntimeError, match="illegal memory access"):
         engine.generate(GenerationRequest("a poisoned request", seed=1, **SMALL))
     [(error, state)] = seen
@@ -285,7 +283,7 @@ def test_a_generation_past_the_hang_timeout_dumps_stacks_and_goes_to_the_fatal_h
         seen.append((error, state))
         fatal.set()
 
-    engine = _engine_with(loaded_tiny, tmp_path, hang_timeout_s=1, on_fatal=on_fatal)
+    engine = engine_with(loaded_tiny, tmp_path, hang_timeout_s=1, on_fatal=on_fatal)
 
     def stuck(step, total):
         fatal.wait(30)  # a GPU call that does not return, until the detector has acted
@@ -328,7 +326,7 @@ def test_the_text_encoder_runs_without_cudnn_attention_and_the_rest_keeps_it(eng
 
 
 def test_a_repeated_prompt_skips_the_text_encoder_and_gives_the_same_image(loaded_tiny, tmp_path):
-    engine = _engine_with(loaded_tiny, tmp_path, prompt_cache_size=2)
+    engine = engine_with(loaded_tiny, tmp_path, prompt_cache_size=2)
     first = engine.generate(GenerationRequest("a cached prompt", width=256, height=256, steps=2, seed=5))
     calls = []
     hook = engine._pipe.text_encoder.register_forward_hook(lambda *args: calls.append(1))
@@ -343,7 +341,7 @@ def test_a_repeated_prompt_skips_the_text_encoder_and_gives_the_same_image(loade
 
 
 def test_the_memory_guard_refuses_a_size_that_cannot_fit_before_any_work(loaded_tiny, tmp_path, caplog):
-    engine = _engine_with(loaded_tiny, tmp_path)
+    engine = engine_with(loaded_tiny, tmp_path)
     engine.memory_guard = MemoryGuard(available_bytes=GIB, denoise=Line(0.1 * GIB, 1000), decode=Line(0, 0))
     caplog.set_level(logging.INFO, logger="zimage.engine")
     with pytest.raises(RequestError, match="needs about .* GiB of GPU memory"):
@@ -359,8 +357,8 @@ def test_compiled_engine_matches_eager_and_never_recompiles_once_live(loaded_tin
     from torch._dynamo.utils import counters
 
     request = GenerationRequest("a lighthouse at dusk", width=256, height=384, steps=2, seed=9)
-    eager = _engine_with(loaded_tiny, tmp_path / "eager").generate(request)
-    engine = _engine_with(loaded_tiny, tmp_path / "compiled", compile_model=True)
+    eager = engine_with(loaded_tiny, tmp_path / "eager").generate(request)
+    engine = engine_with(loaded_tiny, tmp_path / "compiled", compile_model=True)
     assert (engine.state()["compiled"], engine.state()["serving"]) == ("pending", "eager")
     engine.start_compiling().join()
     assert (engine.state()["compiled"], engine.state()["serving"]) == ("on", "compiled")
@@ -397,7 +395,7 @@ def test_the_eager_path_serves_while_the_compiled_one_compiles(loaded_tiny, tmp_
         return graph.forward
 
     caplog.set_level(logging.INFO, logger="zimage.engine")
-    engine = _engine_with(loaded_tiny, tmp_path, compile_model=True, compile_backend=slow_compiler)
+    engine = engine_with(loaded_tiny, tmp_path, compile_model=True, compile_backend=slow_compiler)
     thread = engine.start_compiling()
     try:
         assert compiling.wait(60)
@@ -428,9 +426,9 @@ def test_compiling_waits_for_the_first_answered_request(loaded_tiny, tmp_path, c
         return graph.forward
 
     caplog.set_level(logging.INFO, logger="zimage.engine")
-    engine = _engine_with(loaded_tiny, tmp_path, compile_model=True, compile_backend=noting_compiler)
+    engine = engine_with(loaded_tiny, tmp_path, compile_model=True, compile_backend=noting_compiler)
     thread = engine.start_compiling(delay_s=600)
-    assert not compiling.wait(1.0) and engine.state()["compiled"] == "pending"
+    assert not compiling.wait(COMPILE_NOT_STARTED_WINDOW_S) and engine.state()["compiled"] == "pending"
     engine.generate(GenerationRequest("the first request after a start", seed=3, **SMALL))
     thread.join(120)
     assert compiling.is_set() and engine.state()["compiled"] == "on"

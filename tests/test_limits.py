@@ -15,7 +15,7 @@ import pytest
 from gradio_client import Client
 
 from pipeline.requests import MAX_PROMPT_CHARS
-from tests.test_app_e2e import http_status, start_demo_app, stop_app
+from tests.helpers import http_status, start_demo_app, stop_app
 from webui.limits import MAX_BODY_BYTES
 
 CHUNK = 64 * 1024

@@ -19,7 +19,7 @@ from config.log_lines import (
     LinesToLog,
     OneLinePerRecord,
 )
-from tests.test_app_e2e import start_demo_app, stop_app
+from tests.helpers import start_demo_app, stop_app
 
 FORGED = "2026-01-01T00:00:00+0000 CRITICAL zimage.app all images deleted"
 HOSTILE = f"a cat\n{FORGED}\r\x1b[31mred\x1b[0m\u2028\u202eevil\x7f\x85"

@@ -3,24 +3,17 @@
 from __future__ import annotations
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from pipeline.engine import GenerationError, ServiceBusy
 from pipeline.faults import FaultPlan
 from pipeline.metrics import ServiceMetrics
 from pipeline.requests import GenerationRequest, RequestError
-from tests.test_engine import SMALL, _engine_with
-
-
-def parse_samples(text: str) -> dict[tuple[str, tuple], float]:
-    """Prometheus text → {(sample name, sorted labels): value}, by prometheus_client's own parser."""
-    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
-            for family in text_string_to_metric_families(text) for sample in family.samples}
+from tests.helpers import SMALL, engine_with, parse_samples
 
 
 def test_each_outcome_is_counted_and_only_successes_are_timed(loaded_tiny, tmp_path):
     metrics = ServiceMetrics()
-    engine = _engine_with(loaded_tiny, tmp_path, FaultPlan("oom", 1, every=2), metrics=metrics)
+    engine = engine_with(loaded_tiny, tmp_path, FaultPlan("oom", 1, every=2), metrics=metrics)
     engine.generate(GenerationRequest("a fox", seed=1, **SMALL))  # request 1: ok
     with pytest.raises(GenerationError):
         engine.generate(GenerationRequest("a fox", seed=2, **SMALL))  # request 2: out of memory

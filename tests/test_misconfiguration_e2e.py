@@ -13,8 +13,7 @@ import urllib.request
 import pytest
 from gradio_client import Client
 
-from tests.conftest import PROJECT_DIR, free_port
-from tests.test_app_e2e import start_demo_app, stop_app
+from tests.helpers import PROJECT_DIR, free_port, start_demo_app, stop_app
 
 pytestmark = pytest.mark.e2e
 

@@ -8,7 +8,7 @@ import urllib.request
 
 import pytest
 
-from tests.test_app_e2e import start_demo_app, stop_app
+from tests.helpers import start_demo_app, stop_app
 from webui.origin import foreign_origin
 
 EVIL = "http://evil.example"

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from tests.conftest import PROJECT_DIR
+from tests.helpers import PROJECT_DIR
 
 README = (PROJECT_DIR / "README.md").read_text()
 VENV_PYTHON = ".venv/bin/python"

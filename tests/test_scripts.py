@@ -11,7 +11,7 @@ import pytest
 
 from pipeline.layouts import DIT_FILE, LayoutKind, find_weights
 from pipeline.manifest import MANIFEST_NAME
-from tests.conftest import PROJECT_DIR
+from tests.helpers import PROJECT_DIR, start_demo_app, stop_app
 from webui.resolutions import offered
 
 
@@ -81,8 +81,6 @@ def test_fault_mix_run_counts_the_injected_errors_and_nothing_exits(tmp_path):
 
 
 def test_loadtest_reports_throughput_latency_and_efficiency(tmp_path, tiny_models):
-    from tests.test_app_e2e import start_demo_app, stop_app
-
     app = start_demo_app(tmp_path, tiny_models)
     try:
         figures_path = tmp_path / "load.json"
@@ -165,7 +163,7 @@ def test_measure_service_times_a_user_from_start_to_kill_9_and_leaves_nothing_ru
     # Each request found its own log line: the engine's total lies inside the client's time.
     assert len(requests) == 1 + 1 + 2 + 2 + 2 + 6 + 1 == len({request["seed"] for request in requests})
     assert all(0 < request["engine_total_ms"] < request["client_ms"] for request in requests)
-    assert all(request["path"] in (None, "eager") for request in requests)
+    assert {request["path"] for request in requests} == {"eager"}
     assert len(list((tmp_path / "outputs").rglob("*.png"))) == len(requests)
     assert figures["openai"]["b64_bytes_median"] > figures["openai"]["png_bytes_median"] > 0
     assert figures["concurrent"]["ok"] == 2 and figures["concurrent"]["errors"] == {}

@@ -199,9 +199,6 @@ def test_a_private_auth_file_and_the_password_from_the_environment_are_not_warne
     assert load_settings(argv, environ={"ZIMAGE_AUTH": "carol:pw"}).credential_warnings(argv) == []
 
 
-
-
-
 @pytest.mark.parametrize("url", ["images.example.com", "ftp://images.example.com", "https://", "https://x/?a=1"])
 def test_a_public_url_must_be_an_http_base_url(url):
     with pytest.raises(SettingsError, match="public_url must be an http:// or https:// base URL"):

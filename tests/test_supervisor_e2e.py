@@ -21,8 +21,7 @@ from gradio_client import Client
 from supervisor import childutils
 
 from pipeline.layouts import LayoutKind
-from tests.conftest import PROJECT_DIR, free_port
-from tests.test_app_e2e import http_status
+from tests.helpers import PROJECT_DIR, free_port, http_status
 
 pytestmark = pytest.mark.e2e
 
@@ -32,6 +31,9 @@ STOPWAITSECS = 12  # the service gets 2 s of it to finish a running job
 LOG_MAXBYTES = 64 * 1024
 LOG_BACKUPS = 2
 BIN = Path(sys.executable).parent
+# A restart that is not coming cannot be awaited, only given time: supervisord respawns an exited program on its next
+# main-loop pass, and a pass waits at most 1 s for events.
+NO_RESTART_WINDOW_S = 1.5
 
 
 @dataclass
@@ -195,11 +197,17 @@ def test_stop_leaves_no_process_of_the_group(supervised):
     assert children, "the spawn-child fault should have left a child process"
     group = os.getpgid(pid)
     assert "stopped" in supervised.ctl("stop", PROGRAM)
-    time.sleep(1)
-    survivors = [p.pid for p in psutil.process_iter() if _pgid(p.pid) == group]
+    # The stopped service's killed child may take a moment to be reaped; one still there after this is a survivor.
+    deadline = time.monotonic() + 10
+    while (survivors := _members(group)) and time.monotonic() < deadline:
+        time.sleep(0.2)
     assert survivors == []
     log = supervised.program_log()
     assert "ignored SIGTERM; killing it" in log and "shutdown done job=none exit=0" in log
+
+
+def _members(group: int) -> list[int]:
+    return [p.pid for p in psutil.process_iter() if _pgid(p.pid) == group]
 
 
 def _pgid(pid: int) -> int | None:
@@ -217,7 +225,7 @@ def test_clean_exit_is_not_restarted(supervised):
     os.kill(pid, signal.SIGTERM)  # from outside supervisor: the service exits 0 on its own
     info = supervised.wait_state("EXITED")
     assert info["exitstatus"] == 0
-    time.sleep(3)
+    time.sleep(NO_RESTART_WINDOW_S)
     assert supervised.info()["statename"] == "EXITED" and supervised.info()["pid"] == 0
     assert "EXITED" in supervised.ctl("status", PROGRAM)
 
@@ -260,8 +268,7 @@ def _ignore_errors(call):
 def test_bad_model_dir_ends_fatal_with_the_reason_in_the_log(supervised):
     supervised.install(name="zit-bad", port=free_port(),
                        app_args=("--model-dir", str(supervised.root / "no-weights-here")))
-    info = supervised.wait_state("FATAL", program="zit-bad", timeout=180)
-    assert "zit-bad" in info["name"]
+    supervised.wait_state("FATAL", program="zit-bad", timeout=180)
     assert "FATAL" in supervised.ctl("status", "zit-bad")
     log = supervised.program_log("zit-bad")
     assert log.count("cannot start: model directory") == 4  # the first try and startretries=3 more

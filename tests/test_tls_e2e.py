@@ -12,8 +12,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from tests.conftest import PROJECT_DIR
-from tests.test_app_e2e import UNVERIFIED_TLS, http_status, start_demo_app, stop_app
+from tests.helpers import PROJECT_DIR, UNVERIFIED_TLS, http_status, start_demo_app, stop_app
 
 pytestmark = pytest.mark.e2e
 

@@ -5,9 +5,9 @@ import io
 
 import pytest
 
-from tests.listeners import load
+from tests.helpers import load_listener
 
-watchdog = load("watchdog")
+watchdog = load_listener("watchdog")
 
 
 class RecordingSupervisor:

@@ -1,0 +1,174 @@
+"""What several test modules use: the project's paths, free ports, a real `app.py` process and its probes, a CPU
+engine on the tiny model, Prometheus samples, and the supervisor event listeners as modules."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import resource
+import shutil
+import socket
+import ssl
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
+
+import app
+from config import load_settings
+from pipeline.engine import Engine, EngineOptions
+from pipeline.faults import FaultPlan
+from pipeline.layouts import LayoutKind
+
+PROJECT_DIR = Path(__file__).resolve().parent.parent
+ARTIFACTS_DIR = PROJECT_DIR / "test-artifacts"
+
+START_TIMEOUT_S = 180
+POLL_S = 0.05
+
+SMALL = dict(width=128, height=128, steps=3)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_until(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
+    """Poll `condition` until it holds; fail naming `what` once `timeout_s` has passed without it."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not {what} after {timeout_s} s")
+        time.sleep(POLL_S)
+
+
+@dataclass
+class RunningApp:
+    url: str
+    output_dir: Path
+    log_path: Path
+    process: subprocess.Popen
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+# The tests' own self-signed certificate names no host: check the server, not the certificate.
+UNVERIFIED_TLS = ssl._create_unverified_context()
+
+
+def http_status(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=5, context=UNVERIFIED_TLS) as response:
+            return response.status
+    except urllib.error.HTTPError as error:
+        return error.code
+
+
+def start_app(tmp_path: Path, *flags: str, env: dict[str, str] | None = None,
+              open_files: int | None = None) -> RunningApp:
+    """`open_files`: the soft limit on open files the process starts with (as a supervisord or shell may leave it)."""
+    port = free_port()
+    output_dir = tmp_path / "outputs"
+    log_path = tmp_path / "app.log"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    with log_path.open("w") as log:
+        process = subprocess.Popen(
+            [sys.executable, "app.py", "--port", str(port), "--output-dir", str(output_dir), *flags],
+            cwd=PROJECT_DIR, stdout=log, stderr=subprocess.STDOUT, env=env,
+            preexec_fn=None if open_files is None else lambda: resource.setrlimit(
+                resource.RLIMIT_NOFILE, (open_files, resource.getrlimit(resource.RLIMIT_NOFILE)[1])),
+        )
+    scheme = "https" if "--ssl-certfile" in flags else "http"
+    app = RunningApp(f"{scheme}://127.0.0.1:{port}", output_dir, log_path, process)
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"app exited with {process.returncode}:\n{app.log()}")
+        try:
+            # /readyz can answer a moment before the "ready" line reaches the log; wait for both.
+            if http_status(f"{app.url}/readyz") == 200 and "ready url=" in app.log():
+                return app
+        except OSError:
+            pass
+        time.sleep(0.5)
+    process.kill()
+    raise AssertionError(f"app not ready in {START_TIMEOUT_S}s:\n{app.log()}")
+
+
+def start_demo_app(tmp_path: Path, tiny_models, *flags: str, env: dict[str, str] | None = None,
+                   open_files: int | None = None) -> RunningApp:
+    """`app.py --demo` on a copy of the session's tiny model (no rebuild)."""
+    demo_dir = tmp_path / "demo-model"
+    if not demo_dir.exists():
+        shutil.copytree(tiny_models[LayoutKind.SINGLE_FILE], demo_dir)
+    return start_app(tmp_path, "--demo", "--demo-dir", str(demo_dir), *flags, env=env, open_files=open_files)
+
+
+def stop_app(app: RunningApp) -> None:
+    app.process.terminate()
+    try:
+        app.process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        app.process.kill()
+
+
+def wait_until_busy(app: RunningApp, timeout_s: float = 30) -> None:
+    """Until a request is on the "GPU", as /readyz reports it."""
+
+    def busy() -> bool:
+        with urllib.request.urlopen(f"{app.url}/readyz", timeout=5, context=UNVERIFIED_TLS) as response:
+            return json.loads(response.read())["busy"]
+
+    wait_until(busy, timeout_s, "busy")
+
+
+def wait_until_queued(app: RunningApp, waiting: int, timeout_s: float = 30) -> None:
+    """Until `waiting` requests wait in Gradio's queue, as /metrics reports it (an app without --auth)."""
+
+    def queued() -> bool:
+        with urllib.request.urlopen(f"{app.url}/metrics", timeout=5, context=UNVERIFIED_TLS) as response:
+            return parse_samples(response.read().decode())[("zimage_queue_depth", ())] == waiting
+
+    wait_until(queued, timeout_s, f"{waiting} waiting in the queue")
+
+
+def parse_samples(text: str) -> dict[tuple[str, tuple], float]:
+    """Prometheus text → {(sample name, sorted labels): value}, by prometheus_client's own parser."""
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples}
+
+
+ENGINE_KEYWORDS = ("on_fatal", "metrics", "compile_backend")  # Engine's own arguments; the rest are options
+
+
+def engine_options(output_dir: Path, **overrides) -> EngineOptions:
+    """The engine options app.py builds from config/defaults.toml, for the tiny model on the CPU: sizes up to 1024,
+    SDPA attention, `output_dir`, and the test's overrides."""
+    settings = load_settings(["--max-w", "1024", "--max-h", "1024", "--attention", "sdpa"], environ={})
+    return replace(app.engine_options(settings, "tiny test model", on_gpu=False), output_dir=output_dir, **overrides)
+
+
+def engine_with(loaded_tiny, tmp_path, fault=None, **overrides):
+    keywords = {name: overrides.pop(name) for name in ENGINE_KEYWORDS if name in overrides}
+    return Engine(loaded_tiny, engine_options(tmp_path / "outputs", **overrides), faults=fault or FaultPlan(),
+                  **keywords)
+
+
+def load_listener(name: str):
+    """A supervisor event listener (a program in deploy/supervisor/, not a package) as a module."""
+    path = PROJECT_DIR / "deploy" / "supervisor" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"listener_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
