@@ -12,6 +12,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -140,6 +141,21 @@ def wait_until_queued(app: RunningApp, waiting: int, timeout_s: float = 30) -> N
             return parse_samples(response.read().decode())[("zimage_queue_depth", ())] == waiting
 
     wait_until(queued, timeout_s, f"{waiting} waiting in the queue")
+
+
+def fill_the_queue(app: RunningApp, send: Callable[[str], None], timeout_s: float) -> None:
+    """Three callers of `send(name)` against a queue of one place: "running" (on the GPU), "waiting" (in the place)
+    and "one too many", each started once the one before holds its spot; returns when all three have finished."""
+    callers = []
+    for name, holding in (("running", wait_until_busy), ("waiting", lambda app: wait_until_queued(app, 1)),
+                          ("one too many", None)):
+        caller = threading.Thread(target=send, args=(name,))
+        caller.start()
+        callers.append(caller)
+        if holding is not None:
+            holding(app)
+    for caller in callers:
+        caller.join(timeout=timeout_s)
 
 
 def parse_samples(text: str) -> dict[tuple[str, tuple], float]:

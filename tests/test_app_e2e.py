@@ -28,13 +28,13 @@ from pipeline.storage import read_parameters
 from tests.helpers import (
     PROJECT_DIR,
     RunningApp,
+    fill_the_queue,
     free_port,
     http_status,
     start_app,
     start_demo_app,
     stop_app,
     wait_until_busy,
-    wait_until_queued,
 )
 
 pytestmark = pytest.mark.e2e
@@ -340,28 +340,16 @@ def test_full_queue_is_refused_at_once_and_a_request_that_waited_too_long_times_
     app = start_demo_app(tmp_path, tiny_models, "--queue-size", "1", "--queue-timeout", "3")
     outcomes = {}
 
-    def call(name: str) -> threading.Thread:
-        def predict() -> None:
-            started = time.monotonic()
-            try:
-                Client(app.url, verbose=False).predict("a slow one", "1536x1536", 1, False, 8, 3.0,
-                                                       api_name="/generate")
-                outcomes[name] = ("ok", time.monotonic() - started)
-            except Exception as error:
-                outcomes[name] = (str(error), time.monotonic() - started)
-
-        caller = threading.Thread(target=predict)
-        caller.start()
-        return caller
+    def predict(name: str) -> None:
+        started = time.monotonic()
+        try:
+            Client(app.url, verbose=False).predict("a slow one", "1536x1536", 1, False, 8, 3.0, api_name="/generate")
+            outcomes[name] = ("ok", time.monotonic() - started)
+        except Exception as error:
+            outcomes[name] = (str(error), time.monotonic() - started)
 
     try:
-        callers = [call("running")]
-        wait_until_busy(app)
-        callers.append(call("waiting"))
-        wait_until_queued(app, 1)
-        callers.append(call("one too many"))
-        for caller in callers:
-            caller.join(timeout=120)
+        fill_the_queue(app, predict, timeout_s=120)
         assert outcomes["running"][0] == "ok"
         assert "The server is busy: your request waited" in outcomes["waiting"][0]
         assert "Queue is full" in outcomes["one too many"][0] and outcomes["one too many"][1] < 5

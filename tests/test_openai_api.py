@@ -9,7 +9,6 @@ import json
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -22,12 +21,11 @@ from PIL import Image
 from pipeline.storage import PARAMETERS_KEY
 from tests.helpers import (
     PROJECT_DIR,
+    fill_the_queue,
     http_status,
     parse_samples,
     start_demo_app,
     stop_app,
-    wait_until_busy,
-    wait_until_queued,
 )
 
 pytestmark = pytest.mark.e2e
@@ -289,26 +287,15 @@ def test_a_failed_generation_is_a_500_with_an_id_and_a_full_queue_a_503(tmp_path
     client = openai.OpenAI(base_url=f"{app.url}/v1", api_key="unused", max_retries=0, timeout=120)
     outcomes = {}
 
-    def call(name: str) -> threading.Thread:
-        def generate() -> None:
-            try:
-                client.images.generate(prompt="a slow one", size="1536x1536", extra_body={"steps": 8})
-                outcomes[name] = "ok"
-            except openai.APIStatusError as error:
-                outcomes[name] = (error.status_code, error.body)
-
-        caller = threading.Thread(target=generate)
-        caller.start()
-        return caller
+    def generate(name: str) -> None:
+        try:
+            client.images.generate(prompt="a slow one", size="1536x1536", extra_body={"steps": 8})
+            outcomes[name] = "ok"
+        except openai.APIStatusError as error:
+            outcomes[name] = (error.status_code, error.body)
 
     try:
-        callers = [call("running")]
-        wait_until_busy(app)
-        callers.append(call("waiting"))
-        wait_until_queued(app, 1)
-        callers.append(call("one too many"))
-        for caller in callers:
-            caller.join(timeout=180)
+        fill_the_queue(app, generate, timeout_s=180)
     finally:
         stop_app(app)
     status, body = outcomes["running"]
