@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextvars
-import faulthandler
 import gc
 import hashlib
 import logging
@@ -23,6 +22,7 @@ from PIL import Image
 
 from pipeline import acceleration, attention
 from pipeline.faults import FaultPlan
+from pipeline.hangs import HangWatch
 from pipeline.loader import LoadedPipeline
 from pipeline.memory import GIB, MemoryGuard
 from pipeline.messages import first_line
@@ -48,7 +48,6 @@ POISONED_GPU_MARKERS = (
 )
 RECENT_PROMPTS = 3  # kept (as logged: summarised or not) for the crash snapshot
 RECENT_IMAGES = 2000  # the newest images (of all owners) kept in memory for the galleries' history
-HANG_CHECK_INTERVAL_S = 1.0
 # Warm-up sizes whose stage peaks give the memory guard its lines: large enough that fixed overheads do not hide
 # the slope, and both above the low-VRAM profile's 512-px tile, so there both decode in tiles as large requests do.
 MEMORY_PROBE_SIDES = (768, 1024)
@@ -191,29 +190,15 @@ class Engine:
         self._recent_prompts: deque[str] = deque(maxlen=RECENT_PROMPTS)
         self._draining = False
         self._started = 0  # requests that reached the GPU
-        self._job_started_at: float | None = None
-        self.hang_timeout_s = options.hang_timeout_s
         self.queue_timeout_s = options.queue_timeout_s
         if output_dir.is_dir() and (removed := remove_partial_files(output_dir)):
             log.warning("removed %d partial image file(s) left by an interrupted save in %s", removed, output_dir)
-        threading.Thread(target=self._watch_for_hangs, name="hang-detector", daemon=True).start()
+        self._hangs = HangWatch(options.hang_timeout_s, self._on_hang)
 
-    def _watch_for_hangs(self) -> None:
-        """A GPU call that never returns cannot be interrupted from Python: dump every stack to the log, then let
-        the fatal handler end the process so the supervisor starts a clean one."""
-        while True:
-            time.sleep(HANG_CHECK_INTERVAL_S)
-            started_at, request_id = self._job_started_at, self.in_flight
-            if started_at is None or time.monotonic() - started_at < self.hang_timeout_s:
-                continue
-            log.critical("request id=%s outcome=hung seconds=%.0f limit_s=%.0f; stacks of all threads follow",
-                         request_id, time.monotonic() - started_at, self.hang_timeout_s)
-            faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
-            self.healthy = False
-            error = TimeoutError(f"request {request_id} ran {self.hang_timeout_s:.0f} s without finishing")
-            if self._on_fatal is not None:
-                self._on_fatal(error, self.state())
-            self._job_started_at = None  # without a handler (tests): report once
+    def _on_hang(self, request_id: str, seconds: float) -> None:
+        self.healthy = False
+        if self._on_fatal is not None:
+            self._on_fatal(TimeoutError(f"request {request_id} ran {seconds:.0f} s without finishing"), self.state())
 
     def stop_accepting(self) -> None:
         """From now on new requests are refused as "shutting down"; the running one goes on."""
@@ -440,7 +425,7 @@ class Engine:
             serving = self.serving
             self._started += 1
             self._recent_prompts.append(f"id={request_id} {prompt_summary}")
-            self._job_started_at = time.monotonic()
+            self._hangs.begin(request_id)
             out_of_memory = None
             # 3-5. Encode, denoise, decode and check, on the GPU thread (_run, _render). A failure here is either
             #      the request's own (GenerationError, out of memory: the engine goes on) or the GPU's (poisoned).
@@ -463,7 +448,7 @@ class Engine:
                 raise
             finally:
                 self.in_flight = None
-                self._job_started_at = None
+                self._hangs.end()
             if out_of_memory:
                 # Only here, with the exception and its frames gone, are the request's tensors unreferenced.
                 self._release_memory()
