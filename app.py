@@ -177,8 +177,8 @@ def engine_options(settings: Settings, model_name: str, on_gpu: bool):
 
 
 def start_engine(settings: Settings, faults, loaded, model_name: str, metrics):
-    """The engine around the loaded pipeline, warmed up (and so ready). Compilation, where on, starts once the server
-    answers (webui.server.serve): compiling is minutes of Python that would slow the server's own start."""
+    """The engine around the loaded pipeline, warmed up (and so ready). Compilation, where on, starts later, from
+    webui.server.serve once the first request is answered: minutes of Python that would slow the start and it."""
     from pipeline.engine import Engine
 
     options = engine_options(settings, model_name, on_gpu=loaded.device.type == "cuda")

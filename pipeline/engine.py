@@ -175,7 +175,7 @@ class Engine:
         self.attention_backend = attention.apply_backend(loaded.pipe.transformer, options.attention, self.device)
         self.compile_model = options.compile_model
         self.compile_backend = compile_backend
-        self.compiled = "off" if not options.compile_model else "pending"  # → compiling → on, or failed (then eager)
+        self.compiled = "off" if not options.compile_model else "pending"  # → compiling → on, or failed (eager)
         self.serving = "eager"  # → "compiled" once the compiled pipeline is warm and swapped in
         self._prompt_encoder = PromptEncoder(loaded.pipe.tokenizer, loaded.pipe.text_encoder, self.device)
         self._prompt_cache: OrderedDict[str, tuple[list[torch.Tensor], list[str]]] = OrderedDict()
@@ -288,11 +288,12 @@ class Engine:
 
     def start_compiling(self, delay_s: float = 0.0) -> threading.Thread:
         """Compile in the background, once a request has been answered or `delay_s` has passed, whichever comes
-        first (a request served beside the compiler's Python is slow: the first one after a restart should not be). The compiled pipeline is a copy over the same weights, so the eager one goes on
-        serving meanwhile, and takes over once its warm-up has compiled every graph it needs. Where the GPU has no
-        room for a warm-up beside the largest request (a capped card), the warm-up holds the GPU and requests wait.
-        How long it takes, with a warm compile cache and a cold one: docs/PERFORMANCE.md. A failure leaves the eager
-        pipeline serving, with one warning."""
+        first (a request served beside the compiler's Python is slow: the first one after a restart should not be).
+        The compiled pipeline is a copy over the same weights, so the eager one goes on serving meanwhile, and takes
+        over once its warm-up has compiled every graph it needs. Where the GPU has no room for a warm-up beside the
+        largest request (a capped card), the warm-up holds the GPU and requests wait. How long it takes, with a warm
+        compile cache and a cold one: docs/PERFORMANCE.md. A failure leaves the eager pipeline serving, with one
+        warning."""
         thread = threading.Thread(target=self._compile, args=(delay_s,), name="compile", daemon=True)
         thread.start()
         return thread

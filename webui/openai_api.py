@@ -243,7 +243,7 @@ def openai_routes(engine_output_dir: Path, loopback_url: str, public_url: str, s
 
     async def models(_request: Request):
         return FastJSONResponse({"object": "list", "data": [{"id": MODEL_ID, "object": "model",
-                                                         "created": int(started_at), "owned_by": "Tongyi-MAI"}]})
+                                                             "created": int(started_at), "owned_by": "Tongyi-MAI"}]})
 
     routes = [Route("/v1/images/generations", generations, methods=["POST"]), Route("/v1/models", models)]
 
