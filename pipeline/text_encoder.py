@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from pipeline.messages import first_line
+
 log = logging.getLogger("zimage.text_encoder")
 
 MAX_SEQUENCE_LENGTH = 512  # the text encoder's token budget in stock diffusers; longer prompts are cut
@@ -59,7 +61,6 @@ class PromptEncoder:
         self.tokenizer, self.text_encoder, self.device = tokenizer, text_encoder, device
         self._pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self._graphs: dict[int, _Graph] = {}
-        self._pool = None
 
     @property
     def graphs_possible(self) -> bool:
@@ -103,17 +104,17 @@ class PromptEncoder:
         keeps only its output). Checked against eager on a probe prompt; on a mismatch or an error every graph is
         dropped and encoding stays eager, with a warning."""
         started = time.perf_counter()
-        self._pool = torch.cuda.graph_pool_handle()
+        pool = torch.cuda.graph_pool_handle()
         try:
             for length in range(BUCKET_TOKENS, MAX_SEQUENCE_LENGTH + 1, BUCKET_TOKENS):
-                self._graphs[length] = self._capture(length)
+                self._graphs[length] = self._capture(length, pool)
             ids = self.token_ids(probe_prompt)[:MAX_SEQUENCE_LENGTH]
             eager = self.forward(self.padded(ids, bucket_of(len(ids))).to(self.device))[0, :len(ids)]
             replayed = self._replay(self._graphs[bucket_of(len(ids))], ids)
             error = float((replayed.float() - eager.float()).norm() / eager.float().norm())
         except Exception as failure:  # eager encoding is slower, not wrong
             self._graphs.clear()
-            log.warning("text encoder graphs not used (%s: %s)", type(failure).__name__, str(failure).strip()[:200])
+            log.warning("text encoder graphs not used (%s: %s)", type(failure).__name__, first_line(failure))
             return
         if not error <= GRAPH_TOLERANCE:
             self._graphs.clear()
@@ -123,7 +124,7 @@ class PromptEncoder:
         log.info("text encoder graphs captured buckets=%d seconds=%.2f relative_error=%.5f", len(self._graphs),
                  time.perf_counter() - started, error)
 
-    def _capture(self, length: int) -> _Graph:
+    def _capture(self, length: int, pool) -> _Graph:
         input_ids = torch.full((1, length), self._pad_id, device=self.device)
         # First calls outside the capture, on a side stream as PyTorch's CUDA-graph notes ask: kernels' lazy set-up
         # (cuBLAS workspaces, attention's first-call choices) must not happen inside it.
@@ -133,7 +134,7 @@ class PromptEncoder:
             self.forward(input_ids)
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
+        with torch.cuda.graph(graph, pool=pool):
             hidden = self.forward(input_ids)
         return _Graph(graph, input_ids, hidden)
 
