@@ -89,6 +89,10 @@ class StageTimings:
     save_ms: float
     total_ms: float
 
+    def by_stage(self) -> dict[str, float]:
+        """{"queue": ms, "encode": ms, ...}: the stages by name, for metrics and API answers."""
+        return {name.removesuffix("_ms"): value for name, value in asdict(self).items()}
+
 
 @dataclass(frozen=True)
 class GenerationResult:
@@ -387,7 +391,7 @@ class Engine:
         try:
             result = self._generate(request_id, valid, progress, received_at, owner)
             outcome = "ok"
-            stage_ms = {name.removesuffix("_ms"): value for name, value in asdict(result.timings).items()}
+            stage_ms = result.timings.by_stage()
             return result
         except ServiceBusy:
             outcome = "busy"

@@ -123,8 +123,7 @@ def build_ui(engine: Engine, *, demo: bool, model_label: str, max_w: int, max_h:
             for generation in batch(prompt, size, n, seed, steps, shift):
                 result = engine.generate(generation, received_at=received_at(request), owner=owner_of(request, None))
                 made.append({"file": str(result.path), "seed": result.request.seed, "id": result.request_id,
-                             "timings_ms": {stage.removesuffix("_ms"): round(value, 1)
-                                            for stage, value in asdict(result.timings).items()},
+                             "timings_ms": {stage: round(ms, 1) for stage, ms in result.timings.by_stage().items()},
                              "notices": list(result.notices)})
         return made
 
