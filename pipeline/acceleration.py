@@ -14,17 +14,21 @@ from pathlib import Path
 
 import torch
 
+from pipeline import flash4
+
 log = logging.getLogger("zimage.acceleration")
 
 LOW_VRAM_TILE_PX = 512
 
 
 def use_compile_cache(cache_dir: Path) -> None:
-    """Keep Inductor's compiled kernels (and Triton's) in `cache_dir`, so a restart reuses them instead of compiling
-    again. Must run before the first compilation; both libraries read these variables when they first need them."""
+    """Keep Inductor's compiled kernels (and Triton's, and FA4's) in `cache_dir`, so a restart reuses them instead of
+    compiling again. Must run before the first compilation; the libraries read these variables when they first need
+    them."""
     cache_dir.mkdir(parents=True, exist_ok=True)
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir / "inductor")
     os.environ["TRITON_CACHE_DIR"] = str(cache_dir / "triton")
+    flash4.keep_kernels_in(cache_dir)
 
 
 def compiled_copy(pipe, backend: str = "inductor"):

@@ -168,7 +168,7 @@ def attention_lever(stock: Stock, pipe, embeds, runs: int) -> dict[str, float]:
     step_ms = {}
     for name in attention.candidates("auto", "cuda"):
         try:
-            pipe.transformer.set_attention_backend(name)
+            attention.set_backend(pipe.transformer, name, pipe.transformer.device)
             ms, _ = sync_ms(functools.partial(stock.latents, embeds, *HEADLINE, steps=1), runs)
         except Exception as error:
             print(f"attention {name}: not usable ({type(error).__name__}: {str(error)[:100]})", flush=True)

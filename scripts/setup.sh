@@ -4,6 +4,7 @@
 #   scripts/setup.sh            the service
 #   scripts/setup.sh --test     + the test tools: pytest, Playwright, and Debian's chromium and a CJK font (apt)
 #   scripts/setup.sh --xformers + xformers (GPU hosts; optional, the service falls back to SDPA without it)
+#   scripts/setup.sh --flash4   + FlashAttention 4 (Hopper or newer; optional, the attention probe keeps it where it wins)
 #
 # torch is installed first and on its own: a plain "torch" requirement on a machine without one pulls several GB
 # of CUDA packages. With an NVIDIA GPU visible (nvidia-smi), the CUDA build from PyPI; otherwise the CPU build
@@ -18,11 +19,13 @@ PYTHON=${PYTHON:-python3}
 CPU_TORCH_VERSION=${CPU_TORCH_VERSION:-2.13.0}
 with_test=0
 with_xformers=0
+with_flash4=0
 for arg in "$@"; do
     case "$arg" in
         --test) with_test=1 ;;
         --xformers) with_xformers=1 ;;
-        *) echo "setup.sh: unknown option $arg (use --test, --xformers)" >&2; exit 2 ;;
+        --flash4) with_flash4=1 ;;
+        *) echo "setup.sh: unknown option $arg (use --test, --xformers, --flash4)" >&2; exit 2 ;;
     esac
 done
 
@@ -43,6 +46,7 @@ fi
 extras=""
 [ "$with_test" = 1 ] && extras="test"
 [ "$with_xformers" = 1 ] && extras="${extras:+$extras,}xformers"
+[ "$with_flash4" = 1 ] && extras="${extras:+$extras,}flash4"
 "${pip[@]}" -e ".${extras:+[$extras]}"
 
 if [ "$with_test" = 1 ]; then
