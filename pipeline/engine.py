@@ -20,11 +20,11 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from pipeline import acceleration, attention
+from pipeline import acceleration, attention, memory
 from pipeline.faults import FaultPlan
 from pipeline.hangs import HangWatch
 from pipeline.loader import LoadedPipeline
-from pipeline.memory import GIB, MemoryGuard
+from pipeline.memory import MemoryGuard
 from pipeline.messages import first_line
 from pipeline.metrics import ServiceMetrics
 from pipeline.output_dir import OutputDirCheck
@@ -48,9 +48,6 @@ POISONED_GPU_MARKERS = (
 )
 RECENT_PROMPTS = 3  # kept (as logged: summarised or not) for the crash snapshot
 RECENT_IMAGES = 2000  # the newest images (of all owners) kept in memory for the galleries' history
-# Warm-up sizes whose stage peaks give the memory guard its lines: large enough that fixed overheads do not hide
-# the slope, and both above the low-VRAM profile's 512-px tile, so there both decode in tiles as large requests do.
-MEMORY_PROBE_SIDES = (768, 1024)
 # The compiled path goes live only after these: every graph a request can need is compiled by then. Non-square
 # first: a square warm-up would let the compiler assume width == height ("duck sizing") and compile again for the
 # first non-square request. The small size takes the other side of size-dependent kernel choices (the CPU's
@@ -176,7 +173,8 @@ class Engine:
         self._active = 0  # requests between validation and saved PNG; the save runs outside the GPU lock
         self._idle = threading.Condition()
         self._answered = threading.Event()  # set once a request has produced its image
-        self.attention_backend = attention.apply_backend(loaded.pipe.transformer, options.attention, self.device)
+        self._attention_choice = options.attention
+        self.attention_backend: str | None = None  # chosen by warm_up's probe
         self.compile_model = options.compile_model
         self.compile_backend = compile_backend
         self.compiled = "off" if not options.compile_model else "pending"  # → compiling → on, or failed (eager)
@@ -236,9 +234,10 @@ class Engine:
             return self._idle.wait_for(lambda: self._active == 0, timeout=timeout)
 
     def warm_up(self) -> None:
-        """One small generation: proves the device works and gives a failing attention backend its first call.
-        On CUDA two more sizes measure the memory a request needs, for the memory guard. Compilation, when on,
-        starts afterwards in the background (see start_compiling): "ready" does not wait for it."""
+        """The slow part of starting, on the GPU thread: the attention probe picks the backend, then one small
+        generation proves the device works and gives a failing backend its first call. On CUDA two more sizes
+        measure the memory a request needs, for the memory guard. Compilation, when on, starts afterwards in the
+        background (see start_compiling): "ready" does not wait for it."""
         started = time.perf_counter()
         with self._lock:
             self._on_gpu_thread(self._warm_up)
@@ -246,6 +245,7 @@ class Engine:
         log.info("warm-up done attention=%s seconds=%.2f", self.attention_backend, time.perf_counter() - started)
 
     def _warm_up(self) -> None:
+        self.attention_backend = attention.apply_backend(self._pipe.transformer, self._attention_choice, self.device)
         request = _warm_up_request(256)
         try:
             self._run(request, progress=None)
@@ -257,7 +257,8 @@ class Engine:
         if self._prompt_encoder.graphs_possible:
             self._prompt_encoder.capture_graphs()
         if self.device.type == "cuda":
-            self.memory_guard = self._measure_memory_guard()
+            self.memory_guard = memory.measure_guard(self._memory_probe_peaks, self.device,
+                                                     self.gpu_memory_limit_bytes)
 
     def _on_gpu_thread(self, work: Callable, *args):
         """work(*args) on the GPU thread, in the caller's context (Gradio finds its progress bar through context
@@ -270,25 +271,11 @@ class Engine:
             # must be gone before the memory is released.
             future = None
 
-    def _measure_memory_guard(self) -> MemoryGuard:
-        idle = torch.cuda.memory_allocated(self.device)
-        peaks = []
-        for side in MEMORY_PROBE_SIDES:
-            # A prompt of its own: a cached one would skip the text encoder, whose streamed layers are the peak in
-            # the low-VRAM profile.
-            run = self._run(_warm_up_request(side, prompt=f"memory probe {side}"), progress=None)
-            peaks.append((side * side, run.denoise_peak_bytes - idle, run.decode_peak_bytes - idle))
-        free, _total = torch.cuda.mem_get_info(self.device)
-        reserved_unused = torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
-        available = free + reserved_unused
-        if self.gpu_memory_limit_bytes:
-            available = min(available, self.gpu_memory_limit_bytes - idle)
-        guard = MemoryGuard.from_measurements(peaks[0], peaks[1], available_bytes=available)
-        log.info("memory guard model_gib=%.2f available_gib=%.2f need_1024_gib=%.2f need_1536_gib=%.2f "
-                 "need_2048x1152_gib=%.2f largest_square=%d", idle / GIB, available / GIB,
-                 guard.need_bytes(1024, 1024) / GIB, guard.need_bytes(1536, 1536) / GIB,
-                 guard.need_bytes(2048, 1152) / GIB, guard.largest_square())
-        return guard
+    def _memory_probe_peaks(self, side: int) -> tuple[int, int]:
+        # A prompt of its own: a cached one would skip the text encoder, whose streamed layers are the peak in the
+        # low-VRAM profile.
+        run = self._run(_warm_up_request(side, prompt=f"memory probe {side}"), progress=None)
+        return run.denoise_peak_bytes, run.decode_peak_bytes
 
     def start_compiling(self, delay_s: float = 0.0) -> threading.Thread:
         """Compile in the background, once a request has been answered or `delay_s` has passed, whichever comes

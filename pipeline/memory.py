@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
+
 from pipeline.requests import RequestError
+
+log = logging.getLogger("zimage.memory")
 
 
 GIB = 2**30
 SAFETY_FACTOR = 1.25  # the lines come from two sizes; fragmentation and rounding get a quarter on top
+# The two square generations the guard's lines go through: large enough that fixed overheads do not hide the slope,
+# and both above the low-VRAM profile's 512-px tile, so there both decode in tiles as large requests do.
+PROBE_SIDES = (768, 1024)
 
 
 @dataclass(frozen=True)
@@ -70,3 +79,24 @@ class MemoryGuard:
         while self.fits(side + 16, side + 16) and side < 8192:
             side += 16
         return side
+
+
+def measure_guard(peaks_at: Callable[[int], tuple[int, int]], device: torch.device, limit_bytes: int) -> MemoryGuard:
+    """The guard for this GPU, from two square generations: `peaks_at(side)` runs one and returns its denoise and
+    decode peaks (bytes allocated). `limit_bytes`: the operator's cap on the process (0: none)."""
+    idle = torch.cuda.memory_allocated(device)
+    peaks = []
+    for side in PROBE_SIDES:
+        denoise_peak, decode_peak = peaks_at(side)
+        peaks.append((side * side, denoise_peak - idle, decode_peak - idle))
+    free, _total = torch.cuda.mem_get_info(device)
+    reserved_unused = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    available = free + reserved_unused
+    if limit_bytes:
+        available = min(available, limit_bytes - idle)
+    guard = MemoryGuard.from_measurements(peaks[0], peaks[1], available_bytes=available)
+    log.info("memory guard model_gib=%.2f available_gib=%.2f need_1024_gib=%.2f need_1536_gib=%.2f "
+             "need_2048x1152_gib=%.2f largest_square=%d", idle / GIB, available / GIB,
+             guard.need_bytes(1024, 1024) / GIB, guard.need_bytes(1536, 1536) / GIB,
+             guard.need_bytes(2048, 1152) / GIB, guard.largest_square())
+    return guard

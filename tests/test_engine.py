@@ -151,6 +151,8 @@ def test_missing_backend_falls_back_to_sdpa_with_one_warning(loaded_tiny, tmp_pa
     for choice in ("xformers", "flash"):
         caplog.clear()
         engine = Engine(loaded_tiny, engine_options(tmp_path, attention=choice))
+        assert engine.attention_backend is None  # the probe is slow work: warm_up's, not the constructor's
+        engine.warm_up()
         assert engine.attention_backend == attention.SDPA
         warnings = [r for r in caplog.records if r.levelname == "WARNING" and r.name == "zimage.attention"]
         assert len(warnings) == 1 and f"attention={choice} is not usable" in warnings[0].getMessage()
@@ -164,11 +166,11 @@ def attention_put_back(loaded_tiny):
     loaded_tiny.pipe.transformer.set_attention_backend(attention.SDPA)
 
 
-def test_backend_that_fails_its_first_call_falls_back_at_warm_up(loaded_tiny, tmp_path, caplog, attention_put_back):
-    engine = Engine(loaded_tiny, engine_options(tmp_path))
+def test_backend_that_fails_its_first_call_falls_back_at_warm_up(loaded_tiny, tmp_path, caplog, attention_put_back,
+                                                                 monkeypatch):
     # cuDNN attention is accepted by diffusers but has no CPU kernel: it fails on its first real call.
-    loaded_tiny.pipe.transformer.set_attention_backend("_native_cudnn")
-    engine.attention_backend = "_native_cudnn"
+    monkeypatch.setattr(attention, "candidates", lambda _choice, _device_type: ["_native_cudnn", attention.SDPA])
+    engine = Engine(loaded_tiny, engine_options(tmp_path))
     engine.warm_up()
     assert engine.ready and engine.attention_backend == attention.SDPA
     assert any("failed its first call" in r.getMessage() for r in caplog.records if r.levelname == "WARNING")
