@@ -110,6 +110,15 @@ class Supervised:
             time.sleep(0.2)
         raise AssertionError(f"{program} never reached {state}: {self.info(program)}")
 
+    def wait_for_watchdog_line(self, text: str, timeout: float = 30) -> None:
+        watchdog_log = self.log_dir / f"{PROGRAM}-watchdog.log"
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if watchdog_log.exists() and text in watchdog_log.read_text():
+                return
+            time.sleep(0.2)
+        raise AssertionError(f"no {text!r} in the watchdog's log within {timeout} s")
+
     def program_log(self, name: str = PROGRAM) -> str:
         return (self.log_dir / f"{name}.log").read_text(errors="replace")
 
@@ -247,6 +256,8 @@ def test_hang_is_detected_by_the_watchdog_and_restarted(supervised):
     supervised.install("ZIMAGE_FAULT=hang@1")
     supervised.wait_ready()
     pid = supervised.wait_state("RUNNING")["pid"]
+    # Hung before the watchdog has seen it healthy, the process would get the start-up grace (120 s) first.
+    supervised.wait_for_watchdog_line(f"pid={pid} healthz=ok watching")
     threading.Thread(target=lambda: _ignore_errors(supervised.generate), daemon=True).start()
     deadline = time.monotonic() + 30
     while psutil.Process(pid).status() != psutil.STATUS_STOPPED and time.monotonic() < deadline:

@@ -131,3 +131,14 @@ def test_main_speaks_the_event_listener_protocol():
 def test_http_probe_against_nothing_listening_fails_fast():
     ok, body = watchdog.http_probe("http://127.0.0.1:9/healthz", timeout=2)
     assert (ok, body) == (False, {})
+
+
+def test_says_once_per_process_when_it_starts_counting_failures(capsys):
+    rpc = Rpc()
+    dog = make(rpc, {"healthz": lambda: (True, {})})
+    dog.tick()
+    dog.tick()
+    rpc.supervisor.process["pid"] = 101  # a new process
+    dog.tick()
+    lines = [line for line in capsys.readouterr().err.splitlines() if "healthz=ok watching" in line]
+    assert len(lines) == 2 and "pid=100" in lines[0] and "pid=101" in lines[1]

@@ -74,6 +74,8 @@ class Watchdog:
             self._pid, self._seen_healthy, self._failures, self._low_memory = info["pid"], False, 0, 0
         healthy, _ = self.probe(f"{self.url}/healthz", self.timeout)
         if healthy:
+            if not self._seen_healthy:  # from now on a failed probe counts, start-up grace or not
+                log(f"program={self.program} pid={self._pid} healthz=ok watching")
             self._seen_healthy = True
             self._failures = 0
             self._check_gpu_memory()
