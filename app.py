@@ -128,21 +128,24 @@ def import_ui_in_background() -> threading.Thread:
     return thread
 
 
+def model_source(settings: Settings) -> tuple[Path, str]:
+    """The weights directory to load (the demo model built there first, with --demo) and the model's name."""
+    from pipeline.random_model import ensure_demo_model
+
+    if settings.demo:
+        log.warning("DEMO MODEL: serving a tiny random-weight model from %s; its images are noise", settings.demo_dir)
+        return ensure_demo_model(settings.demo_dir), "DEMO tiny random-weight model"
+    return settings.model_dir, "Z-Image-Turbo"
+
+
 def load_model(settings: Settings):
     """The weights, loaded once onto the configured device, with the device-wide settings applied first."""
     import torch
 
     from pipeline import acceleration
     from pipeline.loader import load_pipeline, resolve_device
-    from pipeline.random_model import ensure_demo_model
 
-    if settings.demo:
-        log.warning("DEMO MODEL: serving a tiny random-weight model from %s; its images are noise", settings.demo_dir)
-        model_dir = ensure_demo_model(settings.demo_dir)
-        model_name = "DEMO tiny random-weight model"
-    else:
-        model_dir = settings.model_dir
-        model_name = "Z-Image-Turbo"
+    model_dir, model_name = model_source(settings)
     device = resolve_device(settings.device)
     on_gpu = device.type == "cuda"
     if not on_gpu and (settings.compile or settings.low_vram or settings.gpu_memory_limit_gib):
@@ -187,6 +190,36 @@ def start_engine(settings: Settings, faults, loaded, model_name: str, metrics):
     return engine, f"{model_name} ({loaded.source})"
 
 
+def start_replicas(settings: Settings, faults, metrics):
+    """The engines as Ray Serve replicas (scale/, the optional extra), each loading the weights on its own GPU; this
+    process is only the front and loads none. Ray is imported here and nowhere on the single-GPU path."""
+    try:
+        import scale
+    except ImportError as error:
+        from pipeline.messages import StartupError
+
+        raise StartupError(f"--replicas needs Ray Serve, which is not installed ({error}); install the scale extra "
+                           f"with scripts/setup.sh --scale, or leave --replicas at 0") from None
+    from pipeline.loader import resolve_device
+    from pipeline.requests import parse_size
+    from webui.resolutions import offered
+
+    model_dir, model_name = model_source(settings)
+    # The replicas run on the same kind of device as this host offers (CUDA_VISIBLE_DEVICES narrows each to one).
+    on_gpu = resolve_device(settings.device).type == "cuda"
+    options = engine_options(settings, model_name, on_gpu=on_gpu)
+    spec = scale.ReplicaSpec(
+        model_dir=model_dir, device=settings.device, options=options, crash_dir=settings.crash_dir,
+        verify_weights=settings.verify_weights, compile_cache_dir=settings.compile_cache_dir,
+        compile_delay_s=settings.compile_delay_s, log_level=settings.log_level, faults=faults,
+        plan_sizes=tuple(parse_size(label) for labels in offered(settings.max_w, settings.max_h).values()
+                         for label in labels))
+    replicas = settings.replicas if settings.replicas == "auto" else int(settings.replicas)
+    engine = scale.start(spec, replicas=replicas, num_gpus=1 if on_gpu else 0, queue_size=settings.queue_size,
+                         ray_address=settings.ray_address or None, metrics=metrics)
+    return engine, f"{model_name} ({engine.replicas} replicas)"
+
+
 def start_service(settings: Settings):
     """Everything between settings and serving: the output dir checked, the weights loaded, the engine warmed up.
     Any problem a person must fix raises a StartupError (pipeline.messages) naming it."""
@@ -201,10 +234,15 @@ def start_service(settings: Settings):
     faults.at_start()
     use_private_gradio_temp_dir(settings.port)
     ui_import = import_ui_in_background()
+    metrics = ServiceMetrics()
+    if settings.replicas != "0":
+        ui_import.join()
+        engine, model_label = start_replicas(settings, faults, metrics)
+        install_snapshot_hooks(settings.crash_dir, engine.state)
+        return engine, metrics, model_label
     loaded, model_name = load_model(settings)
     # The attention probe and the warm-up time GPU work: no import competing with them for the interpreter.
     ui_import.join()
-    metrics = ServiceMetrics()
     engine, model_label = start_engine(settings, faults, loaded, model_name, metrics)
     install_snapshot_hooks(settings.crash_dir, engine.state)
     return engine, metrics, model_label
@@ -246,6 +284,10 @@ def main(argv: list[str] | None = None) -> int:
                       header_timeout_s=settings.header_timeout_s, ssl_certfile=settings.ssl_certfile,
                       ssl_keyfile=settings.ssl_keyfile, public_url=settings.public_url,
                       compile_delay_s=settings.compile_delay_s)
+    if settings.replicas != "0":
+        import scale
+
+        scale.shutdown()  # Serve's actors and a private cluster's processes, before the last sweep of children
     stop_child_processes()
     return exit_code
 

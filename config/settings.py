@@ -64,6 +64,10 @@ class Settings:
     max_h: int  # largest height a request may ask for (pixels)
     max_w: int  # largest width a request may ask for (pixels)
     queue_size: int  # requests that may wait for the GPU; more are turned away as "busy"
+    # "0": the engine runs in this process (no Ray). A number or "auto" (one per GPU of the cluster): that many
+    # engines as Ray Serve replicas behind this front (the optional `scale` extra).
+    replicas: str
+    ray_address: str  # with replicas: the Ray cluster to join; "" starts a private one
     queue_timeout_s: int  # a request that waited longer than this is answered with a timeout, not run late
     max_connections: int  # open HTTP connections at once; idle ones are closed first to make room
     header_timeout_s: int  # a connection that has not sent a whole request head by then is closed
@@ -99,6 +103,14 @@ class Settings:
             raise SettingsError(f"prompt_cache_size must be 0 (off) or more (got {self.prompt_cache_size}).")
         if self.queue_size < 1:
             raise SettingsError(f"queue_size must be at least 1 (got {self.queue_size}).")
+        if self.replicas != "auto" and not (self.replicas.isdigit() and self.replicas.isascii()):
+            raise SettingsError(f"replicas must be 0 (the engine in this process), a number of Ray Serve replicas "
+                                f"or auto (one per GPU) (got {self.replicas!r}).")
+        if self.ray_address and self.replicas == "0":
+            raise SettingsError("ray_address is for replicas: give --replicas N or auto with it.")
+        if self.replicas != "0" and (self.low_vram or self.gpu_memory_limit_gib):
+            raise SettingsError("low_vram and gpu_memory_limit_gib apply to the in-process engine only, not to "
+                                "replicas yet: leave them off with --replicas.")
         if self.max_connections < 8:
             raise SettingsError(f"max_connections must be at least 8 (got {self.max_connections}).")
         if self.header_timeout_s < 1:
@@ -328,6 +340,13 @@ def build_arg_parser() -> argparse.ArgumentParser:
     add("--max-h", type=int, metavar="PX", help="largest image height a request may ask for")
     add("--max-w", type=int, metavar="PX", help="largest image width a request may ask for")
     add("--queue-size", type=int, metavar="N", help="requests that may wait for the GPU before new ones are refused")
+    add("--replicas", metavar="N|auto",
+        help="past one GPU: run N engines (auto: one per GPU of the Ray cluster) as Ray Serve replicas behind this "
+        "one UI and queue, N jobs at a time; needs the scale extra (scripts/setup.sh --scale). 0: one engine in this "
+        "process, Ray never imported")
+    add("--ray-address", metavar="HOST:PORT",
+        help="with --replicas: join this Ray cluster (ray start --head on this host, workers on others) instead of "
+        "starting a private one")
     add("--queue-timeout", dest="queue_timeout_s", type=int, metavar="SECONDS",
         help="a request that waited longer than this for the GPU gets a clear timeout instead of running late")
     add("--max-connections", type=int, metavar="N",

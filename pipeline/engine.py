@@ -146,6 +146,8 @@ class EngineOptions:
 
 
 class Engine:
+    parallel_jobs = 1  # the GPU runs one job at a time: the front's queue lets one through (scale's: one per replica)
+
     def __init__(self, loaded: LoadedPipeline, options: EngineOptions, *, faults: FaultPlan = FaultPlan(),
                  on_fatal: FatalHandler | None = None, metrics: ServiceMetrics | None = None,
                  compile_backend: str | Callable = "inductor") -> None:

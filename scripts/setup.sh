@@ -4,6 +4,7 @@
 #   scripts/setup.sh            the service
 #   scripts/setup.sh --test     + the test tools: pytest, Playwright, and Debian's chromium and a CJK font (apt)
 #   scripts/setup.sh --xformers + xformers (GPU hosts; optional, the service falls back to SDPA without it)
+#   scripts/setup.sh --scale    + Ray Serve: --replicas, engines past one GPU (the --test set includes it)
 #   scripts/setup.sh --flash4   + FlashAttention 4 (Hopper or newer; optional, the attention probe keeps it where it wins)
 #
 # torch is installed first and on its own: a plain "torch" requirement on a machine without one pulls several GB
@@ -20,12 +21,14 @@ CPU_TORCH_VERSION=${CPU_TORCH_VERSION:-2.13.0}
 with_test=0
 with_xformers=0
 with_flash4=0
+with_scale=0
 for arg in "$@"; do
     case "$arg" in
         --test) with_test=1 ;;
         --xformers) with_xformers=1 ;;
         --flash4) with_flash4=1 ;;
-        *) echo "setup.sh: unknown option $arg (use --test, --xformers, --flash4)" >&2; exit 2 ;;
+        --scale) with_scale=1 ;;
+        *) echo "setup.sh: unknown option $arg (use --test, --xformers, --flash4, --scale)" >&2; exit 2 ;;
     esac
 done
 
@@ -44,9 +47,10 @@ else
 fi
 
 extras=""
-[ "$with_test" = 1 ] && extras="test"
+[ "$with_test" = 1 ] && extras="test,scale"  # the tests cover the replicas too
 [ "$with_xformers" = 1 ] && extras="${extras:+$extras,}xformers"
 [ "$with_flash4" = 1 ] && extras="${extras:+$extras,}flash4"
+[ "$with_scale" = 1 ] && [ "$with_test" = 0 ] && extras="${extras:+$extras,}scale"
 "${pip[@]}" -e ".${extras:+[$extras]}"
 
 if [ "$with_test" = 1 ]; then

@@ -1,3 +1,4 @@
+import re
 import dataclasses
 import tomllib
 from pathlib import Path
@@ -204,3 +205,21 @@ def test_a_public_url_must_be_an_http_base_url(url):
     with pytest.raises(SettingsError, match="public_url must be an http:// or https:// base URL"):
         load_settings(["--public-url", url], environ={})
     assert load_settings(["--public-url", "https://images.example.com/zimage"], environ={}).public_url
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--replicas", "two"], "replicas must be 0 (the engine in this process), a number of Ray Serve replicas or auto"),
+    (["--replicas", "-1"], "replicas must be 0"),
+    (["--ray-address", "127.0.0.1:6379"], "ray_address is for replicas"),
+    (["--replicas", "2", "--low-vram"], "low_vram and gpu_memory_limit_gib apply to the in-process engine only"),
+])
+def test_replica_settings_that_cannot_work_are_refused_naming_the_setting(flags, message):
+    with pytest.raises(SettingsError, match=re.escape(message)):
+        load_settings(flags, environ={})
+
+
+def test_replicas_take_a_number_or_auto():
+    assert load_settings(["--replicas", "auto"], environ={}).replicas == "auto"
+    assert load_settings(["--replicas", "2", "--ray-address", "10.0.0.1:6379"], environ={}).ray_address == \
+        "10.0.0.1:6379"
+    assert load_settings([], environ={}).replicas == "0"

@@ -44,7 +44,8 @@ def health_routes(engine: Engine) -> list[Route]:
         state = engine.state()
         ready = bool(state["ready"] and state["healthy"])
         body = {key: state[key] for key in ("ready", "healthy", "busy", "served", "attention", "compiled", "serving",
-                                            "text_encoder", "device")}
+                                            "text_encoder", "device", "replicas_ready", "replicas_total")
+                if key in state}
         if engine.device.type == "cuda":
             try:
                 free, total = torch.cuda.mem_get_info(engine.device)

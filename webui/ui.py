@@ -220,7 +220,7 @@ def build_ui(engine: Engine, *, demo: bool, model_label: str, max_w: int, max_h:
             # Raw values reach the handler, so the engine checks every field and names it in its message
             # (Gradio's own conversions would fail first, some without a message a person can use).
             preprocess=False,
-            concurrency_limit=1,
+            concurrency_limit=engine.parallel_jobs,
             concurrency_id=GPU_QUEUE,
             # Progress, and a refusal's mark, on the status line only: the gallery, seed, timing and PNG keep
             # their last good values (a refusal's message comes as a toast).
@@ -229,5 +229,5 @@ def build_ui(engine: Engine, *, demo: bool, model_label: str, max_w: int, max_h:
         # Shown once there is a seed to show (a fresh page's 0 read as "the seed was 0"); a UI-only step, so the
         # API's answer stays the number itself.
         generated.success(lambda: gr.Number(visible=True), None, seed_used, queue=False, api_visibility="private")
-        gr.api(images, api_name=IMAGES_API_NAME, concurrency_limit=1, concurrency_id=GPU_QUEUE)
+        gr.api(images, api_name=IMAGES_API_NAME, concurrency_limit=engine.parallel_jobs, concurrency_id=GPU_QUEUE)
     return blocks

@@ -1,0 +1,18 @@
+"""Past one GPU: one engine per GPU as Ray Serve replicas, behind the same front (the optional `scale` extra).
+
+Only app.py imports this package, and only when asked for replicas: the single-GPU service never imports Ray."""
+
+import os
+
+# Read when Ray is imported. The replicas' lines reach the front's log as written: no colour codes around their
+# prefix, and none left out as "repeated across cluster" (N engines write lines that look alike). And, as for the
+# model libraries (pipeline/offline.py), nothing is sent out of the machine: no usage statistics.
+os.environ.setdefault("RAY_COLOR_PREFIX", "0")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+from scale.cluster import ScaleError, shutdown, start  # noqa: E402  (after the environment above)
+from scale.remote_engine import RemoteEngine, RemoteResult, ReplicaLost  # noqa: E402
+from scale.replica import ReplicaSpec  # noqa: E402
+
+__all__ = ["RemoteEngine", "RemoteResult", "ReplicaLost", "ReplicaSpec", "ScaleError", "shutdown", "start"]

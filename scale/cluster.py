@@ -1,0 +1,99 @@
+"""Start the replicas on a Ray cluster (a local one, or one joined by address) and stop them, leaving nothing behind."""
+
+from __future__ import annotations
+
+import logging
+
+import ray
+from ray import serve
+
+from pipeline.messages import StartupError
+from pipeline.metrics import ServiceMetrics
+from scale.remote_engine import RemoteEngine
+from scale.replica import EngineReplica, ReplicaSpec
+
+log = logging.getLogger("zimage.scale")
+
+APP_NAME = "zimage"
+DEPLOYMENT_NAME = "EngineReplica"
+# How soon Serve notices a replica that died between requests (one that dies mid-request is noticed at once by the
+# front's call): a replacement is started only after that.
+HEALTH_CHECK_PERIOD_S = 2.0
+# Loading weights and warming up take long; a constructor that failed this often fails the start (weights missing,
+# out of memory): the message says why, instead of Serve retrying for minutes.
+MAX_CONSTRUCTOR_RETRIES = 2
+DESCRIBE_TIMEOUT_S = 60
+
+
+class ScaleError(StartupError):
+    """The replicas cannot start as asked: too few GPUs or CPUs in the cluster, or a replica failed to load."""
+
+
+def resolve_replicas(replicas: int | str, num_gpus: float, num_cpus: float) -> int:
+    """`replicas` as a number ("auto": one per GPU of the cluster), checked against what the cluster has: Serve
+    would otherwise wait forever for a replica no node can place."""
+    resources = ray.cluster_resources()
+    gpus, cpus = resources.get("GPU", 0), resources.get("CPU", 0)
+    if replicas == "auto":
+        if not gpus or not num_gpus:
+            raise ScaleError(f"--replicas auto starts one replica per GPU, but the Ray cluster has {gpus:g} GPUs and "
+                             f"each replica asks for {num_gpus:g}; give a number of replicas instead.")
+        replicas = int(gpus // num_gpus)
+    if not isinstance(replicas, int) or replicas < 1:
+        raise ScaleError(f"replicas must be a whole number of at least 1, or auto (got {replicas!r}).")
+    for kind, each, available in (("GPU", num_gpus, gpus), ("CPU", num_cpus, cpus)):
+        if replicas * each > available:
+            raise ScaleError(f"{replicas} replicas need {replicas * each:g} {kind}s ({each:g} each), but the Ray "
+                             f"cluster has {available:g}; start fewer replicas or add hosts (ray start --address).")
+    return replicas
+
+
+def deployment_failure() -> str:
+    """Why the deployment failed: the last line of Serve's message on it, the replica's own error (e.g.
+    "pipeline.layouts.WeightsError: model directory ... does not exist ..."); the whole traceback is in the log."""
+    application = serve.status().applications.get(APP_NAME)
+    deployment = application.deployments.get(DEPLOYMENT_NAME) if application else None
+    message = deployment.message.strip() if deployment else ""
+    return message.splitlines()[-1] if message else "Serve gave no reason (the replicas' own lines in the log may)"
+
+
+def start(spec: ReplicaSpec, *, replicas: int | str, num_gpus: float, queue_size: int, ray_address: str | None = None,
+          num_cpus: float = 1, metrics: ServiceMetrics | None = None) -> RemoteEngine:
+    """Ray (a new local cluster, or the one at `ray_address`), then the deployment: `replicas` engines, each with
+    `num_gpus` GPUs and `num_cpus` CPUs, one request at a time, with up to `queue_size` more waiting at the front.
+    Returns once every replica has loaded and warmed up. Any failure raises ScaleError, with Ray shut down again."""
+    # log_to_driver: the replicas' log lines reach the front's stdout, the one log the supervisor keeps.
+    ray.init(address=ray_address, include_dashboard=False, log_to_driver=True, configure_logging=False)
+    try:
+        count = resolve_replicas(replicas, num_gpus, num_cpus)
+        deployment = serve.deployment(
+            EngineReplica, name=DEPLOYMENT_NAME, num_replicas=count, max_ongoing_requests=1,
+            max_queued_requests=queue_size, ray_actor_options={"num_gpus": num_gpus, "num_cpus": num_cpus},
+            health_check_period_s=HEALTH_CHECK_PERIOD_S, max_constructor_retry_count=MAX_CONSTRUCTOR_RETRIES,
+            # Serve's own line per call ("CALL generate OK 33.4ms") repeats the engine's request line.
+            logging_config={"enable_access_log": False})
+        # No Serve HTTP proxy: the front is the only way in.
+        serve.start(proxy_location="Disabled")
+        try:
+            handle = serve.run(deployment.bind(spec), name=APP_NAME, route_prefix=None)
+        except RuntimeError:
+            raise ScaleError(f"a replica failed to start: {deployment_failure()}") from None
+        described = handle.describe.remote().result(timeout_s=DESCRIBE_TIMEOUT_S)
+    except BaseException:
+        shutdown()
+        raise
+    log.info("replicas ready count=%d num_gpus=%g num_cpus=%g queue_size=%d ray_address=%s", count, num_gpus,
+             num_cpus, queue_size, ray_address or "local")
+    return RemoteEngine(handle, app_name=APP_NAME, deployment_name=DEPLOYMENT_NAME, replicas=count,
+                        queue_size=queue_size, limits=spec.options.limits, output_dir=spec.options.output_dir,
+                        memory_guard=described["memory_guard"], engine_state=described["engine_state"],
+                        metrics=metrics)
+
+
+def shutdown() -> None:
+    """The deployment and Serve's own actors deleted, then Ray: a local cluster's processes all end; a joined
+    cluster's nodes stay (they are `ray start`'s), without our replicas."""
+    if ray.is_initialized():
+        serve.shutdown()
+        ray.shutdown()
+    log.info("replicas shut down")

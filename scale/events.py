@@ -1,0 +1,57 @@
+"""What a replica sends back to the front for one request, in order: Started, Progress per denoising step, then
+Finished, or Refused. Plain dataclasses: they cross the Ray hop pickled, and neither side needs Ray to read them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+
+from pipeline.engine import StageTimings
+from pipeline.requests import ValidRequest
+
+
+@dataclass(frozen=True)
+class Replica:
+    """Which replica answered: Serve's id for it (new each time Serve replaces one), its host and process."""
+
+    id: str
+    host: str
+    pid: int
+
+
+@dataclass(frozen=True)
+class Started:
+    """The request reached a replica's engine: the front now knows where it runs."""
+
+    replica: Replica
+
+
+@dataclass(frozen=True)
+class Progress:
+    step: int
+    total: int
+
+
+@dataclass(frozen=True)
+class Finished:
+    """A GenerationResult's fields, and the replica that made it. `path` is in the output dir the front shares."""
+
+    request_id: str
+    image: Image.Image
+    path: Path
+    request: ValidRequest
+    timings: StageTimings
+    notices: tuple[str, ...]
+    gpu_peak_bytes: int
+    replica: Replica
+    engine_state: dict[str, object]  # the replica's pipeline now (attention, compiled, serving, text_encoder)
+
+
+@dataclass(frozen=True)
+class Refused:
+    """The engine's own refusal or failure (RequestError, GenerationError, ServiceBusy), its message meant for the
+    caller: sent as an answer rather than raised, so Serve neither logs it as a crash nor wraps it."""
+
+    error: Exception

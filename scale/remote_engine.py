@@ -1,0 +1,223 @@
+"""The front's engine when the engines are Serve replicas: what webui and app.py use of pipeline.engine.Engine
+(generate with progress, state, history, draining, the output dir), over a DeploymentHandle. Serve routes each
+request to a free replica, queues the rest, and replaces a replica that dies; this class turns its outcomes into
+the engine's errors, so the web layer answers them as it answers a local engine's."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from ray import serve
+from ray.exceptions import RayActorError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+from ray.serve.handle import DeploymentHandle
+
+from pipeline.engine import RECENT_IMAGES, GenerationError, GenerationRequest, GenerationResult, ServiceBusy
+from pipeline.memory import MemoryGuard
+from pipeline.metrics import ServiceMetrics
+from pipeline.output_dir import OutputDirCheck
+from pipeline.requests import Limits, RequestError
+from pipeline.storage import RecentImages, read_parameters
+from scale.events import Finished, Progress, Refused, Replica, Started
+from scale.metrics import ReplicaMetrics
+
+log = logging.getLogger("zimage.remote")
+
+STATUS_TTL_S = 1.0  # /readyz, /metrics and every open page's status line ask: the controller is asked once a second
+
+
+class ReplicaLost(ServiceBusy):
+    """The replica running the request stopped (killed, crashed, its host lost) before it answered. Nothing reached
+    the caller, and Serve is replacing the replica: the same request sent again runs on a live one."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class RemoteResult(GenerationResult):
+    """A GenerationResult, and the replica that made it."""
+
+    replica: Replica
+
+
+class RemoteEngine:
+    def __init__(self, handle: DeploymentHandle, *, app_name: str, deployment_name: str, replicas: int,
+                 queue_size: int, limits: Limits, output_dir: Path, memory_guard: MemoryGuard | None,
+                 engine_state: dict[str, object], metrics: ServiceMetrics | None = None) -> None:
+        """`replicas`: how many were asked for; `memory_guard` and `engine_state`: one replica's, at start (the
+        replicas of one deployment run on the same kind of device)."""
+        self._stream = handle.options(stream=True)
+        self._app_name, self._deployment_name = app_name, deployment_name
+        self.replicas = replicas
+        self.parallel_jobs = replicas  # the front's queue lets one job through per replica: the rest wait there
+        self.queue_size = queue_size
+        self.limits = limits
+        self.output_dir = output_dir
+        self.memory_guard = memory_guard
+        # The front's own device: it holds no model, so it has no GPU memory to report (the replicas' devices are
+        # theirs, in their log lines).
+        self.device = torch.device("cpu")
+        self.compile_model = False  # each replica compiles its own copy (ReplicaSpec.compile_delay_s)
+        self._engine_state = dict(engine_state)  # the last answering replica's: which pipeline serves, ...
+        self._output_dir_check = OutputDirCheck(output_dir)
+        self._recent_images = RecentImages(output_dir, keep=RECENT_IMAGES)
+        self._metrics = ReplicaMetrics(metrics or ServiceMetrics(), self.replica_counts)
+        self._tickets = itertools.count(1)
+        self._running: dict[int, str] = {}  # ticket → "<replica id>/#ticket" while a request is out
+        self._idle = threading.Condition()
+        self._draining = False
+        self.served = 0
+        self._counts: tuple[float, tuple[int, int]] = (float("-inf"), (0, replicas))  # (read at, (ready, total))
+
+    # -- what webui and app.py read ----------------------------------------------------------------------------------
+
+    @property
+    def in_flight(self) -> str | None:
+        """The requests out at replicas now, space-separated ("<replica id>/#n", or "pending/#n" until a replica has
+        taken request n), or None."""
+        with self._idle:
+            return " ".join(self._running.values()) or None
+
+    @property
+    def ready(self) -> bool:
+        return self.replica_counts()[0] > 0
+
+    @property
+    def healthy(self) -> bool:
+        """The front has no GPU to poison: a replica's fatal error ends that replica only, and Serve replaces it."""
+        return True
+
+    def replica_counts(self) -> tuple[int, int]:
+        """(replicas running, replicas asked for), as Serve's controller reports them, at most STATUS_TTL_S old."""
+        read_at, counts = self._counts
+        if time.monotonic() - read_at > STATUS_TTL_S:
+            application = serve.status().applications.get(self._app_name)
+            deployment = application.deployments.get(self._deployment_name) if application else None
+            running = deployment.replica_states.get("RUNNING", 0) if deployment else 0
+            counts = (running, self.replicas)
+            self._counts = (time.monotonic(), counts)
+        return counts
+
+    def state(self) -> dict[str, object]:
+        """Engine.state()'s keys, for the front: ready while at least one replica is; and the replicas' counts."""
+        ready, total = self.replica_counts()
+        in_flight = self.in_flight
+        return {"ready": ready > 0, "healthy": self.healthy, "busy": in_flight is not None, "in_flight": in_flight,
+                "served": self.served, **self._engine_state, "device": f"{total} Serve replicas",
+                "replicas_ready": ready, "replicas_total": total, "recent_prompts": []}
+
+    def output_dir_problem(self) -> str | None:
+        return self._output_dir_check.problem()
+
+    def history(self, limit: int, owner: str | None) -> list[tuple[Path, dict[str, object]]]:
+        return self._recent_images.newest(limit, owner)
+
+    def stop_accepting(self) -> None:
+        """From now on new requests are refused as "shutting down"; those out at replicas go on."""
+        self._draining = True
+
+    def wait_idle(self, timeout: float) -> bool:
+        with self._idle:
+            return self._idle.wait_for(lambda: not self._running, timeout=timeout)
+
+    def build_attention_plans(self, sizes) -> None:
+        """Each replica builds its own after its warm-up (ReplicaSpec.plan_sizes), a replacement too."""
+        return None
+
+    # -- one request ---------------------------------------------------------------------------------------------------
+
+    def generate(self, request: GenerationRequest, progress=None, received_at: float | None = None,
+                 owner: str | None = None) -> RemoteResult:
+        """As Engine.generate, on whichever replica Serve picks: RequestError, GenerationError and ServiceBusy as
+        the replica's engine raised them; ServiceBusy when Serve's queue is full; ReplicaLost when the replica died
+        before answering."""
+        if self._draining:
+            self._metrics.request_finished("busy", None, None)
+            raise ServiceBusy("The service is shutting down; try again in a minute.")
+        started = time.perf_counter()
+        # Wall-clock time of arrival: the replica's monotonic clock is another process's, maybe another host's.
+        arrived_at = time.time() - (time.monotonic() - received_at if received_at is not None else 0.0)
+        ticket = next(self._tickets)
+        with self._idle:
+            self._running[ticket] = f"pending/#{ticket}"
+        outcome, stage_ms = "error", None
+        try:
+            result = self._received(self._run(ticket, request, progress, arrived_at, owner), started)
+            outcome, stage_ms = "ok", result.timings.by_stage()
+            return result
+        except ReplicaLost:
+            raise  # a fault, not load: counted as "error"
+        except RequestError:
+            outcome = "rejected"
+            raise
+        except ServiceBusy:
+            outcome = "busy"
+            raise
+        except GenerationError:
+            outcome = "failed"
+            raise
+        finally:
+            with self._idle:
+                where = self._running.pop(ticket)
+                self._idle.notify_all()
+            replica = None if where.startswith("pending/") else where.partition("/")[0]
+            self._metrics.request_finished(outcome, replica, stage_ms)
+
+    def _run(self, ticket: int, request: GenerationRequest, progress, arrived_at: float,
+             owner: str | None) -> Finished:
+        """The replica's events, progress passed on, up to its Finished; Refused raised, and Serve's and Ray's
+        errors turned into the engine's."""
+        runs_on: Replica | None = None
+        try:
+            for event in self._stream.generate.remote(request, arrived_at, owner):
+                if isinstance(event, Progress):
+                    if progress is not None:
+                        progress(event.step, event.total)
+                elif isinstance(event, Started):
+                    runs_on = event.replica
+                    with self._idle:
+                        self._running[ticket] = f"{runs_on.id}/#{ticket}"
+                elif isinstance(event, Refused):
+                    raise event.error  # none of the handlers below: it goes to the caller as the engine raised it
+                else:
+                    return event
+        except BackPressureError:
+            log.info("request outcome=busy reason=queue-full queued=%d", self.queue_size)
+            raise ServiceBusy(f"The server is busy: every replica is working and {self.queue_size} requests are "
+                              f"waiting already. Try again in a moment.") from None
+        except DeploymentUnavailableError:
+            raise ServiceBusy("No replica can take requests now (the deployment failed); the operator has to look "
+                              "at the log. Try again later.") from None
+        except RayActorError as error:
+            lost = runs_on or Replica(id="unknown", host="unknown", pid=0)
+            log.warning("request outcome=replica-lost replica=%s host=%s pid=%d error=%r", lost.id, lost.host,
+                        lost.pid, type(error).__name__)
+            raise ReplicaLost(f"The server process making your image stopped before it finished (replica "
+                              f"{lost.id}); nothing was saved. Try again: another replica takes it.") from None
+        raise RuntimeError(f"replica {runs_on.id if runs_on else 'unknown'} ended the stream without a result")
+
+    def _received(self, finished: Finished, started: float) -> RemoteResult:
+        """Check the front can read the saved image (the output dir is shared), then count and list it."""
+        try:
+            parameters = read_parameters(finished.path)
+        except OSError as error:
+            log.error("image not readable by the front replica=%s host=%s path=%s error=%r", finished.replica.id,
+                      finished.replica.host, finished.path, str(error))
+            raise GenerationError(
+                f"The image was saved on host {finished.replica.host} at {finished.path}, but the front cannot read "
+                f"it: every host must mount the same output directory at the same path.") from None
+        self._recent_images.add(finished.path, parameters)
+        self._engine_state = finished.engine_state
+        with self._idle:
+            self.served += 1
+        total_ms = (time.perf_counter() - started) * 1000
+        log.info("request id=%s replica=%s host=%s pid=%d outcome=ok total_ms=%.0f engine_ms=%.0f hop_ms=%.1f",
+                 finished.request_id, finished.replica.id, finished.replica.host, finished.replica.pid, total_ms,
+                 finished.timings.total_ms, total_ms - finished.timings.total_ms)
+        return RemoteResult(request_id=finished.request_id, image=finished.image, path=finished.path,
+                            request=finished.request, timings=finished.timings, notices=finished.notices,
+                            gpu_peak_bytes=finished.gpu_peak_bytes, replica=finished.replica)

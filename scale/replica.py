@@ -1,0 +1,130 @@
+"""One Serve replica: the pipeline loaded once on its device, the unchanged Engine around it, one job at a time.
+The engine does not know it runs here; this class only turns a handle call into Engine.generate and back."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import sys
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from ray import serve
+
+from config.log_lines import LOG_DATE_FORMAT, LOG_FORMAT, OneLinePerRecord
+from pipeline import acceleration
+from pipeline.engine import Engine, EngineOptions, GenerationError
+from pipeline.faults import FaultPlan
+from pipeline.loader import load_pipeline, resolve_device
+from pipeline.requests import RequestError
+from pipeline.snapshot import enable_fault_tracebacks, write_snapshot
+from scale.events import Finished, Progress, Refused, Replica, Started
+
+log = logging.getLogger("zimage.replica")
+
+ENGINE_STATE_KEYS = ("attention", "compiled", "serving", "text_encoder")  # what the front shows of a replica's engine
+_DONE = object()  # ends a request's event queue: the engine's call has returned or raised
+
+
+@dataclass(frozen=True)
+class ReplicaSpec:
+    """Everything a replica needs to build its engine; pickled to every replica, so plain values only. app.py
+    fills it from Settings (EngineOptions through app.engine_options, as for the local engine)."""
+
+    model_dir: Path  # the same path on every host (a shared or copied weights dir)
+    device: str  # auto | cuda | cpu: Ray sets CUDA_VISIBLE_DEVICES to the replica's own GPU
+    options: EngineOptions  # output_dir: shared with the front (the same mount on every host)
+    crash_dir: Path
+    verify_weights: bool = False
+    compile_cache_dir: Path | None = None  # CUDA with compile on: kernels kept across restarts
+    compile_delay_s: float = 10.0
+    plan_sizes: tuple[tuple[int, int], ...] = ()  # attention plans built after warm-up: the UI's sizes
+    log_level: str = "INFO"
+    faults: FaultPlan = FaultPlan()  # test-only failures, as app.py reads them from ZIMAGE_FAULT
+
+
+def configure_replica_logging(level: str, replica_id: str) -> None:
+    """The service's one line format, on the replica's stdout (Ray forwards it to the front's log, and keeps it in
+    the session's worker-*.out), with the replica's id in every line: N engines write the same request lines."""
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(OneLinePerRecord(LOG_FORMAT.replace("%(message)s", f"replica={replica_id} %(message)s"),
+                                          LOG_DATE_FORMAT))
+    logging.basicConfig(level=level, handlers=[handler], force=True)
+
+
+def exit_replica_on_fatal(crash_dir: Path):
+    """The engine's fatal handler in a replica: snapshot, then end this replica's process only. Serve sees the
+    actor die and starts a replacement; the other replicas and the front go on."""
+
+    def on_fatal(error: BaseException, state: dict[str, object]) -> None:
+        write_snapshot(crash_dir, f"fatal in replica: {error}", state, error)
+        log.critical("replica exiting after a fatal error exit=1")
+        logging.shutdown()
+        os._exit(1)
+
+    return on_fatal
+
+
+class EngineReplica:
+    def __init__(self, spec: ReplicaSpec) -> None:
+        context = serve.get_replica_context()
+        self.replica = Replica(id=context.replica_id.unique_id, host=socket.gethostname(), pid=os.getpid())
+        configure_replica_logging(spec.log_level, self.replica.id)
+        enable_fault_tracebacks()
+        started = time.perf_counter()
+        device = resolve_device(spec.device)
+        if device.type == "cuda" and spec.options.compile_model and spec.compile_cache_dir is not None:
+            acceleration.use_compile_cache(spec.compile_cache_dir)
+        loaded = load_pipeline(spec.model_dir, device, verify=spec.verify_weights)
+        spec.faults.at_start()
+        self.engine = Engine(loaded, spec.options, faults=spec.faults, on_fatal=exit_replica_on_fatal(spec.crash_dir))
+        self.engine.warm_up()
+        if spec.options.compile_model:
+            self.engine.start_compiling(delay_s=spec.compile_delay_s)
+        self.engine.build_attention_plans(spec.plan_sizes)
+        log.info("replica ready host=%s pid=%d device=%s source=%s seconds=%.1f", self.replica.host,
+                 self.replica.pid, device, loaded.source, time.perf_counter() - started)
+
+    async def generate(self, request, arrived_at: float | None, owner: str | None) -> AsyncIterator[object]:
+        """Started, Progress per step, then Finished, or Refused with the engine's error. `arrived_at` is the
+        front's wall-clock time of arrival (time.time()): the monotonic clocks of two processes, or hosts, do not
+        compare. The engine runs on a thread so that this replica's event loop stays free for Serve's health checks
+        while the GPU works."""
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        received_at = None if arrived_at is None else time.monotonic() - max(0.0, time.time() - arrived_at)
+
+        def progress(step: int, total: int) -> None:
+            loop.call_soon_threadsafe(events.put_nowait, Progress(step, total))
+
+        yield Started(self.replica)
+        job = loop.run_in_executor(None, lambda: self.engine.generate(request, progress, received_at, owner))
+        job.add_done_callback(lambda _job: events.put_nowait(_DONE))
+        while (event := await events.get()) is not _DONE:
+            yield event
+        try:
+            result = await job
+        except (RequestError, GenerationError) as error:
+            yield Refused(error)
+            return
+        yield Finished(request_id=result.request_id, image=result.image, path=result.path, request=result.request,
+                       timings=result.timings, notices=result.notices, gpu_peak_bytes=result.gpu_peak_bytes,
+                       replica=self.replica, engine_state=self._engine_state())
+
+    def _engine_state(self) -> dict[str, object]:
+        state = self.engine.state()
+        return {key: state[key] for key in ENGINE_STATE_KEYS}
+
+    def describe(self) -> dict[str, object]:
+        """For the front at start: the memory guard (the sizes the UI offers; the replicas of one deployment run on
+        the same kind of GPU) and which pipeline serves."""
+        return {"memory_guard": self.engine.memory_guard, "engine_state": self._engine_state()}
+
+    def check_health(self) -> None:
+        """Serve calls this every health_check_period_s; raising marks the replica unhealthy and replaces it."""
+        if not self.engine.healthy:
+            raise RuntimeError(f"replica {self.replica.id}: the engine is unhealthy after a fatal error")

@@ -1,0 +1,59 @@
+"""app.py --replicas on the CPU: the real front (Gradio, the OpenAI route, /readyz) over two tiny Serve replicas,
+then SIGTERM. And the single-GPU default, which must never import Ray."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import psutil
+import pytest
+
+from tests.helpers import PROJECT_DIR, start_demo_app
+
+pytestmark = pytest.mark.e2e
+
+
+def test_the_single_gpu_service_never_imports_ray():
+    code = ("import sys, app, webui.ui, webui.server, pipeline.engine; "
+            "print('ray' in sys.modules, 'scale' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], cwd=PROJECT_DIR, capture_output=True, text=True,
+                            timeout=120)
+    assert result.stdout.split() == ["False", "False"], result.stderr
+
+
+def _generate(url: str, prompt: str) -> dict:
+    body = json.dumps({"prompt": prompt, "size": "64x64", "steps": 2, "response_format": "b64_json"}).encode()
+    request = urllib.request.Request(f"{url}/v1/images/generations", data=body, method="POST",
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=120) as response:
+        return json.loads(response.read())
+
+
+def test_two_replicas_serve_one_front_and_sigterm_leaves_no_process(tmp_path, tiny_models):
+    pytest.importorskip("ray")
+    app = start_demo_app(tmp_path, tiny_models, "--replicas", "2", "--compile-delay", "0")
+    try:
+        with urllib.request.urlopen(f"{app.url}/readyz", timeout=10) as response:
+            ready = json.loads(response.read())
+        assert ready["replicas_ready"] == 2 and ready["replicas_total"] == 2
+        # Four at once: the front's queue lets two through, one per replica.
+        with ThreadPoolExecutor(4) as pool:
+            answers = list(pool.map(lambda n: _generate(app.url, f"a fox number {n}"), range(4)))
+        assert all(len(answer["data"]) == 1 and answer["data"][0]["b64_json"] for answer in answers)
+        assert len(list(app.output_dir.rglob("*.png"))) == 4
+        served_by = set(re.findall(r"replica=(\S+) .*request id=\S+ .*outcome=ok", app.log()))
+        assert len(served_by) == 2, app.log()[-3000:]
+        family = psutil.Process(app.process.pid).children(recursive=True)
+        assert family, "a private Ray cluster runs as the front's children"
+    finally:
+        app.process.terminate()
+        exit_code = app.process.wait(timeout=60)
+    assert exit_code == 0, app.log()[-3000:]
+    _, alive = psutil.wait_procs(family, timeout=10)
+    assert not alive, [process.cmdline()[:3] for process in alive]
+    assert "replicas shut down" in app.log()
