@@ -14,6 +14,7 @@ import os
 import platform
 import shutil
 import sys
+import tempfile
 import threading
 from importlib import metadata
 from pathlib import Path
@@ -216,7 +217,8 @@ def start_replicas(settings: Settings, faults, metrics):
                          for label in labels))
     replicas = settings.replicas if settings.replicas == "auto" else int(settings.replicas)
     engine = scale.start(spec, replicas=replicas, num_gpus=1 if on_gpu else 0, queue_size=settings.queue_size,
-                         ray_address=settings.ray_address or None, metrics=metrics)
+                         ray_address=settings.ray_address or None, metrics=metrics,
+                         temp_dir=Path(tempfile.gettempdir()) / f"zimage-ray-{settings.port}")
     return engine, f"{model_name} ({engine.replicas} replicas)"
 
 

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import logging
+import shutil
+from pathlib import Path
 
+import psutil
 import ray
 from ray import serve
 
@@ -57,13 +60,40 @@ def deployment_failure() -> str:
     return message.splitlines()[-1] if message else "Serve gave no reason (the replicas' own lines in the log may)"
 
 
+def clear_leftovers(temp_dir: Path) -> int:
+    """End what an earlier private cluster in `temp_dir` left running, and remove its sessions' files; returns how
+    many processes were ended. Written by hand because Ray does not: when the front dies by SIGKILL, Ray's reaper
+    ends the GCS, the raylet and the replicas, but its DashboardAgent and RuntimeEnvAgent live on (Ray 2.60), one
+    pair per crash, and every session leaves a directory of logs."""
+    ended = []
+    for process in psutil.process_iter():
+        try:
+            if any(Path(file.path).is_relative_to(temp_dir) for file in process.open_files()):
+                process.kill()
+                ended.append(process)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    psutil.wait_procs(ended, timeout=10)
+    for session in temp_dir.glob("session_*"):
+        if session.is_dir() and not session.is_symlink():
+            shutil.rmtree(session, ignore_errors=True)
+    if ended:
+        log.warning("ended %d process(es) an earlier cluster left in %s", len(ended), temp_dir)
+    return len(ended)
+
+
 def start(spec: ReplicaSpec, *, replicas: int | str, num_gpus: float, queue_size: int, ray_address: str | None = None,
-          num_cpus: float = 1, metrics: ServiceMetrics | None = None) -> RemoteEngine:
+          num_cpus: float = 1, metrics: ServiceMetrics | None = None, temp_dir: Path | None = None) -> RemoteEngine:
     """Ray (a new local cluster, or the one at `ray_address`), then the deployment: `replicas` engines, each with
     `num_gpus` GPUs and `num_cpus` CPUs, one request at a time, with up to `queue_size` more waiting at the front.
-    Returns once every replica has loaded and warmed up. Any failure raises ScaleError, with Ray shut down again."""
+    Returns once every replica has loaded and warmed up. Any failure raises ScaleError, with Ray shut down again.
+    `temp_dir`: a private cluster's own (short: Ray's socket paths must fit 107 bytes), cleared of what an earlier
+    one left there before it starts."""
+    if ray_address is None and temp_dir is not None:
+        clear_leftovers(temp_dir)
     # log_to_driver: the replicas' log lines reach the front's stdout, the one log the supervisor keeps.
-    ray.init(address=ray_address, include_dashboard=False, log_to_driver=True, configure_logging=False)
+    ray.init(address=ray_address, include_dashboard=False, log_to_driver=True, configure_logging=False,
+             _temp_dir=None if ray_address or temp_dir is None else str(temp_dir))
     try:
         count = resolve_replicas(replicas, num_gpus, num_cpus)
         deployment = serve.deployment(

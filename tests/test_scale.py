@@ -6,6 +6,8 @@ from __future__ import annotations
 import importlib.util
 import os
 import signal
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
@@ -197,3 +199,29 @@ def test_shutdown_leaves_no_process(cluster):
     wait_until(lambda: not any(process.is_running() and process.status() != psutil.STATUS_ZOMBIE
                                for process in cluster.processes), 30, "every Ray process ended")
     assert not ray.is_initialized()
+
+
+def test_clear_leftovers_ends_the_processes_holding_files_in_the_temp_dir_and_removes_old_sessions(tmp_path):
+    from scale.cluster import clear_leftovers
+
+    temp_dir, elsewhere = tmp_path / "zimage-ray", tmp_path / "other"
+    (temp_dir / "session_2026-11-24_01-00-00_1" / "logs").mkdir(parents=True)
+    elsewhere.mkdir()
+    hold = "import sys, time; f = open(sys.argv[1], 'w'); print('open', flush=True); time.sleep(600)"
+
+    def holding(path):
+        process = subprocess.Popen([sys.executable, "-c", hold, str(path)], stdout=subprocess.PIPE, text=True)
+        assert process.stdout.readline() == "open\n"
+        return process
+
+    leftover = holding(temp_dir / "session_2026-11-24_01-00-00_1" / "logs" / "agent.out")
+    bystander = holding(elsewhere / "mine.log")
+    try:
+        assert clear_leftovers(temp_dir) == 1
+        assert not psutil.pid_exists(leftover.pid)  # ended, and reaped by clear_leftovers' wait
+        assert bystander.poll() is None
+        assert list(temp_dir.iterdir()) == []
+    finally:
+        for process in (leftover, bystander):
+            process.kill()
+            process.wait()
