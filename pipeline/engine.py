@@ -94,7 +94,7 @@ class StageTimings:
 @dataclass(frozen=True)
 class GenerationResult:
     request_id: str
-    image: Image.Image
+    image: Image.Image | None  # None where the engine ran in another process (a scale/ replica): read `path`
     path: Path
     request: ValidRequest
     timings: StageTimings

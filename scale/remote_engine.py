@@ -218,6 +218,6 @@ class RemoteEngine:
         log.info("request id=%s replica=%s host=%s pid=%d outcome=ok total_ms=%.0f engine_ms=%.0f hop_ms=%.1f",
                  finished.request_id, finished.replica.id, finished.replica.host, finished.replica.pid, total_ms,
                  finished.timings.total_ms, total_ms - finished.timings.total_ms)
-        return RemoteResult(request_id=finished.request_id, image=finished.image, path=finished.path,
+        return RemoteResult(request_id=finished.request_id, image=None, path=finished.path,
                             request=finished.request, timings=finished.timings, notices=finished.notices,
                             gpu_peak_bytes=finished.gpu_peak_bytes, replica=finished.replica)

@@ -111,7 +111,7 @@ class EngineReplica:
         except (RequestError, GenerationError) as error:
             yield Refused(error)
             return
-        yield Finished(request_id=result.request_id, image=result.image, path=result.path, request=result.request,
+        yield Finished(request_id=result.request_id, path=result.path, request=result.request,
                        timings=result.timings, notices=result.notices, gpu_peak_bytes=result.gpu_peak_bytes,
                        replica=self.replica, engine_state=self._engine_state())
 

@@ -147,6 +147,9 @@ class GuardedH11Protocol(H11Protocol):
                         len(self.connections), self.max_connections)
         oldest._stop_waiting()
         oldest.transport.close()
+        # Out of the count now, not at its connection_lost: on uvloop (installed with the scale extra) the new
+        # connection's request is read first, and uvicorn would answer it 503 for a cap the eviction just freed.
+        self.connections.discard(oldest)
 
 
 def guard_connections(server, *, max_connections: int, head_timeout_s: float) -> None:
