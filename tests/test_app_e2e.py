@@ -398,7 +398,9 @@ def test_a_hung_generation_dumps_stacks_writes_a_snapshot_and_exits_1(tmp_path, 
     log = app.log()
     assert "outcome=hung" in log and "stacks of all threads follow" in log and "in at_step" in log
     [snapshot] = (tmp_path / "crashes").glob("snapshot-*.json")
-    assert "ran 3 s without finishing" in json.loads(snapshot.read_text())["reason"]
+    # Noticed at the first check past the limit: the watch looks once a second, later on a loaded machine.
+    ran = re.search(r"ran (\d+) s without finishing", json.loads(snapshot.read_text())["reason"])
+    assert ran and 3 <= int(ran[1]) <= 3 + 2
 
 
 def _swallow(call):
