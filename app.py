@@ -68,19 +68,6 @@ def log_banner(settings: Settings) -> None:
     log.info("settings %s", " ".join(f"{key}={value}" for key, value in settings.as_log_fields().items()))
 
 
-def exit_on_fatal(crash_dir):
-    """The engine's fatal handler: snapshot, then end the process non-zero so the supervisor starts a clean one."""
-    from pipeline.snapshot import write_snapshot
-
-    def on_fatal(error: BaseException, state: dict[str, object]) -> None:
-        write_snapshot(crash_dir, f"fatal: {error}", state, error)
-        log.critical("exiting after a fatal error exit=1")
-        logging.shutdown()
-        os._exit(1)
-
-    return on_fatal
-
-
 def stop_child_processes(timeout_s: float = 3.0) -> None:
     """Children (compile workers, anything a library spawned) must not outlive the service: supervisor's
     stopasgroup only sends them the SIGTERM they may ignore, and killasgroup acts only if *we* overstay."""
@@ -184,6 +171,7 @@ def start_engine(settings: Settings, faults, loaded, model_name: str, metrics):
     """The engine around the loaded pipeline, warmed up (and so ready). Compilation, where on, starts later, from
     webui.server.serve once the first request is answered: minutes of Python that would slow the start and it."""
     from pipeline.engine import Engine
+    from pipeline.snapshot import exit_on_fatal
 
     options = engine_options(settings, model_name, on_gpu=loaded.device.type == "cuda")
     engine = Engine(loaded, options, faults=faults, on_fatal=exit_on_fatal(settings.crash_dir), metrics=metrics)

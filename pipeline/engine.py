@@ -77,6 +77,17 @@ class ServiceBusy(GenerationError):
     trying again later can succeed."""
 
 
+def outcome_of(error: BaseException) -> str:
+    """The metrics' outcome label of a request that raised `error`."""
+    if isinstance(error, ServiceBusy):
+        return "busy"
+    if isinstance(error, RequestError):
+        return "rejected"
+    if isinstance(error, GenerationError):
+        return "failed"
+    return "error"
+
+
 @dataclass(frozen=True)
 class StageTimings:
     queue_ms: float  # waiting for the GPU inside the engine (Gradio's queue comes before)
@@ -382,11 +393,8 @@ class Engine:
             outcome = "ok"
             stage_ms = result.timings.by_stage()
             return result
-        except ServiceBusy:
-            outcome = "busy"
-            raise
-        except GenerationError:
-            outcome = "failed"
+        except BaseException as error:
+            outcome = outcome_of(error)
             raise
         finally:
             with self._idle:

@@ -65,6 +65,20 @@ def write_snapshot(crash_dir: Path, reason: str, state: dict[str, object],
     return path
 
 
+def exit_on_fatal(crash_dir: Path, process: str = "") -> Callable[[BaseException, dict[str, object]], None]:
+    """The engine's fatal handler: a snapshot, then this process ends non-zero, so its keeper (supervisor, or Serve
+    for a replica: `process` names it in the lines) starts a clean one."""
+    where = f" in {process}" if process else ""
+
+    def on_fatal(error: BaseException, state: dict[str, object]) -> None:
+        write_snapshot(crash_dir, f"fatal{where}: {error}", state, error)
+        log.critical("exiting%s after a fatal error exit=1", where)
+        logging.shutdown()
+        os._exit(1)
+
+    return on_fatal
+
+
 def enable_fault_tracebacks() -> None:
     """Python tracebacks of every thread in the log when the process dies of a fatal signal (SIGSEGV, SIGABRT,
     ...), and on demand: `kill -USR1 <pid>` prints them without stopping anything."""

@@ -18,11 +18,12 @@ from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 
-from pipeline.engine import RECENT_IMAGES, GenerationError, GenerationRequest, GenerationResult, ServiceBusy
+from pipeline.engine import (RECENT_IMAGES, GenerationError, GenerationRequest, GenerationResult, ServiceBusy,
+                             outcome_of)
 from pipeline.memory import MemoryGuard
 from pipeline.metrics import ServiceMetrics
 from pipeline.output_dir import OutputDirCheck
-from pipeline.requests import Limits, RequestError
+from pipeline.requests import Limits
 from pipeline.storage import RecentImages, read_parameters
 from scale.events import Finished, Progress, Refused, Replica, Started
 from scale.metrics import ReplicaMetrics
@@ -149,16 +150,8 @@ class RemoteEngine:
             result = self._received(self._run(ticket, request, progress, arrived_at, owner), started)
             outcome, stage_ms = "ok", result.timings.by_stage()
             return result
-        except ReplicaLost:
-            raise  # a fault, not load: counted as "error"
-        except RequestError:
-            outcome = "rejected"
-            raise
-        except ServiceBusy:
-            outcome = "busy"
-            raise
-        except GenerationError:
-            outcome = "failed"
+        except BaseException as error:
+            outcome = "error" if isinstance(error, ReplicaLost) else outcome_of(error)  # a lost replica: a fault
             raise
         finally:
             with self._idle:

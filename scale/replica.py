@@ -21,7 +21,7 @@ from pipeline.engine import Engine, EngineOptions, GenerationError
 from pipeline.faults import FaultPlan
 from pipeline.loader import load_pipeline, resolve_device
 from pipeline.requests import RequestError
-from pipeline.snapshot import enable_fault_tracebacks, write_snapshot
+from pipeline.snapshot import enable_fault_tracebacks, exit_on_fatal
 from scale.events import Finished, Progress, Refused, Replica, Started
 
 log = logging.getLogger("zimage.replica")
@@ -56,19 +56,6 @@ def configure_replica_logging(level: str, replica_id: str) -> None:
     logging.basicConfig(level=level, handlers=[handler], force=True)
 
 
-def exit_replica_on_fatal(crash_dir: Path):
-    """The engine's fatal handler in a replica: snapshot, then end this replica's process only. Serve sees the
-    actor die and starts a replacement; the other replicas and the front go on."""
-
-    def on_fatal(error: BaseException, state: dict[str, object]) -> None:
-        write_snapshot(crash_dir, f"fatal in replica: {error}", state, error)
-        log.critical("replica exiting after a fatal error exit=1")
-        logging.shutdown()
-        os._exit(1)
-
-    return on_fatal
-
-
 class EngineReplica:
     def __init__(self, spec: ReplicaSpec) -> None:
         context = serve.get_replica_context()
@@ -81,7 +68,7 @@ class EngineReplica:
             acceleration.use_compile_cache(spec.compile_cache_dir)
         loaded = load_pipeline(spec.model_dir, device, verify=spec.verify_weights)
         spec.faults.at_start()
-        self.engine = Engine(loaded, spec.options, faults=spec.faults, on_fatal=exit_replica_on_fatal(spec.crash_dir))
+        self.engine = Engine(loaded, spec.options, faults=spec.faults, on_fatal=exit_on_fatal(spec.crash_dir, "replica"))
         self.engine.warm_up()
         if spec.options.compile_model:
             self.engine.start_compiling(delay_s=spec.compile_delay_s)
