@@ -190,8 +190,7 @@ def start_replicas(settings: Settings, faults, metrics):
         raise StartupError(f"--replicas needs Ray Serve, which is not installed ({error}); install the scale extra "
                            f"with scripts/setup.sh --scale, or leave --replicas at 0") from None
     from pipeline.loader import resolve_device
-    from pipeline.requests import parse_size
-    from webui.resolutions import offered
+    from webui.resolutions import offered_sizes
 
     model_dir, model_name = model_source(settings)
     # The replicas run on the same kind of device as this host offers (CUDA_VISIBLE_DEVICES narrows each to one).
@@ -201,8 +200,7 @@ def start_replicas(settings: Settings, faults, metrics):
         model_dir=model_dir, device=settings.device, options=options, crash_dir=settings.crash_dir,
         verify_weights=settings.verify_weights, compile_cache_dir=settings.compile_cache_dir,
         compile_delay_s=settings.compile_delay_s, log_level=settings.log_level, faults=faults,
-        plan_sizes=tuple(parse_size(label) for labels in offered(settings.max_w, settings.max_h).values()
-                         for label in labels))
+        plan_sizes=tuple(offered_sizes(settings.max_w, settings.max_h)))
     replicas = settings.replicas if settings.replicas == "auto" else int(settings.replicas)
     engine = scale.start(spec, replicas=replicas, num_gpus=1 if on_gpu else 0, queue_size=settings.queue_size,
                          ray_address=settings.ray_address or None, metrics=metrics,
@@ -228,12 +226,11 @@ def start_service(settings: Settings):
     if settings.replicas != "0":
         ui_import.join()
         engine, model_label = start_replicas(settings, faults, metrics)
-        install_snapshot_hooks(settings.crash_dir, engine.state)
-        return engine, metrics, model_label
-    loaded, model_name = load_model(settings)
-    # The attention probe and the warm-up time GPU work: no import competing with them for the interpreter.
-    ui_import.join()
-    engine, model_label = start_engine(settings, faults, loaded, model_name, metrics)
+    else:
+        loaded, model_name = load_model(settings)
+        # The attention probe and the warm-up time GPU work: no import competing with them for the interpreter.
+        ui_import.join()
+        engine, model_label = start_engine(settings, faults, loaded, model_name, metrics)
     install_snapshot_hooks(settings.crash_dir, engine.state)
     return engine, metrics, model_label
 

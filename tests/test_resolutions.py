@@ -1,5 +1,5 @@
 from pipeline.requests import parse_size
-from webui.resolutions import RESOLUTIONS, left_out, offered
+from webui.resolutions import RESOLUTIONS, left_out, offered, offered_sizes
 
 RATIOS = ["1:1", "9:7", "7:9", "4:3", "3:4", "3:2", "2:3", "16:9", "9:16", "21:9", "9:21"]
 
@@ -35,3 +35,10 @@ def test_sizes_the_memory_guard_refuses_are_left_out_and_named():
     assert "1280x1280" in missing and "2048x1152" in missing and "1024x1024" not in missing
     offered_sizes = {label.split(" (")[0] for labels in table.values() for label in labels}
     assert len(offered_sizes) + len(missing) == 33 and not offered_sizes & set(missing)
+
+
+def test_the_offered_sizes_are_the_tables_labels_as_numbers_the_default_first():
+    sizes = offered_sizes(1536, 1536)
+    assert sizes[0] == (1024, 1024)
+    assert len(sizes) == sum(len(labels) for labels in offered(1536, 1536).values())
+    assert all(width <= 1536 and height <= 1536 for width, height in sizes) and (1536, 1536) in sizes

@@ -29,6 +29,11 @@ def offered(max_w: int, max_h: int, fits: Callable[[int, int], bool] | None = No
     return table
 
 
+def offered_sizes(max_w: int, max_h: int) -> list[tuple[int, int]]:
+    """The offered sizes as (width, height), the default (1024²) first: what attention plans are built ahead for."""
+    return [parse_size(label) for labels in offered(max_w, max_h).values() for label in labels]
+
+
 def left_out(max_w: int, max_h: int, fits: Callable[[int, int], bool]) -> list[str]:
     """The sizes within the limits that `fits` refuses: what the UI must explain rather than silently drop."""
     return [label.split(" (")[0] for labels in RESOLUTIONS.values() for label in labels

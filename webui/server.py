@@ -23,8 +23,7 @@ from webui.connections import guard_connections
 from webui.limits import LimitBodySize, LimitUIEventRate
 from webui.openai_api import openai_routes
 from webui.origin import RefuseCrossSite
-from pipeline.requests import parse_size
-from webui.resolutions import offered
+from webui.resolutions import offered_sizes
 
 log = logging.getLogger("zimage.webui")
 
@@ -194,9 +193,7 @@ def serve(blocks: gr.Blocks, engine: Engine, *, host: str, port: int, share: boo
     if engine.compile_model:
         engine.start_compiling(delay_s=compile_delay_s)
     # The UI's sizes, the default (1024²) first: what most requests will need.
-    engine.build_attention_plans(
-        parse_size(label) for labels in offered(engine.limits.max_w, engine.limits.max_h).values()
-        for label in labels)
+    engine.build_attention_plans(offered_sizes(engine.limits.max_w, engine.limits.max_h))
     # Short waits, not one endless one: Linux may hand SIGTERM to any thread, and then a main thread asleep in an
     # untimed wait never wakes to run the Python handler. Each timeout returns to the interpreter, which runs it.
     while not stop.wait(timeout=SIGNAL_POLL_S):
