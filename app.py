@@ -128,27 +128,16 @@ def model_source(settings: Settings) -> tuple[Path, str]:
 
 def load_model(settings: Settings):
     """The weights, loaded once onto the configured device, with the device-wide settings applied first."""
-    import torch
-
-    from pipeline import acceleration
-    from pipeline.loader import load_pipeline, resolve_device
+    from pipeline.acceleration import load_for_serving
+    from pipeline.loader import resolve_device
 
     model_dir, model_name = model_source(settings)
     device = resolve_device(settings.device)
-    on_gpu = device.type == "cuda"
-    if not on_gpu and (settings.compile or settings.low_vram or settings.gpu_memory_limit_gib):
+    if device.type != "cuda" and (settings.compile or settings.low_vram or settings.gpu_memory_limit_gib):
         log.info("compile, low_vram and gpu_memory_limit_gib apply on CUDA only; the CPU runs the model eagerly")
-    if on_gpu and settings.compile:
-        acceleration.use_compile_cache(settings.compile_cache_dir)
-    if on_gpu and settings.gpu_memory_limit_gib:
-        # The caching allocator itself refuses to grow past the cap: a 16 GB card can be rehearsed on a larger one.
-        torch.cuda.set_per_process_memory_fraction(
-            min(1.0, settings.gpu_memory_limit_gib * 2**30 / torch.cuda.get_device_properties(device).total_memory))
-    low_vram = on_gpu and settings.low_vram
-    loaded = load_pipeline(model_dir, device, verify=settings.verify_weights, text_encoder_on_cpu=low_vram)
-    if low_vram:
-        acceleration.offload_text_encoder(loaded.pipe, device)
-        log.info("low-VRAM profile: text encoder streamed from CPU memory, VAE tiling above 1024 px")
+    loaded = load_for_serving(model_dir, device, verify=settings.verify_weights,
+                              compile_cache_dir=settings.compile_cache_dir if settings.compile else None,
+                              low_vram=settings.low_vram, gpu_memory_limit_gib=settings.gpu_memory_limit_gib)
     return loaded, model_name
 
 
@@ -199,6 +188,7 @@ def start_replicas(settings: Settings, faults, metrics):
     spec = scale.ReplicaSpec(
         model_dir=model_dir, device=settings.device, options=options, crash_dir=settings.crash_dir,
         verify_weights=settings.verify_weights, compile_cache_dir=settings.compile_cache_dir,
+        low_vram=settings.low_vram, gpu_memory_limit_gib=settings.gpu_memory_limit_gib,
         compile_delay_s=settings.compile_delay_s, log_level=settings.log_level, faults=faults,
         plan_sizes=tuple(offered_sizes(settings.max_w, settings.max_h)))
     replicas = settings.replicas if settings.replicas == "auto" else int(settings.replicas)
@@ -215,8 +205,14 @@ def start_service(settings: Settings):
     from pipeline.metrics import ServiceMetrics
     from pipeline.output_dir import prepare_output_dir
     from pipeline.snapshot import enable_fault_tracebacks, install_snapshot_hooks
+    from pipeline.storage import remove_partial_files
 
     prepare_output_dir(settings.output_dir)
+    # Here, not in an engine: replicas share the output dir, and one that starts (a replacement) while another
+    # saves would delete that save's file mid-write. This process starts before every engine it serves.
+    if removed := remove_partial_files(settings.output_dir):
+        log.warning("removed %d partial image file(s) left by an interrupted save in %s", removed,
+                    settings.output_dir)
     enable_fault_tracebacks()
     faults = FaultPlan.from_env(os.environ)
     faults.at_start()

@@ -108,9 +108,6 @@ class Settings:
                                 f"or auto (one per GPU) (got {self.replicas!r}).")
         if self.ray_address and self.replicas == "0":
             raise SettingsError("ray_address is for replicas: give --replicas N or auto with it.")
-        if self.replicas != "0" and (self.low_vram or self.gpu_memory_limit_gib):
-            raise SettingsError("low_vram and gpu_memory_limit_gib apply to the in-process engine only, not to "
-                                "replicas yet: leave them off with --replicas.")
         if self.max_connections < 8:
             raise SettingsError(f"max_connections must be at least 8 (got {self.max_connections}).")
         if self.header_timeout_s < 1:

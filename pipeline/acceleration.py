@@ -15,10 +15,31 @@ from pathlib import Path
 import torch
 
 from pipeline import flash4
+from pipeline.loader import LoadedPipeline, load_pipeline
 
 log = logging.getLogger("zimage.acceleration")
 
 LOW_VRAM_TILE_PX = 512
+
+
+def load_for_serving(model_dir: Path, device: torch.device, *, verify: bool, compile_cache_dir: Path | None,
+                     low_vram: bool, gpu_memory_limit_gib: float) -> LoadedPipeline:
+    """The weights loaded onto `device` with the process-wide settings applied around it, the same for the service's
+    own engine and for each replica's. On the GPU only: `compile_cache_dir` (None: no compiling), the memory cap,
+    and the low-VRAM profile."""
+    on_gpu = device.type == "cuda"
+    if on_gpu and compile_cache_dir is not None:
+        use_compile_cache(compile_cache_dir)
+    if on_gpu and gpu_memory_limit_gib:
+        # The caching allocator itself refuses to grow past the cap: a 16 GB card can be rehearsed on a larger one.
+        torch.cuda.set_per_process_memory_fraction(
+            min(1.0, gpu_memory_limit_gib * 2**30 / torch.cuda.get_device_properties(device).total_memory), device)
+    low_vram = on_gpu and low_vram
+    loaded = load_pipeline(model_dir, device, verify=verify, text_encoder_on_cpu=low_vram)
+    if low_vram:
+        offload_text_encoder(loaded.pipe, device)
+        log.info("low-VRAM profile: text encoder streamed from CPU memory, VAE tiling above 1024 px")
+    return loaded
 
 
 def use_compile_cache(cache_dir: Path) -> None:

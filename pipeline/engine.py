@@ -29,7 +29,7 @@ from pipeline.messages import first_line
 from pipeline.metrics import ServiceMetrics
 from pipeline.output_dir import OutputDirCheck
 from pipeline.requests import GenerationRequest, Limits, RequestError, ValidRequest, validate
-from pipeline.storage import RecentImages, a1111_parameters, remove_partial_files, save_png
+from pipeline.storage import RecentImages, a1111_parameters, save_png
 from pipeline.text_encoder import MAX_SEQUENCE_LENGTH, PromptEncoder
 
 log = logging.getLogger("zimage.engine")
@@ -206,8 +206,6 @@ class Engine:
         self._draining = False
         self._started = 0  # requests that reached the GPU
         self.queue_timeout_s = options.queue_timeout_s
-        if output_dir.is_dir() and (removed := remove_partial_files(output_dir)):
-            log.warning("removed %d partial image file(s) left by an interrupted save in %s", removed, output_dir)
         self._hangs = HangWatch(options.hang_timeout_s, self._on_hang)
 
     def _on_hang(self, request_id: str, seconds: float) -> None:
@@ -218,6 +216,11 @@ class Engine:
     def stop_accepting(self) -> None:
         """From now on new requests are refused as "shutting down"; the running one goes on."""
         self._draining = True
+
+    @property
+    def running_jobs(self) -> int:
+        """Requests being generated now: this engine runs one at a time."""
+        return int(self.in_flight is not None)
 
     @property
     def pipeline(self):
@@ -549,7 +552,8 @@ class Engine:
         generator = torch.Generator(device=self.device).manual_seed(valid.seed)
 
         def on_step_end(_pipe, step, _timestep, tensors):
-            replaced = self._faults.at_step(step + 1, request_number, tensors["latents"]) if request_number else None
+            replaced = (self._faults.at_step(step + 1, request_number, valid.prompt, tensors["latents"])
+                        if request_number else None)
             if progress is not None:
                 progress(step + 1, valid.steps)
             return {} if replaced is None else {"latents": replaced}

@@ -9,6 +9,9 @@ the fault fires at denoising step STEP of every EVERY-th request (every request 
     slow      stop making progress (sleep): the in-process hang detector dumps stacks and exits 1
     hang      freeze the whole process (SIGSTOP): alive but unresponsive; only the outside watchdog notices
     spawn-child   (no @STEP) at start, spawn a child that ignores SIGTERM, so stopping must take the whole group
+
+A test that builds a FaultPlan itself can also give `prompt`: the fault then fires only for requests with that prompt,
+whatever their number, so it picks one request, and one replica of several, out of a run.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ class FaultPlan:
     kind: str | None = None
     step: int = 0
     every: int = 1
+    prompt: str | None = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> FaultPlan:
@@ -70,9 +74,11 @@ class FaultPlan:
                                       "signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(3600)"])
             log.warning("TEST FAULT spawn-child: child pid=%d ignores SIGTERM", child.pid)
 
-    def at_step(self, step: int, request_number: int, latents: torch.Tensor) -> torch.Tensor | None:
+    def at_step(self, step: int, request_number: int, prompt: str, latents: torch.Tensor) -> torch.Tensor | None:
         """Called after each denoising step of request `request_number` (1-based); may return replaced latents."""
         if self.kind not in STEP_FAULTS or step != self.step or request_number % self.every:
+            return None
+        if self.prompt is not None and prompt != self.prompt:
             return None
         log.warning("TEST FAULT %s at step %d of request %d", self.kind, step, request_number)
         if self.kind == "oom":

@@ -10,6 +10,10 @@ import os
 os.environ.setdefault("RAY_COLOR_PREFIX", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# Token authentication, said outright rather than left to Ray's guess: a private cluster makes its token if there is
+# none (~/.ray/auth_token), and a joined one (--ray-address) is reached with the token its head was started with
+# (RAY_AUTH_TOKEN_PATH, or that same file; deploy/supervisor/ray-node.conf). RAY_AUTH_MODE=disabled opts out.
+os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 from scale.cluster import ScaleError, shutdown, start  # noqa: E402  (after the environment above)
 from scale.remote_engine import RemoteEngine, RemoteResult, ReplicaLost  # noqa: E402

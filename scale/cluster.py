@@ -9,8 +9,9 @@ from pathlib import Path
 import psutil
 import ray
 from ray import serve
+from ray.exceptions import AuthenticationError
 
-from pipeline.messages import StartupError
+from pipeline.messages import StartupError, first_line
 from pipeline.metrics import ServiceMetrics
 from scale.remote_engine import RemoteEngine
 from scale.replica import EngineReplica, ReplicaSpec
@@ -91,9 +92,16 @@ def start(spec: ReplicaSpec, *, replicas: int | str, num_gpus: float, queue_size
     one left there before it starts."""
     if ray_address is None and temp_dir is not None:
         clear_leftovers(temp_dir)
-    # log_to_driver: the replicas' log lines reach the front's stdout, the one log the supervisor keeps.
-    ray.init(address=ray_address, include_dashboard=False, log_to_driver=True, configure_logging=False,
-             _temp_dir=None if ray_address or temp_dir is None else str(temp_dir))
+    try:
+        # log_to_driver: the replicas' log lines reach the front's stdout, the one log the supervisor keeps.
+        ray.init(address=ray_address, include_dashboard=False, log_to_driver=True, configure_logging=False,
+                 _temp_dir=None if ray_address or temp_dir is None else str(temp_dir))
+    except (ConnectionError, RuntimeError, AuthenticationError) as error:
+        if ray_address is None:
+            raise ScaleError(f"cannot start a private Ray cluster: {first_line(error)}") from None
+        raise ScaleError(f"cannot join the Ray cluster at {ray_address}: {first_line(error)}. Is `ray start --head` "
+                         f"running there, and is this host's Ray token (RAY_AUTH_TOKEN_PATH, or ~/.ray/auth_token) "
+                         f"the one it was started with?") from None
     try:
         count = resolve_replicas(replicas, num_gpus, num_cpus)
         deployment = serve.deployment(

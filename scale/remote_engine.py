@@ -9,6 +9,7 @@ import itertools
 import logging
 import threading
 import time
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,10 +28,22 @@ from pipeline.requests import Limits
 from pipeline.storage import RecentImages, read_parameters
 from scale.events import Finished, Progress, Refused, Replica, Started
 from scale.metrics import ReplicaMetrics
+from scale.replica import ENGINE_STATE_KEYS
 
 log = logging.getLogger("zimage.remote")
 
 STATUS_TTL_S = 1.0  # /readyz, /metrics and every open page's status line ask: the controller is asked once a second
+
+
+def summarize(states: list[dict[str, object]]) -> dict[str, object]:
+    """The replicas' engine states as one: per key, the value every replica reports, or how many report each
+    ("compiled×1 eager×1") while they differ (one compiles later than another, a replacement starts eager)."""
+    summary: dict[str, object] = {key: "unknown" for key in ENGINE_STATE_KEYS}  # no replica has answered since
+    for key in summary if states else ():
+        counts = Counter(str(state[key]) for state in states)
+        summary[key] = states[0][key] if len(counts) == 1 else " ".join(
+            f"{value}×{count}" for value, count in sorted(counts.items()))
+    return summary
 
 
 class ReplicaLost(ServiceBusy):
@@ -50,7 +63,7 @@ class RemoteEngine:
                  queue_size: int, limits: Limits, output_dir: Path, memory_guard: MemoryGuard | None,
                  engine_state: dict[str, object], metrics: ServiceMetrics | None = None) -> None:
         """`replicas`: how many were asked for; `memory_guard` and `engine_state`: one replica's, at start (the
-        replicas of one deployment run on the same kind of device)."""
+        replicas of one deployment run on the same kind of device; the state stands for all until they answer)."""
         self._stream = handle.options(stream=True)
         self._app_name, self._deployment_name = app_name, deployment_name
         self.replicas = replicas
@@ -63,7 +76,9 @@ class RemoteEngine:
         # theirs, in their log lines).
         self.device = torch.device("cpu")
         self.compile_model = False  # each replica compiles its own copy (ReplicaSpec.compile_delay_s)
-        self._engine_state = dict(engine_state)  # the last answering replica's: which pipeline serves, ...
+        # Replica id → its engine's state (which pipeline serves, ...) as its latest answer gave it: the newest
+        # `replicas` of them, a lost one dropped. Serve names no replica before it answers: "" stands for all.
+        self._replica_states: OrderedDict[str, dict[str, object]] = OrderedDict({"": dict(engine_state)})
         self._output_dir_check = OutputDirCheck(output_dir)
         self._recent_images = RecentImages(output_dir, keep=RECENT_IMAGES)
         self._metrics = ReplicaMetrics(metrics or ServiceMetrics(), self.replica_counts)
@@ -82,6 +97,12 @@ class RemoteEngine:
         taken request n), or None."""
         with self._idle:
             return " ".join(self._running.values()) or None
+
+    @property
+    def running_jobs(self) -> int:
+        """Requests a replica is generating now (one per replica at most); not those still in Serve's queue."""
+        with self._idle:
+            return sum(not where.startswith("pending/") for where in self._running.values())
 
     @property
     def ready(self) -> bool:
@@ -107,9 +128,11 @@ class RemoteEngine:
         """Engine.state()'s keys, for the front: ready while at least one replica is; and the replicas' counts."""
         ready, total = self.replica_counts()
         in_flight = self.in_flight
+        with self._idle:
+            engines = summarize(list(self._replica_states.values()))
         return {"ready": ready > 0, "healthy": self.healthy, "busy": in_flight is not None, "in_flight": in_flight,
-                "served": self.served, **self._engine_state, "device": f"{total} Serve replicas",
-                "replicas_ready": ready, "replicas_total": total, "recent_prompts": []}
+                "served": self.served, **engines, "device": f"{total} Serve replicas", "replicas_ready": ready,
+                "replicas_total": total, "recent_prompts": []}
 
     def output_dir_problem(self) -> str | None:
         return self._output_dir_check.problem()
@@ -187,6 +210,8 @@ class RemoteEngine:
                               "at the log. Try again later.") from None
         except RayActorError as error:
             lost = runs_on or Replica(id="unknown", host="unknown", pid=0)
+            with self._idle:
+                self._replica_states.pop(lost.id, None)
             log.warning("request outcome=replica-lost replica=%s host=%s pid=%d error=%r", lost.id, lost.host,
                         lost.pid, type(error).__name__)
             raise ReplicaLost(f"The server process making your image stopped before it finished (replica "
@@ -204,9 +229,13 @@ class RemoteEngine:
                 f"The image was saved on host {finished.replica.host} at {finished.path}, but the front cannot read "
                 f"it: every host must mount the same output directory at the same path.") from None
         self._recent_images.add(finished.path, parameters)
-        self._engine_state = finished.engine_state
         with self._idle:
             self.served += 1
+            self._replica_states.pop("", None)
+            self._replica_states[finished.replica.id] = finished.engine_state
+            self._replica_states.move_to_end(finished.replica.id)
+            while len(self._replica_states) > self.replicas:
+                self._replica_states.popitem(last=False)
         total_ms = (time.perf_counter() - started) * 1000
         log.info("request id=%s replica=%s host=%s pid=%d outcome=ok total_ms=%.0f engine_ms=%.0f hop_ms=%.1f",
                  finished.request_id, finished.replica.id, finished.replica.host, finished.replica.pid, total_ms,

@@ -16,10 +16,10 @@ from pathlib import Path
 from ray import serve
 
 from config.log_lines import LOG_DATE_FORMAT, LOG_FORMAT, OneLinePerRecord
-from pipeline import acceleration
+from pipeline.acceleration import load_for_serving
 from pipeline.engine import Engine, EngineOptions, GenerationError
 from pipeline.faults import FaultPlan
-from pipeline.loader import load_pipeline, resolve_device
+from pipeline.loader import resolve_device
 from pipeline.requests import RequestError
 from pipeline.snapshot import enable_fault_tracebacks, exit_on_fatal
 from scale.events import Finished, Progress, Refused, Replica, Started
@@ -41,6 +41,8 @@ class ReplicaSpec:
     crash_dir: Path
     verify_weights: bool = False
     compile_cache_dir: Path | None = None  # CUDA with compile on: kernels kept across restarts
+    low_vram: bool = False  # on CUDA, as for the service's own engine (pipeline.acceleration.load_for_serving)
+    gpu_memory_limit_gib: float = 0
     compile_delay_s: float = 10.0
     plan_sizes: tuple[tuple[int, int], ...] = ()  # attention plans built after warm-up: the UI's sizes
     log_level: str = "INFO"
@@ -64,9 +66,9 @@ class EngineReplica:
         enable_fault_tracebacks()
         started = time.perf_counter()
         device = resolve_device(spec.device)
-        if device.type == "cuda" and spec.options.compile_model and spec.compile_cache_dir is not None:
-            acceleration.use_compile_cache(spec.compile_cache_dir)
-        loaded = load_pipeline(spec.model_dir, device, verify=spec.verify_weights)
+        loaded = load_for_serving(spec.model_dir, device, verify=spec.verify_weights,
+                                  compile_cache_dir=spec.compile_cache_dir if spec.options.compile_model else None,
+                                  low_vram=spec.low_vram, gpu_memory_limit_gib=spec.gpu_memory_limit_gib)
         spec.faults.at_start()
         self.engine = Engine(loaded, spec.options, faults=spec.faults, on_fatal=exit_on_fatal(spec.crash_dir, "replica"))
         self.engine.warm_up()

@@ -75,6 +75,15 @@ def http_status(url: str) -> int:
         return error.code
 
 
+def generate_over_http(url: str, prompt: str, size: str = "64x64", steps: int = 2) -> dict:
+    """One image through the OpenAI route, as b64_json: the parsed answer."""
+    body = json.dumps({"prompt": prompt, "size": size, "steps": steps, "response_format": "b64_json"}).encode()
+    request = urllib.request.Request(f"{url}/v1/images/generations", data=body, method="POST",
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=120) as response:
+        return json.loads(response.read())
+
+
 def start_app(tmp_path: Path, *flags: str, env: dict[str, str] | None = None,
               open_files: int | None = None) -> RunningApp:
     """`open_files`: the soft limit on open files the process starts with (as a supervisord or shell may leave it)."""

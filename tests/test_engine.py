@@ -207,6 +207,16 @@ def test_draining_engine_refuses_new_requests(engine):
         engine.generate(GenerationRequest("x", seed=1, **SMALL))
 
 
+def test_a_new_engine_leaves_a_save_in_progress_in_the_shared_output_dir_alone(loaded_tiny, tmp_path):
+    """A replacement replica starts while another replica writes into the same dir: the other's temporary file
+    is not its to delete (the service clears leftovers once, before any engine starts)."""
+    saving = tmp_path / "outputs" / "2026-11-24" / ".050048-b6e6d9326301-seed3-x.tmp"
+    saving.parent.mkdir(parents=True)
+    saving.write_bytes(b"\x89PNG being written")
+    engine_with(loaded_tiny, tmp_path)
+    assert saving.exists()
+
+
 def test_an_output_dir_that_cannot_take_images_refuses_the_request_before_any_gpu_work(loaded_tiny, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("")  # where the output directory's parent should be: unwritable even for root

@@ -35,17 +35,24 @@ def test_fault_fires_only_at_its_step_and_on_its_requests():
     latents = torch.zeros(1, 16, 4, 4)
     for request in (1, 2, 4):
         for step in (1, 2, 3):
-            assert plan.at_step(step, request, latents) is None
-    assert plan.at_step(1, 3, latents) is None
+            assert plan.at_step(step, request, "a cat", latents) is None
+    assert plan.at_step(1, 3, "a cat", latents) is None
     with pytest.raises(torch.OutOfMemoryError, match="CUDA out of memory"):
-        plan.at_step(2, 3, latents)
+        plan.at_step(2, 3, "a cat", latents)
 
 
 def test_nan_fault_replaces_the_latents():
-    replaced = FaultPlan("nan", 1).at_step(1, 1, torch.ones(2, 3))
+    replaced = FaultPlan("nan", 1).at_step(1, 1, "a cat", torch.ones(2, 3))
     assert replaced.shape == (2, 3) and torch.isnan(replaced).all()
 
 
 def test_poison_fault_raises_the_cuda_error_text():
     with pytest.raises(RuntimeError, match="illegal memory access"):
-        FaultPlan("poison", 1).at_step(1, 1, torch.ones(1))
+        FaultPlan("poison", 1).at_step(1, 1, "a cat", torch.ones(1))
+
+
+def test_a_fault_with_a_prompt_fires_only_for_that_prompt():
+    plan = FaultPlan("oom", 1, prompt="break here")
+    assert plan.at_step(1, 1, "a cat", torch.ones(1)) is None
+    with pytest.raises(torch.OutOfMemoryError):
+        plan.at_step(1, 2, "break here", torch.ones(1))

@@ -1,23 +1,30 @@
-"""deploy/supervisor/ray-node.conf: supervisor reads both blocks with the service's rules, and every `ray start`
-option they use exists in the installed Ray."""
+"""deploy/supervisor/ray-node.conf: supervisor reads both blocks with the service's rules, every `ray start` option
+they use exists in the installed Ray, and a front started with --ray-address joins the head its block starts."""
 
+import os
 import re
+import secrets
+import shlex
+import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
+import psutil
 import pytest
 from supervisor.datatypes import RestartUnconditionally, RestartWhenExitUnexpected
 from supervisor.options import ServerOptions, UnhosedConfigParser
 
-from tests.helpers import PROJECT_DIR
+from tests.helpers import PROJECT_DIR, free_port, generate_over_http, http_status, start_demo_app, wait_until
 
 TEMPLATE = PROJECT_DIR / "deploy" / "supervisor" / "ray-node.conf"
 RAY = Path(sys.executable).parent / "ray"
 
 
-def _programs(tmp_path):
-    text = TEMPLATE.read_text().format(ray=RAY, head_ip="10.0.0.1", log_dir=tmp_path)
+def _programs(tmp_path, head_ip="10.0.0.1"):
+    text = TEMPLATE.read_text().format(ray=RAY, head_ip=head_ip, log_dir=tmp_path)
     parser = UnhosedConfigParser()
     parser.read_string(text)
     options = ServerOptions()
@@ -44,3 +51,67 @@ def test_every_ray_start_option_the_blocks_use_exists():
     used = set(re.findall(r"(--[a-z-]+)", " ".join(
         line for line in TEMPLATE.read_text().splitlines() if line.startswith("command="))))
     assert used and all(re.search(rf"^\s+{option}\b", help_text, re.M) for option in used), used
+
+
+HEAD_START_TIMEOUT_S = 120
+REPLACE_TIMEOUT_S = 90
+
+
+def _serve_replicas(root: psutil.Process) -> list[psutil.Process]:
+    found = []
+    for process in root.children(recursive=True):
+        try:
+            if "ServeReplica" in " ".join(process.cmdline()):
+                found.append(process)
+        except psutil.NoSuchProcess:
+            continue
+    return found
+
+
+@pytest.mark.e2e
+def test_a_front_joins_the_head_its_block_starts_and_leaves_it_running_without_replicas(tmp_path, tiny_models):
+    """The ray-head block's own command (on loopback, a free port, a short temp dir: Ray's socket paths must fit
+    107 bytes) under its block's environment; a front with another token is refused, naming it; app.py --replicas 1
+    --ray-address with the cluster's token joins it, serves, and on SIGTERM
+    takes its replica away while the head, supervisor's program, runs on. Its one replica killed meanwhile, /readyz
+    is 503 until Serve has replaced it."""
+    pytest.importorskip("ray")
+    head_block = _programs(tmp_path, head_ip="127.0.0.1")["ray-head"]
+    port = free_port()
+    temp_dir = Path(tempfile.mkdtemp(prefix="zr-"))
+    command = head_block.command.replace("--port=6379", f"--port={port}")
+    head_log = tmp_path / "ray-head.log"
+    # The cluster's token, as `ray get-auth-token --generate` makes one, in a file of the test's own.
+    token, wrong_token = tmp_path / "auth_token", tmp_path / "wrong_token"
+    token.write_text(secrets.token_hex(32))
+    wrong_token.write_text(secrets.token_hex(32))
+    with head_log.open("w") as log:
+        head = subprocess.Popen([*shlex.split(command), f"--temp-dir={temp_dir}"], stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True,  # one group, as stopasgroup needs
+                                env={**os.environ, **head_block.environment, "RAY_AUTH_TOKEN_PATH": str(token)})
+    try:
+        wait_until(lambda: head.poll() is not None or "Ray runtime started" in head_log.read_text(),
+                   HEAD_START_TIMEOUT_S, "the head's start")
+        assert head.poll() is None, head_log.read_text()
+        address = ["--replicas", "1", "--ray-address", f"127.0.0.1:{port}", "--compile-delay", "0"]
+        with pytest.raises(AssertionError, match=rf"app exited with 1:(.|\n)*cannot start: cannot join the Ray "
+                                                 rf"cluster at 127\.0\.0\.1:{port}: .*this host's Ray token"):
+            start_demo_app(tmp_path / "stranger", tiny_models, *address,
+                           env={"RAY_AUTH_TOKEN_PATH": str(wrong_token)})
+        app = start_demo_app(tmp_path, tiny_models, *address, env={"RAY_AUTH_TOKEN_PATH": str(token)})
+        assert generate_over_http(app.url, "a joined cluster")["data"][0]["b64_json"]
+        assert f"ray_address=127.0.0.1:{port}" in app.log()
+        [replica] = _serve_replicas(psutil.Process(head.pid))  # on the head's node
+        # Its only replica killed: not ready until Serve has replaced it, then serving again.
+        replica.kill()
+        wait_until(lambda: http_status(f"{app.url}/readyz") == 503, 30, "/readyz 503 with no replica ready")
+        wait_until(lambda: http_status(f"{app.url}/readyz") == 200, REPLACE_TIMEOUT_S, "the replica replaced")
+        assert generate_over_http(app.url, "a joined cluster again")["data"][0]["b64_json"]
+        app.process.terminate()
+        assert app.process.wait(timeout=60) == 0, app.log()[-3000:]
+        assert head.poll() is None, head_log.read_text()
+        wait_until(lambda: not _serve_replicas(psutil.Process(head.pid)), 30, "the replica gone from the head")
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        head.wait(timeout=60)
+        shutil.rmtree(temp_dir, ignore_errors=True)

@@ -4,12 +4,14 @@ module, driven through the front's RemoteEngine as the web layer drives a local 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import signal
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
+from pathlib import Path
 
 import psutil
 import pytest
@@ -22,6 +24,7 @@ if importlib.util.find_spec("ray") is None:
 import scale  # noqa: E402
 import ray  # noqa: E402
 from pipeline.engine import ServiceBusy  # noqa: E402
+from pipeline.faults import FaultPlan  # noqa: E402
 from pipeline.layouts import LayoutKind  # noqa: E402
 from pipeline.metrics import ServiceMetrics  # noqa: E402
 from pipeline.requests import GenerationRequest, RequestError  # noqa: E402
@@ -35,12 +38,14 @@ QUEUE_SETTLE_S = 0.3
 TINY = dict(width=64, height=64, steps=2)
 SLOW = dict(width=1024, height=1024, steps=4)  # seconds on one CPU core: holds a replica while the test acts
 REPLACE_TIMEOUT_S = 90  # a replacement loads and warms up on a machine whose cores the other replica shares
+POISON_PROMPT = "poison this replica's GPU"  # every replica raises a poisoned CUDA context's error for this prompt
 
 
 @dataclass
 class Cluster:
     engine: scale.RemoteEngine
     metrics: ServiceMetrics
+    crash_dir: Path
     processes: list[psutil.Process]  # the Ray processes the cluster started: children of this one
 
 
@@ -48,17 +53,18 @@ class Cluster:
 def cluster(tiny_models, tmp_path_factory):
     root = tmp_path_factory.mktemp("scale")
     spec = scale.ReplicaSpec(model_dir=tiny_models[LayoutKind.SINGLE_FILE], device="cpu",
-                             options=engine_options(root / "outputs"), crash_dir=root / "crashes")
+                             options=engine_options(root / "outputs"), crash_dir=root / "crashes",
+                             faults=FaultPlan("poison", 1, prompt=POISON_PROMPT))
     before = {child.pid for child in psutil.Process().children(recursive=True)}
     metrics = ServiceMetrics()
     engine = scale.start(spec, replicas=REPLICAS, num_gpus=0, queue_size=QUEUE_SIZE, metrics=metrics)
     started = [child for child in psutil.Process().children(recursive=True) if child.pid not in before]
-    yield Cluster(engine, metrics, started)
+    yield Cluster(engine, metrics, spec.crash_dir, started)
     scale.shutdown()
 
 
-def generate(engine, seed: int, size=TINY, progress=None):
-    return engine.generate(GenerationRequest(prompt="a red cube", seed=seed, **size), progress=progress)
+def generate(engine, seed: int, size=TINY, progress=None, prompt="a red cube"):
+    return engine.generate(GenerationRequest(prompt=prompt, seed=seed, **size), progress=progress)
 
 
 def concurrently(engine, seeds) -> list:
@@ -86,6 +92,17 @@ def running_on(engine) -> list[str]:
 
 def sample(metrics: ServiceMetrics, name: str, **labels) -> float:
     return parse_samples(metrics.text().decode()).get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def test_the_replicas_engine_states_read_as_one():
+    from scale.remote_engine import summarize
+
+    eager = dict(attention="native", compiled="no", serving="eager", text_encoder="eager")
+    compiled = dict(eager, compiled="yes", serving="compiled")
+    assert summarize([eager, eager]) == eager
+    assert summarize([compiled, eager, compiled]) == dict(eager, compiled="no×1 yes×2",
+                                                          serving="compiled×2 eager×1")
+    assert summarize([]) == dict.fromkeys(eager, "unknown")
 
 
 # The two failed starts come first: each starts and stops Ray of its own, before the module's cluster exists.
@@ -150,6 +167,7 @@ def test_a_full_queue_is_busy(cluster):
     with ThreadPoolExecutor(max_workers=REPLICAS + QUEUE_SIZE + 1) as pool:
         slow = [pool.submit(generate, engine, seed, SLOW) for seed in range(REPLICAS)]
         wait_until(lambda: len(set(running_on(engine))) == REPLICAS, 30, "both replicas running a slow request")
+        assert engine.running_jobs == REPLICAS
         waiting = []
         for seed in range(QUEUE_SIZE + 1):
             waiting.append(pool.submit(generate, engine, seed))
@@ -188,6 +206,28 @@ def test_a_killed_replica_fails_only_its_request_and_comes_back(cluster):
                REPLACE_TIMEOUT_S, "the replica replaced")
     replacement = set(replica_pids(engine)) - {survivor}
     assert replacement and victim not in replacement
+
+
+def test_a_poisoned_gpu_ends_only_its_replica_which_comes_back(cluster):
+    """A poisoned CUDA context in one replica: it writes its crash snapshot and exits, its request gets a retryable
+    error, the other replica serves a 20-request run meanwhile, and Serve replaces the one that exited."""
+    engine = cluster.engine
+    pids = replica_pids(engine)
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        run = [pool.submit(generate, engine, seed) for seed in range(20)]
+        with pytest.raises(scale.ReplicaLost, match="Try again") as lost:
+            generate(engine, 7, prompt=POISON_PROMPT)
+        served_by = [future.result(timeout=60).replica.id for future in run]
+
+    victim = next(replica for replica in pids if f"replica {replica})" in str(lost.value))
+    survivor = (set(pids) - {victim}).pop()
+    assert survivor in served_by
+    wait_until(lambda: not psutil.pid_exists(pids[victim]), 30, "the poisoned replica's process ended")
+    assert psutil.pid_exists(pids[survivor])
+    [snapshot] = [json.loads(path.read_text()) for path in cluster.crash_dir.glob("*.json")]
+    assert snapshot["reason"].startswith("fatal in replica: CUDA error: an illegal memory access")
+    wait_until(lambda: engine.replica_counts() == (REPLICAS, REPLICAS), REPLACE_TIMEOUT_S, "the replica replaced")
+    assert set(replica_pids(engine)) - {survivor, victim}
 
 
 def test_shutdown_leaves_no_process(cluster):

@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import psutil
 import pytest
 
-from tests.helpers import PROJECT_DIR, start_demo_app
+from tests.helpers import PROJECT_DIR, generate_over_http, start_demo_app
 
 pytestmark = pytest.mark.e2e
 
@@ -26,24 +26,20 @@ def test_the_single_gpu_service_never_imports_ray():
     assert result.stdout.split() == ["False", "False"], result.stderr
 
 
-def _generate(url: str, prompt: str) -> dict:
-    body = json.dumps({"prompt": prompt, "size": "64x64", "steps": 2, "response_format": "b64_json"}).encode()
-    request = urllib.request.Request(f"{url}/v1/images/generations", data=body, method="POST",
-                                     headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=120) as response:
-        return json.loads(response.read())
-
-
 def test_two_replicas_serve_one_front_and_sigterm_leaves_no_process(tmp_path, tiny_models):
     pytest.importorskip("ray")
+    partial = tmp_path / "outputs" / "2026-11-23" / ".a-save-killed-midway.tmp"  # by a front killed earlier
+    partial.parent.mkdir(parents=True)
+    partial.write_bytes(b"\x89PNG half")
     app = start_demo_app(tmp_path, tiny_models, "--replicas", "2", "--compile-delay", "0")
+    assert not partial.exists() and "removed 1 partial image file(s)" in app.log()
     try:
         with urllib.request.urlopen(f"{app.url}/readyz", timeout=10) as response:
             ready = json.loads(response.read())
         assert ready["replicas_ready"] == 2 and ready["replicas_total"] == 2
         # Four at once: the front's queue lets two through, one per replica.
         with ThreadPoolExecutor(4) as pool:
-            answers = list(pool.map(lambda n: _generate(app.url, f"a fox number {n}"), range(4)))
+            answers = list(pool.map(lambda n: generate_over_http(app.url, f"a fox number {n}"), range(4)))
         assert all(len(answer["data"]) == 1 and answer["data"][0]["b64_json"] for answer in answers)
         assert len(list(app.output_dir.rglob("*.png"))) == 4
         # The front's own line, written before it answers: a replica's lines reach the log through Ray's

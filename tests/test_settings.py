@@ -211,7 +211,6 @@ def test_a_public_url_must_be_an_http_base_url(url):
     (["--replicas", "two"], "replicas must be 0 (the engine in this process), a number of Ray Serve replicas or auto"),
     (["--replicas", "-1"], "replicas must be 0"),
     (["--ray-address", "127.0.0.1:6379"], "ray_address is for replicas"),
-    (["--replicas", "2", "--low-vram"], "low_vram and gpu_memory_limit_gib apply to the in-process engine only"),
 ])
 def test_replica_settings_that_cannot_work_are_refused_naming_the_setting(flags, message):
     with pytest.raises(SettingsError, match=re.escape(message)):
@@ -223,3 +222,6 @@ def test_replicas_take_a_number_or_auto():
     assert load_settings(["--replicas", "2", "--ray-address", "10.0.0.1:6379"], environ={}).ray_address == \
         "10.0.0.1:6379"
     assert load_settings([], environ={}).replicas == "0"
+    # Each replica applies the 16 GB profile on its own GPU.
+    profiled = load_settings(["--replicas", "2", "--low-vram", "--gpu-memory-limit-gib", "16"], environ={})
+    assert (profiled.low_vram, profiled.gpu_memory_limit_gib) == (True, 16)

@@ -114,7 +114,8 @@ def metrics_route(metrics: ServiceMetrics, engine: Engine, blocks: gr.Blocks) ->
     """/metrics in Prometheus' text format: the engine's counters and histograms, and gauges read at each scrape."""
     metrics.gauge("zimage_queue_depth", "Requests waiting in the queue (what Gradio's /queue/status reports)",
                   lambda: blocks._queue.get_status().queue_size)
-    metrics.gauge("zimage_in_flight", "Requests on the GPU now (0 or 1)", lambda: int(engine.in_flight is not None))
+    metrics.gauge("zimage_in_flight", "Requests being generated now (one per engine at most: one per replica with "
+                  "--replicas)", lambda: engine.running_jobs)
     metrics.gauge("zimage_model_loaded", "1 once the model is loaded and warmed up, and no fatal error since",
                   lambda: int(engine.ready and engine.healthy))
     if engine.device.type == "cuda":
