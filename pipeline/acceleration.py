@@ -33,7 +33,7 @@ def load_for_serving(model_dir: Path, device: torch.device, *, verify: bool, com
     if on_gpu and gpu_memory_limit_gib:
         # The caching allocator itself refuses to grow past the cap: a 16 GB card can be rehearsed on a larger one.
         torch.cuda.set_per_process_memory_fraction(
-            min(1.0, gpu_memory_limit_gib * 2**30 / torch.cuda.get_device_properties(device).total_memory), device)
+            min(1.0, gpu_memory_limit_gib * 2**30 / torch.cuda.get_device_properties(device).total_memory))
     low_vram = on_gpu and low_vram
     loaded = load_pipeline(model_dir, device, verify=verify, text_encoder_on_cpu=low_vram)
     if low_vram:

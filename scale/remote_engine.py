@@ -76,8 +76,9 @@ class RemoteEngine:
         # theirs, in their log lines).
         self.device = torch.device("cpu")
         self.compile_model = False  # each replica compiles its own copy (ReplicaSpec.compile_delay_s)
-        # Replica id → its engine's state (which pipeline serves, ...) as its latest answer gave it: the newest
-        # `replicas` of them, a lost one dropped. Serve names no replica before it answers: "" stands for all.
+        # Replica id → its engine's state (which pipeline serves, ...) as its latest answer gave it, least recent
+        # first: `replicas` of them, a lost one dropped. Serve names no replica before it answers: "" stands for
+        # those that have not answered yet.
         self._replica_states: OrderedDict[str, dict[str, object]] = OrderedDict({"": dict(engine_state)})
         self._output_dir_check = OutputDirCheck(output_dir)
         self._recent_images = RecentImages(output_dir, keep=RECENT_IMAGES)
@@ -231,10 +232,10 @@ class RemoteEngine:
         self._recent_images.add(finished.path, parameters)
         with self._idle:
             self.served += 1
-            self._replica_states.pop("", None)
-            self._replica_states[finished.replica.id] = finished.engine_state
-            self._replica_states.move_to_end(finished.replica.id)
-            while len(self._replica_states) > self.replicas:
+            self._replica_states.pop(finished.replica.id, None)
+            self._replica_states[finished.replica.id] = finished.engine_state  # newest last
+            if len(self._replica_states) > self.replicas:
+                # Every replica has answered ("" goes), or one answered that replaced another (the least recent goes).
                 self._replica_states.popitem(last=False)
         total_ms = (time.perf_counter() - started) * 1000
         log.info("request id=%s replica=%s host=%s pid=%d outcome=ok total_ms=%.0f engine_ms=%.0f hop_ms=%.1f",
