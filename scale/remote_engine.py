@@ -38,8 +38,10 @@ STATUS_TTL_S = 1.0  # /readyz, /metrics and every open page's status line ask: t
 def summarize(states: list[dict[str, object]]) -> dict[str, object]:
     """The replicas' engine states as one: per key, the value every replica reports, or how many report each
     ("compiled×1 eager×1") while they differ (one compiles later than another, a replacement starts eager)."""
-    summary: dict[str, object] = {key: "unknown" for key in ENGINE_STATE_KEYS}  # no replica has answered since
-    for key in summary if states else ():
+    if not states:
+        return dict.fromkeys(ENGINE_STATE_KEYS, "unknown")  # the only replica was lost, and none has answered since
+    summary = {}
+    for key in ENGINE_STATE_KEYS:
         counts = Counter(str(state[key]) for state in states)
         summary[key] = states[0][key] if len(counts) == 1 else " ".join(
             f"{value}×{count}" for value, count in sorted(counts.items()))
