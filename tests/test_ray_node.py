@@ -72,9 +72,8 @@ def _serve_replicas(root: psutil.Process) -> list[psutil.Process]:
 def test_a_front_joins_the_head_its_block_starts_and_leaves_it_running_without_replicas(tmp_path, tiny_models):
     """The ray-head block's own command (on loopback, a free port, a short temp dir: Ray's socket paths must fit
     107 bytes) under its block's environment; a front with another token is refused, naming it; app.py --replicas 1
-    --ray-address with the cluster's token joins it, serves, and on SIGTERM
-    takes its replica away while the head, supervisor's program, runs on. Its one replica killed meanwhile, /readyz
-    is 503 until Serve has replaced it."""
+    --ray-address with the cluster's token joins it and serves; its one replica killed, /readyz is 503 until Serve
+    has replaced it; on SIGTERM the front takes its replica away while the head, supervisor's program, runs on."""
     pytest.importorskip("ray")
     head_block = _programs(tmp_path, head_ip="127.0.0.1")["ray-head"]
     port = free_port()
