@@ -29,6 +29,11 @@ MAX_CONSTRUCTOR_RETRIES = 2
 DESCRIBE_TIMEOUT_S = 60
 
 
+# Whether this process started the cluster it is connected to (ray.init without an address), which decides how
+# shutdown() ends it. Module state, as Ray's own connection is: one per process.
+_private_cluster = False
+
+
 class ScaleError(StartupError):
     """The replicas cannot start as asked: too few GPUs or CPUs in the cluster, or a replica failed to load."""
 
@@ -90,8 +95,10 @@ def start(spec: ReplicaSpec, *, replicas: int | str, num_gpus: float, queue_size
     Returns once every replica has loaded and warmed up. Any failure raises ScaleError, with Ray shut down again.
     `temp_dir`: a private cluster's own (short: Ray's socket paths must fit 107 bytes), cleared of what an earlier
     one left there before it starts."""
+    global _private_cluster
     if ray_address is None and temp_dir is not None:
         clear_leftovers(temp_dir)
+    _private_cluster = ray_address is None
     try:
         # log_to_driver: the replicas' log lines reach the front's stdout, the one log the supervisor keeps.
         ray.init(address=ray_address, include_dashboard=False, log_to_driver=True, configure_logging=False,
@@ -129,9 +136,13 @@ def start(spec: ReplicaSpec, *, replicas: int | str, num_gpus: float, queue_size
 
 
 def shutdown() -> None:
-    """The deployment and Serve's own actors deleted, then Ray: a local cluster's processes all end; a joined
-    cluster's nodes stay (they are `ray start`'s), without our replicas."""
+    """A joined cluster: the deployment and Serve's own actors deleted, then this process disconnected; the nodes
+    stay (they are `ray start`'s), without our replicas. A private cluster: Ray ends all its processes, the
+    replicas and Serve's controller with them. Not through serve.shutdown() there: under supervisor, `stop` sends
+    SIGTERM to the whole process group, the cluster's processes included, and serve.shutdown() then waits 30 s for a
+    controller that is already gone (past the default stopwaitsecs, so the stop would end in SIGKILL)."""
     if ray.is_initialized():
-        serve.shutdown()
+        if not _private_cluster:
+            serve.shutdown()
         ray.shutdown()
     log.info("replicas shut down")

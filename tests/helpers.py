@@ -84,9 +84,11 @@ def generate_over_http(url: str, prompt: str, size: str = "64x64", steps: int = 
         return json.loads(response.read())
 
 
-def start_app(tmp_path: Path, *flags: str, env: dict[str, str] | None = None,
-              open_files: int | None = None) -> RunningApp:
-    """`open_files`: the soft limit on open files the process starts with (as a supervisord or shell may leave it)."""
+def start_app(tmp_path: Path, *flags: str, env: dict[str, str] | None = None, open_files: int | None = None,
+              own_process_group: bool = False) -> RunningApp:
+    """`open_files`: the soft limit on open files the process starts with (as a supervisord or shell may leave it).
+    `own_process_group`: the app leads a process group of its own, as under supervisord, so that a test can signal
+    the whole group as `supervisorctl stop` does (stopasgroup)."""
     port = free_port()
     output_dir = tmp_path / "outputs"
     log_path = tmp_path / "app.log"
@@ -95,6 +97,7 @@ def start_app(tmp_path: Path, *flags: str, env: dict[str, str] | None = None,
         process = subprocess.Popen(
             [sys.executable, "app.py", "--port", str(port), "--output-dir", str(output_dir), *flags],
             cwd=PROJECT_DIR, stdout=log, stderr=subprocess.STDOUT, env=env,
+            process_group=0 if own_process_group else None,
             preexec_fn=None if open_files is None else lambda: resource.setrlimit(
                 resource.RLIMIT_NOFILE, (open_files, resource.getrlimit(resource.RLIMIT_NOFILE)[1])),
         )
@@ -116,12 +119,13 @@ def start_app(tmp_path: Path, *flags: str, env: dict[str, str] | None = None,
 
 
 def start_demo_app(tmp_path: Path, tiny_models, *flags: str, env: dict[str, str] | None = None,
-                   open_files: int | None = None) -> RunningApp:
+                   open_files: int | None = None, own_process_group: bool = False) -> RunningApp:
     """`app.py --demo` on a copy of the session's tiny model (no rebuild)."""
     demo_dir = tmp_path / "demo-model"
     if not demo_dir.exists():
         shutil.copytree(tiny_models[LayoutKind.SINGLE_FILE], demo_dir)
-    return start_app(tmp_path, "--demo", "--demo-dir", str(demo_dir), *flags, env=env, open_files=open_files)
+    return start_app(tmp_path, "--demo", "--demo-dir", str(demo_dir), *flags, env=env, open_files=open_files,
+                     own_process_group=own_process_group)
 
 
 def stop_app(app: RunningApp) -> None:
