@@ -188,9 +188,8 @@ def start_replicas(settings: Settings, faults, metrics):
     spec = scale.ReplicaSpec(
         model_dir=model_dir, device=settings.device, options=options, crash_dir=settings.crash_dir,
         verify_weights=settings.verify_weights, compile_cache_dir=settings.compile_cache_dir,
-        low_vram=settings.low_vram, gpu_memory_limit_gib=settings.gpu_memory_limit_gib,
-        compile_delay_s=settings.compile_delay_s, log_level=settings.log_level, faults=faults,
-        plan_sizes=tuple(offered_sizes(settings.max_w, settings.max_h)))
+        low_vram=settings.low_vram, compile_delay_s=settings.compile_delay_s, log_level=settings.log_level,
+        faults=faults, plan_sizes=tuple(offered_sizes(settings.max_w, settings.max_h)))
     replicas = settings.replicas if settings.replicas == "auto" else int(settings.replicas)
     engine = scale.start(spec, replicas=replicas, num_gpus=1 if on_gpu else 0, queue_size=settings.queue_size,
                          ray_address=settings.ray_address or None, metrics=metrics,

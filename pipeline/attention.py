@@ -17,11 +17,11 @@ log = logging.getLogger("zimage.attention")
 SDPA = "native"  # diffusers' name for torch.nn.functional.scaled_dot_product_attention
 
 # Our flag values → diffusers backend names. FA4 (Hopper and newer, pipeline/flash4.py), FA3 (Hopper) and FA2 need
-# their packages. Not diffusers' _native_cudnn
-# and _native_flash: they pin PyTorch's SDPA kernel with `sdpa_kernel`, whose switches are process-wide, and the
-# compile thread runs beside requests. With _native_cudnn chosen on an H100, the VAE's attention (head size 512,
-# no cuDNN kernel) in the other thread found every other kernel switched off: "No available kernel", a failed
-# compile and a 500. "native" reaches the same cuDNN kernel by PyTorch's own heuristics (0.54-0.71 ms at 1024²).
+# their packages. Not diffusers' _native_cudnn and _native_flash: they pin PyTorch's SDPA kernel with `sdpa_kernel`,
+# whose switches are process-wide, and the compile thread runs beside requests. With _native_cudnn chosen on an H100,
+# the VAE's attention (head size 512, no cuDNN kernel) in the other thread found every other kernel switched off: "No
+# available kernel", a failed compile and a 500. "native" reaches the same cuDNN kernel by PyTorch's own heuristics
+# (0.54-0.71 ms at 1024²).
 _CANDIDATES = {
     "auto": [flash4.BACKEND, "_flash_3", "flash", SDPA],
     "sdpa": [SDPA],

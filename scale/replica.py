@@ -41,8 +41,9 @@ class ReplicaSpec:
     crash_dir: Path
     verify_weights: bool = False
     compile_cache_dir: Path | None = None  # CUDA with compile on: kernels kept across restarts
-    low_vram: bool = False  # on CUDA, as for the service's own engine (pipeline.acceleration.load_for_serving)
-    gpu_memory_limit_gib: float = 0
+    # On CUDA, as for the service's own engine (pipeline.acceleration.load_for_serving); the memory cap comes from
+    # options.gpu_memory_limit_bytes.
+    low_vram: bool = False
     compile_delay_s: float = 10.0
     plan_sizes: tuple[tuple[int, int], ...] = ()  # attention plans built after warm-up: the UI's sizes
     log_level: str = "INFO"
@@ -68,9 +69,11 @@ class EngineReplica:
         device = resolve_device(spec.device)
         loaded = load_for_serving(spec.model_dir, device, verify=spec.verify_weights,
                                   compile_cache_dir=spec.compile_cache_dir if spec.options.compile_model else None,
-                                  low_vram=spec.low_vram, gpu_memory_limit_gib=spec.gpu_memory_limit_gib)
+                                  low_vram=spec.low_vram,
+                                  gpu_memory_limit_gib=spec.options.gpu_memory_limit_bytes / 2**30)
         spec.faults.at_start()
-        self.engine = Engine(loaded, spec.options, faults=spec.faults, on_fatal=exit_on_fatal(spec.crash_dir, "replica"))
+        self.engine = Engine(loaded, spec.options, faults=spec.faults,
+                             on_fatal=exit_on_fatal(spec.crash_dir, "replica"))
         self.engine.warm_up()
         if spec.options.compile_model:
             self.engine.start_compiling(delay_s=spec.compile_delay_s)
