@@ -78,11 +78,31 @@ def test_large_image_is_deflated_in_strips(monkeypatch):
     pixels = _smooth(1024, 1024)
     encoded = encode_png(pixels)
     idats = [data for kind, data in _chunks(encoded) if kind == b"IDAT"]
-    assert len(idats) == 8
+    assert len(idats) == 9  # eight strips, then the stream's Adler-32, known only once every strip is done
+    assert idats[-1] == struct.pack(">I", zlib.adler32(zlib.decompress(b"".join(idats))))
     stream = b"".join(idats)
     one_strip = zlib.compress(zlib.decompress(stream), png.LEVEL)
     assert stream != one_strip
     np.testing.assert_array_equal(_decoded(encoded), pixels)
+
+
+def test_each_strip_takes_the_filter_that_leaves_less_there(monkeypatch):
+    """A strip is filtered on its own thread, with the row above it for Up: the top half's rows repeat along the
+    row (Sub leaves zeros), the bottom half's down the column (Up does)."""
+    monkeypatch.setattr(png, "_STRIPS", 2)
+    monkeypatch.setattr(png, "_STRIP_BYTES", 64 * 64 * 3 // 2)
+    pixels = np.concatenate([_stripes(32, 64, across=True), _stripes(32, 64, across=False)])
+    encoded = encode_png(pixels)
+    filtered = np.frombuffer(zlib.decompress(_idat_stream(encoded)), np.uint8).reshape(64, 1 + 64 * 3)
+    assert (filtered[:32, 0] == 1).all() and (filtered[32:, 0] == 2).all()
+    np.testing.assert_array_equal(_decoded(encoded), pixels)
+
+
+@pytest.mark.parametrize("lengths", [(0, 5), (7, 0), (1, 65521), (65522, 3), (100_000, 200_003)])
+def test_adler32_of_two_pieces_combines_as_zlib_computes_it_whole(lengths):
+    first, second = (np.random.default_rng(n).integers(0, 256, n, dtype=np.uint8).tobytes() for n in lengths)
+    assert png._adler32_combine(zlib.adler32(first), zlib.adler32(second), len(second)) == zlib.adler32(
+        first + second)
 
 
 def test_small_image_is_one_strip_and_matches_plain_zlib():
@@ -115,7 +135,7 @@ def test_text_chunks_read_back_and_match_what_pillow_writes(prompt):
 
 def test_text_chunks_come_before_the_image_data():
     kinds = [kind for kind, _ in _chunks(encode_png(np.zeros((2, 2, 3), np.uint8), [Text("k", "v")]))]
-    assert kinds == [b"IHDR", b"tEXt", b"IDAT", b"IEND"]
+    assert kinds == [b"IHDR", b"tEXt", b"IDAT", b"IDAT", b"IEND"]  # the image data, then its Adler-32
 
 
 @pytest.mark.parametrize("pixels", [np.zeros((4, 4), np.uint8), np.zeros((4, 4, 4), np.uint8),
