@@ -1,5 +1,5 @@
-"""Two levers measured on the GPU and not taken (docs/PERFORMANCE.md says why): the DiT's forward replayed from a
-CUDA graph per shape, and the VAE decoder in channels-last memory.
+"""Levers measured on the GPU and not taken (docs/PERFORMANCE.md says why): the DiT's forward replayed from a CUDA
+graph per shape, the VAE decoder in channels-last memory, and Inductor's tuning settings for the DiT blocks.
 
     PYTHONPATH=. python scripts/bench_levers.py /data/random-full     # a weights dir, layout A or B (CUDA)
 
@@ -7,7 +7,9 @@ Prints the denoise time (8 steps, the pipeline's own loop) of the compiled DiT a
 same DiT replayed from graphs captured per (image, caption) shape, at 1024², 512² and 1536²: the first request of a
 shape (the capture's cost) and the median of 6 after it, and whether the latents match. Then the VAE decode with the
 engine's postprocess (pixels as bytes on the GPU, copied back) at four sizes: eager and compiled (`dynamic=True`, as
-the engine compiles it), each in the default and the channels-last memory format, against eager's output.
+the engine compiles it), each in the default and the channels-last memory format, against eager's output. Last,
+the compiled denoise at 1024² and 1536² (median of 6) with Inductor's defaults, `coordinate_descent_tuning`, and
+`max_autotune_gemm` (Triton GEMM templates autotuned against cuBLAS), each compiled afresh.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch._inductor.config
 
 import pipeline  # noqa: F401  (offline flags before the HF imports)
 from pipeline.acceleration import compiled_copy, load_for_serving
@@ -136,6 +139,26 @@ def bench_vae_memory_format(vae) -> None:
     vae.decoder.to(memory_format=torch.contiguous_format)
 
 
+INDUCTOR_SETTINGS = (("defaults", {}), ("coordinate_descent_tuning", {"coordinate_descent_tuning": True}),
+                     ("max_autotune_gemm", {"max_autotune_gemm": True, "coordinate_descent_tuning": True}))
+
+
+def bench_inductor_settings(pipe) -> None:
+    caption = lambda: torch.randn(CAPTION_TOKENS, 2560, device="cuda", dtype=torch.bfloat16)  # noqa: E731
+    for name, settings in INDUCTOR_SETTINGS:
+        torch._dynamo.reset()
+        started = time.perf_counter()
+        with torch._inductor.config.patch(settings):  # read when each graph compiles: during the warm-up
+            compiled = compiled_copy(pipe)
+            for width, height in WARM_UP_SIZES:
+                denoise_ms(compiled, width, height, caption(), 0)
+        compile_s = time.perf_counter() - started
+        for width, height in DENOISE_SIZES[::2]:
+            times = [denoise_ms(compiled, width, height, caption(), seed)[0] for seed in range(6)]
+            print(f"inductor {name:26s} compile + warm-up {compile_s:5.1f} s  {width}x{height} median "
+                  f"{statistics.median(times):7.1f} ms", flush=True)
+
+
 @torch.inference_mode()
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -150,6 +173,7 @@ def main() -> None:
     pipe.set_progress_bar_config(disable=True)
     bench_dit_graphs(pipe)
     bench_vae_memory_format(pipe.vae)
+    bench_inductor_settings(pipe)
 
 
 if __name__ == "__main__":
