@@ -62,8 +62,13 @@ def compiled_copy(pipe, backend: str = "inductor"):
     length. The text encoder stays eager: compiled, each new prompt length recompiled it (8–10 s on an H100) and it
     was slower than eager on new prompts (44–140 ms vs 37 ms).
 
-    The copy has its own scheduler, whose shift and timesteps are per request state; everything else is shared."""
+    The copy has its own scheduler, whose shift and timesteps are per request state; everything else is shared.
+    The DiT's attention processors, shared too, get a rotary embedding Inductor can fuse (pipeline/rotary.py); run
+    eagerly they compute it as before."""
+    from pipeline.rotary import use_fusable_rotary  # imports diffusers: only once a pipeline exists
+
     options = dict(fullgraph=True, dynamic=True, backend=backend)
+    use_fusable_rotary(pipe.transformer)
     repeated = set(pipe.transformer._repeated_blocks)
     transformer = _copy_compiling(pipe.transformer, lambda module: type(module).__name__ in repeated, options)
     vae = _copy_compiling(pipe.vae, lambda module: module is pipe.vae.decoder, options)

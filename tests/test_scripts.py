@@ -8,6 +8,7 @@ import sys
 
 import psutil
 import pytest
+import torch
 
 from pipeline.layouts import DIT_FILE, LayoutKind, find_weights
 from pipeline.manifest import MANIFEST_NAME
@@ -189,3 +190,18 @@ def test_a_standalone_install_keeps_its_logs_and_crashes_in_its_own_dir_and_fits
     real = subprocess.run([sys.executable, "scripts/install_service.py", "--standalone", str(tmp_path / "real"),
                            "--no-update"], cwd=PROJECT_DIR, capture_output=True, text=True, timeout=60)
     assert real.returncode == 0 and "startsecs=60" in (tmp_path / "real" / "conf.d" / "z-image-turbo.conf").read_text()
+
+
+def test_profile_denoise_sorts_kernels_into_families_and_needs_a_gpu():
+    """Names as an H200's profile reported them: a fused Triton kernel named after the attention it feeds is
+    Inductor's, cuDNN's attention is attention (not a matrix product, though its name says sm90)."""
+    family = _script("profile_denoise").family
+    assert family("nvjet_sm90_tst_320x128_64x3_2x1_v_bz_coopB_TNT") == "matrix products"
+    assert family("sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc") == "matrix products"
+    assert family("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_7") == "attention"
+    assert family("fmha_cutlassF_bf16_aligned_32x128_gmem_sm80") == "attention"
+    assert family("triton_red_fused__scaled_dot_product_cudnn_attention__to_copy_add_flip") == "Inductor fused"
+    assert family("void at::native::elementwise_kernel<128, 2>") == "other"
+    if not torch.cuda.is_available():
+        result = _run("scripts/profile_denoise.py")
+        assert result.returncode == 2 and "run it on a CUDA machine" in result.stderr
