@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -20,7 +21,10 @@ from pathlib import Path
 
 
 def supervisorctl(conf: Path | None, *command: str) -> str:
-    binary = str(Path(sys.executable).parent / "supervisorctl")
+    beside_python = Path(sys.executable).parent / "supervisorctl"
+    # Beside the interpreter in a venv; on PATH where supervisor was installed otherwise (the host's package, or
+    # pip --target, as on a GPU image that takes its wheels that way): install_service.py looks in the same order.
+    binary = str(beside_python) if beside_python.exists() else shutil.which("supervisorctl") or str(beside_python)
     args = [binary, *(["-c", str(conf)] if conf else []), *command]
     return subprocess.run(args, capture_output=True, text=True).stdout.strip()
 

@@ -2,9 +2,11 @@
 
 import importlib.util
 import json
+import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import psutil
 import pytest
@@ -205,3 +207,14 @@ def test_profile_denoise_sorts_kernels_into_families_and_needs_a_gpu():
     if not torch.cuda.is_available():
         result = _run("scripts/profile_denoise.py")
         assert result.returncode == 2 and "run it on a CUDA machine" in result.stderr
+
+
+def test_measure_restart_finds_supervisorctl_on_path_when_none_is_beside_the_interpreter(tmp_path):
+    """As on a GPU image whose wheels went in with pip --target: supervisor's commands are not beside python."""
+    python = tmp_path / "python3"
+    python.symlink_to(sys.executable)  # sys.executable is then the link, in a folder without supervisorctl
+    environment = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    result = subprocess.run([str(python), "-c", "import measure_restart; print(measure_restart.supervisorctl(None, "
+                             "'help'))"], cwd=PROJECT_DIR / "scripts", env=environment, capture_output=True,
+                            text=True, timeout=60)
+    assert "default commands" in result.stdout, result.stderr
