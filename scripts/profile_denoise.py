@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from collections import defaultdict
+from pathlib import Path
 
 import torch
 from torch.autograd import DeviceType
@@ -27,7 +29,9 @@ from pipeline.acceleration import compiled_copy
 from pipeline.engine import COMPILE_WARM_UP_SIZES
 from pipeline.random_model import FULL_SIZE, build_components
 
-CAPTION_TOKENS = 67
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_levers import CAPTION_TOKENS, decode_ms, denoise_ms  # noqa: E402
+
 SIZE = 1024
 FAMILIES = (  # first match wins; names as CUDA reports them (a fused kernel's name lists the ops it took in)
     ("Inductor fused", ("triton",)),
@@ -57,20 +61,11 @@ def caption() -> torch.Tensor:
     return torch.randn(CAPTION_TOKENS, 2560, device="cuda", dtype=torch.bfloat16)
 
 
-def request(pipe, embeddings: torch.Tensor, seed: int, side: int = SIZE) -> tuple[float, float, torch.Tensor]:
-    """(denoise ms, decode ms, latents) of one request at side²."""
-    torch.cuda.synchronize()
-    started = time.perf_counter()
-    latents = pipe(prompt_embeds=[embeddings], height=side, width=side, num_inference_steps=8, guidance_scale=0.0,
-                   generator=torch.Generator("cuda").manual_seed(seed), output_type="latent").images
-    torch.cuda.synchronize()
-    denoised = time.perf_counter()
-    vae = pipe.vae
-    decoded = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor,
-                         return_dict=False)[0]
-    (decoded[0] / 2 + 0.5).clamp(0, 1).float().mul(255).round().to(torch.uint8).cpu()
-    torch.cuda.synchronize()
-    return (denoised - started) * 1000, (time.perf_counter() - denoised) * 1000, latents
+def request(pipe, embeddings: torch.Tensor, seed: int) -> tuple[float, float, torch.Tensor]:
+    """(denoise ms, decode ms, latents) of one request at SIZE²."""
+    denoise, latents = denoise_ms(pipe, SIZE, SIZE, embeddings, seed)
+    decode, _ = decode_ms(pipe.vae.decoder, latents.to(pipe.vae.dtype), channels_last=False)
+    return denoise, decode, latents
 
 
 @torch.inference_mode()
