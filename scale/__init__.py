@@ -14,6 +14,10 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 # none (~/.ray/auth_token), and a joined one (--ray-address) is reached with the token its head was started with
 # (RAY_AUTH_TOKEN_PATH, or that same file; deploy/supervisor/ray-node.conf). RAY_AUTH_MODE=disabled opts out.
 os.environ.setdefault("RAY_AUTH_MODE", "token")
+# Only scale.start connects to Ray. Left on, Ray's auto-connect made a call that reached Ray after ray.shutdown()
+# (from a Serve handle's thread as the front stops) start a new local cluster from that thread, and the front's exit
+# then waited 10-60 s for that cluster's worker to give up (seen in the --replicas 2 end-to-end test).
+os.environ.setdefault("RAY_ENABLE_AUTO_CONNECT", "0")
 
 from scale.cluster import ScaleError, shutdown, start  # noqa: E402  (after the environment above)
 from scale.remote_engine import RemoteEngine, RemoteResult, ReplicaLost  # noqa: E402
