@@ -102,17 +102,18 @@ def render_standalone(run_dir: Path, log_dir: Path, conf_dir: Path, name: str) -
                                                                conf_dir=conf_dir, name=name)
 
 
-def _supervisor_binary(args: argparse.Namespace, name: str) -> str:
-    """A standalone install runs the pip supervisor installed beside --python; a system install uses the host's
-    (Debian's /usr/bin/supervisorctl talks to the system supervisord), falling back to the pip one."""
-    beside_python = args.python.parent / name
-    if args.standalone and beside_python.exists():
+def supervisor_binary(name: str, python: Path, standalone: bool) -> str:
+    """A standalone install runs the pip supervisor installed beside `python` (on PATH where pip put it elsewhere,
+    as `pip --target` does); a system install uses the host's (Debian's /usr/bin/supervisorctl talks to the system
+    supervisord), falling back to the pip one."""
+    beside_python = python.parent / name
+    if standalone and beside_python.exists():
         return str(beside_python)
     return shutil.which(name) or str(beside_python)
 
 
 def _supervisorctl(args: argparse.Namespace) -> list[str]:
-    binary = args.supervisorctl or _supervisor_binary(args, "supervisorctl")
+    binary = args.supervisorctl or supervisor_binary("supervisorctl", args.python, bool(args.standalone))
     return [binary, *(["-c", str(args.supervisor_conf)] if args.supervisor_conf else [])]
 
 
@@ -123,7 +124,7 @@ def _start_standalone_supervisord(args: argparse.Namespace, socket_path: Path) -
             return  # already running
         except OSError:
             pass
-    subprocess.run([_supervisor_binary(args, "supervisord"), "-c", str(args.supervisor_conf)], check=True)
+    subprocess.run([supervisor_binary("supervisord", args.python, bool(args.standalone)), "-c", str(args.supervisor_conf)], check=True)
     deadline = time.monotonic() + 15
     while not socket_path.exists() and time.monotonic() < deadline:
         time.sleep(0.2)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import signal
 import statistics
 import subprocess
@@ -19,12 +18,11 @@ import time
 import urllib.request
 from pathlib import Path
 
+from install_service import supervisor_binary
+
 
 def supervisorctl(conf: Path | None, *command: str) -> str:
-    beside_python = Path(sys.executable).parent / "supervisorctl"
-    # Beside the interpreter in a venv; on PATH where supervisor was installed otherwise (the host's package, or
-    # pip --target, as on a GPU image that takes its wheels that way): install_service.py looks in the same order.
-    binary = str(beside_python) if beside_python.exists() else shutil.which("supervisorctl") or str(beside_python)
+    binary = supervisor_binary("supervisorctl", Path(sys.executable), standalone=True)
     args = [binary, *(["-c", str(conf)] if conf else []), *command]
     return subprocess.run(args, capture_output=True, text=True).stdout.strip()
 
