@@ -59,13 +59,19 @@ class FusableRotaryProcessor(ZSingleStreamAttnProcessor):
 def use_fusable_rotary(transformer: torch.nn.Module) -> int:
     """Give each of the DiT's stock attention processors this module's, with the same attention backend; returns
     how many were replaced."""
+    return replace_processors(transformer, ZSingleStreamAttnProcessor, FusableRotaryProcessor)
+
+
+def replace_processors(transformer: torch.nn.Module, old: type, new: type) -> int:
+    """Each attention processor of exactly type `old` replaced by a `new` one with the same attention backend;
+    returns how many were replaced."""
     replaced = 0
     for module in transformer.modules():
         processor = getattr(module, "processor", None)
-        if type(processor) is ZSingleStreamAttnProcessor:
-            fusable = FusableRotaryProcessor()
-            fusable._attention_backend = processor._attention_backend
-            fusable._parallel_config = processor._parallel_config
-            module.processor = fusable
+        if type(processor) is old:
+            replacement = new()
+            replacement._attention_backend = processor._attention_backend
+            replacement._parallel_config = processor._parallel_config
+            module.processor = replacement
             replaced += 1
     return replaced

@@ -124,7 +124,8 @@ def _start_standalone_supervisord(args: argparse.Namespace, socket_path: Path) -
             return  # already running
         except OSError:
             pass
-    subprocess.run([supervisor_binary("supervisord", args.python, bool(args.standalone)), "-c", str(args.supervisor_conf)], check=True)
+    supervisord = supervisor_binary("supervisord", args.python, bool(args.standalone))
+    subprocess.run([supervisord, "-c", str(args.supervisor_conf)], check=True)
     deadline = time.monotonic() + 15
     while not socket_path.exists() and time.monotonic() < deadline:
         time.sleep(0.2)

@@ -45,18 +45,6 @@ def family(kernel: str) -> str:
     return next((name for name, marks in FAMILIES if any(mark in lowered for mark in marks)), "other")
 
 
-def stock_processors(transformer: torch.nn.Module) -> None:
-    """Undo rotary.use_fusable_rotary, which compiled_copy applied."""
-    from diffusers.models.transformers.transformer_z_image import ZSingleStreamAttnProcessor
-
-    for module in transformer.modules():
-        processor = getattr(module, "processor", None)
-        if isinstance(processor, rotary.FusableRotaryProcessor):
-            stock = ZSingleStreamAttnProcessor()
-            stock._attention_backend, stock._parallel_config = processor._attention_backend, processor._parallel_config
-            module.processor = stock
-
-
 def caption() -> torch.Tensor:
     return torch.randn(CAPTION_TOKENS, 2560, device="cuda", dtype=torch.bfloat16)
 
@@ -84,8 +72,10 @@ def main() -> None:
     backend = attention.apply_backend(pipe.transformer, "auto", device)
     started = time.perf_counter()
     compiled = compiled_copy(pipe)
-    if args.stock_rotary:  # before the first call, which compiles
-        stock_processors(pipe.transformer)
+    if args.stock_rotary:  # undo what compiled_copy applied, before the first call, which compiles
+        from diffusers.models.transformers.transformer_z_image import ZSingleStreamAttnProcessor
+
+        rotary.replace_processors(pipe.transformer, rotary.FusableRotaryProcessor, ZSingleStreamAttnProcessor)
     for (width, height), tokens in zip(COMPILE_WARM_UP_SIZES, (CAPTION_TOKENS, 100, 20), strict=True):
         compiled(prompt_embeds=[torch.randn(tokens, 2560, device="cuda", dtype=torch.bfloat16)], height=height,
                  width=width, num_inference_steps=1, guidance_scale=0.0, output_type="pil")
