@@ -2,12 +2,14 @@
 
     PYTHONPATH=. python scripts/profile_denoise.py                  # full-size random bf16 weights, built on the GPU
     PYTHONPATH=. python scripts/profile_denoise.py --stock-rotary   # with diffusers' complex-number rotary embedding
+    PYTHONPATH=. python scripts/profile_denoise.py --inductor-rotary   # real arithmetic, fused by Inductor, no kernel
 
 Compiles as the engine does (`acceleration.compiled_copy`, the engine's warm-up sizes), then prints the denoise and
 decode times (median of 6, a new caption each) and, from torch.profiler over one more request, the GPU time per
 kernel family (matrix products, attention, Inductor's fused kernels, other eager kernels) and the kernels that took
 the most. The rotary embedding's formulation decides whether the query/key norm, the rotation and the cast back to
-bf16 are one fused kernel or five (a float32 copy, an eager complex multiply, a copy back): compare the two runs.
+bf16 are one fused kernel or five (a float32 copy, an eager complex multiply, a copy back), and whether that kernel
+is Inductor's or pipeline/rotary_kernel.py's: compare the three runs.
 """
 
 from __future__ import annotations
@@ -60,6 +62,8 @@ def request(pipe, embeddings: torch.Tensor, seed: int) -> tuple[float, float, to
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--stock-rotary", action="store_true", help="keep diffusers' complex-number rotary embedding")
+    parser.add_argument("--inductor-rotary", action="store_true",
+                        help="the real-arithmetic rotation fused by Inductor instead of the hand-written kernel")
     parser.add_argument("--top", type=int, default=25, help="how many kernels to list")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -72,6 +76,7 @@ def main() -> None:
     backend = attention.apply_backend(pipe.transformer, "auto", device)
     started = time.perf_counter()
     compiled = compiled_copy(pipe)
+    rotary.FusableRotaryProcessor.use_kernel = not args.inductor_rotary
     if args.stock_rotary:  # undo what compiled_copy applied, before the first call, which compiles
         from diffusers.models.transformers.transformer_z_image import ZSingleStreamAttnProcessor
 
