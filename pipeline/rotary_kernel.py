@@ -3,7 +3,7 @@
 Inductor fuses the norm, pipeline/rotary.py's real-arithmetic rotation and the cast back into one kernel, but as a
 looped two-pass reduction: the rotation reads each element's pair partner, which its code generator reaches only by
 loading the row again. At 1024² on an H200 that kernel took 0.049 ms a call, 544 calls an image. This one holds each
-head's row in registers, normalises it and swaps its pairs there (`tl.split`, `tl.join`): 0.020 ms. Written by hand
+head's row in registers, normalises it and swaps its pairs there (`tl.split`, `tl.join`): 0.0225 ms. Written by hand
 because neither PyTorch nor diffusers has this fusion. A `triton_op`, so torch.compile traces the kernel into the
 block's one graph instead of breaking it.
 

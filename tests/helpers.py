@@ -1,5 +1,6 @@
 """What several test modules use: the project's paths, free ports, a real `app.py` process and its probes, a CPU
-engine on the tiny model, Prometheus samples, and the supervisor event listeners as modules."""
+engine on the tiny model, Prometheus samples, the supervisor event listeners as modules, and a DiT attention layer's
+inputs and compiled graph."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 import app
@@ -201,3 +203,33 @@ def load_listener(name: str):
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def rotary_attention_inputs(transformer, tokens: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hidden states (float32) and the DiT's own rotary factors (complex64) for `tokens` positions on a 2-D grid,
+    on the transformer's device."""
+    device = next(transformer.parameters()).device
+    generator = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(1, tokens, transformer.config.dim, generator=generator)
+    positions = torch.stack([torch.zeros(tokens, dtype=torch.long), torch.arange(tokens) // 8,
+                             torch.arange(tokens) % 8], dim=1)
+    return hidden.to(device), transformer.rope_embedder(positions.to(device)).unsqueeze(0)
+
+
+def compiled_graph_ops(attention, processor, hidden, freqs_cis) -> tuple[set, torch.Tensor]:
+    """The functions Dynamo's graph calls when compiling `processor` on `attention` (dynamic shapes, one graph),
+    and the compiled output."""
+    seen: set = set()
+
+    def recording_inductor(graph, example_inputs):
+        seen.update(node.target for node in graph.graph.nodes if node.op == "call_function")
+        from torch._inductor.compile_fx import compile_fx
+
+        return compile_fx(graph, example_inputs)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda h, f: processor(attention, h, freqs_cis=f), backend=recording_inductor,
+                             fullgraph=True, dynamic=True)
+    with torch.inference_mode():
+        output = compiled(hidden, freqs_cis)
+    return seen, output

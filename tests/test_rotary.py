@@ -10,6 +10,7 @@ from diffusers.models.transformers.transformer_z_image import ZSingleStreamAttnP
 import pipeline  # noqa: F401  (offline flags before any Hugging Face import)
 from pipeline.random_model import TINY, build_components
 from pipeline.rotary import FusableRotaryProcessor, use_fusable_rotary
+from tests.helpers import compiled_graph_ops, rotary_attention_inputs
 
 TOKENS = 40
 
@@ -20,15 +21,6 @@ def transformer():
     return build_components(TINY, "cpu")["transformer"].float()
 
 
-def attention_inputs(transformer, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Hidden states and the DiT's own rotary factors (complex64) for TOKENS positions on a 2-D grid."""
-    generator = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(1, TOKENS, transformer.config.dim, generator=generator)
-    positions = torch.stack([torch.zeros(TOKENS, dtype=torch.long), torch.arange(TOKENS) // 8,
-                             torch.arange(TOKENS) % 8], dim=1)
-    return hidden, transformer.rope_embedder(positions).unsqueeze(0)
-
-
 def run(attention, processor, hidden, freqs_cis):
     with torch.inference_mode():
         return processor(attention, hidden, freqs_cis=freqs_cis)
@@ -36,7 +28,7 @@ def run(attention, processor, hidden, freqs_cis):
 
 def test_eager_it_computes_exactly_what_the_stock_processor_computes(transformer):
     attention = transformer.layers[0].attention
-    hidden, freqs_cis = attention_inputs(transformer)
+    hidden, freqs_cis = rotary_attention_inputs(transformer, TOKENS)
     for dtype in (torch.float32, torch.bfloat16):
         attention.to(dtype)
         try:
@@ -47,27 +39,9 @@ def test_eager_it_computes_exactly_what_the_stock_processor_computes(transformer
         assert torch.equal(ours, stock), dtype
 
 
-def compiled_graph_ops(attention, processor, hidden, freqs_cis) -> tuple[set, torch.Tensor]:
-    """The functions Dynamo's graph calls when compiling `processor` on `attention`, and the compiled output."""
-    seen: set = set()
-
-    def recording_inductor(graph, example_inputs):
-        seen.update(node.target for node in graph.graph.nodes if node.op == "call_function")
-        from torch._inductor.compile_fx import compile_fx
-
-        return compile_fx(graph, example_inputs)
-
-    torch._dynamo.reset()
-    compiled = torch.compile(lambda h, f: processor(attention, h, freqs_cis=f), backend=recording_inductor,
-                             fullgraph=True, dynamic=True)
-    with torch.inference_mode():
-        output = compiled(hidden, freqs_cis)
-    return seen, output
-
-
 def test_compiled_it_rotates_in_real_arithmetic_with_the_stock_numbers(transformer):
     attention = transformer.layers[1].attention
-    hidden, freqs_cis = attention_inputs(transformer, seed=1)
+    hidden, freqs_cis = rotary_attention_inputs(transformer, TOKENS, seed=1)
     stock_ops, _ = compiled_graph_ops(attention, ZSingleStreamAttnProcessor(), hidden, freqs_cis)
     assert torch.view_as_complex in stock_ops  # what Inductor cannot generate code for
     ours_ops, compiled = compiled_graph_ops(attention, FusableRotaryProcessor(), hidden, freqs_cis)
