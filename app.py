@@ -126,8 +126,25 @@ def model_source(settings: Settings) -> tuple[Path, str]:
     return settings.model_dir, "Z-Image-Turbo"
 
 
-def load_model(settings: Settings):
-    """The weights, loaded once onto the configured device, with the device-wide settings applied first."""
+def read_weights_ahead(settings: Settings):
+    """Start reading the weight files onto their devices, so the reads overlap the imports that come next
+    (pipeline/read_ahead.py). None for the demo model (tiny, and maybe not built yet), with --replicas (this process
+    loads no weights), and for a device that is not there (load_model says so)."""
+    from pipeline.acceleration import read_weights_ahead as start_reading
+    from pipeline.loader import DeviceError, resolve_device
+
+    if settings.demo or settings.replicas != "0":
+        return None
+    try:
+        device = resolve_device(settings.device)
+    except DeviceError:
+        return None
+    return start_reading(settings.model_dir, device, low_vram=settings.low_vram)
+
+
+def load_model(settings: Settings, read_ahead):
+    """The weights, loaded once onto the configured device, with the device-wide settings applied first.
+    `read_ahead`: from read_weights_ahead."""
     from pipeline.acceleration import load_for_serving
     from pipeline.loader import resolve_device
 
@@ -137,7 +154,8 @@ def load_model(settings: Settings):
         log.info("compile, low_vram and gpu_memory_limit_gib apply on CUDA only; the CPU runs the model eagerly")
     loaded = load_for_serving(model_dir, device, verify=settings.verify_weights,
                               compile_cache_dir=settings.compile_cache_dir if settings.compile else None,
-                              low_vram=settings.low_vram, gpu_memory_limit_gib=settings.gpu_memory_limit_gib)
+                              low_vram=settings.low_vram, gpu_memory_limit_gib=settings.gpu_memory_limit_gib,
+                              read_ahead=read_ahead)
     return loaded, model_name
 
 
@@ -197,9 +215,10 @@ def start_replicas(settings: Settings, faults, metrics):
     return engine, f"{model_name} ({engine.replicas} replicas)"
 
 
-def start_service(settings: Settings):
+def start_service(settings: Settings, read_ahead):
     """Everything between settings and serving: the output dir checked, the weights loaded, the engine warmed up.
-    Any problem a person must fix raises a StartupError (pipeline.messages) naming it."""
+    Any problem a person must fix raises a StartupError (pipeline.messages) naming it. `read_ahead`: from
+    read_weights_ahead."""
     from pipeline.faults import FaultPlan
     from pipeline.metrics import ServiceMetrics
     from pipeline.output_dir import prepare_output_dir
@@ -222,7 +241,7 @@ def start_service(settings: Settings):
         ui_import.join()
         engine, model_label = start_replicas(settings, faults, metrics)
     else:
-        loaded, model_name = load_model(settings)
+        loaded, model_name = load_model(settings, read_ahead)
         # The attention probe and the warm-up time GPU work: no import competing with them for the interpreter.
         ui_import.join()
         engine, model_label = start_engine(settings, faults, loaded, model_name, metrics)
@@ -237,6 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as error:
         print(f"app.py: error: {error}", file=sys.stderr)
         return 2
+    read_ahead = read_weights_ahead(settings)  # first: the imports configure_logging starts overlap the reads
     configure_logging(settings.log_level)
     log_banner(settings)
     credentials = settings.credentials()
@@ -250,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.messages import StartupError
 
     try:
-        engine, metrics, model_label = start_service(settings)
+        engine, metrics, model_label = start_service(settings, read_ahead)
     except StartupError as error:
         log.error("cannot start: %s", error)
         return error.exit_code

@@ -325,7 +325,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
     add("--compile-cache-dir", type=Path, metavar="DIR",
         help="where compiled kernels are kept across restarts (a warm cache makes compiling take seconds)")
     add("--compile-delay", dest="compile_delay_s", type=int, metavar="SECONDS",
-        help="compiling starts when the first request has been answered, or this long after ready if none comes")
+        help="the text encoder's CUDA graphs, then compiling, start when the first request has been answered, or "
+        "this long after ready if none comes")
     add("--low-vram", action="store_true",
         help="profile for 16 GB GPUs: the text encoder stays in CPU memory and streams to the GPU layer by layer; "
         "the VAE decodes in tiles above 1024 px")

@@ -14,7 +14,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -151,7 +151,7 @@ class EngineOptions:
     log_prompts: str  # full | summary | none: how much of a prompt the log keeps
     hang_timeout_s: float  # a GPU call running longer than this is a hang: stacks dumped, the process ended
     queue_timeout_s: float  # a request that waited longer than this for the GPU is refused, not run late
-    compile_model: bool  # compile a copy of the pipeline in the background (start_compiling)
+    compile_model: bool  # compile a copy of the pipeline in the background (start_background_work)
     prompt_cache_size: int  # prompts whose embeddings are kept for reuse
     gpu_memory_limit_bytes: int  # 0: the whole GPU; else the memory guard plans within this cap
 
@@ -252,8 +252,8 @@ class Engine:
     def warm_up(self) -> None:
         """The slow part of starting, on the GPU thread: the attention probe picks the backend, then one small
         generation proves the device works and gives a failing backend its first call. On CUDA two more sizes
-        measure the memory a request needs, for the memory guard. Compilation, when on, starts afterwards in the
-        background (see start_compiling): "ready" does not wait for it."""
+        measure the memory a request needs, for the memory guard. The text encoder's CUDA graphs and compilation,
+        when on, come later in the background (see start_background_work): "ready" does not wait for them."""
         started = time.perf_counter()
         with self._lock:
             self._on_gpu_thread(self._warm_up)
@@ -270,8 +270,6 @@ class Engine:
                 raise
             self.attention_backend = attention.fall_back_to_sdpa(self._pipe.transformer, self.attention_backend, error)
             self._run(request, progress=None)
-        if self._prompt_encoder.graphs_possible:
-            self._prompt_encoder.capture_graphs()
         if self.device.type == "cuda":
             self.memory_guard = memory.measure_guard(self._memory_probe_peaks, self.device,
                                                      self.gpu_memory_limit_bytes)
@@ -293,17 +291,45 @@ class Engine:
         run = self._run(_warm_up_request(side, prompt=f"memory probe {side}"), progress=None)
         return run.denoise_peak_bytes, run.decode_peak_bytes
 
-    def start_compiling(self, delay_s: float = 0.0) -> threading.Thread:
-        """Compile in the background, once a request has been answered or `delay_s` has passed, whichever comes
-        first (a request served beside the compiler's Python is slow: the first one after a restart should not be).
-        The compiled pipeline is a copy over the same weights, so the eager one goes on serving meanwhile, and takes
-        over once its warm-up has compiled every graph it needs. Where the GPU has no room for a warm-up beside the
-        largest request (a capped card), the warm-up holds the GPU and requests wait. How long it takes, with a warm
-        compile cache and a cold one: docs/PERFORMANCE.md. A failure leaves the eager pipeline serving, with one
-        warning."""
-        thread = threading.Thread(target=self._compile, args=(delay_s,), name="compile", daemon=True)
+    def start_background_work(self, delay_s: float = 0.0) -> threading.Thread:
+        """Once a request has been answered or `delay_s` has passed, whichever comes first (the first request after a
+        restart should share neither the GPU nor the interpreter with this), in the background: the text encoder's
+        CUDA graphs (seconds: one bucket at a time between requests), then, when on, the compiled pipeline (_compile).
+        """
+        thread = threading.Thread(target=self._background_work, args=(delay_s,), name="after-start", daemon=True)
         thread.start()
         return thread
+
+    def _background_work(self, delay_s: float) -> None:
+        after = "a request was answered" if self._answered.wait(timeout=delay_s) else f"{delay_s:g} s without requests"
+        if self._draining:
+            return
+        if self._prompt_encoder.graphs_possible:
+            self._capture_text_encoder_graphs()
+        if self.compile_model and not self._draining:
+            self._compile(after)
+
+    def _capture_text_encoder_graphs(self) -> None:
+        """The graphs on the GPU thread, each between requests. Their memory pool is taken from what the memory
+        guard, measured before them, lets requests use."""
+        pool_bytes = 0
+
+        def on_gpu_thread_counting_memory(work):
+            def counted():
+                nonlocal pool_bytes
+                before = torch.cuda.memory_reserved(self.device)
+                try:
+                    return work()
+                finally:
+                    pool_bytes += torch.cuda.memory_reserved(self.device) - before
+            return self._on_gpu_thread(counted)
+
+        self._prompt_encoder.capture_graphs(run=on_gpu_thread_counting_memory)
+        if self.memory_guard is not None and pool_bytes > 0:
+            self.memory_guard = replace(self.memory_guard,
+                                        available_bytes=self.memory_guard.available_bytes - pool_bytes)
+            log.info("memory guard: text encoder graphs hold %d MiB; available_gib=%.2f", pool_bytes // 2**20,
+                     self.memory_guard.available_bytes / 2**30)
 
     def build_attention_plans(self, sizes: Iterable[tuple[int, int]]) -> threading.Thread | None:
         """Build, on the GPU thread, the attention plans requests at these sizes will need, one length at a time
@@ -338,10 +364,12 @@ class Engine:
         largest_warm_up = max(self.memory_guard.need_bytes(w, h) for w, h in COMPILE_WARM_UP_SIZES)
         return largest_request + largest_warm_up <= self.memory_guard.available_bytes
 
-    def _compile(self, delay_s: float) -> None:
-        after = "a request was answered" if self._answered.wait(timeout=delay_s) else f"{delay_s:g} s without requests"
-        if self._draining:
-            return
+    def _compile(self, after: str) -> None:
+        """Compile a copy of the pipeline over the same weights, so the eager one goes on serving meanwhile, and
+        swap it in once its warm-up has compiled every graph it needs. Where the GPU has no room for a warm-up
+        beside the largest request (a capped card), the warm-up holds the GPU and requests wait. How long it takes,
+        with a warm compile cache and a cold one: docs/PERFORMANCE.md. A failure leaves the eager pipeline serving,
+        with one warning."""
         started = time.perf_counter()
         self.compiled = "compiling"
         beside = self._room_beside_a_request()

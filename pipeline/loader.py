@@ -22,6 +22,7 @@ from pipeline.layouts import (
 )
 from pipeline.manifest import verify_manifest
 from pipeline.messages import StartupError, first_line
+from pipeline.read_ahead import ReadAhead
 
 log = logging.getLogger("zimage.loader")
 
@@ -53,7 +54,8 @@ def dtype_for(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
-def _timed(component: str, path: Path, dtype: torch.dtype, device: torch.device, load):
+def _timed(component: str, path: Path, dtype: torch.dtype, device: torch.device, load,
+           read_ahead_s: dict[Path, float]):
     started = time.perf_counter()
     try:
         module = load()
@@ -65,8 +67,11 @@ def _timed(component: str, path: Path, dtype: torch.dtype, device: torch.device,
                            f"checkpoint. {FETCH_HINT}.") from None
     if isinstance(module, torch.nn.Module):
         module.to(device=device, dtype=dtype)
-    log.info("loaded component=%s file=%s seconds=%.2f dtype=%s device=%s", component, path,
-             time.perf_counter() - started, str(dtype).removeprefix("torch."), device)
+    # read_ahead_s: reading the file, done beside the imports (pipeline/read_ahead.py); "seconds" is what was left.
+    read_ahead = f" read_ahead_s={read_ahead_s[path]:.2f}" if path in read_ahead_s else ""
+    log.info("loaded component=%s file=%s seconds=%.2f%s dtype=%s device=%s", component, path,
+             time.perf_counter() - started, read_ahead,
+             str(dtype).removeprefix("torch."), device)
     return module
 
 
@@ -82,16 +87,18 @@ def import_model_libraries() -> None:
         getattr(transformers, name)
 
 
-def _load_qwen_single_file(path: Path, config_dir: Path, dtype: torch.dtype):
+def _load_qwen_single_file(path: Path, config_dir: Path, dtype: torch.dtype, device: torch.device,
+                           tensors: dict[str, torch.Tensor] | None):
     from safetensors.torch import load_file
     from transformers import Qwen3Config, Qwen3Model
 
     # transformers has no from_single_file; its from_pretrained takes a ready state dict instead, and reports
-    # what did not match so a wrong file is named rather than silently left at random init.
-    state_dict = text_encoder_from_comfy(load_file(path))
+    # what did not match so a wrong file is named rather than silently left at random init. device_map: tensors
+    # read ahead onto the GPU stay there (without it they would be copied to the CPU).
+    state_dict = text_encoder_from_comfy(tensors if tensors is not None else load_file(path))
     model, info = Qwen3Model.from_pretrained(
         None, config=Qwen3Config.from_pretrained(config_dir), state_dict=state_dict, dtype=dtype,
-        output_loading_info=True,
+        device_map=device, output_loading_info=True,
     )
     problems = info["missing_keys"] or info["unexpected_keys"] or info["mismatched_keys"]
     if problems:
@@ -103,23 +110,33 @@ def _load_qwen_single_file(path: Path, config_dir: Path, dtype: torch.dtype):
 
 
 def _load_components(layout: WeightLayout, dtype: torch.dtype, device: torch.device,
-                     text_encoder_device: torch.device) -> dict[str, object]:
+                     text_encoder_device: torch.device, read_ahead: ReadAhead | None) -> dict[str, object]:
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImageTransformer2DModel
     from transformers import AutoModel, AutoTokenizer
 
     root = layout.root
+    read_ahead_s: dict[Path, float] = {}
+
+    def read(path: Path) -> dict[str, torch.Tensor] | None:
+        tensors = read_ahead.take(path) if read_ahead is not None else None
+        if tensors is not None:
+            read_ahead_s[path] = read_ahead.seconds[path]
+        return tensors
+
     if layout.kind is LayoutKind.SINGLE_FILE:
-        # from_single_file runs diffusers' own converters (ComfyUI DiT keys, LDM VAE keys); `config` points at the
-        # config files beside the weights so nothing is looked up on the hub.
+        # from_single_file runs diffusers' own converters (ComfyUI DiT keys, LDM VAE keys) on tensors already read
+        # or on the file, and places the weights on `device` as it loads them; `config` points at the config files
+        # beside the weights so nothing is looked up on the hub.
         loaders = {
             "transformer": (root / DIT_FILE, lambda: ZImageTransformer2DModel.from_single_file(
-                str(root / DIT_FILE), config=str(root), subfolder="transformer", torch_dtype=dtype,
-                local_files_only=True)),
+                read(root / DIT_FILE) or str(root / DIT_FILE), config=str(root), subfolder="transformer",
+                torch_dtype=dtype, device=device, local_files_only=True)),
             "text_encoder": (root / TEXT_ENCODER_FILE, lambda: _load_qwen_single_file(
-                root / TEXT_ENCODER_FILE, root / "text_encoder", dtype)),
+                root / TEXT_ENCODER_FILE, root / "text_encoder", dtype, text_encoder_device,
+                read(root / TEXT_ENCODER_FILE))),
             "vae": (root / VAE_FILE, lambda: AutoencoderKL.from_single_file(
-                str(root / VAE_FILE), config=str(root), subfolder="vae", torch_dtype=dtype,
-                local_files_only=True)),
+                read(root / VAE_FILE) or str(root / VAE_FILE), config=str(root), subfolder="vae", torch_dtype=dtype,
+                device=device, local_files_only=True)),
         }
     else:
         loaders = {
@@ -131,7 +148,7 @@ def _load_components(layout: WeightLayout, dtype: torch.dtype, device: torch.dev
                 root, subfolder="vae", torch_dtype=dtype, local_files_only=True)),
         }
     devices = {"text_encoder": text_encoder_device}
-    components = {name: _timed(name, path, dtype, devices.get(name, device), load)
+    components = {name: _timed(name, path, dtype, devices.get(name, device), load, read_ahead_s)
                   for name, (path, load) in loaders.items()}
     components["tokenizer"] = AutoTokenizer.from_pretrained(root / "tokenizer", local_files_only=True)
     components["scheduler"] = FlowMatchEulerDiscreteScheduler.from_pretrained(root / "scheduler")
@@ -139,10 +156,11 @@ def _load_components(layout: WeightLayout, dtype: torch.dtype, device: torch.dev
 
 
 def load_pipeline(model_dir: Path, device: torch.device, verify: bool = False,
-                  text_encoder_on_cpu: bool = False) -> LoadedPipeline:
+                  text_encoder_on_cpu: bool = False, read_ahead: ReadAhead | None = None) -> LoadedPipeline:
     """Find, check and load the weights in `model_dir`; any problem raises WeightsError with a one-line reason.
     `text_encoder_on_cpu` (the low-VRAM profile) keeps the text encoder's weights out of GPU memory even while
-    loading, so a 16 GB card never holds both models at once."""
+    loading, so a 16 GB card never holds both models at once. `read_ahead`: the single files' tensors, being read
+    onto their devices since before the libraries were imported (ReadAhead.of_model, with the same devices)."""
     from diffusers import ZImagePipeline
 
     layout = find_weights(model_dir)
@@ -159,7 +177,7 @@ def load_pipeline(model_dir: Path, device: torch.device, verify: bool = False,
         log.info("device=%s dtype=%s (float32 on CPU: bf16 is for the GPU)", device, str(dtype).removeprefix("torch."))
     try:
         components = _load_components(layout, dtype, device,
-                                      torch.device("cpu") if text_encoder_on_cpu else device)
+                                      torch.device("cpu") if text_encoder_on_cpu else device, read_ahead)
     except WeightsError:
         raise
     except (OSError, ValueError, RuntimeError, KeyError) as error:

@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
+from typing import TypeVar
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -37,6 +40,13 @@ ATTENTION_KERNELS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
 # the graph by 0.027, the math kernel by 0.047; a wrong graph (a stale buffer, an input copied short) is off by
 # the whole norm.
 GRAPH_TOLERANCE = 0.1
+
+
+T = TypeVar("T")
+
+
+def _now(work: Callable[[], T]) -> T:
+    return work()
 
 
 @dataclass(frozen=True)
@@ -98,32 +108,41 @@ class PromptEncoder:
         graph.graph.replay()
         return graph.hidden[0, :len(ids)].clone()
 
-    @torch.inference_mode()
-    def capture_graphs(self, probe_prompt: str = "a lighthouse on a cliff at dusk") -> None:
+    def capture_graphs(self, run: Callable[[Callable[[], T]], T] = _now,
+                       probe_prompt: str = "a lighthouse on a cliff at dusk") -> None:
         """One graph per bucket up to MAX_SEQUENCE_LENGTH, all in one memory pool (one runs at a time, and each
-        keeps only its output). Checked against eager on a probe prompt; on a mismatch or an error every graph is
-        dropped and encoding stays eager, with a warning."""
+        keeps only its output). Each capture, and the check against eager on a probe prompt, is one call of `run`
+        (the engine's puts each on its GPU thread, between requests). Used only once all are captured and checked;
+        on a mismatch or an error none is, and encoding stays eager, with a warning."""
         started = time.perf_counter()
         pool = torch.cuda.graph_pool_handle()
+        graphs: dict[int, _Graph] = {}
         try:
             for length in range(BUCKET_TOKENS, MAX_SEQUENCE_LENGTH + 1, BUCKET_TOKENS):
-                self._graphs[length] = self._capture(length, pool)
-            ids = self.token_ids(probe_prompt)[:MAX_SEQUENCE_LENGTH]
-            eager = self.forward(self.padded(ids, bucket_of(len(ids))).to(self.device))[0, :len(ids)]
-            replayed = self._replay(self._graphs[bucket_of(len(ids))], ids)
-            error = float((replayed.float() - eager.float()).norm() / eager.float().norm())
+                graphs[length] = run(partial(self._capture, length, pool))
+            error = run(partial(self._graph_error, graphs, probe_prompt))
         except Exception as failure:  # eager encoding is slower, not wrong
-            self._graphs.clear()
+            self._graphs = {}
             log.warning("text encoder graphs not used (%s: %s)", type(failure).__name__, first_line(failure))
             return
         if not error <= GRAPH_TOLERANCE:
-            self._graphs.clear()
+            self._graphs = {}
             log.warning("text encoder graphs not used: they differ from eager by %.4f (limit %s)", error,
                         GRAPH_TOLERANCE)
             return
-        log.info("text encoder graphs captured buckets=%d seconds=%.2f relative_error=%.5f", len(self._graphs),
+        self._graphs = graphs
+        log.info("text encoder graphs captured buckets=%d seconds=%.2f relative_error=%.5f", len(graphs),
                  time.perf_counter() - started, error)
 
+    @torch.inference_mode()
+    def _graph_error(self, graphs: dict[int, _Graph], probe_prompt: str) -> float:
+        """How far a replay is from eager on the same padded input: the norm of the difference over eager's."""
+        ids = self.token_ids(probe_prompt)[:MAX_SEQUENCE_LENGTH]
+        eager = self.forward(self.padded(ids, bucket_of(len(ids))).to(self.device))[0, :len(ids)]
+        replayed = self._replay(graphs[bucket_of(len(ids))], ids)
+        return float((replayed.float() - eager.float()).norm() / eager.float().norm())
+
+    @torch.inference_mode()
     def _capture(self, length: int, pool) -> _Graph:
         input_ids = torch.full((1, length), self._pad_id, device=self.device)
         # First calls outside the capture, on a side stream as PyTorch's CUDA-graph notes ask: kernels' lazy set-up
@@ -134,7 +153,9 @@ class PromptEncoder:
             self.forward(input_ids)
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=pool):
+        # thread_local: the service captures after start, while its web threads may ask the driver for free memory
+        # (/readyz, /metrics); only this thread's calls are the capture's business.
+        with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
             hidden = self.forward(input_ids)
         return _Graph(graph, input_ids, hidden)
 

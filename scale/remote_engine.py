@@ -77,7 +77,7 @@ class RemoteEngine:
         # The front's own device: it holds no model, so it has no GPU memory to report (the replicas' devices are
         # theirs, in their log lines).
         self.device = torch.device("cpu")
-        self.compile_model = False  # each replica compiles its own copy (ReplicaSpec.compile_delay_s)
+        self.compile_model = False  # each replica compiles its own copy (start_background_work)
         # Replica id → its engine's state (which pipeline serves, ...) as its latest answer gave it, least recent
         # first: `replicas` of them, a lost one dropped. Serve names no replica before it answers: "" stands for
         # those that have not answered yet.
@@ -153,6 +153,10 @@ class RemoteEngine:
 
     def build_attention_plans(self, sizes) -> None:
         """Each replica builds its own after its warm-up (ReplicaSpec.plan_sizes), a replacement too."""
+        return None
+
+    def start_background_work(self, delay_s: float) -> None:
+        """Each replica does its own after its warm-up (ReplicaSpec.compile_delay_s), a replacement too."""
         return None
 
     # -- one request ---------------------------------------------------------------------------------------------------

@@ -75,8 +75,7 @@ class EngineReplica:
         self.engine = Engine(loaded, spec.options, faults=spec.faults,
                              on_fatal=exit_on_fatal(spec.crash_dir, "replica"))
         self.engine.warm_up()
-        if spec.options.compile_model:
-            self.engine.start_compiling(delay_s=spec.compile_delay_s)
+        self.engine.start_background_work(delay_s=spec.compile_delay_s)
         self.engine.build_attention_plans(spec.plan_sizes)
         log.info("replica ready host=%s pid=%d device=%s source=%s seconds=%.1f", self.replica.host,
                  self.replica.pid, device, loaded.source, time.perf_counter() - started)

@@ -330,9 +330,9 @@ def run(args, report: dict[str, object]) -> None:
     if not args.low_vram:
         eager = stage_table(stock, *HEADLINE, args.runs, encode_length=tokens)
         report["levers"]["eager_with_chosen_attention"] = eager
+    started = time.perf_counter()
+    engine.start_background_work().join()  # the text encoder's graphs, then the compile where on
     if engine.compile_model:
-        started = time.perf_counter()
-        engine.start_compiling().join()
         report["compile_s"] = round(time.perf_counter() - started, 1)
         report["compiled"] = engine.compiled
     report["ours"] = engine_figures(engine, sizes, args.runs, args.size_runs)

@@ -30,6 +30,7 @@ from tests.helpers import (
     RunningApp,
     fill_the_queue,
     free_port,
+    generate_over_http,
     http_status,
     start_app,
     start_demo_app,
@@ -272,6 +273,20 @@ def test_without_weights_or_demo_the_app_exits_naming_both_options(tmp_path):
     error_lines = [line for line in result.stdout.splitlines() if " ERROR " in line]
     assert len(error_lines) == 1
     assert "--demo" in error_lines[0] and "fetch_weights.py" in error_lines[0]
+
+
+def test_weights_read_while_the_libraries_import_are_the_ones_served(tmp_path, tiny_copy):
+    """app.py starts reading the weight files before it imports diffusers (pipeline/read_ahead.py); the loader builds
+    every component from what was read, and the service paints with it."""
+    root = tiny_copy(LayoutKind.SINGLE_FILE)
+    app = start_app(tmp_path, "--model-dir", str(root))
+    try:
+        loaded = [line for line in app.log().splitlines() if "loaded component=" in line]
+        assert len(loaded) == 3 and all("read_ahead_s=" in line for line in loaded)
+        answer = generate_over_http(app.url, "read ahead", size="64x64")
+        assert answer["data"][0]["b64_json"]
+    finally:
+        stop_app(app)
 
 
 def test_truncated_weights_stop_the_app_naming_the_file(tiny_copy):

@@ -12,6 +12,7 @@ from pipeline.engine import COMPILE_SWITCH_INTERVAL_S, Engine, GenerationError, 
 from pipeline.memory import GIB, Line, MemoryGuard
 from pipeline.requests import GenerationRequest, RequestError
 from pipeline.storage import read_parameters
+from pipeline.text_encoder import PromptEncoder
 from tests.helpers import SMALL, engine_options, engine_with
 
 # Proving the compiler waits for a request needs a window in which it does not start; without that wait the compile
@@ -372,7 +373,7 @@ def test_compiled_engine_matches_eager_and_never_recompiles_once_live(loaded_tin
     eager = engine_with(loaded_tiny, tmp_path / "eager").generate(request)
     engine = engine_with(loaded_tiny, tmp_path / "compiled", compile_model=True)
     assert (engine.state()["compiled"], engine.state()["serving"]) == ("pending", "eager")
-    engine.start_compiling().join()
+    engine.start_background_work().join()
     assert (engine.state()["compiled"], engine.state()["serving"]) == ("on", "compiled")
     graphs_when_live = counters["stats"]["unique_graphs"]
 
@@ -408,7 +409,7 @@ def test_the_eager_path_serves_while_the_compiled_one_compiles(loaded_tiny, tmp_
 
     caplog.set_level(logging.INFO, logger="zimage.engine")
     engine = engine_with(loaded_tiny, tmp_path, compile_model=True, compile_backend=slow_compiler)
-    thread = engine.start_compiling()
+    thread = engine.start_background_work()
     try:
         assert compiling.wait(60)
         during = engine.generate(GenerationRequest("served meanwhile", seed=3, **SMALL))
@@ -439,12 +440,33 @@ def test_compiling_waits_for_the_first_answered_request(loaded_tiny, tmp_path, c
 
     caplog.set_level(logging.INFO, logger="zimage.engine")
     engine = engine_with(loaded_tiny, tmp_path, compile_model=True, compile_backend=noting_compiler)
-    thread = engine.start_compiling(delay_s=600)
+    thread = engine.start_background_work(delay_s=600)
     assert not compiling.wait(COMPILE_NOT_STARTED_WINDOW_S) and engine.state()["compiled"] == "pending"
     engine.generate(GenerationRequest("the first request after a start", seed=3, **SMALL))
     thread.join(120)
     assert compiling.is_set() and engine.state()["compiled"] == "on"
     assert "(after a request was answered)" in caplog.text
+
+
+def test_text_encoder_graphs_wait_for_the_first_answered_request_and_run_on_the_gpu_thread(loaded_tiny, tmp_path,
+                                                                                          monkeypatch):
+    """Capturing them takes seconds: not before a restart's first image, and each capture a job of the GPU thread, so
+    requests go between them. CUDA graphs themselves need a GPU (test_text_encoder); here the CPU stands in for one
+    that has them, and a capture reports where it ran."""
+    captures = []
+
+    def capture_graphs(encoder, run):
+        captures.append(run(lambda: (threading.current_thread().name, engine.in_flight)))
+
+    monkeypatch.setattr(PromptEncoder, "graphs_possible", property(lambda encoder: True))
+    monkeypatch.setattr(PromptEncoder, "capture_graphs", capture_graphs)
+    engine = engine_with(loaded_tiny, tmp_path)
+    thread = engine.start_background_work(delay_s=600)
+    thread.join(COMPILE_NOT_STARTED_WINDOW_S)
+    assert thread.is_alive() and captures == []
+    engine.generate(GenerationRequest("the first request after a start", seed=3, **SMALL))
+    thread.join(60)
+    assert captures == [("gpu_0", None)] and engine.state()["compiled"] == "off"
 
 
 def test_an_image_is_saved_with_its_owner_and_listed_only_for_that_owner(engine):

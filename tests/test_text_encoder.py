@@ -4,6 +4,8 @@ graphs give eager's embeddings for prompts of every bucket, and a graph that doe
 from __future__ import annotations
 
 import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -69,6 +71,36 @@ def test_graphs_give_eagers_embeddings_in_every_bucket(cuda_encoder, caplog):
         replayed = cuda_encoder.encode(prompt).embeddings
         assert replayed.shape == eager.shape
         torch.testing.assert_close(replayed, eager, rtol=2e-2, atol=2e-2)
+
+
+@cuda_only
+def test_graphs_captured_job_by_job_on_another_thread_while_others_ask_the_driver(cuda_encoder):
+    """As the engine captures them after start: each bucket, and the check, one job on its GPU thread, while web
+    threads ask the driver how much memory is free (/readyz, /metrics)."""
+    stop = threading.Event()
+
+    def ask_for_free_memory():
+        while not stop.is_set():
+            torch.cuda.mem_get_info()
+
+    asking = threading.Thread(target=ask_for_free_memory)
+    jobs = []
+    with ThreadPoolExecutor(max_workers=1) as gpu_thread:
+        def run(work):
+            jobs.append(work)
+            return gpu_thread.submit(work).result()
+
+        asking.start()
+        try:
+            cuda_encoder.capture_graphs(run=run)
+        finally:
+            stop.set()
+            asking.join()
+    assert cuda_encoder.graphed and len(jobs) == MAX_SEQUENCE_LENGTH // BUCKET_TOKENS + 1
+    ids = cuda_encoder.token_ids(PROMPTS[0])
+    with torch.inference_mode():
+        eager = cuda_encoder.forward(torch.tensor([ids], device="cuda"))[0]
+    torch.testing.assert_close(cuda_encoder.encode(PROMPTS[0]).embeddings, eager, rtol=2e-2, atol=2e-2)
 
 
 @cuda_only

@@ -191,8 +191,7 @@ def serve(blocks: gr.Blocks, engine: Engine, *, host: str, port: int, share: boo
     )
     guard_connections(blocks.server, max_connections=max_connections, head_timeout_s=header_timeout_s)
     log.info("ready url=%s://%s:%d", "https" if ssl_certfile else "http", host, port)
-    if engine.compile_model:
-        engine.start_compiling(delay_s=compile_delay_s)
+    engine.start_background_work(delay_s=compile_delay_s)
     # The UI's sizes, the default (1024²) first: what most requests will need.
     engine.build_attention_plans(offered_sizes(engine.limits.max_w, engine.limits.max_h))
     # Short waits, not one endless one: Linux may hand SIGTERM to any thread, and then a main thread asleep in an
