@@ -130,8 +130,8 @@ def read_weights_ahead(settings: Settings):
     """Start reading the weight files onto their devices, so the reads overlap the imports that come next
     (pipeline/read_ahead.py). None for the demo model (tiny, and maybe not built yet), with --replicas (this process
     loads no weights), and for a device that is not there (load_model says so)."""
-    from pipeline.acceleration import read_weights_ahead as start_reading
     from pipeline.loader import DeviceError, resolve_device
+    from pipeline.read_ahead import ReadAhead
 
     if settings.demo or settings.replicas != "0":
         return None
@@ -139,7 +139,7 @@ def read_weights_ahead(settings: Settings):
         device = resolve_device(settings.device)
     except DeviceError:
         return None
-    return start_reading(settings.model_dir, device, low_vram=settings.low_vram)
+    return ReadAhead.of_model(settings.model_dir, device)
 
 
 def load_model(settings: Settings, read_ahead):

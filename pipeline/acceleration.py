@@ -23,24 +23,12 @@ log = logging.getLogger("zimage.acceleration")
 LOW_VRAM_TILE_PX = 512
 
 
-def read_weights_ahead(model_dir: Path, device: torch.device, *, low_vram: bool) -> ReadAhead | None:
-    """Start reading `model_dir`'s single files onto the devices load_for_serving puts them on (pipeline/read_ahead);
-    None where there are none to read."""
-    return ReadAhead.of_model(model_dir, device, _text_encoder_device(device, low_vram))
-
-
-def _text_encoder_device(device: torch.device, low_vram: bool) -> torch.device:
-    # The low-VRAM profile keeps the text encoder's weights in CPU memory (offload_text_encoder streams them), as
-    # load_for_serving does.
-    return torch.device("cpu") if device.type == "cuda" and low_vram else device
-
-
 def load_for_serving(model_dir: Path, device: torch.device, *, verify: bool, compile_cache_dir: Path | None,
                      low_vram: bool, gpu_memory_limit_gib: float, read_ahead: ReadAhead | None = None
                      ) -> LoadedPipeline:
     """The weights loaded onto `device` with the process-wide settings applied around it, the same for the service's
     own engine and for each replica's. On the GPU only: `compile_cache_dir` (None: no compiling), the memory cap,
-    and the low-VRAM profile. `read_ahead`: from read_weights_ahead with the same device and profile."""
+    and the low-VRAM profile. `read_ahead`: ReadAhead.of_model(model_dir, device), or None."""
     on_gpu = device.type == "cuda"
     if on_gpu and compile_cache_dir is not None:
         use_compile_cache(compile_cache_dir)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -87,18 +88,18 @@ def import_model_libraries() -> None:
         getattr(transformers, name)
 
 
-def _load_qwen_single_file(path: Path, config_dir: Path, dtype: torch.dtype, device: torch.device,
-                           tensors: dict[str, torch.Tensor] | None):
+def _load_qwen_single_file(path: Path, tensors: dict[str, torch.Tensor] | None, config_dir: Path,
+                           dtype: torch.dtype):
+    """The text encoder from `path`, or from its `tensors` already read."""
     from safetensors.torch import load_file
     from transformers import Qwen3Config, Qwen3Model
 
     # transformers has no from_single_file; its from_pretrained takes a ready state dict instead, and reports
-    # what did not match so a wrong file is named rather than silently left at random init. device_map: tensors
-    # read ahead onto the GPU stay there (without it they would be copied to the CPU).
-    state_dict = text_encoder_from_comfy(tensors if tensors is not None else load_file(path))
+    # what did not match so a wrong file is named rather than silently left at random init.
+    state_dict = text_encoder_from_comfy(load_file(path) if tensors is None else tensors)
     model, info = Qwen3Model.from_pretrained(
         None, config=Qwen3Config.from_pretrained(config_dir), state_dict=state_dict, dtype=dtype,
-        device_map=device, output_loading_info=True,
+        output_loading_info=True,
     )
     problems = info["missing_keys"] or info["unexpected_keys"] or info["mismatched_keys"]
     if problems:
@@ -109,35 +110,62 @@ def _load_qwen_single_file(path: Path, config_dir: Path, dtype: torch.dtype, dev
     return model.eval()
 
 
+def _from_read_ahead_or_file(path: Path, build, device: torch.device, read_ahead: ReadAhead | None,
+                             read_ahead_s: dict[Path, float]):
+    """build(tensors, device) from `path`'s tensors read ahead, else build(path, None) as without read-ahead. A
+    build from tensors that fails costs a second read of the file, not the start: the file's own build then
+    succeeds, or fails with the error it always gave."""
+    tensors = read_ahead.take(path) if read_ahead is not None else None
+    if tensors is not None:
+        try:
+            module = build(tensors, device)
+        except Exception as error:
+            log.warning("building from the tensors read ahead from %s failed (%s: %s); reading the file again",
+                        path, type(error).__name__, first_line(error))
+        else:
+            read_ahead_s[path] = read_ahead.seconds[path]
+            _give_each_parameter_its_storage(module)
+            return module
+        tensors = None  # its memory is the second read's
+    return build(path, None)
+
+
+def _give_each_parameter_its_storage(module: torch.nn.Module) -> None:
+    """diffusers splits the file's fused attention.qkv into three views of one tensor. Copied to the GPU after
+    loading, as the file's build is, each gets its own storage; built on the GPU, they would share one. The same
+    layout either way: the compiled graphs and the memory measurements were made with this one."""
+    for parameter in module.parameters():
+        if parameter.untyped_storage().nbytes() != parameter.nbytes:
+            parameter.data = parameter.data.clone()
+
+
 def _load_components(layout: WeightLayout, dtype: torch.dtype, device: torch.device,
                      text_encoder_device: torch.device, read_ahead: ReadAhead | None) -> dict[str, object]:
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImageTransformer2DModel
     from transformers import AutoModel, AutoTokenizer
 
     root = layout.root
+    devices = {"text_encoder": text_encoder_device}
     read_ahead_s: dict[Path, float] = {}
-
-    def read(path: Path) -> dict[str, torch.Tensor] | None:
-        tensors = read_ahead.take(path) if read_ahead is not None else None
-        if tensors is not None:
-            read_ahead_s[path] = read_ahead.seconds[path]
-        return tensors
-
     if layout.kind is LayoutKind.SINGLE_FILE:
-        # from_single_file runs diffusers' own converters (ComfyUI DiT keys, LDM VAE keys) on tensors already read
-        # or on the file, and places the weights on `device` as it loads them; `config` points at the config files
-        # beside the weights so nothing is looked up on the hub.
-        loaders = {
-            "transformer": (root / DIT_FILE, lambda: ZImageTransformer2DModel.from_single_file(
-                read(root / DIT_FILE) or str(root / DIT_FILE), config=str(root), subfolder="transformer",
-                torch_dtype=dtype, device=device, local_files_only=True)),
-            "text_encoder": (root / TEXT_ENCODER_FILE, lambda: _load_qwen_single_file(
-                root / TEXT_ENCODER_FILE, root / "text_encoder", dtype, text_encoder_device,
-                read(root / TEXT_ENCODER_FILE))),
-            "vae": (root / VAE_FILE, lambda: AutoencoderKL.from_single_file(
-                read(root / VAE_FILE) or str(root / VAE_FILE), config=str(root), subfolder="vae", torch_dtype=dtype,
-                device=device, local_files_only=True)),
+        def single_file(model_class, subfolder: str):
+            # from_single_file runs diffusers' own converters (ComfyUI DiT keys, LDM VAE keys) on the file or on
+            # its tensors read ahead (left on their device); `config` points at the config files beside the
+            # weights so nothing is looked up on the hub.
+            return lambda source, on: model_class.from_single_file(
+                source if isinstance(source, dict) else str(source), config=str(root), subfolder=subfolder,
+                torch_dtype=dtype, device=on, local_files_only=True)
+
+        builds = {
+            "transformer": (DIT_FILE, single_file(ZImageTransformer2DModel, "transformer")),
+            "text_encoder": (TEXT_ENCODER_FILE, lambda source, _on: _load_qwen_single_file(
+                root / TEXT_ENCODER_FILE, source if isinstance(source, dict) else None, root / "text_encoder",
+                dtype)),
+            "vae": (VAE_FILE, single_file(AutoencoderKL, "vae")),
         }
+        loaders = {name: (root / file, partial(_from_read_ahead_or_file, root / file, build,
+                                               devices.get(name, device), read_ahead, read_ahead_s))
+                   for name, (file, build) in builds.items()}
     else:
         loaders = {
             "transformer": (root / "transformer", lambda: ZImageTransformer2DModel.from_pretrained(
@@ -147,7 +175,6 @@ def _load_components(layout: WeightLayout, dtype: torch.dtype, device: torch.dev
             "vae": (root / "vae", lambda: AutoencoderKL.from_pretrained(
                 root, subfolder="vae", torch_dtype=dtype, local_files_only=True)),
         }
-    devices = {"text_encoder": text_encoder_device}
     components = {name: _timed(name, path, dtype, devices.get(name, device), load, read_ahead_s)
                   for name, (path, load) in loaders.items()}
     components["tokenizer"] = AutoTokenizer.from_pretrained(root / "tokenizer", local_files_only=True)

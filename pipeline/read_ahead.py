@@ -34,10 +34,13 @@ class ReadAhead:
         threading.Thread(target=self._read_all, name="read-ahead", daemon=True).start()
 
     @classmethod
-    def of_model(cls, model_dir: Path, device: torch.device, text_encoder_device: torch.device) -> ReadAhead | None:
+    def of_model(cls, model_dir: Path, device: torch.device) -> ReadAhead | None:
         """Read-ahead for `model_dir`'s single files, or None when it holds none (layout B, which diffusers reads
-        shard by shard, or no weights at all: the loader says what is wrong)."""
-        files = {model_dir / DIT_FILE: device, model_dir / TEXT_ENCODER_FILE: text_encoder_device,
+        shard by shard, or no weights at all: the loader says what is wrong). The text encoder's file goes to CPU
+        memory on every device: transformers builds a model from a state dict there (given a device_map instead,
+        it would first reserve the model's size once more on the GPU, past a memory cap), and the loader moves it
+        afterwards, as without read-ahead."""
+        files = {model_dir / DIT_FILE: device, model_dir / TEXT_ENCODER_FILE: torch.device("cpu"),
                  model_dir / VAE_FILE: device}
         if not all(path.is_file() for path in files):
             return None

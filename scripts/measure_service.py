@@ -22,6 +22,7 @@ import base64
 import collections
 import json
 import random
+import re
 import statistics
 import subprocess
 import sys
@@ -59,6 +60,7 @@ MIXED_MAX_WORDS = 600  # past the text encoder's 512-token budget, where the eng
 RECOMPILE_MARKER = "Recompiling function"
 RECOMPILE_LIMIT_MARKER = "torch._dynamo hit config.recompile_limit"
 LIVE_MARKER = "compiled path live"
+START_MARKER = " zimage.app start version="
 # With --replicas, Ray forwards a replica's log lines to the front's log a moment after the answer has left.
 LOG_LAG_S = 5.0
 VOCABULARY = (
@@ -177,6 +179,27 @@ def with_engine_times(records: list[dict[str, object]], log_path: Path) -> list[
     return records
 
 
+def start_phases(log_path: Path) -> dict[str, float | None]:
+    """The service's own account of its latest start, from its log: seconds from the process's birth to ready, and
+    the shares of loading the weights and of the warm-up (None where a line is missing)."""
+    deadline = time.monotonic() + LOG_LAG_S  # /readyz may answer a moment before the ready line is written
+    while True:
+        text = log_path.read_text(errors="replace")
+        latest = text[text.rfind(START_MARKER):].splitlines() if START_MARKER in text else []
+        if any("ready url=" in line for line in latest) or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+
+    def seconds(marker: str, key: str) -> list[float]:
+        return [float(match[1]) for line in latest if marker in line
+                for match in [re.search(rf" {key}=([0-9.]+)", line)] if match]
+
+    ready, warm_up = seconds("ready url=", "seconds_since_process_start"), seconds("warm-up done", "seconds")
+    loaded = seconds("loaded component=", "seconds")
+    return {"process_ready_s": ready[0] if ready else None, "load_s": round(sum(loaded), 2) if loaded else None,
+            "warm_up_s": warm_up[0] if warm_up else None}
+
+
 def one_request(url: str, job: Job, log_path: Path) -> dict[str, object]:
     return with_engine_times([openai_image(url, job)], log_path)[0]
 
@@ -267,6 +290,7 @@ def measure_service(args: argparse.Namespace, fresh: FreshRequests, figures: dic
     try:
         # 1. Process start → /readyz 200, and which path serves at that moment.
         figures["ready_s"] = round(time.monotonic() - started, 2)
+        figures["start"] = start_phases(args.log)
         state = readiness(url)
         figures.update(serving_at_ready=state.get("serving"), compiled_at_ready=state["compiled"])
         note(f"ready after {figures['ready_s']} s")
@@ -360,7 +384,7 @@ def kill_trial(conf: Path, url: str, log_path: Path, job: Job, args: argparse.Na
         record, received_at = user.result()
     record = with_engine_times([record], log_path)[0]
     return {"killed_pid": killed_pid, "ready_s": round(ready_s, 2), "first_image_s": round(received_at - killed_at, 2),
-            "path": record["path"], "request": record}
+            "path": record["path"], "request": record, "start": start_phases(log_path)}
 
 
 def image_when_back(url: str, job: Job, deadline: float) -> tuple[dict[str, object], float]:
@@ -406,6 +430,9 @@ def table(figures: dict[str, object]) -> str:
     if "ready_s" in figures:
         rows.append(("start → /readyz 200", f"{figures['ready_s']} s",
                      f"serving {figures['serving_at_ready']}, compiled {figures['compiled_at_ready']}"))
+    if "start" in figures:
+        rows.append(("  by its log: birth → ready", f"{figures['start']['process_ready_s']} s",
+                     f"loading {figures['start']['load_s']} s, warm-up {figures['start']['warm_up_s']} s"))
     if "first_request_after_ready_s" in figures:
         rows.append(("first image right at ready", f"{figures['first_request_after_ready_s']} s",
                      f"path {figures['first_request_after_ready_path']}"))
@@ -439,6 +466,10 @@ def table(figures: dict[str, object]) -> str:
         part = figures["kill"]
         rows.append((f"kill -9 → /readyz 200 ({len(part['trials'])})", f"{part.get('ready_s_median')} s",
                      f"median; max {part.get('ready_s_max')} s"))
+        starts = [trial["start"] for trial in part["trials"]]
+        rows.append(("  by its log: birth → ready", " ".join(str(start["process_ready_s"]) for start in starts),
+                     "loading " + " ".join(str(start["load_s"]) for start in starts) + " s; warm-up "
+                     + " ".join(str(start["warm_up_s"]) for start in starts) + " s"))
         rows.append(("kill -9 → first image", f"{part.get('first_image_s_median')} s",
                      f"median; max {part.get('first_image_s_max')} s; paths "
                      f"{sorted({str(trial['path']) for trial in part['trials']})}"))

@@ -279,10 +279,14 @@ def test_weights_read_while_the_libraries_import_are_the_ones_served(tmp_path, t
     """app.py starts reading the weight files before it imports diffusers (pipeline/read_ahead.py); the loader builds
     every component from what was read, and the service paints with it."""
     root = tiny_copy(LayoutKind.SINGLE_FILE)
+    launched = time.time()
     app = start_app(tmp_path, "--model-dir", str(root))
     try:
         loaded = [line for line in app.log().splitlines() if "loaded component=" in line]
         assert len(loaded) == 3 and all("read_ahead_s=" in line for line in loaded)
+        # The ready line says how long the start took, imports included.
+        ready = re.search(r"ready url=\S+ seconds_since_process_start=([\d.]+)", app.log())
+        assert ready and 1.0 < float(ready[1]) <= time.time() - launched
         answer = generate_over_http(app.url, "read ahead", size="64x64")
         assert answer["data"][0]["b64_json"]
     finally:

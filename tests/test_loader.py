@@ -7,7 +7,7 @@ from diffusers.loaders import single_file_model
 from safetensors.torch import load_file, save_file
 
 from pipeline.layouts import DIT_FILE, TEXT_ENCODER_FILE, LayoutKind, WeightsError
-from pipeline.loader import DeviceError, dtype_for, load_pipeline, resolve_device
+from pipeline.loader import DeviceError, _give_each_parameter_its_storage, dtype_for, load_pipeline, resolve_device
 from pipeline.random_model import build_components
 
 
@@ -104,3 +104,17 @@ def test_cpu_computes_in_float32_and_cuda_in_bfloat16():
 def test_asking_for_cuda_without_a_gpu_is_a_clear_error():
     with pytest.raises(DeviceError, match="--device cuda .* no CUDA GPU"):
         resolve_device("cuda")
+
+
+def test_parameters_that_are_views_of_one_tensor_get_storage_of_their_own():
+    """As diffusers leaves the DiT's q, k and v built from tensors already on their device: three views of the
+    file's fused qkv."""
+    fused = torch.arange(12.0).reshape(6, 2)
+    module = torch.nn.ModuleDict({name: torch.nn.Linear(2, 2, bias=False) for name in "qkv"})
+    for name, view in zip("qkv", fused.chunk(3), strict=True):
+        module[name].weight = torch.nn.Parameter(view)
+    _give_each_parameter_its_storage(module)
+    for name, expected in zip("qkv", fused.chunk(3), strict=True):
+        weight = module[name].weight
+        assert weight.untyped_storage().nbytes() == weight.nbytes and torch.equal(weight, expected)
+        assert isinstance(weight, torch.nn.Parameter)
