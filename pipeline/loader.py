@@ -187,7 +187,7 @@ def load_pipeline(model_dir: Path, device: torch.device, verify: bool = False,
     """Find, check and load the weights in `model_dir`; any problem raises WeightsError with a one-line reason.
     `text_encoder_on_cpu` (the low-VRAM profile) keeps the text encoder's weights out of GPU memory even while
     loading, so a 16 GB card never holds both models at once. `read_ahead`: the single files' tensors, being read
-    onto their devices since before the libraries were imported (ReadAhead.of_model, with the same devices)."""
+    onto their devices since before the libraries were imported (ReadAhead.of_model(model_dir, device))."""
     from diffusers import ZImagePipeline
 
     layout = find_weights(model_dir)

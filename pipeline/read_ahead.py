@@ -3,8 +3,8 @@
 A start spends ~15 s importing diffusers, transformers and gradio, pure Python that holds the interpreter, and then
 seconds reading 20 GB of weights onto the GPU: file reads and copies that release it. Begun as soon as torch is
 imported, the reads overlap the imports instead of following them, and the loader builds the modules from tensors
-already in place (docs/PERFORMANCE.md, "Start"). Written by hand: diffusers and transformers load weights only once
-they are imported themselves.
+already in place (docs/PERFORMANCE.md, "Where a restart's seconds go"). Written by hand: diffusers and
+transformers load weights only once they are imported themselves.
 
 Nothing here judges the files. A read that fails is forgotten, and the loader reads that file itself, so a missing
 or broken file is reported exactly as without read-ahead.

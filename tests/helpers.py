@@ -233,3 +233,16 @@ def compiled_graph_ops(attention, processor, hidden, freqs_cis) -> tuple[set, to
     with torch.inference_mode():
         output = compiled(hidden, freqs_cis)
     return seen, output
+
+
+def assert_holds_the_built_weights(pipe, names=("transformer", "text_encoder", "vae")) -> None:
+    """Each named component of `pipe` holds exactly the weights random_model builds for the tiny model (in float32,
+    as the CPU computes)."""
+    from pipeline.random_model import build_components
+
+    built = build_components()
+    for name in names:
+        ours, theirs = getattr(pipe, name).state_dict(), built[name].state_dict()
+        assert ours.keys() == theirs.keys()
+        for key in theirs:
+            torch.testing.assert_close(ours[key], theirs[key].float(), rtol=0, atol=0, msg=f"{name}.{key}")

@@ -8,7 +8,7 @@ from safetensors.torch import load_file, save_file
 
 from pipeline.layouts import DIT_FILE, TEXT_ENCODER_FILE, LayoutKind, WeightsError
 from pipeline.loader import DeviceError, _give_each_parameter_its_storage, dtype_for, load_pipeline, resolve_device
-from pipeline.random_model import build_components
+from tests.helpers import assert_holds_the_built_weights
 
 
 @pytest.fixture
@@ -56,14 +56,7 @@ def test_single_file_layout_goes_through_the_diffusers_converter(tiny_models, mo
 
 
 def test_loaded_weights_equal_the_built_ones(tiny_models):
-    loaded = load_pipeline(tiny_models[LayoutKind.SINGLE_FILE], torch.device("cpu"))
-    built = build_components()
-    for name in ("transformer", "text_encoder", "vae"):
-        ours = getattr(loaded.pipe, name).state_dict()
-        theirs = built[name].state_dict()
-        assert ours.keys() == theirs.keys()
-        for key in theirs:
-            torch.testing.assert_close(ours[key], theirs[key].float(), rtol=0, atol=0, msg=f"{name}.{key}")
+    assert_holds_the_built_weights(load_pipeline(tiny_models[LayoutKind.SINGLE_FILE], torch.device("cpu")).pipe)
 
 
 def test_verify_weights_names_a_damaged_file(tiny_copy):

@@ -8,8 +8,7 @@ from safetensors.torch import load_file, save_file
 from pipeline.layouts import DIT_FILE, TEXT_ENCODER_FILE, VAE_FILE, LayoutKind
 from pipeline.loader import load_pipeline
 from pipeline.read_ahead import ReadAhead
-from pipeline.random_model import build_components
-from tests.helpers import wait_until
+from tests.helpers import assert_holds_the_built_weights, wait_until
 
 CPU = torch.device("cpu")
 
@@ -37,13 +36,7 @@ def test_the_loader_builds_the_same_model_from_tensors_read_ahead(tiny_models, c
     with caplog.at_level(logging.INFO, logger="zimage.loader"):
         loaded = load_pipeline(root, CPU, read_ahead=ReadAhead.of_model(root, CPU))
     assert caplog.text.count("read_ahead_s=") == 3
-    built = build_components()
-    for name in ("transformer", "text_encoder", "vae"):
-        ours = getattr(loaded.pipe, name).state_dict()
-        theirs = built[name].state_dict()
-        assert ours.keys() == theirs.keys()
-        for key in theirs:
-            torch.testing.assert_close(ours[key], theirs[key].float(), rtol=0, atol=0, msg=f"{name}.{key}")
+    assert_holds_the_built_weights(loaded.pipe)
 
 
 def test_a_file_whose_read_failed_is_read_by_the_loader_itself(tiny_models, caplog):
@@ -54,9 +47,7 @@ def test_a_file_whose_read_failed_is_read_by_the_loader_itself(tiny_models, capl
         loaded = load_pipeline(root, CPU, read_ahead=read_ahead)
     vae_line = next(line for line in caplog.text.splitlines() if "component=vae" in line)
     assert caplog.text.count("read_ahead_s=") == 2 and "read_ahead_s=" not in vae_line
-    built = build_components()["vae"].state_dict()
-    for key, tensor in loaded.pipe.vae.state_dict().items():
-        torch.testing.assert_close(tensor, built[key].float(), rtol=0, atol=0, msg=key)
+    assert_holds_the_built_weights(loaded.pipe, ["vae"])
 
 
 def test_a_build_from_tensors_read_ahead_that_fails_reads_the_file_again(tiny_models, tiny_copy, caplog):
@@ -74,9 +65,7 @@ def test_a_build_from_tensors_read_ahead_that_fails_reads_the_file_again(tiny_mo
     assert f"building from the tensors read ahead from {root / DIT_FILE} failed" in caplog.text
     transformer_line = next(line for line in caplog.text.splitlines() if "loaded component=transformer" in line)
     assert "read_ahead_s=" not in transformer_line
-    built = build_components()["transformer"].state_dict()
-    for key, tensor in loaded.pipe.transformer.state_dict().items():
-        torch.testing.assert_close(tensor, built[key].float(), rtol=0, atol=0, msg=key)
+    assert_holds_the_built_weights(loaded.pipe, ["transformer"])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
