@@ -22,7 +22,6 @@ import base64
 import collections
 import json
 import random
-import re
 import statistics
 import subprocess
 import sys
@@ -41,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import measure_restart  # noqa: E402
 from install_service import DEFAULT_STARTSECS  # noqa: E402
 from loadtest import error_kind, percentile  # noqa: E402
-from local_service import PROJECT_DIR, free_port, logged_requests, start_service, stop_service  # noqa: E402
+from local_service import FIELD, PROJECT_DIR, free_port, logged_requests, start_service, stop_service  # noqa: E402
 from measure_start import round_trip, wait_compiled  # noqa: E402
 
 READY_TIMEOUT_S = 600  # full-size weights from a cold page cache
@@ -191,8 +190,8 @@ def start_phases(log_path: Path) -> dict[str, float | None]:
         time.sleep(0.1)
 
     def seconds(marker: str, key: str) -> list[float]:
-        return [float(match[1]) for line in latest if marker in line
-                for match in [re.search(rf" {key}=([0-9.]+)", line)] if match]
+        return [float(fields[key]) for line in latest if marker in line
+                for fields in [dict(FIELD.findall(line))] if key in fields]
 
     ready, warm_up = seconds("ready url=", "seconds_since_process_start"), seconds("warm-up done", "seconds")
     loaded = seconds("loaded component=", "seconds")
