@@ -21,7 +21,8 @@ from pathlib import Path
 
 import pipeline  # noqa: F401  (must come before any Hugging Face import: it turns their network use off)
 from config import Settings, SettingsError, load_settings
-from config.log_lines import LOG_DATE_FORMAT, LOG_FORMAT, LibraryWarningsOnce, LinesToLog, OneLinePerRecord
+from config.log_lines import (LOG_DATE_FORMAT, LOG_FORMAT, LibraryWarningsOnce, LinesToLog, OneLinePerRecord,
+                              seconds_since_process_start)
 from config.settings import PROJECT_DIR
 from webui.connections import OccasionalAcceptErrors, check_port_free, raise_fd_limit
 
@@ -62,9 +63,12 @@ def log_banner(settings: Settings) -> None:
         gpu = f"{torch.cuda.get_device_name()!r} gpu_memory_gib={torch.cuda.mem_get_info()[1] / 2**30:.1f}"
     else:
         gpu = "none"
-    log.info("start version=%s pid=%d python=%s torch=%s diffusers=%s transformers=%s gradio=%s gpu=%s", version,
-             os.getpid(), platform.python_version(), torch.__version__, diffusers.__version__,
-             transformers.__version__, metadata.version("gradio"), gpu)
+    # seconds_since_process_start: the imports and CUDA's start, the first share of a start's account (the ready
+    # line gives the whole).
+    log.info("start version=%s pid=%d python=%s torch=%s diffusers=%s transformers=%s gradio=%s gpu=%s "
+             "seconds_since_process_start=%.2f", version, os.getpid(), platform.python_version(), torch.__version__,
+             diffusers.__version__, transformers.__version__, metadata.version("gradio"), gpu,
+             seconds_since_process_start())
     log.info("settings %s", " ".join(f"{key}={value}" for key, value in settings.as_log_fields().items()))
 
 

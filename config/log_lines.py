@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import threading
+import time
+from pathlib import Path
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
 LOG_DATE_FORMAT = "%Y-%m-%dT%H:%M:%S%z"
@@ -117,3 +120,11 @@ class LibraryWarningsOnce(logging.Filter):
             return False
         self._seen.add(key)
         return True
+
+
+def seconds_since_process_start() -> float:
+    """How long this process has lived, imports included, for the log's account of a start. From the kernel's clock
+    since boot and the process's start in it (/proc/self/stat, field 22, in clock ticks): psutil's create_time adds
+    a boot time rounded to whole seconds, up to a second off."""
+    start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+    return time.clock_gettime(time.CLOCK_BOOTTIME) - start_ticks / os.sysconf("SC_CLK_TCK")

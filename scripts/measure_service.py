@@ -180,7 +180,8 @@ def with_engine_times(records: list[dict[str, object]], log_path: Path) -> list[
 
 def start_phases(log_path: Path) -> dict[str, float | None]:
     """The service's own account of its latest start, from its log: seconds from the process's birth to ready, and
-    the shares of loading the weights and of the warm-up (None where a line is missing)."""
+    the shares of the imports before its first line, of loading the weights and of the warm-up (None where a line
+    is missing)."""
     deadline = time.monotonic() + LOG_LAG_S  # /readyz may answer a moment before the ready line is written
     while True:
         text = log_path.read_text(errors="replace")
@@ -194,9 +195,9 @@ def start_phases(log_path: Path) -> dict[str, float | None]:
                 for fields in [dict(FIELD.findall(line))] if key in fields]
 
     ready, warm_up = seconds("ready url=", "seconds_since_process_start"), seconds("warm-up done", "seconds")
-    loaded = seconds("loaded component=", "seconds")
-    return {"process_ready_s": ready[0] if ready else None, "load_s": round(sum(loaded), 2) if loaded else None,
-            "warm_up_s": warm_up[0] if warm_up else None}
+    imports, loaded = seconds(START_MARKER, "seconds_since_process_start"), seconds("loaded component=", "seconds")
+    return {"process_ready_s": ready[0] if ready else None, "imports_s": imports[0] if imports else None,
+            "load_s": round(sum(loaded), 2) if loaded else None, "warm_up_s": warm_up[0] if warm_up else None}
 
 
 def one_request(url: str, job: Job, log_path: Path) -> dict[str, object]:
@@ -431,7 +432,8 @@ def table(figures: dict[str, object]) -> str:
                      f"serving {figures['serving_at_ready']}, compiled {figures['compiled_at_ready']}"))
     if "start" in figures:
         rows.append(("  by its log: birth → ready", f"{figures['start']['process_ready_s']} s",
-                     f"loading {figures['start']['load_s']} s, warm-up {figures['start']['warm_up_s']} s"))
+                     f"imports {figures['start']['imports_s']} s, loading {figures['start']['load_s']} s, "
+                     f"warm-up {figures['start']['warm_up_s']} s"))
     if "first_request_after_ready_s" in figures:
         rows.append(("first image right at ready", f"{figures['first_request_after_ready_s']} s",
                      f"path {figures['first_request_after_ready_path']}"))
@@ -467,8 +469,9 @@ def table(figures: dict[str, object]) -> str:
                      f"median; max {part.get('ready_s_max')} s"))
         starts = [trial["start"] for trial in part["trials"]]
         rows.append(("  by its log: birth → ready", " ".join(str(start["process_ready_s"]) for start in starts),
-                     "loading " + " ".join(str(start["load_s"]) for start in starts) + " s; warm-up "
-                     + " ".join(str(start["warm_up_s"]) for start in starts) + " s"))
+                     "; ".join(f"{share} " + " ".join(str(start[f"{key}_s"]) for start in starts) + " s"
+                               for share, key in (("imports", "imports"), ("loading", "load"),
+                                                  ("warm-up", "warm_up")))))
         rows.append(("kill -9 → first image", f"{part.get('first_image_s_median')} s",
                      f"median; max {part.get('first_image_s_max')} s; paths "
                      f"{sorted({str(trial['path']) for trial in part['trials']})}"))

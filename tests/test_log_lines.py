@@ -6,7 +6,9 @@ import io
 import json
 import logging
 import re
+import subprocess
 import sys
+import time
 import urllib.request
 
 import pytest
@@ -18,7 +20,9 @@ from config.log_lines import (
     TRACEBACK_MARK,
     LinesToLog,
     OneLinePerRecord,
+    seconds_since_process_start,
 )
+from config.settings import PROJECT_DIR
 from tests.helpers import start_demo_app, stop_app
 
 FORGED = "2026-01-01T00:00:00+0000 CRITICAL zimage.app all images deleted"
@@ -127,3 +131,16 @@ def test_a_librarys_repeated_warning_is_logged_once_and_ours_every_time():
     assert handler.records.count(("diffusers.test", "an info line")) == 3
     assert handler.records.count(("zimage.test", "ours, each time")) == 3
     assert ("transformers.test", "Attention backends are experimental.") in handler.records
+
+
+def test_seconds_since_process_start_counts_a_childs_life_from_its_birth():
+    """A child that sleeps a second before it asks has lived at least that long, and no longer than the parent
+    watched it; this process, started before the test, has lived longer than the child's whole run."""
+    spawned = time.monotonic()
+    child = subprocess.run([sys.executable, "-c", "import time; time.sleep(1.0); from config.log_lines import "
+                            "seconds_since_process_start as age; print(age())"],
+                           cwd=PROJECT_DIR, capture_output=True, text=True, check=True, timeout=60)
+    watched = time.monotonic() - spawned
+    # The kernel gives a process's start in clock ticks (10 ms), rounded down: an age may read that much longer.
+    assert 1.0 <= float(child.stdout) <= watched + 0.01
+    assert seconds_since_process_start() > watched

@@ -174,11 +174,12 @@ def test_measure_service_times_a_user_from_start_to_kill_9_and_leaves_nothing_ru
     assert figures["recompiles_after_live"] == 0
     trial = kill["trials"][0]
     assert 0 < trial["ready_s"] <= trial["first_image_s"]
-    # The service's own account of each start: loading and warm-up inside its birth → ready, which ends before the
-    # first image is back (its ready line is written as /readyz starts answering, a request takes longer).
+    # The service's own account of each start: imports, loading and warm-up inside its birth → ready, which ends
+    # before the first image is back (its ready line is written as /readyz starts answering, a request takes longer).
     first_image_s = figures["ready_s"] + figures["first_request_after_ready_s"]
     for start, image_s in ((figures["start"], first_image_s), (trial["start"], trial["first_image_s"])):
-        assert 0 < start["load_s"] + start["warm_up_s"] < start["process_ready_s"] < image_s
+        assert 0 < start["imports_s"] and 0 < start["load_s"] and 0 < start["warm_up_s"]
+        assert start["imports_s"] + start["load_s"] + start["warm_up_s"] < start["process_ready_s"] < image_s
     assert "birth → ready" in result.stdout
     assert kill["left_running"] == [] and kill["supervisor_pids"]
     assert not any(psutil.pid_exists(pid) for pid in kill["supervisor_pids"])

@@ -7,7 +7,6 @@ import os
 import signal
 import threading
 import time
-from pathlib import Path
 
 import gradio as gr
 import torch
@@ -15,6 +14,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.middleware import Middleware
 from starlette.routing import Route
 
+from config.log_lines import seconds_since_process_start
 from pipeline.engine import Engine
 from pipeline.messages import first_line
 from pipeline.metrics import CONTENT_TYPE, ServiceMetrics
@@ -141,13 +141,6 @@ def loopback_url(host: str, port: int, tls: bool = False) -> str:
     return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
 
 
-def _seconds_since_process_start() -> float:
-    """From the kernel's clock since boot and the process's start in it (/proc/self/stat, field 22, in clock
-    ticks): psutil's create_time adds a boot time rounded to whole seconds, up to a second off."""
-    start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
-    return time.clock_gettime(time.CLOCK_BOOTTIME) - start_ticks / os.sysconf("SC_CLK_TCK")
-
-
 def serve(blocks: gr.Blocks, engine: Engine, *, host: str, port: int, share: bool, queue_size: int,
           shutdown_grace_s: float, metrics: ServiceMetrics, credentials: dict[str, str], max_connections: int,
           header_timeout_s: float, ssl_certfile: str = "", ssl_keyfile: str = "", public_url: str = "",
@@ -200,7 +193,7 @@ def serve(blocks: gr.Blocks, engine: Engine, *, host: str, port: int, share: boo
     guard_connections(blocks.server, max_connections=max_connections, head_timeout_s=header_timeout_s)
     # How long this start took, from the process's birth (imports included), for an operator after a restart.
     log.info("ready url=%s://%s:%d seconds_since_process_start=%.2f", "https" if ssl_certfile else "http", host, port,
-             _seconds_since_process_start())
+             seconds_since_process_start())
     engine.start_background_work(delay_s=compile_delay_s)
     # The UI's sizes, the default (1024²) first: what most requests will need.
     engine.build_attention_plans(offered_sizes(engine.limits.max_w, engine.limits.max_h))
