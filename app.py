@@ -269,6 +269,8 @@ def main(argv: list[str] | None = None) -> int:
                     "use the GPU and see every image", "a share link" if settings.share else f"host {settings.host}")
     for warning in settings.credential_warnings(argv):
         log.warning("INSECURE: %s", warning)
+    if link_warning := settings.link_warning():
+        log.warning("%s", link_warning)
     max_connections = raise_fd_limit(settings.max_connections)
 
     from pipeline.messages import StartupError

@@ -207,6 +207,15 @@ class Settings:
                             f"allowed it); anyone on the network path can read them")
         return warnings
 
+    def link_warning(self) -> str | None:
+        """Image links (the OpenAI route's response_format "url") start with --public-url or else the bound address,
+        never a request's Host header; bound to every interface, or shared, that address is this machine's
+        loopback, which no other machine reaches. One sentence for the log at start, or None."""
+        if self.public_url or not (self.share or self.host in ("", "0.0.0.0", "::")):
+            return None
+        return ("image links in API answers (response_format url) point at this machine's loopback address, "
+                "which clients on other machines cannot reach; set --public-url to the address they use")
+
     def as_log_fields(self) -> dict[str, object]:
         fields = {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
         return fields | ({"auth": "(set)"} if self.auth else {})

@@ -101,7 +101,8 @@ def _seed(value: object) -> int:
     return seed
 
 
-def _prompt(value: object) -> str:
+def checked_prompt(value: object) -> str:
+    """The prompt as the engine will run it (stripped), or RequestError naming what is wrong with it."""
     if not isinstance(value, str):
         raise RequestError(f"prompt must be text (got {type(value).__name__}).")
     prompt = value.strip()
@@ -119,7 +120,7 @@ def _prompt(value: object) -> str:
 
 def validate(request: GenerationRequest, limits: Limits) -> ValidRequest:
     """Check every field; the first problem raises RequestError naming the field, the value and the fix."""
-    prompt = _prompt(request.prompt)
+    prompt = checked_prompt(request.prompt)
     width = _size("width", request.width, limits.max_w, "--max-w")
     height = _size("height", request.height, limits.max_h, "--max-h")
     steps = _whole_number("steps", request.steps)
@@ -162,12 +163,16 @@ def batch_seeds(seed: object, n: object) -> list[int | None]:
     """The seeds of `n` images asked for at once: `seed`, `seed`+1, ..., or None for each (drawn at random) when
     seed is None or "random". Checked whole before the first image, so a batch that would run past the last seed
     is refused before anything is generated or saved."""
-    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_IMAGES_PER_CALL:
+    try:
+        count = _whole_number("n", n)  # 2.0 as well as 2, as for every other whole number
+    except RequestError:
+        count = 0
+    if not 1 <= count <= MAX_IMAGES_PER_CALL:
         raise RequestError(f"n must be a whole number from 1 to {MAX_IMAGES_PER_CALL} (got {shown(n)}).")
     if _is_random(seed):
-        return [None] * n
+        return [None] * count
     first = _seed(seed)
-    if first + n > SEED_LIMIT:
-        raise RequestError(f"seed must be at most {SEED_LIMIT - n} when n is {n}: the images take seeds {first} "
-                           f"to {first + n - 1} (the largest is {SEED_LIMIT - 1}).")
-    return [first + index for index in range(n)]
+    if first + count > SEED_LIMIT:
+        raise RequestError(f"seed must be at most {SEED_LIMIT - count} when n is {count}: the images take seeds "
+                           f"{first} to {first + count - 1} (the largest is {SEED_LIMIT - 1}).")
+    return [first + index for index in range(count)]

@@ -36,7 +36,8 @@ BASIC = "Basic " + base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
 
 @pytest.fixture(scope="module")
 def app(tmp_path_factory, tiny_models):
-    app = start_demo_app(tmp_path_factory.mktemp("openai-app"), tiny_models, "--auth", f"{USER}:{PASSWORD}")
+    # A space and a '#' in every path the app uses: image links must carry them percent-encoded.
+    app = start_demo_app(tmp_path_factory.mktemp("openai app #"), tiny_models, "--auth", f"{USER}:{PASSWORD}")
     yield app
     stop_app(app)
 
@@ -76,7 +77,7 @@ def test_the_openai_client_gets_n_images_with_consecutive_seeds(client, app):
 def test_url_responses_point_at_the_saved_png_behind_the_same_auth(client, app):
     (item,) = client.images.generate(prompt="a red bicycle", size="128x128", response_format="url",
                                      extra_body={"steps": 1}).data
-    assert item.url.startswith(app.url)
+    assert item.url.startswith(app.url) and " " not in item.url and "#" not in item.url
     png = get(item.url)
     assert Image.open(io.BytesIO(png)).size == (128, 128)
     with pytest.raises(urllib.error.HTTPError) as refused:
@@ -113,8 +114,12 @@ def _raw_generation(app, *fields: str) -> tuple[int, dict]:
     return int(status_line.split()[1]), json.loads(rest.partition(b"\r\n\r\n")[2])
 
 
-def test_models_lists_the_one_model(client):
+def test_models_lists_the_one_model_and_finds_it_by_id(client):
     assert [model.id for model in client.models.list()] == ["z-image-turbo"]
+    assert client.models.retrieve("z-image-turbo").id == "z-image-turbo"
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.models.retrieve("dall-e-3")
+    assert missing.value.body["code"] == "model_not_found" and "'dall-e-3'" in missing.value.body["message"]
 
 
 @pytest.mark.parametrize("arguments, message, param", [
@@ -127,7 +132,9 @@ def test_models_lists_the_one_model(client):
     ({"prompt": "x", "response_format": "png"}, "response_format must be one of", "response_format"),
     ({"prompt": "x", "extra_body": {"output_format": "webp"}}, "output_format must be 'png'", "output_format"),
     ({"prompt": "x", "extra_body": {"stream": True}}, "stream must be false", "stream"),
-    ({"prompt": "x", "extra_body": {"step": 4}}, "Unrecognized request argument supplied: 'step'", None),
+    ({"prompt": "x", "extra_body": {"step": 4}}, "Unknown parameter: 'step'", "step"),
+    ({"prompt": "x", "extra_body": {"background": "transparent"}}, "no transparency", "background"),
+    ({"prompt": "p" * 20_001}, "prompt is 20001 characters long; the limit is 20000", "prompt"),
 ])
 def test_bad_input_is_a_400_in_openai_shape_and_the_service_goes_on(client, app, arguments, message, param):
     with pytest.raises(openai.BadRequestError) as refused:
@@ -170,6 +177,7 @@ def test_a_batch_is_checked_whole_before_its_first_image(app):
     (b'{"prompt": "x", "seed": "' + b"A" * 1_000_000 + b'"}', "seed"),
     (b'{"prompt": "x", "size": "' + b"9" * 100 + b'x64"}', "size"),
     (b'{"prompt": "x", "' + b"k" * 1_000_000 + b'": 1}', None),
+    (b'{"prompt": "' + b"p" * 1_000_000 + b'"}', "prompt"),  # refused here: the queue's copy would be over 1 MiB
 ])
 def test_hostile_json_is_a_short_400_naming_the_field(app, body, param):
     status, answer = post_raw(app, body)
@@ -181,9 +189,19 @@ def test_hostile_json_is_a_short_400_naming_the_field(app, body, param):
     assert "A" * 100 not in app.log() and "k" * 100 not in app.log()
 
 
+def test_openai_codes_name_an_unknown_and_a_missing_parameter(app):
+    assert post_raw(app, b'{"prompt": "x", "colour": "red"}')[1]["error"] == {
+        "message": "Unknown parameter: 'colour'.", "type": "invalid_request_error", "param": "colour",
+        "code": "unknown_parameter"}
+    assert post_raw(app, b'{"size": "64x64"}')[1]["error"] == {
+        "message": "Missing required parameter: 'prompt'.", "type": "invalid_request_error", "param": "prompt",
+        "code": "missing_required_parameter"}
+
+
 def test_fields_openai_defines_but_this_service_does_not_use_are_accepted(client):
     response = client.images.generate(prompt="a quiet harbour", size="64x64", quality="hd", style="vivid",
-                                      user="someone", extra_body={"steps": 1, "background": "auto",
+                                      user="someone", extra_body={"steps": 1, "background": "opaque",
+                                                                  "safety_identifier": "hashed-user-7",
                                                                   "moderation": "low", "output_format": "png",
                                                                   "output_compression": 80})
     assert len(response.data) == 1
@@ -205,9 +223,15 @@ def test_json_with_a_utf8_charset_is_accepted(app):
     assert status == 200 and len(answer["data"]) == 1
 
 
+def test_a_byte_order_mark_before_the_json_is_dropped(app):
+    status, answer = post_raw(app, b'\xef\xbb\xbf{"prompt": "x", "size": "64x64", "steps": 1, "n": 2.0}')
+    assert status == 200 and len(answer["data"]) == 2
+
+
 @pytest.mark.parametrize("method, path, status, allow", [
     ("GET", "/v1/images/generations", 405, "POST"),
     ("DELETE", "/v1/models", 405, "GET, HEAD"),
+    ("POST", "/v1/models/z-image-turbo", 405, "GET, HEAD"),
     ("GET", "/v1/images/edits", 404, None),
     ("POST", "/v1/chat/completions", 404, None),
 ])
@@ -292,14 +316,15 @@ def test_a_failed_generation_is_a_500_with_an_id_and_a_full_queue_a_503(tmp_path
             client.images.generate(prompt="a slow one", size="1536x1536", extra_body={"steps": 8})
             outcomes[name] = "ok"
         except openai.APIStatusError as error:
-            outcomes[name] = (error.status_code, error.body)
+            outcomes[name] = (error.status_code, error.body, error.response.headers.get("retry-after"))
 
     try:
         fill_the_queue(app, generate, timeout_s=180)
     finally:
         stop_app(app)
-    status, body = outcomes["running"]
+    status, body, _ = outcomes["running"]
     assert status == 500 and "NaN" in body["message"] and len(body["id"]) == 8
     assert f"images request failed id={body['id']}" in app.log()
-    status, body = outcomes["one too many"]
+    status, body, retry_after = outcomes["one too many"]
     assert status == 503 and body["code"] == "busy" and "queue is full" in body["message"]
+    assert retry_after is not None and int(retry_after) > 0

@@ -108,7 +108,8 @@ def test_a_batch_takes_consecutive_seeds_checked_whole_before_the_first_image():
     assert batch_seeds(SEED_LIMIT - 2, 2) == [SEED_LIMIT - 2, SEED_LIMIT - 1]
     with pytest.raises(RequestError, match=r"seed must be at most .* when n is 2"):
         batch_seeds(SEED_LIMIT - 1, 2)  # the second image would need seed 2**64
-    for n in (0, MAX_IMAGES_PER_CALL + 1, True, 2.0, "2"):
+    assert batch_seeds(1, 2.0) == [1, 2]  # n, like every whole number here, may come as a whole float
+    for n in (0, MAX_IMAGES_PER_CALL + 1, True, 2.5, "2", float("nan")):
         with pytest.raises(RequestError, match="n must be a whole number"):
             batch_seeds(1, n)
     with pytest.raises(RequestError, match="seed must be a whole number"):

@@ -145,6 +145,18 @@ def test_passwords_in_clear_text_on_a_public_bind_are_refused_unless_insecure_is
     assert any("clear text" in warning for warning in settings.credential_warnings([]))
 
 
+@pytest.mark.parametrize("flags, warned", [
+    ([], False), (["--host", "10.1.2.3", "--insecure-public"], False),
+    (["--host", "0.0.0.0", "--insecure-public"], True), (["--host", "::", "--insecure-public"], True),
+    (["--share", "--insecure-public"], True),
+    (["--host", "0.0.0.0", "--insecure-public", "--public-url", "https://gpu-box.example.com"], False),
+])
+def test_image_links_a_remote_client_cannot_reach_are_named_at_start(flags, warned):
+    warning = load_settings(flags, environ={}).link_warning()
+    assert (warning is not None) == warned
+    assert warning is None or "--public-url" in warning
+
+
 def test_loopback_and_share_links_take_passwords_without_tls_of_their_own():
     assert not load_settings(["--auth", "alice:pw"], environ={}).tls
     assert load_settings(["--share", "--auth", "alice:pw"], environ={}).credential_warnings([]) == []

@@ -18,15 +18,16 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from urllib.parse import quote
 
 import httpx
 import orjson
 from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import JSONResponse
-from starlette.routing import Route
+from starlette.routing import Match, Route
 
-from pipeline.requests import shown
+from pipeline.requests import RequestError, checked_prompt, shown
 from webui import errors
 from webui.asgi_errors import openai_error
 
@@ -40,13 +41,18 @@ STATUS_BY_KIND = {errors.INVALID: 400, errors.BUSY: 503, errors.FAILED: 500, err
 SIZE_PATTERN = re.compile(r"\d{1,5}x\d{1,5}")  # OpenAI's "WIDTHxHEIGHT"; five digits is past any size served
 MAX_DIGITS = 30  # the longest whole number this route reads is a seed below 2**64: 20 digits
 # The fields this route reads: OpenAI's, then this service's own (sent by the openai client through extra_body).
-FIELDS = ("model", "prompt", "n", "size", "response_format", "output_format", "stream", "seed", "steps", "shift")
-# Fields of OpenAI's images API taken but not acted on. They tune the picture (quality, style, background,
-# moderation), name the caller (user), or apply to formats and streams not served here (output_compression: JPEG
-# and WebP; partial_images: streaming). The official client sends each one its caller passes, so refusing them
-# would break working code for no gain; none changes the shape of the answer. Any other key gets a 400, as OpenAI
-# itself answers "Unrecognized request argument", so that a typo such as "step" is not silently dropped.
-IGNORED_FIELDS = ("quality", "style", "user", "background", "moderation", "output_compression", "partial_images")
+FIELDS = ("model", "prompt", "n", "size", "response_format", "output_format", "background", "stream", "seed",
+          "steps", "shift")
+# Fields of OpenAI's images API taken but not acted on. They tune the picture (quality, style, moderation), name
+# the caller (user, and safety_identifier, which the client offers in its place), or apply to formats and streams
+# not served here (output_compression: JPEG and WebP; partial_images: streaming). The official client sends each
+# one its caller passes, so refusing them would break working code for no gain; none changes the shape of the
+# answer. Any other key gets a 400, as OpenAI itself answers "Unknown parameter", so that a typo such as "step" is
+# not silently dropped.
+IGNORED_FIELDS = ("quality", "style", "user", "safety_identifier", "moderation", "output_compression",
+                  "partial_images")
+PARAMETER_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")  # what may be echoed as an unknown key's `param`
+BUSY_RETRY_AFTER_S = 2  # a full queue drains at about an image a second; clients honour Retry-After
 UNMATCHED_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")  # OPTIONS stays Gradio's CORS preflight
 # The engine's messages start with the field they are about; width, height and resolution come from size.
 PARAM_BY_SUBJECT = {"prompt": "prompt", "n": "n", "seed": "seed", "steps": "steps", "shift": "shift",
@@ -62,13 +68,13 @@ class FastJSONResponse(JSONResponse):
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
         super().__init__(message)
-        self.status, self.message, self.param = status, message, param
+        self.status, self.message, self.param, self.code = status, message, param, code
 
 
 def _error_response(error: ApiError, headers: dict[str, str] | None = None) -> FastJSONResponse:
-    payload = openai_error(error.message, "busy" if error.status == 503 else None, error.param, error.status)
+    payload = openai_error(error.message, error.code, error.param, error.status)
     if error.status >= 500:
         # An id the operator can find in the log next to this failure.
         payload["error"]["id"] = incident = uuid.uuid4().hex[:8]
@@ -105,8 +111,9 @@ def _parse(raw: bytes) -> dict:
     """The body as a JSON object, or ApiError(400)."""
     try:
         # surrogateescape: bytes that are not UTF-8 become lone surrogates, so the field check can name the field
-        # that holds them instead of refusing the whole body without saying where.
-        body = json.loads(raw.decode("utf-8", "surrogateescape"), parse_constant=_NotANumber, parse_int=_whole,
+        # that holds them instead of refusing the whole body without saying where. utf-8-sig: a byte order mark,
+        # which some Windows tools write, is dropped (RFC 8259 lets a parser ignore it).
+        body = json.loads(raw.decode("utf-8-sig", "surrogateescape"), parse_constant=_NotANumber, parse_int=_whole,
                           parse_float=_real)
     except RecursionError:
         raise ApiError(400, "The request body is nested too deeply; send a flat JSON object.") from None
@@ -116,7 +123,8 @@ def _parse(raw: bytes) -> dict:
         raise ApiError(400, "The request body must be a JSON object.")
     unknown = next((key for key in body if key not in FIELDS and key not in IGNORED_FIELDS), None)
     if unknown is not None:
-        raise ApiError(400, f"Unrecognized request argument supplied: {shown(unknown)}.")
+        raise ApiError(400, f"Unknown parameter: {shown(unknown)}.",
+                       unknown if PARAMETER_NAME.fullmatch(unknown) else None, "unknown_parameter")
     return body
 
 
@@ -138,16 +146,18 @@ def _field(body: dict, name: str, accepted: Callable[[object], bool], expected: 
 def _read_body(raw: bytes) -> tuple[list[object], str]:
     """The Gradio call's inputs and the response format, from the JSON body; ApiError(400) names a bad field."""
     body = _parse(raw)
-    prompt = _field(body, "prompt", lambda value: isinstance(value, str), "text")
-    if prompt is None:
-        raise ApiError(400, "prompt is required.", "prompt")
+    if body.get("prompt") is None:
+        raise ApiError(400, "Missing required parameter: 'prompt'.", "prompt", "missing_required_parameter")
     try:
-        prompt.encode()
-    except UnicodeEncodeError:  # a lone surrogate: escaped in the JSON, or bytes that were not UTF-8
-        raise ApiError(400, "prompt must be UTF-8 text (it holds a lone surrogate or bytes that are not UTF-8).",
-                       "prompt") from None
+        # Checked here as the engine checks it, before the queue: a prompt of a megabyte goes no further, and the
+        # stripped prompt is what joins the queue.
+        prompt = checked_prompt(body["prompt"])
+    except RequestError as error:
+        raise ApiError(400, str(error), "prompt") from None
     _field(body, "model", lambda value: value == MODEL_ID, f"{MODEL_ID!r}, the one model served here")
     _field(body, "output_format", lambda value: value == "png", "'png': the images are PNG")
+    _field(body, "background", lambda value: value in ("auto", "opaque"),
+           "'auto' or 'opaque': the images have no transparency")
     _field(body, "stream", lambda value: value is False, "false: the images come back whole, in one response")
     response_format = _field(body, "response_format", lambda value: value in RESPONSE_FORMATS,
                              f"one of {', '.join(RESPONSE_FORMATS)}") or "b64_json"
@@ -166,9 +176,7 @@ async def _through_the_queue(client: httpx.AsyncClient, inputs: list[object], au
     headers = {"authorization": authorization} if authorization else {}
     joined = await client.post(GRADIO_CALL, json={"data": inputs}, headers=headers)
     if joined.status_code == 503:
-        raise ApiError(503, "The server is busy: the queue is full. Try again in a moment.")
-    if joined.status_code == 413:  # a body just under the limit here, a few bytes longer in the queue's shape
-        raise ApiError(413, "The request is too large.")
+        raise ApiError(503, "The server is busy: the queue is full. Try again in a moment.", code="busy")
     joined.raise_for_status()
     event_id = joined.json()["event_id"]
     async with client.stream("GET", f"{GRADIO_CALL}/{event_id}", headers=headers) as stream:
@@ -183,7 +191,8 @@ async def _through_the_queue(client: httpx.AsyncClient, inputs: list[object], au
                 if isinstance(data, dict) and data.get("error"):
                     status = STATUS_BY_KIND.get(data.get("title"), 500)
                     subject = data["error"].partition(" ")[0]
-                    raise ApiError(status, data["error"], PARAM_BY_SUBJECT.get(subject) if status == 400 else None)
+                    raise ApiError(status, data["error"], PARAM_BY_SUBJECT.get(subject) if status == 400 else None,
+                                   "busy" if status == 503 else None)
                 raise ApiError(500, "The server hit an internal error; the operator's log has the details.")
     raise ApiError(500, "The queue closed the request without a result (is the service stopping?).")
 
@@ -219,7 +228,8 @@ def openai_routes(engine_output_dir: Path, loopback_url: str, public_url: str, s
             joined = time.perf_counter()
             images = await _through_the_queue(client, inputs, request.headers.get("authorization"))
         except ApiError as error:
-            return _error_response(error)
+            busy = error.code == "busy"
+            return _error_response(error, headers={"retry-after": str(BUSY_RETRY_AFTER_S)} if busy else None)
         except httpx.HTTPError as error:  # the queue's own endpoint failed: a bug or a server going down
             return _error_response(ApiError(500, f"The queue could not take the request ({type(error).__name__})."))
         answered = time.perf_counter()
@@ -232,7 +242,8 @@ def openai_routes(engine_output_dir: Path, loopback_url: str, public_url: str, s
             if response_format == "b64_json":
                 item["b64_json"] = base64.b64encode(path.read_bytes()).decode()
             else:
-                item["url"] = f"{public_url.rstrip('/')}/gradio_api/file={path}"
+                # Percent-encoded: an output dir may hold a space or a '#', which a client would cut the link at.
+                item["url"] = f"{public_url.rstrip('/')}/gradio_api/file={quote(str(path))}"
             data.append(item)
         response = FastJSONResponse({"created": int(time.time()), "data": data})
         # The HTTP side of the request's time, beside the engine's own line: the queue (with the engine's run in it)
@@ -241,18 +252,27 @@ def openai_routes(engine_output_dir: Path, loopback_url: str, public_url: str, s
                  (answered - joined) * 1000, (time.perf_counter() - answered) * 1000, len(response.body))
         return response
 
-    async def models(_request: Request):
-        return FastJSONResponse({"object": "list", "data": [{"id": MODEL_ID, "object": "model",
-                                                             "created": int(started_at), "owned_by": "Tongyi-MAI"}]})
+    the_model = {"id": MODEL_ID, "object": "model", "created": int(started_at), "owned_by": "Tongyi-MAI"}
 
-    routes = [Route("/v1/images/generations", generations, methods=["POST"]), Route("/v1/models", models)]
+    async def models(_request: Request):
+        return FastJSONResponse({"object": "list", "data": [the_model]})
+
+    async def model(request: Request):
+        """One model by its id, as clients check that the model they were configured with exists."""
+        if request.path_params["model"] == MODEL_ID:
+            return FastJSONResponse(the_model)
+        return _error_response(ApiError(404, f"The model {shown(request.path_params['model'])} does not exist; "
+                                             f"this service serves {MODEL_ID!r}.", "model", "model_not_found"))
+
+    routes = [Route("/v1/images/generations", generations, methods=["POST"]), Route("/v1/models", models),
+              Route("/v1/models/{model}", model)]
 
     async def unmatched(request: Request):
         """Any other method or path under /v1/: the 405 or 404 an OpenAI client can read, not Starlette's text."""
         path = request.url.path
-        allowed = next((route.methods for route in routes if route.path == path), None)
+        allowed = next((route.methods for route in routes if route.matches(request.scope)[0] == Match.PARTIAL), None)
         if allowed:
-            return _error_response(ApiError(405, f"{request.method} is not allowed on {path}; use "
+            return _error_response(ApiError(405, f"{request.method} is not allowed on {shown(path)}; use "
                                                  f"{' or '.join(sorted(allowed))}."),
                                    headers={"allow": ", ".join(sorted(allowed))})
         return _error_response(ApiError(404, f"Invalid URL ({request.method} {shown(path)}): this service serves "
