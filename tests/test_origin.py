@@ -9,29 +9,36 @@ import urllib.request
 import pytest
 
 from tests.helpers import start_demo_app, stop_app
-from webui.origin import foreign_origin
+from webui.origin import foreign_origin, host_name, is_loopback_name
 
 EVIL = "http://evil.example"
 FORGED_JSON = json.dumps({"data": ["a cat"]}).encode()  # what a form or a fetch() with text/plain can post
 
 
-@pytest.mark.parametrize(("method", "headers", "refused"), [
-    ("POST", {b"host": b"127.0.0.1:7860", b"origin": b"http://127.0.0.1:7860"}, False),
+@pytest.mark.parametrize(("headers", "foreign"), [
+    ({b"host": b"127.0.0.1:7860", b"origin": b"http://127.0.0.1:7860"}, False),
     # An SSH tunnel from another local port: the browser addresses, and names, the tunnel's end.
-    ("POST", {b"host": b"localhost:8000", b"origin": b"http://localhost:8000"}, False),
-    ("POST", {b"host": b"gpu.example.com", b"origin": b"https://GPU.example.com"}, False),
-    ("POST", {b"host": b"127.0.0.1:7860"}, False),
-    ("POST", {b"host": b"127.0.0.1:7860", b"origin": EVIL.encode()}, True),
-    ("DELETE", {b"host": b"127.0.0.1:7860", b"origin": EVIL.encode()}, True),
-    ("POST", {b"host": b"127.0.0.1:7860", b"origin": b"http://127.0.0.1:7861"}, True),
-    ("POST", {b"host": b"127.0.0.1:7860", b"origin": b"null"}, True),  # sandboxed frames, file:// pages
-    ("POST", {b"origin": b"http://127.0.0.1:7860"}, True),  # no Host: nothing to be the same as
-    ("POST", {b"host": b"127.0.0.1:7860", b"referer": b"http://127.0.0.1:7860/?x=1"}, False),
-    ("POST", {b"host": b"127.0.0.1:7860", b"referer": EVIL.encode() + b"/page"}, True),
-    ("GET", {b"host": b"127.0.0.1:7860", b"origin": EVIL.encode()}, False),  # reads change nothing
+    ({b"host": b"localhost:8000", b"origin": b"http://localhost:8000"}, False),
+    ({b"host": b"gpu.example.com", b"origin": b"https://GPU.example.com"}, False),
+    ({b"host": b"127.0.0.1:7860"}, False),
+    ({b"host": b"127.0.0.1:7860", b"origin": EVIL.encode()}, True),
+    ({b"host": b"127.0.0.1:7860", b"origin": b"http://127.0.0.1:7861"}, True),
+    ({b"host": b"127.0.0.1:7860", b"origin": b"null"}, True),  # sandboxed frames, file:// pages
+    ({b"origin": b"http://127.0.0.1:7860"}, True),  # no Host: nothing to be the same as
+    ({b"host": b"127.0.0.1:7860", b"referer": b"http://127.0.0.1:7860/?x=1"}, False),
+    ({b"host": b"127.0.0.1:7860", b"referer": EVIL.encode() + b"/page"}, True),
 ])
-def test_foreign_origin_decides_by_origin_then_referer_against_host(method, headers, refused):
-    assert (foreign_origin(method, headers) is not None) is refused
+def test_foreign_origin_decides_by_origin_then_referer_against_host(headers, foreign):
+    assert (foreign_origin(headers) is not None) is foreign
+
+
+@pytest.mark.parametrize(("host", "loopback"), [
+    ("127.0.0.1:7860", True), ("localhost:8000", True), ("LOCALHOST", True), ("127.9.9.9", True), ("[::1]:7860", True),
+    ("app.localhost:7860", True), ("rebind.attacker.example:7860", False), ("10.0.0.5:7860", False),
+    ("localhost.attacker.example", False), ("[::1", False), ("", False),
+])
+def test_loopback_names_are_told_from_every_other(host, loopback):
+    assert is_loopback_name(host_name(host)) is loopback
 
 
 @pytest.fixture(scope="module")
@@ -86,3 +93,50 @@ def test_own_pages_and_clients_without_origin_are_served(app, origin):
     assert len(saved_pngs(app) - before) == 1
     status, body = post(f"{app.url}/gradio_api/call/generate", FORGED_JSON, headers)
     assert status == 200 and "event_id" in body  # the call reached Gradio's queue
+
+
+def get_headers(url: str, headers: dict[str, str]) -> tuple[int, dict[str, str]]:
+    request = urllib.request.Request(url, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, {name.lower(): value for name, value in response.headers.items()}
+    except urllib.error.HTTPError as error:
+        return error.code, {name.lower(): value for name, value in error.headers.items()}
+
+
+@pytest.mark.e2e
+def test_a_page_whose_name_was_rebound_to_loopback_is_refused(app):
+    """DNS rebinding: evil.example's page, its name now resolving to 127.0.0.1, sends Host and Origin that agree."""
+    before = saved_pngs(app)
+    rebound = app.url.replace("127.0.0.1", "rebind.attacker.example")
+    openai_body = json.dumps({"prompt": "a cat", "size": "64x64", "steps": 1}).encode()
+    status, body = post(f"{app.url}/v1/images/generations", openai_body,
+                        {"Content-Type": "application/json", "Host": rebound.removeprefix("http://"),
+                         "Origin": rebound})
+    assert status == 403 and body["error"]["code"] == "forbidden_host" and "--public-url" in body["error"]["message"]
+    assert get_headers(f"{app.url}/gradio_api/info", {"Host": "rebind.attacker.example"})[0] == 403
+    assert saved_pngs(app) == before
+    assert "request for another host refused method=POST path=/v1/images/generations host='rebind.attacker" \
+        in app.log()
+
+
+@pytest.mark.e2e
+def test_behind_a_proxy_another_sites_page_cannot_read_what_gradio_would_grant_it(tmp_path, tiny_models):
+    """Gradio grants every origin, credentials included, once Host is not localhost: as behind the README's proxy,
+    which passes the public name on. A fetch from another site's page is refused instead, so there is nothing to
+    read; our own page, a link followed from another site and an image embedded there are served."""
+    proxied = start_demo_app(tmp_path, tiny_models, "--public-url", "https://gpu-box.example.com")
+    try:
+        public = {"Host": "gpu-box.example.com"}
+        assert get_headers(f"{proxied.url}/gradio_api/info", public | {"Origin": EVIL})[0] == 403
+        # A preflight is Gradio's to answer (its middleware wraps ours); the request that follows it is refused.
+        status, _ = post(f"{proxied.url}/v1/images/generations", b'{"prompt": "x"}',
+                         public | {"Content-Type": "application/json", "Origin": EVIL})
+        assert status == 403
+        assert get_headers(f"{proxied.url}/gradio_api/info", public | {"Referer": f"{EVIL}/page"})[0] == 200
+        assert get_headers(f"{proxied.url}/gradio_api/info",
+                           public | {"Origin": "https://gpu-box.example.com"})[0] == 200
+        # The public name is this server's; any other still is not.
+        assert get_headers(f"{proxied.url}/readyz", {"Host": "other.example.com"})[0] == 403
+    finally:
+        stop_app(proxied)

@@ -1,24 +1,35 @@
-"""Refuse cross-site requests that would change state: a web page the operator visits must not drive the service.
+"""Refuse what other sites' pages send: a web page the operator visits must neither drive the service nor read it.
 
 Gradio checks no origin itself. Its CORS middleware only withholds `Access-Control-Allow-Origin` from foreign pages
-(and only while the Host is localhost), which stops them *reading* a response; a "simple" cross-site POST (a form, or
-`Content-Type: text/plain`) needs no preflight, so the browser sends it anyway and the image is made. Nor does
-anything guard the routes we add beside Gradio's (/v1/...). So one ASGI middleware checks every route.
+while the Host is localhost; behind a proxy (any other Host) it grants every origin, credentials included, and it
+wraps every middleware of ours, so its grants cannot be taken out of an answer. And a "simple" cross-site POST (a
+form, or `Content-Type: text/plain`) needs no preflight, so the browser sends it anyway and the image is made. Nor
+does anything guard the routes we add beside Gradio's (/v1/...). So one ASGI middleware checks every route:
+- a request whose `Origin` is another site's is refused (403), whatever its method: browsers send Origin on every
+  cross-origin fetch, read or write, and on every POST; a refused one has nothing to read (a preflight is Gradio's
+  middleware's to answer, but the request it clears is refused here);
+- a state-changing request whose `Referer` is another site's is refused too (older browsers send no Origin); a
+  read with one is a link followed or an image embedded elsewhere (no Origin then), and goes on;
+- on a loopback bind, a request addressed to a name that is not this machine's is refused (403): DNS rebinding,
+  a page of evil.example whose name now resolves to 127.0.0.1, so that its Origin and Host agree.
 
-Browsers send `Origin` on every cross-site POST; clients that are not browsers (curl, the openai client,
-gradio_client, Prometheus, our own loopback call into the queue) send neither Origin nor Referer, and pass.
+Clients that are not browsers (curl, the openai client, gradio_client, Prometheus, our own loopback call into the
+queue) send neither Origin nor Referer, and pass.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 from urllib.parse import urlsplit
 
+from pipeline.requests import shown
 from webui.asgi_errors import openai_error, send_json
 
 log = logging.getLogger("zimage.webui")
 
 STATE_CHANGING_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+LOOPBACK_NAMES = ("localhost", "localhost.")
 
 
 def _netloc(url: str) -> str:
@@ -29,15 +40,14 @@ def _netloc(url: str) -> str:
         return ""
 
 
-def foreign_origin(method: str, headers: dict[bytes, bytes]) -> str | None:
-    """The request's origin if it is another site's and the request changes state; None if it may go on.
+def foreign_origin(headers: dict[bytes, bytes]) -> str | None:
+    """The origin a browser says the request comes from (Origin, else Referer) if it is another site's; None for
+    this server's own pages and for clients that send neither.
 
     Own origin: the page came from the host[:port] that this request is addressed to (its Host header), which also
     holds when an SSH tunnel maps another local port. The scheme is not compared: behind a TLS proxy the browser's
     Origin says https while this server sees http, and the host with its port already names this server.
     """
-    if method not in STATE_CHANGING_METHODS:
-        return None
     claimed = headers.get(b"origin") or headers.get(b"referer")
     if claimed is None:
         return None
@@ -46,22 +56,60 @@ def foreign_origin(method: str, headers: dict[bytes, bytes]) -> str | None:
     return None if own and _netloc(claimed_text) == own else claimed_text
 
 
-class RefuseCrossSite:
-    """ASGI middleware: a state-changing request from another site's page gets 403 and never reaches the app."""
+def host_name(host_header: str) -> str:
+    """The name in a Host header (host[:port], IPv6 in brackets), lowercased, without its port; '' if unreadable."""
+    try:
+        return urlsplit(f"//{host_header}").hostname or ""
+    except ValueError:
+        return ""
 
-    def __init__(self, app):
+
+def is_loopback_name(name: str) -> bool:
+    """Whether a host name is this machine's loopback: localhost (and its subdomains, which browsers resolve to
+    loopback themselves), 127.0.0.0/8 or ::1."""
+    if name in LOOPBACK_NAMES or name.endswith((".localhost", ".localhost.")):
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+class RefuseCrossSite:
+    """ASGI middleware: what another site's page sends gets 403 and never reaches the app (see the module's
+    docstring). `own_hosts`: on a loopback bind, the names besides loopback's a request may be addressed to
+    (--public-url's host); None: any name (bound to other machines, or shared, the names clients use cannot be
+    known, and credentials guard the service)."""
+
+    def __init__(self, app, own_hosts: frozenset[str] | None = None):
         self.app = app
+        self.own_hosts = own_hosts
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        origin = foreign_origin(scope["method"], dict(scope.get("headers", [])))
-        if origin is None:
+        headers = dict(scope.get("headers", []))
+        host = headers.get(b"host", b"").decode("latin-1")
+        # Any port: an SSH tunnel may map another. No Host at all: an HTTP/1.0 client, never a browser.
+        if self.own_hosts is not None and host and not (is_loopback_name(host_name(host))
+                                                        or host_name(host) in self.own_hosts):
+            log.warning("request for another host refused method=%s path=%s host=%s", scope["method"], scope["path"],
+                        shown(host))
+            await self._refuse(scope, send, f"Host {shown(host)} is not this server's name: it serves this machine's "
+                                            "loopback address. Behind a reverse proxy, start it with --public-url set "
+                                            "to the address clients use.", "forbidden_host")
+            return
+        origin = foreign_origin(headers)
+        if origin is None or (scope["method"] not in STATE_CHANGING_METHODS and b"origin" not in headers):
             await self.app(scope, receive, send)
             return
-        log.warning("cross-site request refused method=%s path=%s origin=%r", scope["method"], scope["path"], origin)
-        message = ("Cross-site request refused: this server only accepts state-changing requests from its own "
-                   "pages, or from clients that send no Origin or Referer header.")
-        payload = openai_error(message, "forbidden_origin") if scope["path"].startswith("/v1/") else {"error": message}
+        log.warning("cross-site request refused method=%s path=%s origin=%s", scope["method"], scope["path"],
+                    shown(origin))
+        await self._refuse(scope, send, "Cross-site request refused: this server only answers its own pages, and "
+                                        "clients that send no Origin or Referer header.", "forbidden_origin")
+
+    @staticmethod
+    async def _refuse(scope, send, message: str, code: str) -> None:
+        payload = openai_error(message, code) if scope["path"].startswith("/v1/") else {"error": message}
         await send_json(send, 403, payload)

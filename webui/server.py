@@ -7,6 +7,7 @@ import os
 import signal
 import threading
 import time
+from urllib.parse import urlsplit
 
 import gradio as gr
 import torch
@@ -23,7 +24,7 @@ from webui.auth import RequireCredentials
 from webui.connections import guard_connections
 from webui.limits import LimitBodySize, LimitUIEventRate
 from webui.openai_api import openai_routes
-from webui.origin import RefuseCrossSite
+from webui.origin import RefuseCrossSite, is_loopback_name
 from webui.resolutions import offered_sizes
 
 log = logging.getLogger("zimage.webui")
@@ -173,8 +174,12 @@ def serve(blocks: gr.Blocks, engine: Engine, *, host: str, port: int, share: boo
     routes = [*health_routes(engine), metrics_route(metrics, engine, blocks),
               *openai_routes(engine.output_dir, local_url, public_url or local_url, started_at=time.time(),
                              deliveries=deliveries)]
-    middleware = [Middleware(LimitUIEventRate), Middleware(StampArrival), Middleware(RefuseCrossSite),
-                  Middleware(LimitBodySize), Middleware(CountQueueRefusals, metrics=metrics)]
+    # Bound to loopback, only loopback names and --public-url's host are this server's (see webui.origin).
+    own_hosts = (frozenset(filter(None, [urlsplit(public_url).hostname]))
+                 if not share and is_loopback_name(host.lower()) else None)
+    middleware = [Middleware(LimitUIEventRate), Middleware(StampArrival),
+                  Middleware(RefuseCrossSite, own_hosts=own_hosts), Middleware(LimitBodySize),
+                  Middleware(CountQueueRefusals, metrics=metrics)]
     if credentials:
         middleware.insert(0, Middleware(RequireCredentials, credentials=credentials))
     # Routes passed to the FastAPI constructor come before Gradio's own, so nothing of Gradio's shadows them.
