@@ -70,7 +70,7 @@ class Settings:
     ray_address: str  # with replicas: the Ray cluster to join; "" starts a private one
     queue_timeout_s: int  # a request that waited longer than this is answered with a timeout, not run late
     max_connections: int  # open HTTP connections at once; idle ones are closed first to make room
-    header_timeout_s: int  # a connection that has not sent a whole request head by then is closed
+    header_timeout_s: int  # a connection that has not sent a whole request (head and body) by then is closed
     output_dir: Path  # every returned image is saved here as PNG
     nan_check: bool  # refuse NaN / all-black images instead of returning them
     log_level: LogLevelChoice
@@ -357,11 +357,11 @@ def build_arg_parser() -> argparse.ArgumentParser:
     add("--queue-timeout", dest="queue_timeout_s", type=int, metavar="SECONDS",
         help="a request that waited longer than this for the GPU gets a clear timeout instead of running late")
     add("--max-connections", type=int, metavar="N",
-        help="open HTTP connections at once; past it the oldest connection still sending its request head is closed "
+        help="open HTTP connections at once; past it the oldest connection still sending its request is closed "
         "(the open-file limit is raised to fit)")
     add("--header-timeout", dest="header_timeout_s", type=int, metavar="SECONDS",
-        help="a connection that has not sent a whole request head this long after connecting (or after its last "
-        "response) is closed")
+        help="a connection that has not sent a whole request, head and body, this long after connecting (or after "
+        "its last response) is closed")
     add("--output-dir", type=Path, metavar="DIR", help="where every returned image is saved as PNG")
     add("--disable-nan-check", dest="nan_check", action="store_false",
         help="return images even when they contain NaN or are all black (default: check on)")

@@ -13,7 +13,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from config.settings import SettingsError
-from tests.helpers import http_status, start_demo_app, stop_app
+from tests.helpers import http_status, start_demo_app, stop_app, wait_until
 from webui import connections
 from webui.connections import OccasionalAcceptErrors, check_port_free
 
@@ -84,7 +84,7 @@ def test_health_answers_while_hundreds_of_sockets_never_finish_their_heads(app):
     log = app.log()
     # One line per interval for each kind of refusal, not one per socket.
     assert 1 <= log.count(f"(max_connections={MAX_CONNECTIONS}): closed the oldest") <= 3
-    assert 1 <= log.count("sent no complete request head") <= 3
+    assert 1 <= log.count("sent no complete request (head and body)") <= 3
     assert "out of system resource" not in log
 
 
@@ -107,6 +107,58 @@ def test_a_request_whose_head_arrived_is_not_dropped_to_make_room(app):
     finally:
         busy.close()
         for sock in idle:
+            sock.close()
+
+
+def test_bodies_that_never_finish_are_closed_and_hold_no_slot_a_probe_needs(app):
+    """A complete head and a body that stops short (or trickles): the deadline covers the body too, and past the cap
+    the oldest such connection makes room for a health probe."""
+    body_head = (b"POST /v1/images/generations HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: 100000\r\n\r\n{")
+    stalled = []
+    try:
+        for _ in range(MAX_CONNECTIONS + 16):
+            sock = _connect(app)
+            sock.sendall(body_head)
+            stalled.append(sock)
+        for _ in range(5):
+            assert http_status(f"{app.url}/readyz") == 200
+        assert _wait_until_closed(stalled, HEADER_TIMEOUT_S + 5) == []
+    finally:
+        for sock in stalled:
+            sock.close()
+    assert "closed the oldest still sending its request" in app.log()
+
+
+def test_heartbeat_streams_hold_at_most_half_the_connections(app):
+    """A page keeps one heartbeat stream open while it is shown; a client opening them by the hundred must leave
+    room for everything else."""
+
+    def heartbeat(number: int) -> tuple[socket.socket, bytes]:
+        sock = _connect(app)
+        sock.sendall(b"GET /gradio_api/heartbeat/page%d HTTP/1.1\r\nHost: localhost\r\n\r\n" % number)
+        return sock, sock.recv(4096)
+
+    streams = []
+    try:
+        for number in range(MAX_CONNECTIONS // 2):
+            sock, first = heartbeat(number)
+            streams.append(sock)
+            assert first.startswith(b"HTTP/1.1 200"), first[:100]
+        sock, first = heartbeat(MAX_CONNECTIONS)
+        sock.close()
+        assert first.startswith(b"HTTP/1.1 503") and b"retry-after: 5" in first.lower()
+        assert http_status(f"{app.url}/readyz") == 200
+        streams.pop().close()  # a page closed: its slot comes back once the server sees the stream end
+
+        def reopened() -> bool:
+            sock, first = heartbeat(MAX_CONNECTIONS + 1)
+            streams.append(sock)
+            return first.startswith(b"HTTP/1.1 200")
+
+        wait_until(reopened, 10, "a heartbeat slot freed")
+    finally:
+        for sock in streams:
             sock.close()
 
 

@@ -211,3 +211,37 @@ def test_a_flood_of_the_pages_small_events_is_refused_past_the_rate_and_passes_a
     while ui_event()[0] == 429:
         assert time.monotonic() < deadline, "still refused 5 s after the flood"
         time.sleep(0.1)
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/gradio_api/queue/join", {"data": [], "fn_index": 0, "session_hash": "s" * 1_000}),
+    ("/gradio_api/queue/join?session_hash=" + "s" * 1_000, {"data": [], "fn_index": 0}),
+    ("/gradio_api/run/predict", {"data": [None], "fn_index": 0, "session_hash": "s" * 100_000}),
+])
+def test_a_session_named_past_the_limit_is_refused_and_keeps_no_memory(app, path, body):
+    from webui.limits import MAX_SESSION_HASH_CHARS
+
+    payload = json.dumps(body).encode()
+    with _connect(app) as sock:
+        sock.sendall(_head(path, f"Content-Length: {len(payload)}") + payload)
+        status, _, answer = _response(sock)
+    assert status == 400
+    error = json.loads(answer)["error"]
+    assert error["param"] == "session_hash" and str(MAX_SESSION_HASH_CHARS) in error["message"]
+
+
+def test_a_session_named_as_gradio_client_names_one_is_served(app):
+    payload = json.dumps({"data": [], "fn_index": 0, "session_hash": "0f6c7a52-1b2d-4c4e-9a53-8d1f0e6b7c21"}).encode()
+    with _connect(app) as sock:
+        sock.sendall(_head("/gradio_api/queue/join", f"Content-Length: {len(payload)}") + payload)
+        status, _, answer = _response(sock)
+    assert status == 200 and "event_id" in json.loads(answer)
+
+
+@pytest.mark.parametrize("path", ["/gradio_api/deep_link?session_hash=x", "/monitoring", "/monitoring/summary",
+                                  "/gradio_api/dev/reload"])
+def test_gradio_routes_the_service_has_no_use_for_are_not_found(app, path):
+    with _connect(app) as sock:
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n".encode())
+        status, _, _ = _response(sock)
+    assert status == 404  # Gradio's own answer 200, and its deep link writes a file

@@ -1,12 +1,12 @@
-"""Idle and half-open sockets: a deadline for each request head, a cap on open connections, and enough file
-descriptors for that cap.
+"""Idle, half-open and trickling sockets: a deadline for each request (its head and its body), a cap on open
+connections, and enough file descriptors for that cap.
 
-Written by hand because uvicorn has no deadline for a request head (its keep-alive timeout starts only after a first
-response) and counts connections only to answer 503 once a head is complete: ~1,100 sockets that never finished
-their headers used up the process's 1,024 file descriptors and /readyz stopped answering. Gradio builds uvicorn's
-Config itself and passes none of its limits; uvicorn reads the protocol class and its limits from the Config for each
-new connection, so `guard_connections` sets them on the running server.
-"""
+Written by hand because uvicorn has no deadline for a request (its keep-alive timeout starts only after a first
+response, and nothing times a body) and counts connections only to answer 503 once a head is complete: ~1,100
+sockets that never finished their headers used up the process's 1,024 file descriptors and /readyz stopped
+answering; 50 that sent a body a byte every 5 s held every slot of a --max-connections 50 server. Gradio builds
+uvicorn's Config itself and passes none of its limits; uvicorn reads the protocol class and its limits from the
+Config for each new connection, so `guard_connections` sets them on the running server."""
 
 from __future__ import annotations
 
@@ -80,12 +80,13 @@ class _Occasional:
 
 
 class GuardedH11Protocol(H11Protocol):
-    """uvicorn's h11 protocol, plus: a request head must arrive whole within `head_timeout_s` of the connection
-    (or of the previous response, on a kept-alive one), and past `max_connections` the oldest connection still
-    waiting for its head is closed to make room. A health probe sends its head at once, so it always gets through;
-    sockets that never do are the ones dropped."""
+    """uvicorn's h11 protocol, plus: a request, head and body, must arrive whole within `request_timeout_s` of the
+    connection (or of the previous response, on a kept-alive one), and past `max_connections` the oldest other
+    connection still waiting for its request head, or else for its body, is closed to make room. A health probe sends its request at once, so it
+    gets through; sockets that never do, or trickle, are the ones dropped. (The bodies this service takes are at
+    most 1 MiB: webui.limits.)"""
 
-    head_timeout_s = 10.0
+    request_timeout_s = 10.0
     max_connections = 512
     _evictions = _Occasional(REFUSAL_LOG_INTERVAL_S)
     _timeouts = _Occasional(REFUSAL_LOG_INTERVAL_S)
@@ -93,33 +94,37 @@ class GuardedH11Protocol(H11Protocol):
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
         self._waiting_since = time.monotonic()
-        self._head_deadline = None
-        self._await_head()
+        self._request_deadline = None
+        self._await_request()
         if len(self.connections) > self.max_connections:
             self._evict_oldest_waiting()
 
-    def _await_head(self) -> None:
-        self._cycle_before_head = self.cycle
+    def _await_request(self) -> None:
+        self._cycle_before_request = self.cycle
         self._waiting_since = time.monotonic()
-        self._head_deadline = self.loop.call_later(self.head_timeout_s, self._head_timed_out)
+        self._request_deadline = self.loop.call_later(self.request_timeout_s, self._request_timed_out)
 
     def _head_arrived(self) -> bool:
-        return self.cycle is not self._cycle_before_head
+        return self.cycle is not self._cycle_before_request
+
+    def _request_arrived(self) -> bool:
+        """The whole request, head and body, that this connection was waiting for."""
+        return self._head_arrived() and not self.cycle.more_body
 
     def _stop_waiting(self) -> None:
-        if self._head_deadline is not None:
-            self._head_deadline.cancel()
-            self._head_deadline = None
+        if self._request_deadline is not None:
+            self._request_deadline.cancel()
+            self._request_deadline = None
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
-        if self._head_deadline is not None and self._head_arrived():
+        if self._request_deadline is not None and self._request_arrived():
             self._stop_waiting()
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
-        if not self.transport.is_closing() and self._head_deadline is None:
-            self._await_head()
+        if not self.transport.is_closing() and self._request_deadline is None:
+            self._await_request()
 
     def handle_websocket_upgrade(self, event) -> None:
         self._stop_waiting()  # the connection is the websocket protocol's from here
@@ -129,21 +134,24 @@ class GuardedH11Protocol(H11Protocol):
         self._stop_waiting()
         super().connection_lost(exc)
 
-    def _head_timed_out(self) -> None:
-        self._head_deadline = None
-        if self._head_arrived() or self.transport.is_closing():
+    def _request_timed_out(self) -> None:
+        self._request_deadline = None
+        if self._request_arrived() or self.transport.is_closing():
             return
-        self._timeouts("closed a connection that sent no complete request head in %.0f s", self.head_timeout_s)
+        self._timeouts("closed a connection that sent no complete request (head and body) in %.0f s",
+                       self.request_timeout_s)
         self.transport.close()
 
     def _evict_oldest_waiting(self) -> None:
         waiting = [c for c in self.connections
-                   if isinstance(c, GuardedH11Protocol) and c._head_deadline is not None and not c._head_arrived()
-                   and not c.transport.is_closing()]
+                   if isinstance(c, GuardedH11Protocol) and c is not self and c._request_deadline is not None
+                   and not c._request_arrived() and not c.transport.is_closing()]
         if not waiting:
-            return  # every connection is busy with a request: uvicorn's own limit answers 503 to the next one
-        oldest = min(waiting, key=lambda connection: connection._waiting_since)
-        self._evictions("%d connections open (max_connections=%d): closed the oldest still waiting for its head",
+            return  # every other connection is busy with a request: uvicorn's own limit answers this one 503
+        # Those still sending their head first: a client that has sent its head is sending its body, at once unless
+        # it trickles, and is dropped only when no connection is further behind.
+        oldest = min(waiting, key=lambda connection: (connection._head_arrived(), connection._waiting_since))
+        self._evictions("%d connections open (max_connections=%d): closed the oldest still sending its request",
                         len(self.connections), self.max_connections)
         oldest._stop_waiting()
         oldest.transport.close()
@@ -152,10 +160,10 @@ class GuardedH11Protocol(H11Protocol):
         self.connections.discard(oldest)
 
 
-def guard_connections(server, *, max_connections: int, head_timeout_s: float) -> None:
+def guard_connections(server, *, max_connections: int, request_timeout_s: float) -> None:
     """From now on, every new connection to this uvicorn `server` has a head deadline and counts against the cap."""
     GuardedH11Protocol.max_connections = max_connections
-    GuardedH11Protocol.head_timeout_s = head_timeout_s
+    GuardedH11Protocol.request_timeout_s = request_timeout_s
     server.config.http_protocol_class = GuardedH11Protocol
     # Past the cap uvicorn itself answers 503 to complete requests; each one busy with a request counts.
     server.config.limit_concurrency = max_connections + 1

@@ -1,9 +1,11 @@
-"""Bounds on what a caller can make the server do: the size of a request body, and the rate of the UI's small
-events."""
+"""Bounds on what a caller can make the server do: the size of a request body, the rate of the UI's small events,
+the size of a session's name and the number of open heartbeat streams."""
 
 from __future__ import annotations
 
+import json
 import time
+from urllib.parse import parse_qs
 
 from webui.asgi_errors import openai_error, send_json
 
@@ -108,3 +110,78 @@ class LimitUIEventRate:
                             headers=((b"retry-after", b"1"),))
             return
         await self.app(scope, receive, send)
+
+
+# Gradio keeps the state of every session a request names (up to 10,000), keyed by the name the client chooses:
+# a 1 MB name costs a megabyte of memory that stays. Gradio's page draws 11 characters, gradio_client a uuid (36).
+MAX_SESSION_HASH_CHARS = 128
+GRADIO_API = "/gradio_api/"
+HEARTBEAT_PATH = "/gradio_api/heartbeat/"
+
+
+class LimitSessions:
+    """ASGI middleware: a Gradio request that names a session (`session_hash` in its JSON body, its query string or
+    the heartbeat's path) names it in at most MAX_SESSION_HASH_CHARS characters, or gets 400; and at most `streams`
+    heartbeat streams are open at once, or the next gets 503. A page holds one heartbeat open for as long as it is
+    shown, to keep its session; with no cap, a client that opens them by the hundred would hold every connection
+    the server allows (--max-connections). Runs inside LimitBodySize, which bounds the body it reads."""
+
+    def __init__(self, app, streams: int):
+        self.app, self.streams, self.open_streams = app, streams, 0
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or not scope["path"].startswith(GRADIO_API):
+            await self.app(scope, receive, send)
+            return
+        named = parse_qs(scope.get("query_string", b"").decode("latin-1")).get("session_hash", [])
+        if scope["path"].startswith(HEARTBEAT_PATH):
+            named.append(scope["path"].removeprefix(HEARTBEAT_PATH))
+        if scope["method"] == "POST":
+            body, receive = await _read_whole(receive)
+            named.append(_body_session_hash(body))
+        if not all(len(name) <= MAX_SESSION_HASH_CHARS for name in named if isinstance(name, str)):
+            await send_json(send, 400, openai_error(f"session_hash must be at most {MAX_SESSION_HASH_CHARS} "
+                                                    f"characters.", None, "session_hash"))
+            return
+        if not scope["path"].startswith(HEARTBEAT_PATH):
+            await self.app(scope, receive, send)
+            return
+        if self.open_streams >= self.streams:
+            await send_json(send, 503, openai_error(f"Too many open pages: {self.streams} heartbeat streams are "
+                                                    f"open; close one, or try again in a moment.", "busy"),
+                            headers=((b"retry-after", b"5"),))
+            return
+        self.open_streams += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.open_streams -= 1
+
+
+def _body_session_hash(body: bytes) -> object:
+    """The session_hash a JSON body names, or None (no JSON object, or none named: Gradio answers those itself)."""
+    try:
+        parsed = json.loads(body)
+    except (ValueError, RecursionError):
+        return None
+    return parsed.get("session_hash") if isinstance(parsed, dict) else None
+
+
+async def _read_whole(receive):
+    """The request's whole body, and a `receive` that hands it to the app again, then what the client sends next."""
+    chunks, more = [], True
+    while more:
+        message = await receive()
+        if message["type"] != "http.request":
+            return b"", _replaying([message], receive)
+        chunks.append(message.get("body", b""))
+        more = message.get("more_body", False)
+    body = b"".join(chunks)
+    return body, _replaying([{"type": "http.request", "body": body, "more_body": False}], receive)
+
+
+def _replaying(messages: list[dict], receive):
+    async def replay():
+        return messages.pop(0) if messages else await receive()
+
+    return replay

@@ -22,7 +22,7 @@ from pipeline.metrics import CONTENT_TYPE, ServiceMetrics
 from webui.arrival import StampArrival
 from webui.auth import RequireCredentials
 from webui.connections import guard_connections
-from webui.limits import LimitBodySize, LimitUIEventRate
+from webui.limits import LimitBodySize, LimitSessions, LimitUIEventRate
 from webui.openai_api import openai_routes
 from webui.origin import RefuseCrossSite, is_loopback_name
 from webui.resolutions import offered_sizes
@@ -132,6 +132,20 @@ def metrics_route(metrics: ServiceMetrics, engine: Engine, blocks: gr.Blocks) ->
     return Route("/metrics", scrape)
 
 
+def closed_routes() -> list[Route]:
+    """Gradio routes this service has no use for, answered 404 before Gradio's own see them: a deep link writes the
+    session's state to a new file in the temp dir on every call, the monitoring page prints its key to the log on
+    every call and its summary tells anyone the traffic, and dev/reload holds a stream open forever (it serves
+    Gradio's reload mode)."""
+
+    async def closed(_request):
+        return JSONResponse({"error": "Not found: this service serves no deep links, monitoring or reload."},
+                            status_code=404)
+
+    return [Route(path, closed, methods=["GET", "HEAD", "POST"])
+            for path in ("/gradio_api/deep_link", "/gradio_api/dev/reload", "/monitoring", "/monitoring/{rest:path}")]
+
+
 def loopback_url(host: str, port: int, tls: bool = False) -> str:
     """Where this server answers from inside the same machine."""
     if host in ("", "0.0.0.0"):
@@ -171,7 +185,7 @@ def serve(blocks: gr.Blocks, engine: Engine, *, host: str, port: int, share: boo
     blocks.queue(max_size=queue_size, default_concurrency_limit=1, api_open=False)
     deliveries = Deliveries()
     local_url = loopback_url(host, port, tls=bool(ssl_certfile))
-    routes = [*health_routes(engine), metrics_route(metrics, engine, blocks),
+    routes = [*health_routes(engine), metrics_route(metrics, engine, blocks), *closed_routes(),
               *openai_routes(engine.output_dir, local_url, public_url or local_url, started_at=time.time(),
                              deliveries=deliveries)]
     # Bound to loopback, only loopback names and --public-url's host are this server's (see webui.origin).
@@ -179,6 +193,7 @@ def serve(blocks: gr.Blocks, engine: Engine, *, host: str, port: int, share: boo
                  if not share and is_loopback_name(host.lower()) else None)
     middleware = [Middleware(LimitUIEventRate), Middleware(StampArrival),
                   Middleware(RefuseCrossSite, own_hosts=own_hosts), Middleware(LimitBodySize),
+                  Middleware(LimitSessions, streams=max(1, max_connections // 2)),
                   Middleware(CountQueueRefusals, metrics=metrics)]
     if credentials:
         middleware.insert(0, Middleware(RequireCredentials, credentials=credentials))
@@ -195,7 +210,7 @@ def serve(blocks: gr.Blocks, engine: Engine, *, host: str, port: int, share: boo
         # the loopback address it checks.
         ssl_certfile=ssl_certfile or None, ssl_keyfile=ssl_keyfile or None, ssl_verify=False,
     )
-    guard_connections(blocks.server, max_connections=max_connections, head_timeout_s=header_timeout_s)
+    guard_connections(blocks.server, max_connections=max_connections, request_timeout_s=header_timeout_s)
     # How long this start took, from the process's birth (imports included), for an operator after a restart.
     log.info("ready url=%s://%s:%d seconds_since_process_start=%.2f", "https" if ssl_certfile else "http", host, port,
              seconds_since_process_start())
