@@ -59,39 +59,102 @@ class OneLinePerRecord(logging.Formatter):
         return "\n".join(lines)
 
 
+class OncePerInterval:
+    """Whether an event of a kind is due its full account (a traceback) again: once per `interval_s` per kind. The
+    kinds remembered are bounded: past MAX_KINDS (no service has that many ways to fail) it starts afresh."""
+
+    MAX_KINDS = 1000
+
+    def __init__(self, interval_s: float):
+        self.interval_s = interval_s
+        self._last: dict[object, float] = {}
+
+    def due(self, kind: object) -> bool:
+        now = time.monotonic()
+        if now - self._last.get(kind, float("-inf")) < self.interval_s:
+            return False
+        if len(self._last) >= self.MAX_KINDS:
+            self._last.clear()
+        self._last[kind] = now
+        return True
+
+
+TRACEBACK_STARTS = ("Traceback (most recent call last):", "During handling of the above exception",
+                    "The above exception was the direct cause")
+MAX_TRACEBACK_ENTRIES = 500  # frames of a printed traceback kept in one record; a deeper one is cut into several
+TRACEBACK_INTERVAL_S = 60.0  # the same printed failure, repeated by a client in a loop, shows its traceback once
+
+
 class LinesToLog(io.TextIOBase):
-    """Stands in for sys.stdout / sys.stderr: each line written becomes a record of `logger`, and so is escaped
-    like any other. Libraries print client text there directly: Gradio's traceback.print_exc() of a bad request
-    includes the inputs it received, and uvicorn's handlers write to stderr. `fileno()` is the real stream's, so
+    """Stands in for sys.stdout / sys.stderr: what is written becomes records of `logger`, escaped like any other.
+    Libraries print client text there directly (Gradio prints the path of a request it refuses, and the inputs it
+    received in a traceback), so a record ends only where a write ends with a newline: a newline *inside* a
+    written text, which may be the client's, is escaped in its record instead of starting one. A traceback printed
+    entry by entry (traceback.print_exc) becomes one record, its exception line as the message and the traceback
+    below it, marked (shown once a minute for the same failure). `fileno()` is the real stream's, so
     faulthandler's dumps (written to the descriptor, after a crash) still reach the log."""
 
     def __init__(self, logger: logging.Logger, level: int, real_stream):
         self.logger, self.level, self.real_stream = logger, level, real_stream
         self._pending = ""
+        self._traceback: list[str] | None = None
+        self._tracebacks_due = OncePerInterval(TRACEBACK_INTERVAL_S)
         self._lock = threading.Lock()
         self._inside = threading.local()
 
     def write(self, text: str) -> int:
         with self._lock:
-            *lines, self._pending = (self._pending + text).split("\n")
-        self._log(lines)
+            self._pending += text
+            if not self._pending.endswith("\n") and len(self._pending) <= MAX_MESSAGE_CHARS:
+                return len(text)
+            entry, self._pending = self._pending.removesuffix("\n"), ""
+            records = self._records(entry)
+        self._log(records)
         return len(text)
 
     def flush(self) -> None:
         with self._lock:
-            lines, self._pending = ([self._pending] if self._pending else []), ""
-        self._log(lines)
+            records = self._records(self._pending) if self._pending else []
+            self._pending = ""
+            if self._traceback is not None:
+                records.append(self._printed_traceback(""))
+        self._log(records)
 
-    def _log(self, lines: list[str]) -> None:
+    def _records(self, entry: str) -> list[tuple[str, str | None]]:
+        """(message, traceback text or None) of each record this written entry completes."""
+        if self._traceback is None:
+            if entry.startswith(TRACEBACK_STARTS):
+                self._traceback = [entry]
+                return []
+            return [(entry, None)]
+        if entry[:1].isspace() or not entry or entry.startswith(TRACEBACK_STARTS):
+            self._traceback.append(entry)
+            return [self._printed_traceback("")] if len(self._traceback) >= MAX_TRACEBACK_ENTRIES else []
+        return [self._printed_traceback(entry)]
+
+    def _printed_traceback(self, exception: str) -> tuple[str, str | None]:
+        """The traceback gathered so far, ended by its `exception` line(s), as one record; the gathering ends."""
+        frames, self._traceback = self._traceback, None
+        message = exception.partition("\n")[0] or "a traceback was printed"
+        kind = (message.partition(":")[0][:100], next((frame for frame in reversed(frames) if "File " in frame), ""))
+        if not self._tracebacks_due.due(kind):
+            return f"{message} (the same failure's traceback is in the log within the last minute)", None
+        return message, "\n".join([*frames, exception] if exception else frames)
+
+    def _log(self, records: list[tuple[str, str | None]]) -> None:
         if getattr(self._inside, "active", False):
             # The logging machinery itself wrote here (a handler reporting its own failure): logging it again
             # would recurse, so it goes to the real stream, escaped all the same.
-            self.real_stream.write("".join(f"{line.translate(CONTROL_ESCAPES)}\n" for line in lines))
+            self.real_stream.write("".join(f"{message.translate(CONTROL_ESCAPES)}\n" for message, _ in records))
+            return
+        if not self.logger.isEnabledFor(self.level):
             return
         self._inside.active = True
         try:
-            for line in lines:
-                self.logger.log(self.level, "%s", line)
+            for message, printed_traceback in records:
+                record = self.logger.makeRecord(self.logger.name, self.level, "(printed)", 0, "%s", (message,), None)
+                record.exc_text = printed_traceback  # OneLinePerRecord marks its lines, as an exception's
+                self.logger.handle(record)
         finally:
             self._inside.active = False
 

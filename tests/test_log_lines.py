@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 import time
+import traceback
 import urllib.request
 
 import pytest
@@ -61,7 +62,8 @@ def test_a_huge_message_is_cut_with_a_note_of_how_much():
     assert len(line) < MAX_MESSAGE_CHARS + 200
 
 
-def test_what_libraries_print_becomes_one_escaped_record_per_line():
+def _printed_to_log(write) -> list[str]:
+    """The log's lines after `write(stream)` printed to a LinesToLog standing in for stderr."""
     out = io.StringIO()
     handler = logging.StreamHandler(out)
     handler.setFormatter(OneLinePerRecord(LOG_FORMAT, LOG_DATE_FORMAT))
@@ -70,13 +72,50 @@ def test_what_libraries_print_becomes_one_escaped_record_per_line():
     logger.propagate = False
     try:
         stream = LinesToLog(logger, logging.WARNING, io.StringIO())
-        print("Received inputs:\n    [", HOSTILE, end="", file=stream)
+        write(stream)
         stream.flush()  # a last line without its newline is not lost
     finally:
         logger.removeHandler(handler)
-    lines = out.getvalue().splitlines()
+    return out.getvalue().splitlines()
+
+
+def test_what_libraries_print_becomes_one_escaped_record_per_print():
+    def print_client_text(stream):
+        print("Received inputs:\n    [", HOSTILE, "]", file=stream)  # Gradio prints a refused request's inputs
+        print("a second print", file=stream)
+        print("one without its newline", end="", file=stream)
+
+    lines = _printed_to_log(print_client_text)
     assert len(lines) == 3 and all(RECORD_HEAD.match(line) for line in lines)
-    assert lines[2].endswith(r" WARNING test.stderr " + FORGED + r"\r\x1b[31mred\x1b[0m\u2028\u202eevil\x7f\x85")
+    # The client's newline is escaped inside the print's record: it starts no record of its own.
+    assert lines[0].endswith(r" WARNING test.stderr Received inputs:\n    [ a cat\n" + FORGED
+                             + r"\r\x1b[31mred\x1b[0m\u2028\u202eevil\x7f\x85 ]")
+    assert lines[1].endswith(" a second print") and lines[2].endswith(" one without its newline")
+
+
+def test_a_printed_traceback_is_one_record_and_repeats_without_it():
+    def fail(prompt: str) -> None:
+        raise ValueError(f"bad inputs: {prompt}")
+
+    def print_tracebacks(stream):
+        for prompt in (HOSTILE, "again"):
+            try:
+                fail(prompt)
+            except ValueError:
+                traceback.print_exc(file=stream)  # as Gradio prints a request it could not run
+        print("next", file=stream)
+
+    lines = _printed_to_log(print_tracebacks)
+    records = [line for line in lines if RECORD_HEAD.match(line)]
+    assert len(records) == 3
+    assert records[0].endswith(" WARNING test.stderr ValueError: bad inputs: a cat")
+    assert records[1].endswith(" ValueError: bad inputs: again (the same failure's traceback is in the log within "
+                               "the last minute)")
+    assert records[2].endswith(" next")
+    marked = [line for line in lines if line.startswith(TRACEBACK_MARK)]
+    assert marked[0] == TRACEBACK_MARK + "Traceback (most recent call last):"
+    assert any("in fail" in line for line in marked) and not any(FORGED == line for line in lines)
+    assert lines.index(records[1]) == len(lines) - 2  # the repeat brought no traceback lines
 
 
 @pytest.mark.e2e

@@ -1,9 +1,19 @@
-"""Answers that ASGI middleware sends itself, before any app runs: JSON with its length, and OpenAI's error shape
-(what /v1 clients parse, and short, readable JSON on every other route)."""
+"""Answers that ASGI middleware sends itself, before any app runs or after it fails: JSON with its length, and
+OpenAI's error shape (what /v1 clients parse, and short, readable JSON on every other route)."""
 
 from __future__ import annotations
 
 import json
+import logging
+import traceback
+import uuid
+
+from gradio.route_utils import FnIndexInferError
+
+from config.log_lines import TRACEBACK_INTERVAL_S, OncePerInterval
+from pipeline.requests import shown
+
+log = logging.getLogger("zimage.webui")
 
 
 def openai_error(message: str, code: str | None, param: str | None = None, status: int = 400) -> dict[str, object]:
@@ -18,3 +28,49 @@ async def send_json(send, status: int, payload: object, headers: tuple[tuple[byt
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                             *headers]})
     await send({"type": "http.response.body", "body": body})
+
+
+class AnswerUnhandledErrors:
+    """ASGI middleware: an exception that escapes the app (a Gradio route failing on input it did not expect: an
+    unknown API name, a malformed Range header) becomes a JSON 500 with an incident id, and one ERROR line naming
+    the method, the path and the id, with the traceback once a minute for each kind of failure. Without it, uvicorn
+    answers a bare "Internal Server Error" and writes some 70 lines of traceback each time: a client repeating the
+    request filled the 10 MB log in five seconds. An unknown API name is the caller's mistake: 404, no traceback."""
+
+    def __init__(self, app):
+        self.app = app
+        self._tracebacks_due = OncePerInterval(TRACEBACK_INTERVAL_S)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception as error:
+            if isinstance(error, FnIndexInferError) and not started:
+                await send_json(send, 404, openai_error(f"{shown(scope['path'])} names no API endpoint of this "
+                                                        f"service.", None, status=404))
+                return
+            incident = uuid.uuid4().hex[:8]
+            log.error("unhandled error id=%s method=%s path=%s error=%s: %s", incident, scope["method"],
+                      shown(scope["path"]), type(error).__name__, shown(str(error)),
+                      exc_info=self._traceback_due(error))
+            if not started:
+                payload = openai_error(f"The server hit an internal error (incident {incident}); the operator's log "
+                                       f"has the details.", None, status=500)
+                payload["error"]["id"] = incident
+                await send_json(send, 500, payload)
+
+    def _traceback_due(self, error: Exception) -> Exception | None:
+        """`error` if its kind (its type and the line that raised it: a bounded set, whatever clients send) has not
+        shown a traceback within the interval, else None."""
+        frame = traceback.extract_tb(error.__traceback__)[-1]
+        return error if self._tracebacks_due.due((type(error).__name__, frame.filename, frame.lineno)) else None

@@ -20,6 +20,7 @@ from pipeline.engine import Engine
 from pipeline.messages import first_line
 from pipeline.metrics import CONTENT_TYPE, ServiceMetrics
 from webui.arrival import StampArrival
+from webui.asgi_errors import AnswerUnhandledErrors
 from webui.auth import RequireCredentials
 from webui.connections import guard_connections
 from webui.limits import LimitBodySize, LimitSessions, LimitUIEventRate
@@ -191,12 +192,12 @@ def serve(blocks: gr.Blocks, engine: Engine, *, host: str, port: int, share: boo
     # Bound to loopback, only loopback names and --public-url's host are this server's (see webui.origin).
     own_hosts = (frozenset(filter(None, [urlsplit(public_url).hostname]))
                  if not share and is_loopback_name(host.lower()) else None)
-    middleware = [Middleware(LimitUIEventRate), Middleware(StampArrival),
+    middleware = [Middleware(AnswerUnhandledErrors), Middleware(LimitUIEventRate), Middleware(StampArrival),
                   Middleware(RefuseCrossSite, own_hosts=own_hosts), Middleware(LimitBodySize),
                   Middleware(LimitSessions, streams=max(1, max_connections // 2)),
                   Middleware(CountQueueRefusals, metrics=metrics)]
     if credentials:
-        middleware.insert(0, Middleware(RequireCredentials, credentials=credentials))
+        middleware.insert(1, Middleware(RequireCredentials, credentials=credentials))
     # Routes passed to the FastAPI constructor come before Gradio's own, so nothing of Gradio's shadows them.
     # show_error: Gradio's own input errors ("didn't receive enough input values") reach the caller; the UI's
     # handler turns everything else into a message of its own, so no internal detail leaks through it.
@@ -211,6 +212,11 @@ def serve(blocks: gr.Blocks, engine: Engine, *, host: str, port: int, share: boo
         ssl_certfile=ssl_certfile or None, ssl_keyfile=ssl_keyfile or None, ssl_verify=False,
     )
     guard_connections(blocks.server, max_connections=max_connections, request_timeout_s=header_timeout_s)
+    # uvicorn gave its loggers handlers of their own at launch (its default logging config), which print to stderr
+    # line by line: a traceback became dozens of records. Through the service's handler, one record, marked.
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+        logging.getLogger(name).handlers.clear()
+        logging.getLogger(name).propagate = True
     # How long this start took, from the process's birth (imports included), for an operator after a restart.
     log.info("ready url=%s://%s:%d seconds_since_process_start=%.2f", "https" if ssl_certfile else "http", host, port,
              seconds_since_process_start())

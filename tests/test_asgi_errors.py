@@ -1,0 +1,83 @@
+"""Failures of Gradio's own routes on input they did not expect, against a real `app.py --demo` process over raw
+sockets: a JSON answer, and one log record each, not a bare 500 and a screenful of stderr."""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+from urllib.parse import urlsplit
+
+import pytest
+
+from config.log_lines import TRACEBACK_MARK
+from tests.helpers import http_status, start_demo_app, stop_app, wait_until
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory, tiny_models):
+    app = start_demo_app(tmp_path_factory.mktemp("errors-app"), tiny_models)
+    yield app
+    stop_app(app)
+
+
+def _exchange(app, raw: bytes) -> tuple[int, bytes]:
+    address = urlsplit(app.url)
+    with socket.create_connection((address.hostname, address.port), timeout=30) as sock:
+        sock.sendall(raw)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body
+
+
+def _post(app, path: str, body: dict) -> tuple[int, bytes]:
+    payload = json.dumps(body).encode()
+    return _exchange(app, f"POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                          f"Connection: close\r\nContent-Length: {len(payload)}\r\n\r\n".encode() + payload)
+
+
+def test_an_unknown_api_name_is_a_404_naming_it(app):
+    for route in ("call", "run", "api"):
+        status, body = _post(app, f"/gradio_api/{route}/no_such_endpoint", {"data": []})
+        assert status == 404, body
+        assert "names no API endpoint" in json.loads(body)["error"]["message"]
+    assert "unhandled error" not in app.log()
+
+
+def test_a_failure_of_gradios_own_is_a_json_500_with_an_id_and_one_record(app):
+    ids = []
+    for _ in range(3):
+        status, body = _post(app, "/gradio_api/queue/join", {"data": [], "fn_index": 999, "session_hash": "s1"})
+        assert status == 500
+        error = json.loads(body)["error"]
+        assert error["type"] == "server_error" and error["id"] in error["message"]
+        ids.append(error["id"])
+
+    def logged() -> bool:
+        return all(f"unhandled error id={incident} " in app.log() for incident in ids)
+
+    wait_until(logged, 10, "each failure logged")
+    lines = app.log().splitlines()
+    records = [index for index, line in enumerate(lines) if "unhandled error id=" in line]
+    assert len(records) == 3
+    assert "method=POST path='/gradio_api/queue/join' error=KeyError" in lines[records[0]]
+    # The first carries its traceback, marked; the same failure again within the minute does not.
+    assert lines[records[0] + 1] == TRACEBACK_MARK + "Traceback (most recent call last):"
+    assert not lines[records[1] + 1].startswith(TRACEBACK_MARK)
+    assert not any(" stderr " in line for line in lines)
+    assert http_status(f"{app.url}/readyz") == 200
+
+
+def test_uvicorns_own_complaints_are_one_record_of_its_logger(app):
+    status, _ = _exchange(app, b"GET /readyz HTTP/1.1\r\nHost: localhost\r\nno colon here\r\n\r\n")
+    assert status == 400
+
+    def logged() -> bool:
+        return re.search(r"^\S+ WARNING uvicorn\.error Invalid HTTP request received\.$", app.log(), re.M) is not None
+
+    wait_until(logged, 10, "uvicorn's warning logged")
+    assert "stderr" not in app.log()
