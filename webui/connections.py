@@ -82,9 +82,9 @@ class _Occasional:
 class GuardedH11Protocol(H11Protocol):
     """uvicorn's h11 protocol, plus: a request, head and body, must arrive whole within `request_timeout_s` of the
     connection (or of the previous response, on a kept-alive one), and past `max_connections` the oldest other
-    connection still waiting for its request head, or else for its body, is closed to make room. A health probe sends its request at once, so it
-    gets through; sockets that never do, or trickle, are the ones dropped. (The bodies this service takes are at
-    most 1 MiB: webui.limits.)"""
+    connection still waiting for its request head, or else for its body, is closed to make room. A health probe
+    sends its request at once, so it gets through; sockets that never do, or trickle, are the ones dropped. (The
+    bodies this service takes are at most 1 MiB: webui.limits.)"""
 
     request_timeout_s = 10.0
     max_connections = 512
