@@ -24,8 +24,8 @@ DEFAULT_SHIFT = 3.0
 
 
 # "WIDTHxHEIGHT", optionally followed by the UI table's aspect ratio "( 9:7 )"; nothing else, so that a typo is named
-# rather than half read.
-_SIZE = re.compile(r"\s*(\d{1,5})\s*[x×]\s*(\d{1,5})\s*(?:\(\s*\d+\s*:\s*\d+\s*\))?\s*")
+# rather than half read. [0-9], not \d: \d takes every script's digits ("١٠٢٤"), which int() reads as 1024 too.
+_SIZE = re.compile(r"\s*([0-9]{1,5})\s*[x×]\s*([0-9]{1,5})\s*(?:\(\s*[0-9]+\s*:\s*[0-9]+\s*\))?\s*")
 
 SHOWN_CHARS = 40  # enough of a value to recognise it in a message; a megabyte sent is not a megabyte echoed
 
@@ -79,7 +79,7 @@ def _whole_number(name: str, value: object) -> int:
 def _size(name: str, value: object, limit: int, flag: str) -> int:
     size = _whole_number(name, value)
     if size < MIN_SIZE or size > limit:
-        raise RequestError(f"{name} must be between {MIN_SIZE} and {limit} pixels (got {size}); "
+        raise RequestError(f"{name} must be between {MIN_SIZE} and {limit} pixels (got {shown(size)}); "
                            f"the server's limit is set by {flag}.")
     if size % SIZE_MULTIPLE:
         lower = size // SIZE_MULTIPLE * SIZE_MULTIPLE
@@ -97,7 +97,7 @@ def _seed(value: object) -> int:
         return secrets.randbelow(RANDOM_SEED_LIMIT)
     seed = _whole_number("seed", value)
     if not 0 <= seed < SEED_LIMIT:
-        raise RequestError(f"seed must be between 0 and {SEED_LIMIT - 1}, or 'random' (got {seed}).")
+        raise RequestError(f"seed must be between 0 and {SEED_LIMIT - 1}, or 'random' (got {shown(seed)}).")
     return seed
 
 
@@ -125,7 +125,7 @@ def validate(request: GenerationRequest, limits: Limits) -> ValidRequest:
     height = _size("height", request.height, limits.max_h, "--max-h")
     steps = _whole_number("steps", request.steps)
     if not 1 <= steps <= MAX_STEPS:
-        raise RequestError(f"steps must be between 1 and {MAX_STEPS} (got {steps}); Turbo is made for "
+        raise RequestError(f"steps must be between 1 and {MAX_STEPS} (got {shown(steps)}); Turbo is made for "
                            f"{DEFAULT_STEPS}.")
     shift = request.shift
     if isinstance(shift, bool) or not isinstance(shift, (int, float)) or not math.isfinite(shift):

@@ -245,3 +245,18 @@ def test_gradio_routes_the_service_has_no_use_for_are_not_found(app, path):
         sock.sendall(f"GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n".encode())
         status, _, _ = _response(sock)
     assert status == 404  # Gradio's own answer 200, and its deep link writes a file
+
+
+def test_a_body_framed_both_by_length_and_by_chunks_is_refused_and_the_connection_closed(app):
+    """A smuggling shape: the chunked body ends at once, and what follows it would be a second request to a server
+    that reads the chunks, while a proxy in front that read the length saw one."""
+    smuggled = b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n"
+    body = b"0\r\n\r\n" + smuggled
+    with _connect(app) as sock:
+        sock.sendall(f"POST /v1/models HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                     f"Content-Length: {len(body)}\r\nTransfer-Encoding: chunked\r\n\r\n".encode() + body)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 400") and b"Transfer-Encoding" in answer
+    assert answer.count(b"HTTP/1.1 ") == 1  # the smuggled request was never answered

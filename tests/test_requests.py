@@ -138,3 +138,12 @@ def test_a_batch_reads_size_n_and_seeds_before_any_image():
         batch("a cat", "not a size", 9, 7)  # n first, as the OpenAI route reports it
     with pytest.raises(RequestError, match="size must look like 1024x1024"):
         batch("a cat", "1024", 1, 7)
+
+
+def test_a_huge_number_is_echoed_cut_and_other_scripts_digits_are_not_sizes():
+    for field in ("seed", "steps", "width"):
+        with pytest.raises(RequestError) as refused:
+            validate(GenerationRequest(prompt="x", **{field: 10**4000}), LIMITS)
+        assert len(str(refused.value)) < 200 and "…" in str(refused.value)
+    with pytest.raises(RequestError, match="size must look like 1024x1024"):
+        parse_size("١٠٢٤x64")

@@ -35,8 +35,15 @@ class LimitBodySize:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        headers = dict(scope["headers"])
         # uvicorn's parser has already refused a Content-Length that is not a plain number.
-        declared = dict(scope["headers"]).get(b"content-length")
+        declared = headers.get(b"content-length")
+        if declared is not None and b"transfer-encoding" in headers:
+            # Framed two ways: uvicorn reads the chunks, a proxy in front may have read the length, and the rest of
+            # the body would then be a second request it never saw (request smuggling). RFC 9112 6.1: close.
+            await send_json(send, 400, openai_error("The request has both Content-Length and Transfer-Encoding; "
+                                                    "send one.", None), headers=((b"connection", b"close"),))
+            return
         if declared is not None and int(declared) > self.limit:
             await self._refuse(send)
             return

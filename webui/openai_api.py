@@ -38,7 +38,7 @@ RESPONSE_FORMATS = ("b64_json", "url")
 DEFAULT_SIZE = "1024x1024"
 GRADIO_CALL = "/gradio_api/call/images"
 STATUS_BY_KIND = {errors.INVALID: 400, errors.BUSY: 503, errors.FAILED: 500, errors.INTERNAL: 500}
-SIZE_PATTERN = re.compile(r"\d{1,5}x\d{1,5}")  # OpenAI's "WIDTHxHEIGHT"; five digits is past any size served
+SIZE_PATTERN = re.compile(r"[0-9]{1,5}x[0-9]{1,5}")  # OpenAI's "WIDTHxHEIGHT"; five digits is past any size served
 MAX_DIGITS = 30  # the longest whole number this route reads is a seed below 2**64: 20 digits
 # The fields this route reads: OpenAI's, then this service's own (sent by the openai client through extra_body).
 FIELDS = ("model", "prompt", "n", "size", "response_format", "output_format", "background", "stream", "seed",
