@@ -79,6 +79,21 @@ class OncePerInterval:
         return True
 
 
+class Occasional:
+    """A warning repeated by the thousand (an attack repeats the same event) logged at most once an interval, with
+    how many happened since the last line."""
+
+    def __init__(self, logger: logging.Logger, interval_s: float):
+        self.logger, self.interval_s, self.last, self.unlogged = logger, interval_s, float("-inf"), 0
+
+    def __call__(self, message: str, *args) -> None:
+        self.unlogged += 1
+        now = time.monotonic()
+        if now - self.last >= self.interval_s:
+            self.logger.warning(message + " (%d time(s) since the last such line)", *args, self.unlogged)
+            self.last, self.unlogged = now, 0
+
+
 TRACEBACK_STARTS = ("Traceback (most recent call last):", "During handling of the above exception",
                     "The above exception was the direct cause")
 MAX_TRACEBACK_ENTRIES = 500  # frames of a printed traceback kept in one record; a deeper one is cut into several

@@ -4,6 +4,12 @@ Gradio's own `auth=` guards only Gradio's routes, with a cookie its login page s
 routes and /metrics open, and neither the openai client nor Prometheus can log in through a form. So one ASGI
 middleware checks every request instead: HTTP Basic (browsers prompt for it, Prometheus and curl send it) or a
 Bearer token "user:password" (what the openai client sends as its API key).
+
+Wrong credentials are logged (a line an interval, with the count) and counted per client address: past
+FAILURES_ALLOWED within FAILURE_WINDOW_S, that address's credentials are not even checked until the window has
+moved on (429), so a password cannot be guessed at thousands a second. Behind a proxy or a tunnel every client
+has the proxy's address: an attack through it then locks out everyone for that minute, which is the price of the
+password staying unguessed.
 """
 
 from __future__ import annotations
@@ -11,8 +17,16 @@ from __future__ import annotations
 import base64
 import binascii
 import hmac
+import logging
+import math
+import time
+from collections import deque
 
+from config.log_lines import Occasional
+from pipeline.requests import shown
 from webui.asgi_errors import openai_error, send_json
+
+log = logging.getLogger("zimage.auth")
 
 USER_KEY = "user"  # request.state key: the user whose credentials the request carried
 OPEN_PATHS = ("/healthz", "/readyz")  # local liveness checks (supervisor, load balancers) carry no credentials
@@ -20,6 +34,10 @@ OPEN_PATHS = ("/healthz", "/readyz")  # local liveness checks (supervisor, load 
 LOOPBACK_ONLY_OPEN_PATHS = ("/gradio_api/startup-events",)
 LOOPBACK_CLIENTS = ("127.0.0.1", "::1")
 REALM = "Z-Image-Turbo"
+FAILURES_ALLOWED = 20  # wrong credentials from one address within the window; a person mistyping makes a few
+FAILURE_WINDOW_S = 60.0
+MAX_ADDRESSES = 10_000  # addresses with recent failures remembered; past it the stalest are forgotten
+LOG_INTERVAL_S = 10.0
 
 
 def _presented(headers: list[tuple[bytes, bytes]]) -> tuple[str, str] | None:
@@ -37,21 +55,22 @@ def _presented(headers: list[tuple[bytes, bytes]]) -> tuple[str, str] | None:
 
 
 class RequireCredentials:
-    """ASGI middleware: a request without valid credentials gets 401 and never reaches the app."""
+    """ASGI middleware: a request without valid credentials gets 401 and never reaches the app; an address that
+    keeps sending wrong ones gets 429 for a while (see the module's docstring)."""
 
     def __init__(self, app, credentials: dict[str, str]):
         self.app = app
         self.credentials = credentials
+        self._failures: dict[str, deque[float]] = {}
+        self._wrong = Occasional(log, LOG_INTERVAL_S)
+        self._locked = Occasional(log, LOG_INTERVAL_S)
 
-    def _allowed(self, scope) -> bool:
-        """Whether the request may pass; one with valid credentials carries its user in request.state."""
-        if scope["path"] in OPEN_PATHS:
-            return True
-        if scope["path"] in LOOPBACK_ONLY_OPEN_PATHS and (scope.get("client") or ("",))[0] in LOOPBACK_CLIENTS:
-            return True
-        presented = _presented(scope.get("headers", []))
-        if presented is None:
-            return False
+    def _open(self, scope) -> bool:
+        return scope["path"] in OPEN_PATHS or (scope["path"] in LOOPBACK_ONLY_OPEN_PATHS
+                                               and _address(scope) in LOOPBACK_CLIENTS)
+
+    def _valid(self, scope, presented: tuple[str, str]) -> bool:
+        """Whether the credentials are right; right ones put their user in request.state."""
         expected = self.credentials.get(presented[0], "")
         # compare_digest: the time taken does not tell how much of a guess was right.
         if not (expected and hmac.compare_digest(expected.encode(), presented[1].encode())):
@@ -59,13 +78,53 @@ class RequireCredentials:
         scope.setdefault("state", {})[USER_KEY] = presented[0]
         return True
 
+    def _recent_failures(self, address: str, now: float) -> deque[float]:
+        failures = self._failures.get(address, deque())
+        while failures and failures[0] <= now - FAILURE_WINDOW_S:
+            failures.popleft()
+        return failures
+
+    def _count_failure(self, address: str, now: float) -> None:
+        if address not in self._failures and len(self._failures) >= MAX_ADDRESSES:
+            for known in list(self._failures):
+                if not self._recent_failures(known, now):
+                    del self._failures[known]
+            if len(self._failures) >= MAX_ADDRESSES:
+                self._failures.clear()
+        self._failures.setdefault(address, deque()).append(now)
+
     async def __call__(self, scope, receive, send):
-        if scope["type"] not in ("http", "websocket") or self._allowed(scope):
+        if scope["type"] not in ("http", "websocket") or self._open(scope):
             await self.app(scope, receive, send)
             return
+        presented = _presented(scope.get("headers", []))
+        address, now = _address(scope), time.monotonic()
+        failures = self._recent_failures(address, now) if presented is not None else deque()
+        if len(failures) >= FAILURES_ALLOWED:
+            wait_s = math.ceil(failures[0] + FAILURE_WINDOW_S - now)
+            self._locked("credentials from %s not checked: %d wrong in the last %.0f s", address, len(failures),
+                         FAILURE_WINDOW_S)
+            await self._refuse(scope, send, 429, f"Too many wrong credentials from this address; try again in "
+                                                 f"{wait_s} s.", "rate_limited", (b"retry-after", str(wait_s).encode()))
+            return
+        if presented is not None and self._valid(scope, presented):
+            await self.app(scope, receive, send)
+            return
+        if presented is not None:
+            self._count_failure(address, now)
+            self._wrong("wrong credentials refused user=%s client=%s path=%s", shown(presented[0]), address,
+                        shown(scope["path"]))
+        await self._refuse(scope, send, 401, "Authentication required: HTTP Basic, or 'user:password' as the API "
+                                             "key.", "invalid_api_key",
+                           (b"www-authenticate", f'Basic realm="{REALM}"'.encode()))
+
+    @staticmethod
+    async def _refuse(scope, send, status: int, message: str, code: str, header: tuple[bytes, bytes]) -> None:
         if scope["type"] == "websocket":
             await send({"type": "websocket.close", "code": 1008})
             return
-        await send_json(send, 401, openai_error("Authentication required: HTTP Basic, or 'user:password' as the API "
-                                                "key.", "invalid_api_key"),
-                        headers=((b"www-authenticate", f'Basic realm="{REALM}"'.encode()),))
+        await send_json(send, status, openai_error(message, code), headers=(header,))
+
+
+def _address(scope) -> str:
+    return (scope.get("client") or ("",))[0]

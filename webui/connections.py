@@ -18,6 +18,7 @@ import time
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from config.log_lines import Occasional
 from config.settings import SettingsError
 
 log = logging.getLogger("zimage.connections")
@@ -65,20 +66,6 @@ def raise_fd_limit(max_connections: int) -> int:
     return max_connections
 
 
-class _Occasional:
-    """Logs a repeated event at most once an interval, with how many happened since the last line."""
-
-    def __init__(self, interval_s: float):
-        self.interval_s, self.last, self.unlogged = interval_s, float("-inf"), 0
-
-    def __call__(self, message: str, *args) -> None:
-        self.unlogged += 1
-        now = time.monotonic()
-        if now - self.last >= self.interval_s:
-            log.warning(message + " (%d time(s) since the last such line)", *args, self.unlogged)
-            self.last, self.unlogged = now, 0
-
-
 class GuardedH11Protocol(H11Protocol):
     """uvicorn's h11 protocol, plus: a request, head and body, must arrive whole within `request_timeout_s` of the
     connection (or of the previous response, on a kept-alive one), and past `max_connections` the oldest other
@@ -88,8 +75,8 @@ class GuardedH11Protocol(H11Protocol):
 
     request_timeout_s = 10.0
     max_connections = 512
-    _evictions = _Occasional(REFUSAL_LOG_INTERVAL_S)
-    _timeouts = _Occasional(REFUSAL_LOG_INTERVAL_S)
+    _evictions = Occasional(log, REFUSAL_LOG_INTERVAL_S)
+    _timeouts = Occasional(log, REFUSAL_LOG_INTERVAL_S)
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)

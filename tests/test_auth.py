@@ -1,0 +1,81 @@
+"""Wrong credentials on a real `app.py --demo --auth` process: refused, logged, and past a few dozen a minute from
+one address not even checked."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import urllib.error
+import urllib.request
+
+import pytest
+
+from tests.helpers import http_status, start_demo_app, stop_app, wait_until
+from webui import auth
+from webui.auth import FAILURE_WINDOW_S, FAILURES_ALLOWED, RequireCredentials
+
+USER, PASSWORD = "alice", "wonderland"
+
+
+def _status(url: str, password: str | None) -> tuple[int, dict[str, str]]:
+    headers = {} if password is None else {
+        "Authorization": "Basic " + base64.b64encode(f"{USER}:{password}".encode()).decode()}
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=30) as response:
+            return response.status, dict(response.headers)
+    except urllib.error.HTTPError as error:
+        return error.code, dict(error.headers)
+
+
+@pytest.mark.e2e
+def test_an_address_guessing_passwords_is_stopped_and_logged(tmp_path, tiny_models):
+    app = start_demo_app(tmp_path, tiny_models, "--auth", f"{USER}:{PASSWORD}")
+    try:
+        assert _status(f"{app.url}/v1/models", PASSWORD)[0] == 200
+        assert [_status(f"{app.url}/v1/models", f"guess{n}")[0] for n in range(FAILURES_ALLOWED)] == \
+            [401] * FAILURES_ALLOWED
+        # From now on this address's credentials are not checked, the right ones neither: no more guesses.
+        status, headers = _status(f"{app.url}/v1/models", PASSWORD)
+        assert status == 429 and 0 < int(headers["retry-after"]) <= FAILURE_WINDOW_S
+        assert _status(f"{app.url}/v1/models", None)[0] == 401  # no credentials: asked for them, as before
+        assert http_status(f"{app.url}/readyz") == 200
+
+        def logged() -> bool:
+            return "wrong credentials refused user='alice' client=127.0.0.1 path='/v1/models'" in app.log() and \
+                "credentials from 127.0.0.1 not checked" in app.log()
+
+        wait_until(logged, 10, "the refusals logged")
+        # One line an interval for a burst, with the count, not one per guess.
+        assert app.log().count("wrong credentials refused") == 1
+    finally:
+        stop_app(app)
+
+
+def test_the_address_may_try_again_once_the_window_has_moved_on(monkeypatch):
+    now = [1000.0]
+    monkeypatch.setattr(auth, "time", type("Clock", (), {"monotonic": staticmethod(lambda: now[0])}))
+    passed = []
+
+    async def app(scope, _receive, _send):
+        passed.append(scope["path"])
+
+    guard = RequireCredentials(app, {USER: PASSWORD})
+    answers = []
+
+    async def send(message):
+        if message["type"] == "http.response.start":
+            answers.append(message["status"])
+
+    def request(password: str) -> None:
+        token = base64.b64encode(f"{USER}:{password}".encode())
+        scope = {"type": "http", "path": "/v1/models", "client": ("10.0.0.9", 5555),
+                 "headers": [(b"authorization", b"Basic " + token)]}
+        asyncio.run(guard(scope, None, send))
+
+    for _ in range(FAILURES_ALLOWED):
+        request("guess")
+    request(PASSWORD)
+    assert answers == [401] * FAILURES_ALLOWED + [429] and passed == []
+    now[0] += FAILURE_WINDOW_S
+    request(PASSWORD)
+    assert passed == ["/v1/models"]
