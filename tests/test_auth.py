@@ -12,7 +12,7 @@ import pytest
 
 from tests.helpers import http_status, start_demo_app, stop_app, wait_until
 from webui import auth
-from webui.auth import FAILURE_WINDOW_S, FAILURES_ALLOWED, RequireCredentials
+from webui.auth import FAILURE_WINDOW_S, FAILURES_ALLOWED, LINK_LIFETIME_S, LinkSigner, RequireCredentials
 
 USER, PASSWORD = "alice", "wonderland"
 
@@ -79,3 +79,15 @@ def test_the_address_may_try_again_once_the_window_has_moved_on(monkeypatch):
     now[0] += FAILURE_WINDOW_S
     request(PASSWORD)
     assert passed == ["/v1/models"]
+
+
+def test_a_signed_link_opens_its_path_until_it_expires(monkeypatch):
+    now = [1_800_000_000.0]
+    monkeypatch.setattr(auth, "time", type("Clock", (), {"time": staticmethod(lambda: now[0])}))
+    links = LinkSigner()
+    path = "/gradio_api/file=/srv/out 2#x/2026-12-04/a.png"
+    query = links.query(path).encode()
+    assert links.opens(path, query) and not links.opens(path + "x", query)
+    assert not LinkSigner().opens(path, query)  # another start's key
+    now[0] += LINK_LIFETIME_S + 1
+    assert not links.opens(path, query)

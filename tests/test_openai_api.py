@@ -74,15 +74,21 @@ def test_the_openai_client_gets_n_images_with_consecutive_seeds(client, app):
         assert f"Seed: {seed}," in image.text["parameters"]
 
 
-def test_url_responses_point_at_the_saved_png_behind_the_same_auth(client, app):
+def test_url_responses_open_their_one_png_without_credentials(client, app):
     (item,) = client.images.generate(prompt="a red bicycle", size="128x128", response_format="url",
                                      extra_body={"steps": 1}).data
     assert item.url.startswith(app.url) and " " not in item.url and "#" not in item.url
-    png = get(item.url)
+    # As a browser, or another service the link is handed to, fetches it: no credentials, the signature opens it.
+    png = get(item.url, authorization=None)
     assert Image.open(io.BytesIO(png)).size == (128, 128)
-    with pytest.raises(urllib.error.HTTPError) as refused:
-        get(item.url, authorization=None)
-    assert refused.value.code == 401
+    unsigned, _, query = item.url.partition("?")
+    assert get(unsigned) == png  # with the credentials, as before
+    signature = query.partition("signature=")[2]
+    for forged in (unsigned, item.url.replace(signature, "0" * len(signature)),
+                   item.url.replace(".png?", "x.png?"), item.url.replace("expires=", "expires=1")):
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            get(forged, authorization=None)
+        assert refused.value.code == 401, forged
 
 
 def test_a_forged_host_header_does_not_decide_the_returned_url(app):

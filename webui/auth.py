@@ -10,17 +10,25 @@ FAILURES_ALLOWED within FAILURE_WINDOW_S, that address's credentials are not eve
 moved on (429), so a password cannot be guessed at thousands a second. Behind a proxy or a tunnel every client
 has the proxy's address: an attack through it then locks out everyone for that minute, which is the price of the
 password staying unguessed.
+
+An image link the OpenAI route returns (response_format "url") carries a signature that opens that one file for an
+hour without credentials, as OpenAI's own image links do: code that hands the link to a browser or another service
+works. The key is drawn at start, so a restart ends the links it signed (the image stays on disk, and fetching it
+with credentials still works).
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import hmac
 import logging
 import math
+import secrets
 import time
 from collections import deque
+from urllib.parse import parse_qs
 
 from config.log_lines import Occasional
 from pipeline.requests import shown
@@ -38,6 +46,30 @@ FAILURES_ALLOWED = 20  # wrong credentials from one address within the window; a
 FAILURE_WINDOW_S = 60.0
 MAX_ADDRESSES = 10_000  # addresses with recent failures remembered; past it the stalest are forgotten
 LOG_INTERVAL_S = 10.0
+FILE_ROUTE = "/gradio_api/file="
+LINK_LIFETIME_S = 3600  # as OpenAI's image links
+
+
+class LinkSigner:
+    """Signs links to saved images so that each opens its one file, for LINK_LIFETIME_S, without credentials."""
+
+    def __init__(self):
+        self._key = secrets.token_bytes(32)
+
+    def query(self, path: str) -> str:
+        """The query string that opens `path` (a request path as the server will see it, percent-decoded)."""
+        expires = int(time.time()) + LINK_LIFETIME_S
+        return f"expires={expires}&signature={self._signature(path, expires)}"
+
+    def opens(self, path: str, query_string: bytes) -> bool:
+        query = parse_qs(query_string.decode("latin-1"))
+        expires, signature = query.get("expires", [""])[0], query.get("signature", [""])[0]
+        if not expires.isdigit() or len(expires) > 12 or int(expires) < time.time():
+            return False
+        return hmac.compare_digest(self._signature(path, int(expires)), signature)
+
+    def _signature(self, path: str, expires: int) -> str:
+        return hmac.new(self._key, f"{path}\n{expires}".encode(), hashlib.sha256).hexdigest()
 
 
 def _presented(headers: list[tuple[bytes, bytes]]) -> tuple[str, str] | None:
@@ -58,16 +90,19 @@ class RequireCredentials:
     """ASGI middleware: a request without valid credentials gets 401 and never reaches the app; an address that
     keeps sending wrong ones gets 429 for a while (see the module's docstring)."""
 
-    def __init__(self, app, credentials: dict[str, str]):
+    def __init__(self, app, credentials: dict[str, str], links: LinkSigner | None = None):
         self.app = app
         self.credentials = credentials
+        self.links = links
         self._failures: dict[str, deque[float]] = {}
         self._wrong = Occasional(log, LOG_INTERVAL_S)
         self._locked = Occasional(log, LOG_INTERVAL_S)
 
     def _open(self, scope) -> bool:
-        return scope["path"] in OPEN_PATHS or (scope["path"] in LOOPBACK_ONLY_OPEN_PATHS
-                                               and _address(scope) in LOOPBACK_CLIENTS)
+        path = scope["path"]
+        if path.startswith(FILE_ROUTE) and self.links is not None and scope.get("method") in ("GET", "HEAD"):
+            return self.links.opens(path, scope.get("query_string", b""))
+        return path in OPEN_PATHS or (path in LOOPBACK_ONLY_OPEN_PATHS and _address(scope) in LOOPBACK_CLIENTS)
 
     def _valid(self, scope, presented: tuple[str, str]) -> bool:
         """Whether the credentials are right; right ones put their user in request.state."""

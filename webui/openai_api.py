@@ -30,6 +30,7 @@ from starlette.routing import Match, Route
 from pipeline.requests import RequestError, checked_prompt, shown
 from webui import errors
 from webui.asgi_errors import openai_error
+from webui.auth import FILE_ROUTE, LinkSigner
 
 log = logging.getLogger("zimage.openai")
 
@@ -198,11 +199,12 @@ async def _through_the_queue(client: httpx.AsyncClient, inputs: list[object], au
 
 
 def openai_routes(engine_output_dir: Path, loopback_url: str, public_url: str, started_at: float,
-                  deliveries) -> list[Route]:
+                  deliveries, links: LinkSigner | None = None) -> list[Route]:
     """`loopback_url`: where this same server answers locally, for joining its queue. `public_url`: the base of the
     image URLs it returns (configured, never taken from the request's Host header, which any client can forge).
     `deliveries` counts each generation request from its arrival until its answer has been sent (Starlette runs a
-    response's background task after the last byte), so a shutdown can wait for it."""
+    response's background task after the last byte), so a shutdown can wait for it. `links`: with credentials on,
+    what signs image links so that they open without them."""
     # verify=False: this is the server's own loopback address, which its certificate (if TLS is on) does not name.
     client = httpx.AsyncClient(base_url=loopback_url, timeout=httpx.Timeout(30.0, read=None), verify=False)
 
@@ -243,7 +245,9 @@ def openai_routes(engine_output_dir: Path, loopback_url: str, public_url: str, s
                 item["b64_json"] = base64.b64encode(path.read_bytes()).decode()
             else:
                 # Percent-encoded: an output dir may hold a space or a '#', which a client would cut the link at.
-                item["url"] = f"{public_url.rstrip('/')}/gradio_api/file={quote(str(path))}"
+                item["url"] = f"{public_url.rstrip('/')}{FILE_ROUTE}{quote(str(path))}"
+                if links is not None:
+                    item["url"] += "?" + links.query(f"{FILE_ROUTE}{path}")
             data.append(item)
         response = FastJSONResponse({"created": int(time.time()), "data": data})
         # The HTTP side of the request's time, beside the engine's own line: the queue (with the engine's run in it)

@@ -21,7 +21,7 @@ from pipeline.messages import first_line
 from pipeline.metrics import CONTENT_TYPE, ServiceMetrics
 from webui.arrival import StampArrival
 from webui.asgi_errors import AnswerUnhandledErrors
-from webui.auth import RequireCredentials
+from webui.auth import LinkSigner, RequireCredentials
 from webui.connections import guard_connections
 from webui.limits import LimitBodySize, LimitSessions, LimitUIEventRate
 from webui.openai_api import openai_routes
@@ -186,9 +186,10 @@ def serve(blocks: gr.Blocks, engine: Engine, *, host: str, port: int, share: boo
     blocks.queue(max_size=queue_size, default_concurrency_limit=1, api_open=False)
     deliveries = Deliveries()
     local_url = loopback_url(host, port, tls=bool(ssl_certfile))
+    links = LinkSigner() if credentials else None  # image links that open without the credentials
     routes = [*health_routes(engine), metrics_route(metrics, engine, blocks), *closed_routes(),
               *openai_routes(engine.output_dir, local_url, public_url or local_url, started_at=time.time(),
-                             deliveries=deliveries)]
+                             deliveries=deliveries, links=links)]
     # Bound to loopback, only loopback names and --public-url's host are this server's (see webui.origin).
     own_hosts = (frozenset(filter(None, [urlsplit(public_url).hostname]))
                  if not share and is_loopback_name(host.lower()) else None)
@@ -197,7 +198,7 @@ def serve(blocks: gr.Blocks, engine: Engine, *, host: str, port: int, share: boo
                   Middleware(LimitSessions, streams=max(1, max_connections // 2)),
                   Middleware(CountQueueRefusals, metrics=metrics)]
     if credentials:
-        middleware.insert(1, Middleware(RequireCredentials, credentials=credentials))
+        middleware.insert(1, Middleware(RequireCredentials, credentials=credentials, links=links))
     # Routes passed to the FastAPI constructor come before Gradio's own, so nothing of Gradio's shadows them.
     # show_error: Gradio's own input errors ("didn't receive enough input values") reach the caller; the UI's
     # handler turns everything else into a message of its own, so no internal detail leaks through it.
