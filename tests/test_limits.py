@@ -8,6 +8,7 @@ import select
 import socket
 import threading
 import time
+import urllib.request
 from urllib.parse import urlsplit
 
 import psutil
@@ -15,7 +16,7 @@ import pytest
 from gradio_client import Client
 
 from pipeline.requests import MAX_PROMPT_CHARS
-from tests.helpers import http_status, start_demo_app, stop_app
+from tests.helpers import http_status, start_demo_app, stop_app, wait_until
 from webui.limits import MAX_BODY_BYTES
 
 CHUNK = 64 * 1024
@@ -230,8 +231,19 @@ def test_a_session_named_past_the_limit_is_refused_and_keeps_no_memory(app, path
     assert error["param"] == "session_hash" and str(MAX_SESSION_HASH_CHARS) in error["message"]
 
 
+def _events(app) -> list[dict]:
+    """The page's events as Gradio's config lists them; an event's index there is its fn_index."""
+    with urllib.request.urlopen(f"{app.url}/config", timeout=30) as response:
+        return json.loads(response.read())["dependencies"]
+
+
+def _fn_index(app, api_name: str) -> int:
+    return next(index for index, event in enumerate(_events(app)) if event["api_name"] == api_name)
+
+
 def test_a_session_named_as_gradio_client_names_one_is_served(app):
-    payload = json.dumps({"data": [], "fn_index": 0, "session_hash": "0f6c7a52-1b2d-4c4e-9a53-8d1f0e6b7c21"}).encode()
+    payload = json.dumps({"data": [], "fn_index": _fn_index(app, "generate"),
+                          "session_hash": "0f6c7a52-1b2d-4c4e-9a53-8d1f0e6b7c21"}).encode()
     with _connect(app) as sock:
         sock.sendall(_head("/gradio_api/queue/join", f"Content-Length: {len(payload)}") + payload)
         status, _, answer = _response(sock)
@@ -260,3 +272,27 @@ def test_a_body_framed_both_by_length_and_by_chunks_is_refused_and_the_connectio
             answer += chunk
     assert answer.startswith(b"HTTP/1.1 400") and b"Transfer-Encoding" in answer
     assert answer.count(b"HTTP/1.1 ") == 1  # the smuggled request was never answered
+
+
+def test_the_pages_small_events_come_only_through_the_route_that_counts_them(app):
+    """Gradio also takes a queue-less event through its queue's routes, where the rate limit would not see it."""
+    small = _fn_index(app, "status_line")
+    assert _events(app)[small]["queue"] is False
+    for path, body in (("/gradio_api/queue/join", {"data": [], "fn_index": small, "session_hash": "small"}),
+                       ("/gradio_api/call/status_line", {"data": []})):
+        payload = json.dumps(body).encode()
+        with _connect(app) as sock:
+            sock.sendall(_head(path, f"Content-Length: {len(payload)}") + payload)
+            status, _, answer = _response(sock)
+        assert status == 404 and b"small events" in answer, (path, answer[:200])
+    payload = json.dumps({"data": [], "fn_index": small, "session_hash": "small"}).encode()
+
+    def through_run() -> int:
+        with _connect(app) as sock:
+            sock.sendall(_head("/gradio_api/run/status_line", f"Content-Length: {len(payload)}") + payload)
+            return _response(sock)[0]
+
+    statuses = []
+    # As the page sends it: served, once the rate limit (which an earlier test may have used up) lets it through.
+    wait_until(lambda: statuses.append(through_run()) or statuses[-1] != 429, 10, "the rate limit passing it")
+    assert statuses[-1] == 200

@@ -1,5 +1,5 @@
-"""Bounds on what a caller can make the server do: the size of a request body, the rate of the UI's small events,
-the size of a session's name and the number of open heartbeat streams."""
+"""Bounds on what a caller can make the server do: the size of a request body, the rate of the UI's small events
+(and the route they take), the size of a session's name and the number of open heartbeat streams."""
 
 from __future__ import annotations
 
@@ -124,17 +124,25 @@ class LimitUIEventRate:
 MAX_SESSION_HASH_CHARS = 128
 GRADIO_API = "/gradio_api/"
 HEARTBEAT_PATH = "/gradio_api/heartbeat/"
+QUEUE_JOIN_PATH = "/gradio_api/queue/join"
+CALL_PATH = "/gradio_api/call/"
 
 
-class LimitSessions:
-    """ASGI middleware: a Gradio request that names a session (`session_hash` in its JSON body, its query string or
-    the heartbeat's path) names it in at most MAX_SESSION_HASH_CHARS characters, or gets 400; and at most `streams`
-    heartbeat streams are open at once, or the next gets 503. A page holds one heartbeat open for as long as it is
-    shown, to keep its session; with no cap, a client that opens them by the hundred would hold every connection
-    the server allows (--max-connections). Runs inside LimitBodySize, which bounds the body it reads."""
+class GuardGradioCalls:
+    """ASGI middleware over Gradio's API routes:
+    - a request that names a session (`session_hash` in its JSON body, its query string or the heartbeat's path)
+      names it in at most MAX_SESSION_HASH_CHARS characters, or gets 400;
+    - at most `streams` heartbeat streams are open at once, or the next gets 503. A page holds one open for as long
+      as it is shown, to keep its session; with no cap, a client opening them by the hundred would hold every
+      connection the server allows (--max-connections);
+    - the page's small events (`small_events`: fn_index → api name, the events that skip the queue) come only
+      through /gradio_api/run/, where LimitUIEventRate counts them; sent through the queue's routes instead, which
+      Gradio also takes, they would escape that limit, so they get 404 there.
+    Runs inside LimitBodySize, which bounds the body it reads."""
 
-    def __init__(self, app, streams: int):
+    def __init__(self, app, streams: int, small_events: dict[int, str]):
         self.app, self.streams, self.open_streams = app, streams, 0
+        self.small_indices, self.small_names = frozenset(small_events), frozenset(small_events.values())
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or not scope["path"].startswith(GRADIO_API):
@@ -143,12 +151,18 @@ class LimitSessions:
         named = parse_qs(scope.get("query_string", b"").decode("latin-1")).get("session_hash", [])
         if scope["path"].startswith(HEARTBEAT_PATH):
             named.append(scope["path"].removeprefix(HEARTBEAT_PATH))
+        fields = {}
         if scope["method"] == "POST":
             body, receive = await _read_whole(receive)
-            named.append(_body_session_hash(body))
+            fields = _json_fields(body)
+            named.append(fields.get("session_hash"))
         if not all(len(name) <= MAX_SESSION_HASH_CHARS for name in named if isinstance(name, str)):
             await send_json(send, 400, openai_error(f"session_hash must be at most {MAX_SESSION_HASH_CHARS} "
                                                     f"characters.", None, "session_hash"))
+            return
+        if self._small_event_through_the_queue(scope, fields):
+            await send_json(send, 404, openai_error("The page's small events are not served through the queue.",
+                                                    None, status=404))
             return
         if not scope["path"].startswith(HEARTBEAT_PATH):
             await self.app(scope, receive, send)
@@ -164,14 +178,22 @@ class LimitSessions:
         finally:
             self.open_streams -= 1
 
+    def _small_event_through_the_queue(self, scope, fields: dict) -> bool:
+        path, fn_index = scope["path"], fields.get("fn_index")
+        if scope["method"] != "POST":
+            return False
+        if path.startswith(CALL_PATH):
+            return path.rstrip("/").rpartition("/")[2] in self.small_names
+        return path == QUEUE_JOIN_PATH and isinstance(fn_index, int) and fn_index in self.small_indices
 
-def _body_session_hash(body: bytes) -> object:
-    """The session_hash a JSON body names, or None (no JSON object, or none named: Gradio answers those itself)."""
+
+def _json_fields(body: bytes) -> dict:
+    """The fields of a JSON object body; {} for anything else (Gradio answers that itself)."""
     try:
         parsed = json.loads(body)
     except (ValueError, RecursionError):
-        return None
-    return parsed.get("session_hash") if isinstance(parsed, dict) else None
+        return {}
+    return parsed if isinstance(parsed, dict) else {}
 
 
 async def _read_whole(receive):

@@ -23,7 +23,7 @@ from webui.arrival import StampArrival
 from webui.asgi_errors import AnswerUnhandledErrors
 from webui.auth import LinkSigner, RequireCredentials
 from webui.connections import guard_connections
-from webui.limits import LimitBodySize, LimitSessions, LimitUIEventRate
+from webui.limits import GuardGradioCalls, LimitBodySize, LimitUIEventRate
 from webui.openai_api import openai_routes
 from webui.origin import RefuseCrossSite, is_loopback_name
 from webui.resolutions import offered_sizes
@@ -195,7 +195,8 @@ def serve(blocks: gr.Blocks, engine: Engine, *, host: str, port: int, share: boo
                  if not share and is_loopback_name(host.lower()) else None)
     middleware = [Middleware(AnswerUnhandledErrors), Middleware(LimitUIEventRate), Middleware(StampArrival),
                   Middleware(RefuseCrossSite, own_hosts=own_hosts), Middleware(LimitBodySize),
-                  Middleware(LimitSessions, streams=max(1, max_connections // 2)),
+                  Middleware(GuardGradioCalls, streams=max(1, max_connections // 2),
+                             small_events={index: fn.api_name for index, fn in blocks.fns.items() if not fn.queue}),
                   Middleware(CountQueueRefusals, metrics=metrics)]
     if credentials:
         middleware.insert(1, Middleware(RequireCredentials, credentials=credentials, links=links))
