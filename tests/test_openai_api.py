@@ -274,6 +274,11 @@ def test_metrics_parse_and_move_with_requests(client, app):
     with pytest.raises(openai.BadRequestError):
         client.images.generate(prompt="a kettle", extra_body={"steps": 99})
     assert metric_samples(app)[rejected] == after.get(rejected, 0) + 1
+    # One this route refuses itself, before the queue, is counted and logged as the engine's own refusals are.
+    with pytest.raises(openai.BadRequestError):
+        client.images.generate(prompt="a kettle", extra_body={"colour": "red"})
+    assert metric_samples(app)[rejected] == after.get(rejected, 0) + 2
+    assert "images request refused status=400 param=colour reason=\"Unknown parameter: 'colour'.\"" in app.log()
 
 
 def test_without_credentials_everything_but_health_is_refused(app):

@@ -27,6 +27,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Match, Route
 
+from pipeline.metrics import ServiceMetrics
 from pipeline.requests import RequestError, checked_prompt, shown
 from webui import errors
 from webui.asgi_errors import openai_error
@@ -199,12 +200,13 @@ async def _through_the_queue(client: httpx.AsyncClient, inputs: list[object], au
 
 
 def openai_routes(engine_output_dir: Path, loopback_url: str, public_url: str, started_at: float,
-                  deliveries, links: LinkSigner | None = None) -> list[Route]:
+                  deliveries, metrics: ServiceMetrics, links: LinkSigner | None = None) -> list[Route]:
     """`loopback_url`: where this same server answers locally, for joining its queue. `public_url`: the base of the
     image URLs it returns (configured, never taken from the request's Host header, which any client can forge).
     `deliveries` counts each generation request from its arrival until its answer has been sent (Starlette runs a
-    response's background task after the last byte), so a shutdown can wait for it. `links`: with credentials on,
-    what signs image links so that they open without them."""
+    response's background task after the last byte), so a shutdown can wait for it. A request refused here, before
+    the queue, is counted in `metrics` and logged as the engine does its own refusals. `links`: with credentials
+    on, what signs image links so that they open without them."""
     # verify=False: this is the server's own loopback address, which its certificate (if TLS is on) does not name.
     client = httpx.AsyncClient(base_url=loopback_url, timeout=httpx.Timeout(30.0, read=None), verify=False)
 
@@ -222,11 +224,16 @@ def openai_routes(engine_output_dir: Path, loopback_url: str, public_url: str, s
         # Only JSON: a text/plain or form body is what a cross-site HTML form, or fetch without a preflight, can
         # send; refusing it before the body is read keeps such requests from ever reaching the queue.
         content_type = request.headers.get("content-type", "")
-        if not _is_json(content_type):
-            return _error_response(ApiError(415, f"Send the body as JSON, with Content-Type: application/json "
-                                                 f"(got {shown(content_type)})."))
         try:
+            if not _is_json(content_type):
+                raise ApiError(415, f"Send the body as JSON, with Content-Type: application/json "
+                                    f"(got {shown(content_type)}).")
             inputs, response_format = _read_body(await request.body())
+        except ApiError as error:
+            log.info("images request refused status=%d param=%s reason=%r", error.status, error.param, error.message)
+            metrics.request_finished("rejected")
+            return _error_response(error)
+        try:
             joined = time.perf_counter()
             images = await _through_the_queue(client, inputs, request.headers.get("authorization"))
         except ApiError as error:

@@ -189,7 +189,7 @@ def serve(blocks: gr.Blocks, engine: Engine, *, host: str, port: int, share: boo
     links = LinkSigner() if credentials else None  # image links that open without the credentials
     routes = [*health_routes(engine), metrics_route(metrics, engine, blocks), *closed_routes(),
               *openai_routes(engine.output_dir, local_url, public_url or local_url, started_at=time.time(),
-                             deliveries=deliveries, links=links)]
+                             deliveries=deliveries, metrics=metrics, links=links)]
     # Bound to loopback, only loopback names and --public-url's host are this server's (see webui.origin).
     own_hosts = (frozenset(filter(None, [urlsplit(public_url).hostname]))
                  if not share and is_loopback_name(host.lower()) else None)
