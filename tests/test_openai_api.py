@@ -230,6 +230,17 @@ def test_json_with_a_utf8_charset_is_accepted(app):
     assert status == 200 and len(answer["data"]) == 1
 
 
+def test_the_request_id_header_names_the_logs_request_lines(app):
+    request = urllib.request.Request(f"{app.url}/v1/images/generations", method="POST",
+                                     data=b'{"prompt": "a lantern", "size": "64x64", "steps": 1, "n": 2}',
+                                     headers={"Authorization": BASIC, "Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        ids = response.headers["x-request-id"].split(",")
+    assert len(ids) == 2
+    for request_id in ids:
+        assert f"request id={request_id} " in app.log()
+
+
 def test_a_byte_order_mark_before_the_json_is_dropped(app):
     status, answer = post_raw(app, b'\xef\xbb\xbf{"prompt": "x", "size": "64x64", "steps": 1, "n": 2.0}')
     assert status == 200 and len(answer["data"]) == 2

@@ -256,7 +256,9 @@ def openai_routes(engine_output_dir: Path, loopback_url: str, public_url: str, s
                 if links is not None:
                     item["url"] += "?" + links.query(f"{FILE_ROUTE}{path}")
             data.append(item)
-        response = FastJSONResponse({"created": int(time.time()), "data": data})
+        # The engine's id of each image, as the log's request lines name them: what a caller quotes to the operator.
+        response = FastJSONResponse({"created": int(time.time()), "data": data},
+                                    headers={"x-request-id": ",".join(image["id"] for image in images)})
         # The HTTP side of the request's time, beside the engine's own line: the queue (with the engine's run in it)
         # and building the answer (reading, encoding, serializing the images).
         log.info("images answered n=%d format=%s queue_ms=%.0f respond_ms=%.0f bytes=%d", len(data), response_format,
