@@ -24,7 +24,7 @@ from config import Settings, SettingsError, load_settings
 from config.log_lines import (LOG_DATE_FORMAT, LOG_FORMAT, LibraryWarningsOnce, LinesToLog, OneLinePerRecord,
                               seconds_since_process_start)
 from config.settings import PROJECT_DIR
-from webui.connections import OccasionalAcceptErrors, check_port_free, raise_fd_limit
+from webui.connections import OccasionalRepeats, check_port_free, raise_fd_limit
 
 log = logging.getLogger("zimage.app")
 
@@ -47,7 +47,9 @@ def configure_logging(level: str) -> None:
         library.disable_progress_bar()
     for noisy in ("httpx", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    logging.getLogger("asyncio").addFilter(OccasionalAcceptErrors())
+    repeats = OccasionalRepeats()
+    for flooded in ("asyncio", "uvicorn.error"):
+        logging.getLogger(flooded).addFilter(repeats)
 
 
 def log_banner(settings: Settings) -> None:

@@ -3,6 +3,7 @@ sockets: a JSON answer, and one log record each, not a bare 500 and a screenful 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import socket
@@ -77,7 +78,28 @@ def test_uvicorns_own_complaints_are_one_record_of_its_logger(app):
     assert status == 400
 
     def logged() -> bool:
-        return re.search(r"^\S+ WARNING uvicorn\.error Invalid HTTP request received\.$", app.log(), re.M) is not None
+        return re.search(r"^\S+ WARNING uvicorn\.error Invalid HTTP request received\. \(0 more", app.log(),
+                         re.M) is not None
 
     wait_until(logged, 10, "uvicorn's warning logged")
     assert "stderr" not in app.log()
+
+
+def test_a_client_gone_mid_request_is_no_error(caplog):
+    """Starlette raises ClientDisconnect where a client hung up (or was cut off for stalling) before its body was
+    whole: nobody is left to answer, and nothing went wrong."""
+    from starlette.requests import ClientDisconnect
+
+    from webui.asgi_errors import AnswerUnhandledErrors
+
+    async def app(_scope, _receive, _send):
+        raise ClientDisconnect()
+
+    sent = []
+
+    async def send(message):
+        sent.append(message)
+
+    with caplog.at_level("INFO", logger="zimage.webui"):
+        asyncio.run(AnswerUnhandledErrors(app)({"type": "http", "method": "POST", "path": "/v1/x"}, None, send))
+    assert sent == [] and caplog.records == []

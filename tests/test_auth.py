@@ -41,8 +41,8 @@ def test_an_address_guessing_passwords_is_stopped_and_logged(tmp_path, tiny_mode
         assert http_status(f"{app.url}/readyz") == 200
 
         def logged() -> bool:
-            return "wrong credentials refused user='alice' client=127.0.0.1 path='/v1/models'" in app.log() and \
-                "credentials from 127.0.0.1 not checked" in app.log()
+            return "wrong credentials refused user='alice' client=loopback path='/v1/models'" in app.log() and \
+                "credentials from loopback not checked" in app.log()
 
         wait_until(logged, 10, "the refusals logged")
         # One line an interval for a burst, with the count, not one per guess.
@@ -91,3 +91,20 @@ def test_a_signed_link_opens_its_path_until_it_expires(monkeypatch):
     assert not LinkSigner().opens(path, query)  # another start's key
     now[0] += LINK_LIFETIME_S + 1
     assert not links.opens(path, query)
+
+
+def test_every_loopback_address_is_one_address_to_the_count():
+    """A local user can send from any address of 127.0.0.0/8: that is no way around the count."""
+    guard = RequireCredentials(lambda *_: None, {USER: PASSWORD})
+    answers = []
+
+    async def send(message):
+        if message["type"] == "http.response.start":
+            answers.append(message["status"])
+
+    for number in range(FAILURES_ALLOWED + 1):
+        token = base64.b64encode(f"{USER}:guess".encode())
+        scope = {"type": "http", "path": "/v1/models", "client": (f"127.0.{number}.1", 5555),
+                 "headers": [(b"authorization", b"Basic " + token)]}
+        asyncio.run(guard(scope, None, send))
+    assert answers == [401] * FAILURES_ALLOWED + [429]

@@ -15,7 +15,7 @@ import pytest
 from config.settings import SettingsError
 from tests.helpers import http_status, start_demo_app, stop_app, wait_until
 from webui import connections
-from webui.connections import OccasionalAcceptErrors, check_port_free
+from webui.connections import OccasionalRepeats, check_port_free
 
 MAX_CONNECTIONS = 64
 HEADER_TIMEOUT_S = 3
@@ -130,7 +130,7 @@ def test_bodies_that_never_finish_are_closed_and_hold_no_slot_a_probe_needs(app)
     assert "closed the oldest still sending its request" in app.log()
 
 
-def test_heartbeat_streams_hold_at_most_half_the_connections(app):
+def test_event_streams_hold_at_most_half_the_connections(app):
     """A page keeps one heartbeat stream open while it is shown; a client opening them by the hundred must leave
     room for everything else."""
 
@@ -148,6 +148,10 @@ def test_heartbeat_streams_hold_at_most_half_the_connections(app):
         sock, first = heartbeat(MAX_CONNECTIONS)
         sock.close()
         assert first.startswith(b"HTTP/1.1 503") and b"retry-after: 5" in first.lower()
+        # A page's results stream is one of the same pool: Gradio holds it open for as long as its session lives.
+        with _connect(app) as sock:
+            sock.sendall(b"GET /gradio_api/queue/data?session_hash=page0 HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            assert sock.recv(4096).startswith(b"HTTP/1.1 503")
         assert http_status(f"{app.url}/readyz") == 200
         streams.pop().close()  # a page closed: its slot comes back once the server sees the stream end
 
@@ -162,6 +166,21 @@ def test_heartbeat_streams_hold_at_most_half_the_connections(app):
             sock.close()
 
 
+def test_a_pipelined_request_is_not_taken_for_one_still_sending_its_head(app):
+    """A request sent right behind another on the same connection has arrived whole: no deadline cuts it while it
+    is served, here a stream that stays open."""
+    sock = _connect(app)
+    try:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n"
+                     b"GET /gradio_api/heartbeat/pipelined HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        answers = b""
+        while answers.count(b"HTTP/1.1 200") < 2:
+            answers += sock.recv(4096)
+        assert _wait_until_closed([sock], HEADER_TIMEOUT_S + 2) == [sock]
+    finally:
+        sock.close()
+
+
 def test_a_kept_alive_connection_that_stalls_in_its_next_head_is_closed(app):
     sock = _connect(app)
     try:
@@ -173,19 +192,21 @@ def test_a_kept_alive_connection_that_stalls_in_its_next_head_is_closed(app):
         sock.close()
 
 
-def test_failed_accepts_are_logged_once_an_interval_with_a_count(caplog, monkeypatch):
+def test_flooded_lines_are_logged_once_an_interval_each_with_a_count(caplog, monkeypatch):
     now = [1000.0]  # the filter's clock, moved by hand: the thousand errors all fall inside one interval
     monkeypatch.setattr(connections, "time", SimpleNamespace(monotonic=lambda: now[0]))
     logger = logging.getLogger("asyncio.test-accept")
-    logger.addFilter(OccasionalAcceptErrors(interval_s=1.0))
-    caplog.set_level(logging.ERROR, logger="asyncio.test-accept")
+    logger.addFilter(OccasionalRepeats(interval_s=1.0))
+    caplog.set_level(logging.WARNING, logger="asyncio.test-accept")
     for _ in range(1000):
         logger.error("socket.accept() out of system resource", exc_info=OSError(24, "Too many open files"))
+        logger.warning("Exceeded concurrency limit.")
     now[0] += 1.0
     logger.error("socket.accept() out of system resource")
     logger.error("an unrelated error")
     lines = [record.getMessage() for record in caplog.records]
     assert lines == ["socket.accept() out of system resource (0 more since the last such line)",
+                     "Exceeded concurrency limit. (0 more since the last such line)",
                      "socket.accept() out of system resource (999 more since the last such line)",
                      "an unrelated error"]
     assert all(record.exc_info is None for record in caplog.records)

@@ -196,17 +196,18 @@ def test_uploads_are_refused_since_no_component_takes_a_file(app):
 def test_a_flood_of_the_pages_small_events_is_refused_past_the_rate_and_passes_again_after(app):
     from webui.limits import UI_EVENT_BURST
 
-    def ui_event() -> tuple[int, dict[str, str], bytes]:
+    def ui_event(route: str = "run") -> tuple[int, dict[str, str], bytes]:
         sock = _connect(app)
         with sock:
             body = b'{"data": [null], "fn_index": 0, "session_hash": "flood"}'
-            sock.sendall(_head("/gradio_api/run/predict", f"Content-Length: {len(body)}") + body)
+            sock.sendall(_head(f"/gradio_api/{route}/predict", f"Content-Length: {len(body)}") + body)
             return _response(sock)
 
     statuses = [ui_event()[0] for _ in range(UI_EVENT_BURST + 20)]
     assert 429 in statuses and statuses[0] != 429
     status, headers, body = next(answer for answer in (ui_event() for _ in range(5)) if answer[0] == 429)
     assert headers["retry-after"] == "1" and json.loads(body)["error"]["code"] == "rate_limited"
+    assert ui_event("api")[0] == 429  # run/'s alias spends the same budget
     assert http_status(f"{app.url}/readyz") == 200  # other routes are not limited
     deadline = time.monotonic() + 5
     while ui_event()[0] == 429:
@@ -251,7 +252,7 @@ def test_a_session_named_as_gradio_client_names_one_is_served(app):
 
 
 @pytest.mark.parametrize("path", ["/gradio_api/deep_link?session_hash=x", "/monitoring", "/monitoring/summary",
-                                  "/gradio_api/dev/reload"])
+                                  "/gradio_api/dev/reload", "/gradio_api/component_server"])
 def test_gradio_routes_the_service_has_no_use_for_are_not_found(app, path):
     with _connect(app) as sock:
         sock.sendall(f"GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n".encode())
@@ -296,3 +297,13 @@ def test_the_pages_small_events_come_only_through_the_route_that_counts_them(app
     # As the page sends it: served, once the rate limit (which an earlier test may have used up) lets it through.
     wait_until(lambda: statuses.append(through_run()) or statuses[-1] != 429, 10, "the rate limit passing it")
     assert statuses[-1] == 200
+
+
+@pytest.mark.parametrize("fn_index", ["7", 7.0, " 7", True])
+def test_an_fn_index_in_any_shape_but_a_whole_number_is_refused(app, fn_index):
+    """Gradio reads "4" or 4.0 as event 4: in those shapes an event the page sends elsewhere would get through."""
+    payload = json.dumps({"data": [], "fn_index": fn_index, "session_hash": "shapes"}).encode()
+    with _connect(app) as sock:
+        sock.sendall(_head("/gradio_api/queue/join", f"Content-Length: {len(payload)}") + payload)
+        status, _, answer = _response(sock)
+    assert status == 400 and json.loads(answer)["error"]["param"] == "fn_index"

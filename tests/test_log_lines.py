@@ -56,6 +56,10 @@ def test_a_traceback_keeps_its_lines_and_every_line_after_the_first_is_marked():
     assert "\x1b" not in text
 
 
+def test_bidi_marks_are_escaped_as_the_overrides_are():
+    assert formatted("prompt=%s", "a\u200eb\u200fc\u061cd").endswith(r"prompt=a\u200eb\u200fc\u061cd")
+
+
 def test_a_huge_message_is_cut_with_a_note_of_how_much():
     line = formatted("prompt=%s", "x" * (MAX_MESSAGE_CHARS + 5000))
     assert line.endswith(" [... 5007 more characters cut]")  # "prompt=" counts too

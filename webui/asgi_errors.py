@@ -9,6 +9,7 @@ import traceback
 import uuid
 
 from gradio.route_utils import FnIndexInferError
+from starlette.requests import ClientDisconnect
 
 from config.log_lines import TRACEBACK_INTERVAL_S, OncePerInterval
 from pipeline.requests import shown
@@ -54,6 +55,8 @@ class AnswerUnhandledErrors:
 
         try:
             await self.app(scope, receive, tracking_send)
+        except ClientDisconnect:
+            return  # the client went away mid-request (or was cut off for stalling): nobody to answer, nothing wrong
         except Exception as error:
             if isinstance(error, FnIndexInferError) and not started:
                 await send_json(send, 404, openai_error(f"{shown(scope['path'])} names no API endpoint of this "

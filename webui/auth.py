@@ -33,6 +33,7 @@ from urllib.parse import parse_qs
 from config.log_lines import Occasional
 from pipeline.requests import shown
 from webui.asgi_errors import openai_error, send_json
+from webui.origin import is_loopback_name
 
 log = logging.getLogger("zimage.auth")
 
@@ -40,7 +41,7 @@ USER_KEY = "user"  # request.state key: the user whose credentials the request c
 OPEN_PATHS = ("/healthz", "/readyz")  # local liveness checks (supervisor, load balancers) carry no credentials
 # Gradio's launch() calls this over loopback, without credentials, to start its queue; it takes no input.
 LOOPBACK_ONLY_OPEN_PATHS = ("/gradio_api/startup-events",)
-LOOPBACK_CLIENTS = ("127.0.0.1", "::1")
+LOOPBACK = "loopback"  # every loopback client's address, as one
 REALM = "Z-Image-Turbo"
 FAILURES_ALLOWED = 20  # wrong credentials from one address within the window; a person mistyping makes a few
 FAILURE_WINDOW_S = 60.0
@@ -102,7 +103,7 @@ class RequireCredentials:
         path = scope["path"]
         if path.startswith(FILE_ROUTE) and self.links is not None and scope.get("method") in ("GET", "HEAD"):
             return self.links.opens(path, scope.get("query_string", b""))
-        return path in OPEN_PATHS or (path in LOOPBACK_ONLY_OPEN_PATHS and _address(scope) in LOOPBACK_CLIENTS)
+        return path in OPEN_PATHS or (path in LOOPBACK_ONLY_OPEN_PATHS and _address(scope) == LOOPBACK)
 
     def _valid(self, scope, presented: tuple[str, str]) -> bool:
         """Whether the credentials are right; right ones put their user in request.state."""
@@ -121,11 +122,10 @@ class RequireCredentials:
 
     def _count_failure(self, address: str, now: float) -> None:
         if address not in self._failures and len(self._failures) >= MAX_ADDRESSES:
+            # Forget the addresses not locked out (so many addresses failing at once can free none that is).
             for known in list(self._failures):
-                if not self._recent_failures(known, now):
+                if len(self._recent_failures(known, now)) < FAILURES_ALLOWED:
                     del self._failures[known]
-            if len(self._failures) >= MAX_ADDRESSES:
-                self._failures.clear()
         self._failures.setdefault(address, deque()).append(now)
 
     async def __call__(self, scope, receive, send):
@@ -162,4 +162,6 @@ class RequireCredentials:
 
 
 def _address(scope) -> str:
-    return (scope.get("client") or ("",))[0]
+    """The client's address, with all of loopback as one: a local user can send from any of 127.0.0.0/8."""
+    address = (scope.get("client") or ("",))[0]
+    return LOOPBACK if is_loopback_name(address) else address

@@ -82,14 +82,16 @@ class GuardedH11Protocol(H11Protocol):
         super().connection_made(transport)
         self._waiting_since = time.monotonic()
         self._request_deadline = None
-        self._await_request()
+        self._await_request(after=self.cycle)
         if len(self.connections) > self.max_connections:
             self._evict_oldest_waiting()
 
-    def _await_request(self) -> None:
-        self._cycle_before_request = self.cycle
+    def _await_request(self, after) -> None:
+        """Time the request that follows the cycle `after`, unless it has already arrived (pipelined)."""
+        self._cycle_before_request = after
         self._waiting_since = time.monotonic()
-        self._request_deadline = self.loop.call_later(self.request_timeout_s, self._request_timed_out)
+        if not self._request_arrived():
+            self._request_deadline = self.loop.call_later(self.request_timeout_s, self._request_timed_out)
 
     def _head_arrived(self) -> bool:
         return self.cycle is not self._cycle_before_request
@@ -109,9 +111,10 @@ class GuardedH11Protocol(H11Protocol):
             self._stop_waiting()
 
     def on_response_complete(self) -> None:
-        super().on_response_complete()
+        finished = self.cycle
+        super().on_response_complete()  # starts the next request, if the client had already sent it (pipelining)
         if not self.transport.is_closing() and self._request_deadline is None:
-            self._await_request()
+            self._await_request(after=finished)
 
     def handle_websocket_upgrade(self, event) -> None:
         self._stop_waiting()  # the connection is the websocket protocol's from here
@@ -156,24 +159,29 @@ def guard_connections(server, *, max_connections: int, request_timeout_s: float)
     server.config.limit_concurrency = max_connections + 1
 
 
-class OccasionalAcceptErrors(logging.Filter):
-    """asyncio logs one error with a traceback for every failed accept(): thousands a second when the process is
-    out of file descriptors. Let one through per interval, with the count of the others."""
+class OccasionalRepeats(logging.Filter):
+    """Lines a flood repeats thousands of times a second: asyncio's error, with a traceback, for every failed
+    accept() once the process is out of file descriptors, and uvicorn's warning for every request it refuses past
+    the connection cap or cannot parse. Let one of each through per interval, with the count of the others."""
 
-    MARKER = "socket.accept() out of system resource"
+    MARKERS = ("socket.accept() out of system resource", "Exceeded concurrency limit.",
+               "Invalid HTTP request received.")
 
     def __init__(self, interval_s: float = REFUSAL_LOG_INTERVAL_S):
         super().__init__()
-        self.interval_s, self.last, self.dropped = interval_s, float("-inf"), 0
+        self.interval_s = interval_s
+        self.last = dict.fromkeys(self.MARKERS, float("-inf"))
+        self.dropped = dict.fromkeys(self.MARKERS, 0)
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if self.MARKER not in record.getMessage():
+        marker = next((marker for marker in self.MARKERS if marker in record.getMessage()), None)
+        if marker is None:
             return True
         now = time.monotonic()
-        if now - self.last < self.interval_s:
-            self.dropped += 1
+        if now - self.last[marker] < self.interval_s:
+            self.dropped[marker] += 1
             return False
-        record.msg, record.args = f"{self.MARKER} ({self.dropped} more since the last such line)", ()
+        record.msg, record.args = f"{marker} ({self.dropped[marker]} more since the last such line)", ()
         record.exc_info = record.exc_text = None
-        self.last, self.dropped = now, 0
+        self.last[marker], self.dropped[marker] = now, 0
         return True

@@ -7,6 +7,7 @@ import json
 import time
 from urllib.parse import parse_qs
 
+from pipeline.requests import shown
 from webui.asgi_errors import openai_error, send_json
 
 # The largest body the service means to take is a JSON request around one prompt of at most 20,000 characters
@@ -83,9 +84,9 @@ class LimitBodySize:
                                                 "request_too_large"), headers=((b"connection", b"close"),))
 
 
-# Gradio's route for events that skip the queue: here a page's load (its gallery's history) and the size
-# category's dropdown. A person makes a few a minute.
-UI_EVENT_PATH = "/gradio_api/run/"
+# Gradio's routes for events that skip the queue (api/ is run/'s alias): here a page's load (its gallery's history)
+# and the size category's dropdown. A person makes a few a minute.
+UI_EVENT_PATHS = ("/gradio_api/run/", "/gradio_api/api/")
 UI_EVENTS_PER_S = 20.0
 UI_EVENT_BURST = 60
 
@@ -111,7 +112,7 @@ class LimitUIEventRate:
         return True
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope["path"].startswith(UI_EVENT_PATH) and not self._take():
+        if scope["type"] == "http" and scope["path"].startswith(UI_EVENT_PATHS) and not self._take():
             await send_json(send, 429, openai_error("Too many requests for the page's events; try again in a "
                                                     "moment.", "rate_limited"),
                             headers=((b"retry-after", b"1"),))
@@ -125,6 +126,7 @@ MAX_SESSION_HASH_CHARS = 128
 GRADIO_API = "/gradio_api/"
 HEARTBEAT_PATH = "/gradio_api/heartbeat/"
 QUEUE_JOIN_PATH = "/gradio_api/queue/join"
+QUEUE_DATA_PATH = "/gradio_api/queue/data"
 CALL_PATH = "/gradio_api/call/"
 
 
@@ -132,9 +134,11 @@ class GuardGradioCalls:
     """ASGI middleware over Gradio's API routes:
     - a request that names a session (`session_hash` in its JSON body, its query string or the heartbeat's path)
       names it in at most MAX_SESSION_HASH_CHARS characters, or gets 400;
-    - at most `streams` heartbeat streams are open at once, or the next gets 503. A page holds one open for as long
-      as it is shown, to keep its session; with no cap, a client opening them by the hundred would hold every
-      connection the server allows (--max-connections);
+    - at most `streams` event streams are open at once, or the next gets 503: heartbeats (a page holds one for as
+      long as it is shown), queue/data (a page's results) and call/NAME/EVENT_ID (an API call's result, the OpenAI
+      route's too). Gradio keeps one open for as long as its session lives, even a session with nothing to send;
+      with no cap, a client opening them by the hundred would hold every connection the server allows
+      (--max-connections), and health checks would get 503;
     - the page's small events (`small_events`: fn_index → api name, the events that skip the queue) come only
       through /gradio_api/run/, where LimitUIEventRate counts them; sent through the queue's routes instead, which
       Gradio also takes, they would escape that limit, so they get 404 there.
@@ -160,16 +164,22 @@ class GuardGradioCalls:
             await send_json(send, 400, openai_error(f"session_hash must be at most {MAX_SESSION_HASH_CHARS} "
                                                     f"characters.", None, "session_hash"))
             return
+        fn_index = fields.get("fn_index")
+        if fn_index is not None and (isinstance(fn_index, bool) or not isinstance(fn_index, int)):
+            # Gradio would read "4" or 4.0 as 4: a number in any other shape would pass the check below.
+            await send_json(send, 400, openai_error(f"fn_index must be a whole number (got {shown(fn_index)}).",
+                                                    None, "fn_index"))
+            return
         if self._small_event_through_the_queue(scope, fields):
             await send_json(send, 404, openai_error("The page's small events are not served through the queue.",
                                                     None, status=404))
             return
-        if not scope["path"].startswith(HEARTBEAT_PATH):
+        if not _is_stream(scope):
             await self.app(scope, receive, send)
             return
         if self.open_streams >= self.streams:
-            await send_json(send, 503, openai_error(f"Too many open pages: {self.streams} heartbeat streams are "
-                                                    f"open; close one, or try again in a moment.", "busy"),
+            await send_json(send, 503, openai_error(f"Too many open event streams ({self.streams}); close a page, "
+                                                    f"or try again in a moment.", "busy"),
                             headers=((b"retry-after", b"5"),))
             return
         self.open_streams += 1
@@ -185,6 +195,15 @@ class GuardGradioCalls:
         if path.startswith(CALL_PATH):
             return path.rstrip("/").rpartition("/")[2] in self.small_names
         return path == QUEUE_JOIN_PATH and isinstance(fn_index, int) and fn_index in self.small_indices
+
+
+def _is_stream(scope) -> bool:
+    """An event stream Gradio holds open: a heartbeat, a page's queue/data, an API call's result."""
+    path = scope["path"]
+    if scope["method"] != "GET":
+        return False
+    return (path.startswith(HEARTBEAT_PATH) or path == QUEUE_DATA_PATH
+            or (path.startswith(CALL_PATH) and "/" in path.removeprefix(CALL_PATH).strip("/")))
 
 
 def _json_fields(body: bytes) -> dict:

@@ -23,6 +23,7 @@ import ipaddress
 import logging
 from urllib.parse import urlsplit
 
+from config.log_lines import Occasional
 from pipeline.requests import shown
 from webui.asgi_errors import openai_error, send_json
 
@@ -30,6 +31,7 @@ log = logging.getLogger("zimage.webui")
 
 STATE_CHANGING_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 LOOPBACK_NAMES = ("localhost", "localhost.")
+REFUSAL_LOG_INTERVAL_S = 10.0
 
 
 def _netloc(url: str) -> str:
@@ -84,6 +86,9 @@ class RefuseCrossSite:
     def __init__(self, app, own_hosts: frozenset[str] | None = None):
         self.app = app
         self.own_hosts = own_hosts
+        # A page the operator visits can send these by the thousand: a line an interval, with the count.
+        self._other_hosts = Occasional(log, REFUSAL_LOG_INTERVAL_S)
+        self._cross_site = Occasional(log, REFUSAL_LOG_INTERVAL_S)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -94,8 +99,8 @@ class RefuseCrossSite:
         # Any port: an SSH tunnel may map another. No Host at all: an HTTP/1.0 client, never a browser.
         if self.own_hosts is not None and host and not (is_loopback_name(host_name(host))
                                                         or host_name(host) in self.own_hosts):
-            log.warning("request for another host refused method=%s path=%s host=%s", scope["method"], scope["path"],
-                        shown(host))
+            self._other_hosts("request for another host refused method=%s path=%s host=%s", scope["method"],
+                              shown(scope["path"]), shown(host))
             await self._refuse(scope, send, f"Host {shown(host)} is not this server's name: it serves this machine's "
                                             "loopback address. Behind a reverse proxy, start it with --public-url set "
                                             "to the address clients use.", "forbidden_host")
@@ -104,8 +109,8 @@ class RefuseCrossSite:
         if origin is None or (scope["method"] not in STATE_CHANGING_METHODS and b"origin" not in headers):
             await self.app(scope, receive, send)
             return
-        log.warning("cross-site request refused method=%s path=%s origin=%s", scope["method"], scope["path"],
-                    shown(origin))
+        self._cross_site("cross-site request refused method=%s path=%s origin=%s", scope["method"],
+                         shown(scope["path"]), shown(origin))
         await self._refuse(scope, send, "Cross-site request refused: this server only answers its own pages, and "
                                         "clients that send no Origin or Referer header.", "forbidden_origin")
 

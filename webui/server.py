@@ -136,15 +136,17 @@ def metrics_route(metrics: ServiceMetrics, engine: Engine, blocks: gr.Blocks) ->
 def closed_routes() -> list[Route]:
     """Gradio routes this service has no use for, answered 404 before Gradio's own see them: a deep link writes the
     session's state to a new file in the temp dir on every call, the monitoring page prints its key to the log on
-    every call and its summary tells anyone the traffic, and dev/reload holds a stream open forever (it serves
-    Gradio's reload mode)."""
+    every call and its summary tells anyone the traffic, dev/reload holds a stream open forever (it serves Gradio's
+    reload mode), and component_server (custom components' server functions: none here) keeps a session under
+    whatever name a form body gives it."""
 
     async def closed(_request):
-        return JSONResponse({"error": "Not found: this service serves no deep links, monitoring or reload."},
-                            status_code=404)
+        return JSONResponse({"error": "Not found: this service serves no deep links, monitoring, reload or "
+                                      "component server."}, status_code=404)
 
     return [Route(path, closed, methods=["GET", "HEAD", "POST"])
-            for path in ("/gradio_api/deep_link", "/gradio_api/dev/reload", "/monitoring", "/monitoring/{rest:path}")]
+            for path in ("/gradio_api/deep_link", "/gradio_api/dev/reload", "/gradio_api/component_server",
+                         "/gradio_api/component_server/", "/monitoring", "/monitoring/{rest:path}")]
 
 
 def loopback_url(host: str, port: int, tls: bool = False) -> str:
@@ -193,8 +195,9 @@ def serve(blocks: gr.Blocks, engine: Engine, *, host: str, port: int, share: boo
     # Bound to loopback, only loopback names and --public-url's host are this server's (see webui.origin).
     own_hosts = (frozenset(filter(None, [urlsplit(public_url).hostname]))
                  if not share and is_loopback_name(host.lower()) else None)
-    middleware = [Middleware(AnswerUnhandledErrors), Middleware(LimitUIEventRate), Middleware(StampArrival),
-                  Middleware(RefuseCrossSite, own_hosts=own_hosts), Middleware(LimitBodySize),
+    # Another site's requests are refused before the page's event budget counts them: they cannot spend it.
+    middleware = [Middleware(AnswerUnhandledErrors), Middleware(RefuseCrossSite, own_hosts=own_hosts),
+                  Middleware(LimitUIEventRate), Middleware(StampArrival), Middleware(LimitBodySize),
                   Middleware(GuardGradioCalls, streams=max(1, max_connections // 2),
                              small_events={index: fn.api_name for index, fn in blocks.fns.items() if not fn.queue}),
                   Middleware(CountQueueRefusals, metrics=metrics)]
