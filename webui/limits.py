@@ -1,5 +1,5 @@
 """Bounds on what a caller can make the server do: the size of a request body, the rate of the UI's small events
-(and the route they take), the size of a session's name and the number of open heartbeat streams."""
+(and the route they take), the size of a session's name and the number of open event streams."""
 
 from __future__ import annotations
 
@@ -140,8 +140,9 @@ class GuardGradioCalls:
       with no cap, a client opening them by the hundred would hold every connection the server allows
       (--max-connections), and health checks would get 503;
     - the page's small events (`small_events`: fn_index → api name, the events that skip the queue) come only
-      through /gradio_api/run/, where LimitUIEventRate counts them; sent through the queue's routes instead, which
-      Gradio also takes, they would escape that limit, so they get 404 there.
+      through /gradio_api/run/ (or its alias api/), where LimitUIEventRate counts them; sent through the queue's
+      routes instead, which Gradio also takes, they would escape that limit, so they get 404 there; and an
+      fn_index must be a whole number (Gradio would read "4" or 4.0 as 4, past that check).
     Runs inside LimitBodySize, which bounds the body it reads."""
 
     def __init__(self, app, streams: int, small_events: dict[int, str]):
@@ -166,7 +167,6 @@ class GuardGradioCalls:
             return
         fn_index = fields.get("fn_index")
         if fn_index is not None and (isinstance(fn_index, bool) or not isinstance(fn_index, int)):
-            # Gradio would read "4" or 4.0 as 4: a number in any other shape would pass the check below.
             await send_json(send, 400, openai_error(f"fn_index must be a whole number (got {shown(fn_index)}).",
                                                     None, "fn_index"))
             return

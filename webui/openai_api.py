@@ -182,6 +182,9 @@ async def _through_the_queue(client: httpx.AsyncClient, inputs: list[object], au
     joined.raise_for_status()
     event_id = joined.json()["event_id"]
     async with client.stream("GET", f"{GRADIO_CALL}/{event_id}", headers=headers) as stream:
+        if stream.status_code == 503:  # every event stream the server allows is open (webui.limits)
+            raise ApiError(503, "The server is busy: too many open event streams. Try again in a moment.",
+                           code="busy")
         event = None
         async for line in stream.aiter_lines():
             if line.startswith("event: "):

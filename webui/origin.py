@@ -96,9 +96,9 @@ class RefuseCrossSite:
             return
         headers = dict(scope.get("headers", []))
         host = headers.get(b"host", b"").decode("latin-1")
+        name = host_name(host)
         # Any port: an SSH tunnel may map another. No Host at all: an HTTP/1.0 client, never a browser.
-        if self.own_hosts is not None and host and not (is_loopback_name(host_name(host))
-                                                        or host_name(host) in self.own_hosts):
+        if self.own_hosts is not None and host and not (is_loopback_name(name) or name in self.own_hosts):
             self._other_hosts("request for another host refused method=%s path=%s host=%s", scope["method"],
                               shown(scope["path"]), shown(host))
             await self._refuse(scope, send, f"Host {shown(host)} is not this server's name: it serves this machine's "
