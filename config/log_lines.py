@@ -19,9 +19,8 @@ TRACEBACK_MARK = "| "  # starts every line of a record after its first; see OneL
 def _control_escapes() -> dict[int, str]:
     """Characters that break a line, move the cursor or recolour a terminal (C0, DEL, C1, the Unicode line and
     paragraph separators) or reorder what a reader sees (bidi overrides and marks), each as the escape Python
-    would write.
-    The backslash itself stays as it is: a client who types a literal "\\n" still cannot begin a line, and paths
-    and regular expressions in messages stay readable."""
+    would write. The backslash itself stays as it is: a client who types a literal "\\n" still cannot begin a
+    line, and paths and regular expressions in messages stay readable."""
     escapes = {code: f"\\x{code:02x}" for code in (*range(0x20), *range(0x7f, 0xa0))}
     escapes.update({ord("\n"): "\\n", ord("\r"): "\\r", ord("\t"): "\\t"})
     separators_and_bidi = (0x2028, 0x2029, *range(0x202a, 0x202f), *range(0x2066, 0x206a), 0x200e, 0x200f, 0x061c)

@@ -45,7 +45,7 @@ LOOPBACK = "loopback"  # every loopback client's address, as one
 REALM = "Z-Image-Turbo"
 FAILURES_ALLOWED = 20  # wrong credentials from one address within the window; a person mistyping makes a few
 FAILURE_WINDOW_S = 60.0
-MAX_ADDRESSES = 10_000  # addresses with recent failures remembered; past it the stalest are forgotten
+MAX_ADDRESSES = 10_000  # addresses with recent failures remembered; past it those not locked out are forgotten
 LOG_INTERVAL_S = 10.0
 FILE_ROUTE = "/gradio_api/file="
 LINK_LIFETIME_S = 3600  # as OpenAI's image links
@@ -65,7 +65,7 @@ class LinkSigner:
     def opens(self, path: str, query_string: bytes) -> bool:
         query = parse_qs(query_string.decode("latin-1"))
         expires, signature = query.get("expires", [""])[0], query.get("signature", [""])[0]
-        if not expires.isdigit() or len(expires) > 12 or int(expires) < time.time():
+        if not (expires.isascii() and expires.isdigit()) or len(expires) > 12 or int(expires) < time.time():
             return False
         return hmac.compare_digest(self._signature(path, int(expires)), signature)
 
