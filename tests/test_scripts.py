@@ -180,7 +180,7 @@ def test_measure_service_times_a_user_from_start_to_kill_9_and_leaves_nothing_ru
     for start, image_s in ((figures["start"], first_image_s), (trial["start"], trial["first_image_s"])):
         assert 0 < start["imports_s"] and 0 < start["load_s"] and 0 < start["warm_up_s"]
         assert start["imports_s"] + start["load_s"] + start["warm_up_s"] < start["process_ready_s"] < image_s
-    assert "birth → ready" in result.stdout
+    assert "birth → ready" in result.stdout and "kill → new process born" in result.stdout
     assert kill["left_running"] == [] and kill["supervisor_pids"]
     assert not any(psutil.pid_exists(pid) for pid in kill["supervisor_pids"])
     assert not [process for process in psutil.process_iter(["cmdline"])
