@@ -299,9 +299,10 @@ def test_the_pages_small_events_come_only_through_the_route_that_counts_them(app
     assert statuses[-1] == 200
 
 
-@pytest.mark.parametrize("fn_index", ["7", 7.0, " 7", True])
-def test_an_fn_index_in_any_shape_but_a_whole_number_is_refused(app, fn_index):
-    """Gradio reads "4" or 4.0 as event 4: in those shapes an event the page sends elsewhere would get through."""
+@pytest.mark.parametrize("fn_index", ["7", 7.0, " 7", True, 999, -1, [7]])
+def test_an_fn_index_that_is_not_the_number_of_an_event_is_refused(app, fn_index):
+    """Gradio reads "4" or 4.0 as event 4 (in those shapes an event the page sends elsewhere would get through),
+    and fails with a 500 on a number no event has."""
     payload = json.dumps({"data": [], "fn_index": fn_index, "session_hash": "shapes"}).encode()
     with _connect(app) as sock:
         sock.sendall(_head("/gradio_api/queue/join", f"Content-Length: {len(payload)}") + payload)

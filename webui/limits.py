@@ -142,11 +142,12 @@ class GuardGradioCalls:
     - the page's small events (`small_events`: fn_index → api name, the events that skip the queue) come only
       through /gradio_api/run/ (or its alias api/), where LimitUIEventRate counts them; sent through the queue's
       routes instead, which Gradio also takes, they would escape that limit, so they get 404 there; and an
-      fn_index must be a whole number (Gradio would read "4" or 4.0 as 4, past that check).
+      fn_index must be a whole number (Gradio would read "4" or 4.0 as 4, past that check) naming one of the
+      page's `events` (Gradio fails with a 500 on any other).
     Runs inside LimitBodySize, which bounds the body it reads."""
 
-    def __init__(self, app, streams: int, small_events: dict[int, str]):
-        self.app, self.streams, self.open_streams = app, streams, 0
+    def __init__(self, app, streams: int, events: frozenset[int], small_events: dict[int, str]):
+        self.app, self.streams, self.open_streams, self.events = app, streams, 0, events
         self.small_indices, self.small_names = frozenset(small_events), frozenset(small_events.values())
 
     async def __call__(self, scope, receive, send):
@@ -166,9 +167,10 @@ class GuardGradioCalls:
                                                     f"characters.", None, "session_hash"))
             return
         fn_index = fields.get("fn_index")
-        if fn_index is not None and (isinstance(fn_index, bool) or not isinstance(fn_index, int)):
-            await send_json(send, 400, openai_error(f"fn_index must be a whole number (got {shown(fn_index)}).",
-                                                    None, "fn_index"))
+        if fn_index is not None and (isinstance(fn_index, bool) or not isinstance(fn_index, int)
+                                     or fn_index not in self.events):
+            await send_json(send, 400, openai_error(f"fn_index must be the number of one of the page's events "
+                                                    f"(got {shown(fn_index)}).", None, "fn_index"))
             return
         if self._small_event_through_the_queue(scope, fields):
             await send_json(send, 404, openai_error("The page's small events are not served through the queue.",

@@ -198,7 +198,7 @@ def serve(blocks: gr.Blocks, engine: Engine, *, host: str, port: int, share: boo
     # Another site's requests are refused before the page's event budget counts them: they cannot spend it.
     middleware = [Middleware(AnswerUnhandledErrors), Middleware(RefuseCrossSite, own_hosts=own_hosts),
                   Middleware(LimitUIEventRate), Middleware(StampArrival), Middleware(LimitBodySize),
-                  Middleware(GuardGradioCalls, streams=max(1, max_connections // 2),
+                  Middleware(GuardGradioCalls, streams=max(1, max_connections // 2), events=frozenset(blocks.fns),
                              small_events={index: fn.api_name for index, fn in blocks.fns.items() if not fn.queue}),
                   Middleware(CountQueueRefusals, metrics=metrics)]
     if credentials:
