@@ -80,6 +80,7 @@ class GuardedH11Protocol(H11Protocol):
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
+        self._task = None  # the app's task for this connection's current request
         self._waiting_since = time.monotonic()
         self._request_deadline = None
         self._await_request(after=self.cycle)
@@ -104,6 +105,12 @@ class GuardedH11Protocol(H11Protocol):
         if self._request_deadline is not None:
             self._request_deadline.cancel()
             self._request_deadline = None
+
+    def handle_events(self) -> None:
+        tasks_before = set(self.tasks) if self._request_deadline is not None else None
+        super().handle_events()
+        if tasks_before is not None and (started := self.tasks - tasks_before):
+            self._task = next(iter(started))
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
@@ -147,7 +154,10 @@ class GuardedH11Protocol(H11Protocol):
         oldest.transport.close()
         # Out of the count now, not at its connection_lost: on uvloop (installed with the scale extra) the new
         # connection's request is read first, and uvicorn would answer it 503 for a cap the eviction just freed.
+        # Its request's task (one still waiting for its body) likewise: uvicorn counts tasks too, and that one
+        # ends only a few turns of the loop later, when it sees the disconnect.
         self.connections.discard(oldest)
+        self.tasks.discard(oldest._task)
 
 
 def guard_connections(server, *, max_connections: int, request_timeout_s: float) -> None:
