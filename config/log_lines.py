@@ -84,14 +84,14 @@ class Occasional:
     how many happened since the last line."""
 
     def __init__(self, logger: logging.Logger, interval_s: float):
-        self.logger, self.interval_s, self.last, self.unlogged = logger, interval_s, float("-inf"), 0
+        self.logger, self.unlogged = logger, 0
+        self._due = OncePerInterval(interval_s)
 
     def __call__(self, message: str, *args) -> None:
         self.unlogged += 1
-        now = time.monotonic()
-        if now - self.last >= self.interval_s:
+        if self._due.due(message):
             self.logger.warning(message + " (%d time(s) since the last such line)", *args, self.unlogged)
-            self.last, self.unlogged = now, 0
+            self.unlogged = 0
 
 
 TRACEBACK_STARTS = ("Traceback (most recent call last):", "During handling of the above exception",

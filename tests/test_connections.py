@@ -13,9 +13,9 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from config import log_lines
 from config.settings import SettingsError
 from tests.helpers import http_status, start_demo_app, stop_app, wait_until
-from webui import connections
 from webui.connections import OccasionalRepeats, check_port_free
 
 MAX_CONNECTIONS = 64
@@ -210,7 +210,7 @@ def test_a_kept_alive_connection_that_stalls_in_its_next_head_is_closed(app):
 
 def test_flooded_lines_are_logged_once_an_interval_each_with_a_count(caplog, monkeypatch):
     now = [1000.0]  # the filter's clock, moved by hand: the thousand errors all fall inside one interval
-    monkeypatch.setattr(connections, "time", SimpleNamespace(monotonic=lambda: now[0]))
+    monkeypatch.setattr(log_lines, "time", SimpleNamespace(monotonic=lambda: now[0]))
     logger = logging.getLogger("asyncio.test-accept")
     logger.addFilter(OccasionalRepeats(interval_s=1.0))
     caplog.set_level(logging.WARNING, logger="asyncio.test-accept")

@@ -18,7 +18,7 @@ import time
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from config.log_lines import Occasional
+from config.log_lines import Occasional, OncePerInterval
 from config.settings import SettingsError
 
 log = logging.getLogger("zimage.connections")
@@ -179,19 +179,17 @@ class OccasionalRepeats(logging.Filter):
 
     def __init__(self, interval_s: float = REFUSAL_LOG_INTERVAL_S):
         super().__init__()
-        self.interval_s = interval_s
-        self.last = dict.fromkeys(self.MARKERS, float("-inf"))
+        self._due = OncePerInterval(interval_s)
         self.dropped = dict.fromkeys(self.MARKERS, 0)
 
     def filter(self, record: logging.LogRecord) -> bool:
         marker = next((marker for marker in self.MARKERS if marker in record.getMessage()), None)
         if marker is None:
             return True
-        now = time.monotonic()
-        if now - self.last[marker] < self.interval_s:
+        if not self._due.due(marker):
             self.dropped[marker] += 1
             return False
         record.msg, record.args = f"{marker} ({self.dropped[marker]} more since the last such line)", ()
         record.exc_info = record.exc_text = None
-        self.last[marker], self.dropped[marker] = now, 0
+        self.dropped[marker] = 0
         return True
