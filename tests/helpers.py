@@ -20,6 +20,7 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import torch
 from prometheus_client.parser import text_string_to_metric_families
@@ -84,6 +85,36 @@ def generate_over_http(url: str, prompt: str, size: str = "64x64", steps: int = 
                                      headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=120) as response:
         return json.loads(response.read())
+
+
+def connect(app: RunningApp, timeout: float = 30) -> socket.socket:
+    """A raw connection to the app: what these tests send (framing, headers a client library sets or refuses)
+    must reach the server byte for byte."""
+    address = urlsplit(app.url)
+    return socket.create_connection((address.hostname, address.port), timeout=timeout)
+
+
+def read_until_closed(sock: socket.socket) -> bytes:
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    return data
+
+
+def read_response(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
+    """Status, headers (names lower-cased) and body of the one response on a connection whose request said
+    Connection: close."""
+    head, _, body = read_until_closed(sock).partition(b"\r\n\r\n")
+    status_line, *header_lines = head.decode("latin-1").split("\r\n")
+    headers = {name.lower(): value for name, value in (line.split(": ", 1) for line in header_lines)}
+    return int(status_line.split()[1]), headers, body
+
+
+def raw_exchange(app: RunningApp, request: bytes, timeout: float = 30) -> tuple[int, dict[str, str], bytes]:
+    """Send `request` (which says Connection: close) on a new connection; the response, as read_response gives it."""
+    with connect(app, timeout) as sock:
+        sock.sendall(request)
+        return read_response(sock)
 
 
 def start_app(tmp_path: Path, *flags: str, env: dict[str, str] | None = None, open_files: int | None = None,

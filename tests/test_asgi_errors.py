@@ -6,13 +6,12 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import socket
 from urllib.parse import urlsplit
 
 import pytest
 
 from config.log_lines import TRACEBACK_MARK
-from tests.helpers import http_status, start_demo_app, stop_app, wait_until
+from tests.helpers import http_status, raw_exchange, start_demo_app, stop_app, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -24,21 +23,12 @@ def app(tmp_path_factory, tiny_models):
     stop_app(app)
 
 
-def _exchange(app, raw: bytes) -> tuple[int, bytes]:
-    address = urlsplit(app.url)
-    with socket.create_connection((address.hostname, address.port), timeout=30) as sock:
-        sock.sendall(raw)
-        answer = b""
-        while chunk := sock.recv(65536):
-            answer += chunk
-    head, _, body = answer.partition(b"\r\n\r\n")
-    return int(head.split()[1]), body
-
-
 def _post(app, path: str, body: dict) -> tuple[int, bytes]:
     payload = json.dumps(body).encode()
-    return _exchange(app, f"POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
-                          f"Connection: close\r\nContent-Length: {len(payload)}\r\n\r\n".encode() + payload)
+    status, _, answer = raw_exchange(app, f"POST {path} HTTP/1.1\r\nHost: localhost\r\n"
+                                          f"Content-Type: application/json\r\nConnection: close\r\n"
+                                          f"Content-Length: {len(payload)}\r\n\r\n".encode() + payload)
+    return status, answer
 
 
 def test_an_unknown_api_name_is_a_404_naming_it(app):
@@ -57,8 +47,8 @@ def test_a_failure_of_gradios_own_is_a_json_500_with_an_id_and_one_record(app):
     path = urlsplit(json.loads(body)["data"][0]["url"]).path
     ids = []
     for _ in range(3):
-        status, body = _exchange(app, f"GET {path} HTTP/1.1\r\nHost: localhost\r\nRange: bytes=0-1-2\r\n"
-                                      f"Connection: close\r\n\r\n".encode())
+        status, _, body = raw_exchange(app, f"GET {path} HTTP/1.1\r\nHost: localhost\r\nRange: bytes=0-1-2\r\n"
+                                           f"Connection: close\r\n\r\n".encode())
         assert status == 500
         error = json.loads(body)["error"]
         assert error["type"] == "server_error" and error["id"] in error["message"]
@@ -80,7 +70,7 @@ def test_a_failure_of_gradios_own_is_a_json_500_with_an_id_and_one_record(app):
 
 
 def test_uvicorns_own_complaints_are_one_record_of_its_logger(app):
-    status, _ = _exchange(app, b"GET /readyz HTTP/1.1\r\nHost: localhost\r\nno colon here\r\n\r\n")
+    status, _, _ = raw_exchange(app, b"GET /readyz HTTP/1.1\r\nHost: localhost\r\nno colon here\r\n\r\n")
     assert status == 400
 
     def logged() -> bool:

@@ -9,13 +9,12 @@ import select
 import socket
 import time
 from types import SimpleNamespace
-from urllib.parse import urlsplit
 
 import pytest
 
 from config import log_lines
 from config.settings import SettingsError
-from tests.helpers import http_status, start_demo_app, stop_app, wait_until
+from tests.helpers import connect, http_status, read_until_closed, start_demo_app, stop_app, wait_until
 from webui.connections import OccasionalRepeats, check_port_free
 
 MAX_CONNECTIONS = 64
@@ -31,11 +30,6 @@ def app(tmp_path_factory, tiny_models):
                          open_files=200)
     yield app
     stop_app(app)
-
-
-def _connect(app, timeout: float = 10) -> socket.socket:
-    address = urlsplit(app.url)
-    return socket.create_connection((address.hostname, address.port), timeout=timeout)
 
 
 def _closed_by_server(sock: socket.socket) -> bool:
@@ -67,7 +61,7 @@ def test_health_answers_while_hundreds_of_sockets_never_finish_their_heads(app):
     idle = []
     try:
         for _ in range(IDLE_SOCKETS):
-            sock = _connect(app)
+            sock = connect(app, timeout=10)
             sock.sendall(PARTIAL_HEAD)
             idle.append(sock)
         for _ in range(5):
@@ -90,20 +84,18 @@ def test_health_answers_while_hundreds_of_sockets_never_finish_their_heads(app):
 
 
 def test_a_request_whose_head_arrived_is_not_dropped_to_make_room(app):
-    busy = _connect(app, timeout=30)
+    busy = connect(app)
     body = b'{"prompt": "x", "size": "bad"}'
     busy.sendall(b"POST /v1/images/generations HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
                  b"Connection: close\r\nContent-Length: %d\r\n\r\n" % len(body))
     idle = []
     try:
         for _ in range(2 * MAX_CONNECTIONS):
-            sock = _connect(app)
+            sock = connect(app, timeout=10)
             sock.sendall(PARTIAL_HEAD)
             idle.append(sock)
         busy.sendall(body)
-        answer = b""
-        while chunk := busy.recv(4096):
-            answer += chunk
+        answer = read_until_closed(busy)
         assert answer.startswith(b"HTTP/1.1 400") and b'"param":"size"' in answer
     finally:
         busy.close()
@@ -119,7 +111,7 @@ def test_bodies_that_never_finish_are_closed_and_hold_no_slot_a_probe_needs(app)
     stalled = []
     try:
         for _ in range(MAX_CONNECTIONS + 16):
-            sock = _connect(app)
+            sock = connect(app, timeout=10)
             sock.sendall(body_head)
             stalled.append(sock)
         for _ in range(5):
@@ -136,7 +128,7 @@ def test_event_streams_hold_at_most_half_the_connections(app):
     room for everything else."""
 
     def heartbeat(number: int) -> tuple[socket.socket, bytes]:
-        sock = _connect(app)
+        sock = connect(app, timeout=10)
         sock.sendall(b"GET /gradio_api/heartbeat/page%d HTTP/1.1\r\nHost: localhost\r\n\r\n" % number)
         return sock, sock.recv(4096)
 
@@ -150,7 +142,7 @@ def test_event_streams_hold_at_most_half_the_connections(app):
         sock.close()
         assert first.startswith(b"HTTP/1.1 503") and b"retry-after: 5" in first.lower()
         # A page's results stream is one of the same pool: Gradio holds it open for as long as its session lives.
-        with _connect(app) as sock:
+        with connect(app, timeout=10) as sock:
             sock.sendall(b"GET /gradio_api/queue/data?session_hash=page0 HTTP/1.1\r\nHost: localhost\r\n\r\n")
             assert sock.recv(4096).startswith(b"HTTP/1.1 503")
         assert http_status(f"{app.url}/readyz") == 200
@@ -172,7 +164,7 @@ def test_a_pipelined_request_is_not_taken_for_one_still_sending_its_head(app):
     is served, here a stream that stays open."""
 
     def pipelined() -> tuple[socket.socket, list[bytes]]:
-        sock = _connect(app)
+        sock = connect(app, timeout=10)
         sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n"
                      b"GET /gradio_api/heartbeat/pipelined HTTP/1.1\r\nHost: localhost\r\n\r\n")
         answers = b""
@@ -198,7 +190,7 @@ def test_a_pipelined_request_is_not_taken_for_one_still_sending_its_head(app):
 
 
 def test_a_kept_alive_connection_that_stalls_in_its_next_head_is_closed(app):
-    sock = _connect(app)
+    sock = connect(app, timeout=10)
     try:
         sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
         assert sock.recv(4096).startswith(b"HTTP/1.1 200")

@@ -9,14 +9,21 @@ import socket
 import threading
 import time
 import urllib.request
-from urllib.parse import urlsplit
 
 import psutil
 import pytest
 from gradio_client import Client
 
 from pipeline.requests import MAX_PROMPT_CHARS
-from tests.helpers import http_status, start_demo_app, stop_app, wait_until
+from tests.helpers import (
+    connect,
+    http_status,
+    read_response,
+    read_until_closed,
+    start_demo_app,
+    stop_app,
+    wait_until,
+)
 from webui.limits import MAX_BODY_BYTES
 
 CHUNK = 64 * 1024
@@ -28,11 +35,6 @@ def app(tmp_path_factory, tiny_models):
     app = start_demo_app(tmp_path_factory.mktemp("limits-app"), tiny_models)
     yield app
     stop_app(app)
-
-
-def _connect(app) -> socket.socket:
-    address = urlsplit(app.url)
-    return socket.create_connection((address.hostname, address.port), timeout=30)
 
 
 def _head(path: str, *fields: str) -> bytes:
@@ -63,17 +65,6 @@ def _push(sock: socket.socket, pieces) -> int:
     return sent
 
 
-def _response(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
-    """Status, headers and body of the one response on this connection (every request here says Connection: close)."""
-    data = b""
-    while piece := sock.recv(CHUNK):
-        data += piece
-    head, _, body = data.partition(b"\r\n\r\n")
-    status_line, *header_lines = head.decode("latin-1").split("\r\n")
-    headers = dict(line.lower().split(": ", 1) for line in header_lines)
-    return int(status_line.split()[1]), headers, body
-
-
 def _assert_refused_as_too_large(status: int, headers: dict[str, str], body: bytes) -> None:
     assert status == 413
     assert headers["connection"] == "close"
@@ -84,9 +75,9 @@ def _assert_refused_as_too_large(status: int, headers: dict[str, str], body: byt
 @pytest.mark.e2e
 @pytest.mark.parametrize("path", ["/gradio_api/call/images", "/v1/images/generations"])
 def test_a_declared_oversized_body_is_refused_before_a_byte_of_it_is_sent(app, path):
-    with _connect(app) as sock:
+    with connect(app) as sock:
         sock.sendall(_head(path, f"Content-Length: {50 * 2**20}"))
-        _assert_refused_as_too_large(*_response(sock))
+        _assert_refused_as_too_large(*read_response(sock))
 
 
 @pytest.mark.e2e
@@ -94,20 +85,20 @@ def test_a_chunked_body_is_refused_the_moment_it_passes_the_limit(app):
     # One byte past the limit and no end of body: the answer comes while the body is still open. (Sending no more
     # than the server reads keeps the test deterministic: bytes left unread when it hangs up would make its kernel
     # answer with a reset, which may drop the 413 before the client reads it.)
-    with _connect(app) as sock:
+    with connect(app) as sock:
         sock.sendall(_head("/gradio_api/call/images", "Transfer-Encoding: chunked"))
         for piece in list(_chunked(b"x" * (MAX_BODY_BYTES + 1)))[:-1]:
             sock.sendall(piece)
-        _assert_refused_as_too_large(*_response(sock))
+        _assert_refused_as_too_large(*read_response(sock))
 
 
 @pytest.mark.e2e
 def test_a_chunked_body_under_the_limit_goes_through(app):
     request = json.dumps({"prompt": "a chunked lighthouse", "size": "64x64", "steps": 1}).encode()
-    with _connect(app) as sock:
+    with connect(app) as sock:
         sock.sendall(_head("/v1/images/generations", "Transfer-Encoding: chunked"))
         _push(sock, _chunked(request, chunk=7))
-        status, _, body = _response(sock)
+        status, _, body = read_response(sock)
     assert status == 200 and len(json.loads(body)["data"]) == 1
 
 
@@ -126,19 +117,19 @@ def test_many_large_bodies_at_once_leave_memory_flat_and_the_server_serving(app)
 
     def refused(sock: socket.socket) -> None:
         try:
-            _assert_refused_as_too_large(*_response(sock))
+            _assert_refused_as_too_large(*read_response(sock))
         except ConnectionResetError:
             pass  # the server hung up on bytes it will not read; its 413 may be lost to the reset, as with any server
 
     def declared(path: str) -> None:
         size = 50 * 2**20
-        with _connect(app) as sock:
+        with connect(app) as sock:
             sock.sendall(_head(path, f"Content-Length: {size}"))
             _push(sock, (b"x" * 2**20 for _ in range(size // 2**20)))
             refused(sock)
 
     def chunked(path: str) -> None:
-        with _connect(app) as sock:
+        with connect(app) as sock:
             sock.sendall(_head(path, "Transfer-Encoding: chunked"))
             _push(sock, _chunked(b"x" * 20 * 2**20))
             refused(sock)
@@ -181,14 +172,12 @@ def test_uploads_are_refused_since_no_component_takes_a_file(app):
     boundary = "zimage-test-boundary"
     body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"x.bin\"\r\n"
             f"Content-Type: application/octet-stream\r\n\r\n{'A' * 1000}\r\n--{boundary}--\r\n").encode()
-    sock = _connect(app)
+    sock = connect(app)
     with sock:
         sock.sendall(f"POST /gradio_api/upload HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n"
                      f"Content-Type: multipart/form-data; boundary={boundary}\r\n"
                      f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
-        answer = b""
-        while chunk := sock.recv(65536):
-            answer += chunk
+        answer = read_until_closed(sock)
     assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
     assert http_status(f"{app.url}/readyz") == 200
 
@@ -197,11 +186,11 @@ def test_a_flood_of_the_pages_small_events_is_refused_past_the_rate_and_passes_a
     from webui.limits import UI_EVENT_BURST
 
     def ui_event(route: str = "run") -> tuple[int, dict[str, str], bytes]:
-        sock = _connect(app)
+        sock = connect(app)
         with sock:
             body = b'{"data": [null], "fn_index": 0, "session_hash": "flood"}'
             sock.sendall(_head(f"/gradio_api/{route}/predict", f"Content-Length: {len(body)}") + body)
-            return _response(sock)
+            return read_response(sock)
 
     statuses = [ui_event()[0] for _ in range(UI_EVENT_BURST + 20)]
     assert 429 in statuses and statuses[0] != 429
@@ -224,9 +213,9 @@ def test_a_session_named_past_the_limit_is_refused_and_keeps_no_memory(app, path
     from webui.limits import MAX_SESSION_HASH_CHARS
 
     payload = json.dumps(body).encode()
-    with _connect(app) as sock:
+    with connect(app) as sock:
         sock.sendall(_head(path, f"Content-Length: {len(payload)}") + payload)
-        status, _, answer = _response(sock)
+        status, _, answer = read_response(sock)
     assert status == 400
     error = json.loads(answer)["error"]
     assert error["param"] == "session_hash" and str(MAX_SESSION_HASH_CHARS) in error["message"]
@@ -245,18 +234,18 @@ def _fn_index(app, api_name: str) -> int:
 def test_a_session_named_as_gradio_client_names_one_is_served(app):
     payload = json.dumps({"data": [], "fn_index": _fn_index(app, "generate"),
                           "session_hash": "0f6c7a52-1b2d-4c4e-9a53-8d1f0e6b7c21"}).encode()
-    with _connect(app) as sock:
+    with connect(app) as sock:
         sock.sendall(_head("/gradio_api/queue/join", f"Content-Length: {len(payload)}") + payload)
-        status, _, answer = _response(sock)
+        status, _, answer = read_response(sock)
     assert status == 200 and "event_id" in json.loads(answer)
 
 
 @pytest.mark.parametrize("path", ["/gradio_api/deep_link?session_hash=x", "/monitoring", "/monitoring/summary",
                                   "/gradio_api/dev/reload", "/gradio_api/component_server"])
 def test_gradio_routes_the_service_has_no_use_for_are_not_found(app, path):
-    with _connect(app) as sock:
+    with connect(app) as sock:
         sock.sendall(f"GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n".encode())
-        status, _, _ = _response(sock)
+        status, _, _ = read_response(sock)
     assert status == 404  # Gradio's own answer 200, and its deep link writes a file
 
 
@@ -265,12 +254,10 @@ def test_a_body_framed_both_by_length_and_by_chunks_is_refused_and_the_connectio
     that reads the chunks, while a proxy in front that read the length saw one."""
     smuggled = b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n"
     body = b"0\r\n\r\n" + smuggled
-    with _connect(app) as sock:
+    with connect(app) as sock:
         sock.sendall(f"POST /v1/models HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
                      f"Content-Length: {len(body)}\r\nTransfer-Encoding: chunked\r\n\r\n".encode() + body)
-        answer = b""
-        while chunk := sock.recv(65536):
-            answer += chunk
+        answer = read_until_closed(sock)
     assert answer.startswith(b"HTTP/1.1 400") and b"Transfer-Encoding" in answer
     assert answer.count(b"HTTP/1.1 ") == 1  # the smuggled request was never answered
 
@@ -282,16 +269,16 @@ def test_the_pages_small_events_come_only_through_the_route_that_counts_them(app
     for path, body in (("/gradio_api/queue/join", {"data": [], "fn_index": small, "session_hash": "small"}),
                        ("/gradio_api/call/status_line", {"data": []})):
         payload = json.dumps(body).encode()
-        with _connect(app) as sock:
+        with connect(app) as sock:
             sock.sendall(_head(path, f"Content-Length: {len(payload)}") + payload)
-            status, _, answer = _response(sock)
+            status, _, answer = read_response(sock)
         assert status == 404 and b"small events" in answer, (path, answer[:200])
     payload = json.dumps({"data": [], "fn_index": small, "session_hash": "small"}).encode()
 
     def through_run() -> int:
-        with _connect(app) as sock:
+        with connect(app) as sock:
             sock.sendall(_head("/gradio_api/run/status_line", f"Content-Length: {len(payload)}") + payload)
-            return _response(sock)[0]
+            return read_response(sock)[0]
 
     statuses = []
     # As the page sends it: served, once the rate limit (which an earlier test may have used up) lets it through.
@@ -304,7 +291,7 @@ def test_an_fn_index_that_is_not_the_number_of_an_event_is_refused(app, fn_index
     """Gradio reads "4" or 4.0 as event 4 (in those shapes an event the page sends elsewhere would get through),
     and fails with a 500 on a number no event has."""
     payload = json.dumps({"data": [], "fn_index": fn_index, "session_hash": "shapes"}).encode()
-    with _connect(app) as sock:
+    with connect(app) as sock:
         sock.sendall(_head("/gradio_api/queue/join", f"Content-Length: {len(payload)}") + payload)
-        status, _, answer = _response(sock)
+        status, _, answer = read_response(sock)
     assert status == 400 and json.loads(answer)["error"]["param"] == "fn_index"

@@ -6,13 +6,11 @@ from __future__ import annotations
 import base64
 import io
 import json
-import socket
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
-from urllib.parse import urlsplit
 
 import openai
 import pytest
@@ -24,6 +22,7 @@ from tests.helpers import (
     fill_the_queue,
     http_status,
     parse_samples,
+    raw_exchange,
     start_demo_app,
     stop_app,
 )
@@ -109,16 +108,10 @@ def test_the_configured_public_url_is_the_base_of_returned_urls(tmp_path, tiny_m
 def _raw_generation(app, *fields: str) -> tuple[int, dict]:
     """One url-format generation over a raw socket, with these header lines (a client library sets Host itself)."""
     body = json.dumps({"prompt": "a kite", "size": "128x128", "steps": 1, "response_format": "url"}).encode()
-    address = urlsplit(app.url)
     head = ["POST /v1/images/generations HTTP/1.1", "Content-Type: application/json", "Connection: close",
             f"Content-Length: {len(body)}", f"Authorization: Bearer {USER}:{PASSWORD}", *fields]
-    with socket.create_connection((address.hostname, address.port), timeout=60) as sock:
-        sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode() + body)
-        answer = b""
-        while chunk := sock.recv(65536):
-            answer += chunk
-    status_line, _, rest = answer.partition(b"\r\n")
-    return int(status_line.split()[1]), json.loads(rest.partition(b"\r\n\r\n")[2])
+    status, _, answer = raw_exchange(app, ("\r\n".join(head) + "\r\n\r\n").encode() + body, timeout=60)
+    return status, json.loads(answer)
 
 
 def test_models_lists_the_one_model_and_finds_it_by_id(client):
