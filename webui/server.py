@@ -137,16 +137,18 @@ def closed_routes() -> list[Route]:
     """Gradio routes this service has no use for, answered 404 before Gradio's own see them: a deep link writes the
     session's state to a new file in the temp dir on every call, the monitoring page prints its key to the log on
     every call and its summary tells anyone the traffic, dev/reload holds a stream open forever (it serves Gradio's
-    reload mode), and component_server (custom components' server functions: none here) keeps a session under
-    whatever name a form body gives it."""
+    reload mode), component_server (custom components' server functions: none here) keeps a session under
+    whatever name a form body gives it, and a file route given an http(s) URL fetches that URL from this server
+    and streams it back (any public address: an open proxy; this service's files are all its own)."""
 
     async def closed(_request):
-        return JSONResponse({"error": "Not found: this service serves no deep links, monitoring, reload or "
-                                      "component server."}, status_code=404)
+        return JSONResponse({"error": "Not found: this service serves no deep links, monitoring, reload, "
+                                      "component server or other sites' files."}, status_code=404)
 
     return [Route(path, closed, methods=["GET", "HEAD", "POST"])
             for path in ("/gradio_api/deep_link", "/gradio_api/dev/reload", "/gradio_api/component_server",
-                         "/gradio_api/component_server/", "/monitoring", "/monitoring/{rest:path}")]
+                         "/gradio_api/component_server/", "/monitoring", "/monitoring/{rest:path}",
+                         "/gradio_api/file=http://{rest:path}", "/gradio_api/file=https://{rest:path}")]
 
 
 def loopback_url(host: str, port: int, tls: bool = False) -> str:
