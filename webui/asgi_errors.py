@@ -33,7 +33,7 @@ async def send_json(send, status: int, payload: object, headers: tuple[tuple[byt
 
 class AnswerUnhandledErrors:
     """ASGI middleware: an exception that escapes the app (a Gradio route failing on input it did not expect: an
-    unknown API name, a malformed Range header) becomes a JSON 500 with an incident id, and one ERROR line naming
+    unknown API name, once a malformed Range header) becomes a JSON 500 with an incident id, and one ERROR line naming
     the method, the path and the id, with the traceback once a minute for each kind of failure. Without it, uvicorn
     answers a bare "Internal Server Error" and writes some 70 lines of traceback each time: a client repeating the
     request filled the 10 MB log in five seconds. An unknown API name is the caller's mistake: 404, no traceback."""

@@ -23,6 +23,7 @@ from webui.arrival import StampArrival
 from webui.asgi_errors import AnswerUnhandledErrors
 from webui.auth import LinkSigner, RequireCredentials
 from webui.connections import guard_connections
+from webui.file_ranges import RangesByStarlette
 from webui.limits import GuardGradioCalls, LimitBodySize, LimitUIEventRate
 from webui.openai_api import openai_routes
 from webui.origin import RefuseCrossSite, is_loopback_name
@@ -202,7 +203,7 @@ def serve(blocks: gr.Blocks, engine: Engine, *, host: str, port: int, share: boo
                   Middleware(LimitUIEventRate), Middleware(StampArrival), Middleware(LimitBodySize),
                   Middleware(GuardGradioCalls, streams=max(1, max_connections // 2), events=frozenset(blocks.fns),
                              small_events={index: fn.api_name for index, fn in blocks.fns.items() if not fn.queue}),
-                  Middleware(CountQueueRefusals, metrics=metrics)]
+                  Middleware(CountQueueRefusals, metrics=metrics), Middleware(RangesByStarlette)]
     if credentials:
         middleware.insert(1, Middleware(RequireCredentials, credentials=credentials, links=links))
     # Routes passed to the FastAPI constructor come before Gradio's own, so nothing of Gradio's shadows them.
