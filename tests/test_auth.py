@@ -85,7 +85,7 @@ def test_a_signed_link_opens_its_path_until_it_expires(monkeypatch):
     now = [1_800_000_000.0]
     monkeypatch.setattr(auth, "time", type("Clock", (), {"time": staticmethod(lambda: now[0])}))
     links = LinkSigner()
-    path = "/gradio_api/file=/srv/out 2#x/2026-12-04/a.png"
+    path = "/v1/images/files/2026-12-04/a b#x.png"
     query = links.query(path).encode()
     assert links.opens(path, query) and not links.opens(path + "x", query)
     assert not LinkSigner().opens(path, query)  # another start's key

@@ -11,6 +11,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from urllib.parse import quote, unquote, urlsplit
 
 import openai
 import pytest
@@ -76,7 +77,8 @@ def test_the_openai_client_gets_n_images_with_consecutive_seeds(client, app):
 def test_url_responses_open_their_one_png_without_credentials(client, app):
     (item,) = client.images.generate(prompt="a red bicycle", size="128x128", response_format="url",
                                      extra_body={"steps": 1}).data
-    assert item.url.startswith(app.url) and " " not in item.url and "#" not in item.url
+    assert item.url.startswith(f"{app.url}/v1/images/files/")
+    assert str(app.output_dir.resolve()) not in unquote(item.url)  # a link tells nobody where the files are kept
     # As a browser, or another service the link is handed to, fetches it: no credentials, the signature opens it.
     png = get(item.url, authorization=None)
     assert Image.open(io.BytesIO(png)).size == (128, 128)
@@ -90,10 +92,37 @@ def test_url_responses_open_their_one_png_without_credentials(client, app):
         assert refused.value.code == 401, forged
 
 
+def test_the_image_route_serves_saved_pngs_and_nothing_else(client, app):
+    (item,) = client.images.generate(prompt="a blue kite", size="128x128", response_format="url",
+                                     extra_body={"steps": 1}).data
+    name = unquote(urlsplit(item.url).path).removeprefix("/v1/images/files/")
+    saved = app.output_dir / name
+    status, headers, body = raw_exchange(app, _get_head(f"/v1/images/files/{name}", "Range: bytes=0-7"))
+    assert status == 206 and body == saved.read_bytes()[:8] and headers["content-type"] == "image/png"
+    outside = app.output_dir.parent / "outside.png"  # a PNG beside the output dir, one ".." away
+    outside.write_bytes(saved.read_bytes())
+    partial = saved.parent / ".partial-write.tmp"
+    partial.write_bytes(b"half an image")
+    hidden = saved.parent / "notes.txt"
+    hidden.write_text("not an image")
+    for path in (f"/v1/images/files/{quote(str(outside))}", f"/v1/images/files/{saved.parent.name}/../../outside.png",
+                 "/v1/images/files/%2e%2e/outside.png", f"/v1/images/files/{saved.parent.name}/{partial.name}",
+                 f"/v1/images/files/{saved.parent.name}/{hidden.name}", "/v1/images/files/"):
+        status, _, body = raw_exchange(app, _get_head(path))
+        assert status == 404, path
+        assert json.loads(body)["error"]["code"] == "image_not_found", path
+
+
+def _get_head(path: str, *fields: str) -> bytes:
+    """A GET with credentials, as written: a client library would resolve the dots itself."""
+    return ("\r\n".join([f"GET {path} HTTP/1.1", "Host: localhost", "Connection: close",
+                          f"Authorization: {BASIC}", *fields]) + "\r\n\r\n").encode()
+
+
 def test_a_forged_host_header_does_not_decide_the_returned_url(app):
     # A loopback name is this server's (an SSH tunnel may map another port), but it does not make the link.
     status, answer = _raw_generation(app, "Host: localhost:1")
-    assert status == 200 and answer["data"][0]["url"].startswith(f"{app.url}/gradio_api/file=")
+    assert status == 200 and answer["data"][0]["url"].startswith(f"{app.url}/v1/images/files/")
 
 
 def test_the_configured_public_url_is_the_base_of_returned_urls(tmp_path, tiny_models):
@@ -102,7 +131,7 @@ def test_the_configured_public_url_is_the_base_of_returned_urls(tmp_path, tiny_m
         status, answer = _raw_generation(public, "Host: localhost")
     finally:
         stop_app(public)
-    assert status == 200 and answer["data"][0]["url"].startswith("https://images.example.com/zimage/gradio_api/file=")
+    assert status == 200 and answer["data"][0]["url"].startswith("https://images.example.com/zimage/v1/images/files/")
 
 
 def _raw_generation(app, *fields: str) -> tuple[int, dict]:

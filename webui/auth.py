@@ -47,7 +47,7 @@ FAILURES_ALLOWED = 20  # wrong credentials from one address within the window; a
 FAILURE_WINDOW_S = 60.0
 MAX_ADDRESSES = 10_000  # addresses with recent failures remembered; past it those not locked out are forgotten
 LOG_INTERVAL_S = 10.0
-FILE_ROUTE = "/gradio_api/file="
+IMAGE_ROUTE = "/v1/images/files/"  # the OpenAI route's image links (webui/openai_api.py)
 LINK_LIFETIME_S = 3600  # as OpenAI's image links
 
 
@@ -101,7 +101,7 @@ class RequireCredentials:
 
     def _open(self, scope) -> bool:
         path = scope["path"]
-        if path.startswith(FILE_ROUTE) and self.links is not None and scope.get("method") in ("GET", "HEAD"):
+        if path.startswith(IMAGE_ROUTE) and self.links is not None and scope.get("method") in ("GET", "HEAD"):
             return self.links.opens(path, scope.get("query_string", b""))
         return path in OPEN_PATHS or (path in LOOPBACK_ONLY_OPEN_PATHS and _address(scope) == LOOPBACK)
 

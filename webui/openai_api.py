@@ -24,14 +24,14 @@ import httpx
 import orjson
 from starlette.background import BackgroundTask
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import FileResponse, JSONResponse
 from starlette.routing import Match, Route
 
 from pipeline.metrics import ServiceMetrics
 from pipeline.requests import RequestError, checked_prompt, shown
 from webui import errors
 from webui.asgi_errors import openai_error
-from webui.auth import FILE_ROUTE, LinkSigner
+from webui.auth import IMAGE_ROUTE, LinkSigner
 
 log = logging.getLogger("zimage.openai")
 
@@ -210,6 +210,7 @@ def openai_routes(engine_output_dir: Path, loopback_url: str, public_url: str, s
     response's background task after the last byte), so a shutdown can wait for it. A request refused here, before
     the queue, is counted in `metrics` and logged as the engine does its own refusals. `links`: with credentials
     on, what signs image links so that they open without them."""
+    output_root = engine_output_dir.resolve()
     # verify=False: this is the server's own loopback address, which its certificate (if TLS is on) does not name.
     client = httpx.AsyncClient(base_url=loopback_url, timeout=httpx.Timeout(30.0, read=None), verify=False)
 
@@ -248,16 +249,18 @@ def openai_routes(engine_output_dir: Path, loopback_url: str, public_url: str, s
         data = []
         for image in images:
             path = Path(image["file"])
-            if not path.resolve().is_relative_to(engine_output_dir.resolve()):
+            if not path.resolve().is_relative_to(output_root):
                 return _error_response(ApiError(500, "An image was saved outside the output folder."))
             item = {"revised_prompt": None, "seed": image["seed"]}
             if response_format == "b64_json":
                 item["b64_json"] = base64.b64encode(path.read_bytes()).decode()
             else:
-                # Percent-encoded: an output dir may hold a space or a '#', which a client would cut the link at.
-                item["url"] = f"{public_url.rstrip('/')}{FILE_ROUTE}{quote(str(path))}"
+                # Relative to the output dir, so a link tells nobody where the server keeps its files; percent-
+                # encoded, since a name may hold a space or a '#', which a client would cut the link at.
+                name = path.resolve().relative_to(output_root).as_posix()
+                item["url"] = f"{public_url.rstrip('/')}{IMAGE_ROUTE}{quote(name)}"
                 if links is not None:
-                    item["url"] += "?" + links.query(f"{FILE_ROUTE}{path}")
+                    item["url"] += "?" + links.query(f"{IMAGE_ROUTE}{name}")
             data.append(item)
         # The engine's id of each image, as the log's request lines name them: what a caller quotes to the operator.
         response = FastJSONResponse({"created": int(time.time()), "data": data},
@@ -280,8 +283,19 @@ def openai_routes(engine_output_dir: Path, loopback_url: str, public_url: str, s
         return _error_response(ApiError(404, f"The model {shown(request.path_params['model'])} does not exist; "
                                              f"this service serves {MODEL_ID!r}.", "model", "model_not_found"))
 
+    async def image_file(request: Request):
+        """A saved image, by its path under the output dir (what the links of url-format answers name); Starlette's
+        FileResponse serves ranges of it too. Nothing but a PNG the engine saved there: no other file, no partial
+        write (those end in .tmp), no path out of the dir."""
+        path = output_root / request.path_params["name"]
+        if path.suffix != ".png" or not path.resolve().is_relative_to(output_root) or not path.is_file():
+            return _error_response(ApiError(404, f"No image {shown(request.path_params['name'])} is saved here.",
+                                            code="image_not_found"))
+        return FileResponse(path, media_type="image/png")
+
     routes = [Route("/v1/images/generations", generations, methods=["POST"]), Route("/v1/models", models),
-              Route("/v1/models/{model}", model)]
+              Route("/v1/models/{model}", model),
+              Route(IMAGE_ROUTE + "{name:path}", image_file, methods=["GET", "HEAD"])]
 
     async def unmatched(request: Request):
         """Any other method or path under /v1/: the 405 or 404 an OpenAI client can read, not Starlette's text."""
