@@ -37,6 +37,18 @@ def test_an_unknown_api_name_is_a_404_naming_it(app):
     assert "unhandled error" not in app.log()
 
 
+def test_an_authorization_header_of_any_bytes_is_no_error_without_auth(app):
+    """Without --auth the route sends no credentials on into the queue, so bytes outside ASCII (which its HTTP
+    client refuses to send) are no failure."""
+    payload = json.dumps({"prompt": "a kite", "size": "64x64", "steps": 1}).encode()
+    status, _, answer = raw_exchange(app, b"POST /v1/images/generations HTTP/1.1\r\nHost: localhost\r\n"
+                                          b"Authorization: Bearer caf\xe9\r\nContent-Type: application/json\r\n"
+                                          b"Connection: close\r\nContent-Length: %d\r\n\r\n" % len(payload)
+                                          + payload)
+    assert status == 200, answer
+    assert "unhandled error" not in app.log()
+
+
 def test_an_exception_escaping_the_app_is_a_json_500_with_an_id_and_one_record(caplog):
     """Any failure of a route the service does not own (Gradio's, on input it did not expect), here raised by an
     app of the test's own: with the real service's Gradio no input is known to fail any more."""

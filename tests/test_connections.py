@@ -3,6 +3,7 @@ its headers, which is exactly what these clients do not do."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import select
@@ -14,8 +15,16 @@ import pytest
 
 from config import log_lines
 from config.settings import SettingsError
-from tests.helpers import connect, http_status, read_until_closed, start_demo_app, stop_app, wait_until
-from webui.connections import OccasionalRepeats, check_port_free
+from tests.helpers import (
+    connect,
+    http_status,
+    raw_exchange,
+    read_until_closed,
+    start_demo_app,
+    stop_app,
+    wait_until,
+)
+from webui.connections import MAX_BODY_PIECES, OccasionalRepeats, check_port_free
 
 MAX_CONNECTIONS = 64
 HEADER_TIMEOUT_S = 3
@@ -198,6 +207,44 @@ def test_a_kept_alive_connection_that_stalls_in_its_next_head_is_closed(app):
         assert _wait_until_closed([sock], HEADER_TIMEOUT_S + 3) == []
     finally:
         sock.close()
+
+
+def test_a_chunked_body_cut_into_too_many_pieces_is_cut_off(app):
+    """Each piece costs the event loop a parse in Python: a body of a byte a piece is refused by its count, long
+    before its size would be."""
+    pieces = b"1\r\n \r\n" * (MAX_BODY_PIECES + 1000) + b"0\r\n\r\n"
+    sock = connect(app, timeout=10)
+    try:
+        sock.sendall(b"POST /v1/images/generations HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                     b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n")
+        with contextlib.suppress(OSError):  # the server may close while the pieces are still going out
+            sock.sendall(pieces)
+        try:
+            answer = read_until_closed(sock)
+        except ConnectionResetError:
+            answer = b""
+    finally:
+        sock.close()
+    assert answer == b""  # closed, not answered: before, the whole body was read and answered 400
+    wait_until(lambda: f"came in more than {MAX_BODY_PIECES} pieces" in app.log(), 10, "the cut logged")
+    # The same body in pieces of a few KiB is read whole (and refused only as a request without a prompt).
+    body = b" " * (MAX_BODY_PIECES + 1000)
+    chunked = b"".join(b"%x\r\n%s\r\n" % (len(body[at:at + 4096]), body[at:at + 4096])
+                       for at in range(0, len(body), 4096)) + b"0\r\n\r\n"
+    status, _, _ = raw_exchange(app, b"POST /v1/images/generations HTTP/1.1\r\nHost: localhost\r\n"
+                                     b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n"
+                                     b"Connection: close\r\n\r\n" + chunked)
+    assert status == 400
+    assert http_status(f"{app.url}/healthz") == 200
+
+
+def test_upgrade_requests_uvicorn_cannot_serve_are_logged_once_an_interval(app):
+    for _ in range(5):
+        status, _, _ = raw_exchange(app, b"GET /v1/models HTTP/1.1\r\nHost: localhost\r\nUpgrade: h2c\r\n"
+                                         b"Connection: Upgrade, close\r\n\r\n")
+        assert status < 500
+    wait_until(lambda: "Unsupported upgrade request. (0 more" in app.log(), 10, "the first one logged")
+    assert app.log().count("Unsupported upgrade request.") == 1
 
 
 def test_flooded_lines_are_logged_once_an_interval_each_with_a_count(caplog, monkeypatch):

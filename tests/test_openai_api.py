@@ -107,10 +107,27 @@ def test_the_image_route_serves_saved_pngs_and_nothing_else(client, app):
     hidden.write_text("not an image")
     for path in (f"/v1/images/files/{quote(str(outside))}", f"/v1/images/files/{saved.parent.name}/../../outside.png",
                  "/v1/images/files/%2e%2e/outside.png", f"/v1/images/files/{saved.parent.name}/{partial.name}",
-                 f"/v1/images/files/{saved.parent.name}/{hidden.name}", "/v1/images/files/"):
+                 f"/v1/images/files/{saved.parent.name}/{hidden.name}", "/v1/images/files/",
+                 f"/v1/images/files/{quote(str(saved))}",  # the file itself, by its absolute path: where it is kept
+                 "/v1/images/files/a%00.png", f"/v1/images/files/{'a' * 300}.png",
+                 f"/v1/images/files/{'a/' * 3000}x.png"):
         status, _, body = raw_exchange(app, _get_head(path))
         assert status == 404, path
         assert json.loads(body)["error"]["code"] == "image_not_found", path
+
+
+def test_a_request_with_two_authorization_headers_is_refused_and_counts_against_nobody(app):
+    """The credential check and the route's own call into the queue would each read another one of them: refused,
+    as a mistake, not counted as wrong credentials (20 of those lock every loopback client out)."""
+    body = json.dumps({"prompt": "a kite", "size": "64x64", "steps": 1}).encode()
+    for _ in range(25):
+        status, _, answer = raw_exchange(app, "\r\n".join([
+            "POST /v1/images/generations HTTP/1.1", "Host: localhost", "Content-Type: application/json",
+            "Connection: close", f"Content-Length: {len(body)}", "Authorization: Bearer x:y",
+            f"Authorization: {BASIC}", "", ""]).encode() + body)
+        assert status == 400 and "one Authorization header" in json.loads(answer)["error"]["message"]
+    assert get(f"{app.url}/v1/models")  # the right credentials still work: no lockout
+    assert "wrong credentials refused user='x'" not in app.log()
 
 
 def _get_head(path: str, *fields: str) -> bytes:

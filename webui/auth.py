@@ -132,7 +132,12 @@ class RequireCredentials:
         if scope["type"] not in ("http", "websocket") or self._open(scope):
             await self.app(scope, receive, send)
             return
-        presented = _presented(scope.get("headers", []))
+        headers = scope.get("headers", [])
+        if sum(name == b"authorization" for name, _ in headers) > 1:
+            # Which one counts would differ between this check (the last) and code reading the first: refuse both.
+            await self._refuse(scope, send, 400, "Send one Authorization header, not several.", "invalid_request")
+            return
+        presented = _presented(headers)
         address, now = _address(scope), time.monotonic()
         failures = self._recent_failures(address, now) if presented is not None else deque()
         if len(failures) >= FAILURES_ALLOWED:
@@ -154,11 +159,11 @@ class RequireCredentials:
                            (b"www-authenticate", f'Basic realm="{REALM}"'.encode()))
 
     @staticmethod
-    async def _refuse(scope, send, status: int, message: str, code: str, header: tuple[bytes, bytes]) -> None:
+    async def _refuse(scope, send, status: int, message: str, code: str, *headers: tuple[bytes, bytes]) -> None:
         if scope["type"] == "websocket":
             await send({"type": "websocket.close", "code": 1008})
             return
-        await send_json(send, status, openai_error(message, code), headers=(header,))
+        await send_json(send, status, openai_error(message, code), headers=headers)
 
 
 def _address(scope) -> str:

@@ -31,7 +31,7 @@ from pipeline.metrics import ServiceMetrics
 from pipeline.requests import RequestError, checked_prompt, shown
 from webui import errors
 from webui.asgi_errors import openai_error
-from webui.auth import IMAGE_ROUTE, LinkSigner
+from webui.auth import IMAGE_ROUTE, USER_KEY, LinkSigner
 
 log = logging.getLogger("zimage.openai")
 
@@ -175,7 +175,8 @@ def _read_body(raw: bytes) -> tuple[list[object], str]:
 
 async def _through_the_queue(client: httpx.AsyncClient, inputs: list[object], authorization: str | None):
     """Join Gradio's queue and wait for the result: the list of saved images, or ApiError."""
-    headers = {"authorization": authorization} if authorization else {}
+    # latin-1: the bytes the client sent (Starlette decoded them so), whatever they are.
+    headers = {"authorization": authorization.encode("latin-1")} if authorization else {}
     joined = await client.post(GRADIO_CALL, json={"data": inputs}, headers=headers)
     if joined.status_code == 503:
         raise ApiError(503, "The server is busy: the queue is full. Try again in a moment.", code="busy")
@@ -239,7 +240,10 @@ def openai_routes(engine_output_dir: Path, loopback_url: str, public_url: str, s
             return _error_response(error)
         try:
             joined = time.perf_counter()
-            images = await _through_the_queue(client, inputs, request.headers.get("authorization"))
+            # The queue's routes need the credentials this request was let in with; without --auth, none is sent
+            # (a client's header, whatever bytes it holds, is no business of the call).
+            authorization = request.headers.get("authorization") if getattr(request.state, USER_KEY, None) else None
+            images = await _through_the_queue(client, inputs, authorization)
         except ApiError as error:
             busy = error.code == "busy"
             return _error_response(error, headers={"retry-after": str(BUSY_RETRY_AFTER_S)} if busy else None)
@@ -287,10 +291,16 @@ def openai_routes(engine_output_dir: Path, loopback_url: str, public_url: str, s
         """A saved image, by its path under the output dir (what the links of url-format answers name); Starlette's
         FileResponse serves ranges of it too. Nothing but a PNG the engine saved there: no other file, no partial
         write (those end in .tmp), no path out of the dir."""
-        path = output_root / request.path_params["name"]
-        if path.suffix != ".png" or not path.resolve().is_relative_to(output_root) or not path.is_file():
-            return _error_response(ApiError(404, f"No image {shown(request.path_params['name'])} is saved here.",
-                                            code="image_not_found"))
+        name = request.path_params["name"]
+        path = output_root / name
+        try:
+            # An absolute name would replace the output dir in the join: a client could confirm where it is.
+            saved = (not name.startswith("/") and path.suffix == ".png" and path.resolve().is_relative_to(output_root)
+                     and path.is_file())
+        except (ValueError, OSError):  # a NUL byte, a name too long for the file system: no such image either
+            saved = False
+        if not saved:
+            return _error_response(ApiError(404, f"No image {shown(name)} is saved here.", code="image_not_found"))
         return FileResponse(path, media_type="image/png")
 
     routes = [Route("/v1/images/generations", generations, methods=["POST"]), Route("/v1/models", models),
