@@ -213,6 +213,7 @@ def test_a_batch_is_checked_whole_before_its_first_image(app):
 
 @pytest.mark.parametrize("body, param", [
     (b'{"prompt": "x", "seed": NaN}', "seed"),
+    (b'{"prompt": NaN}', "prompt"),
     (b'{"prompt": "x", "steps": Infinity}', "steps"),
     (b'{"prompt": "x", "shift": -Infinity}', "shift"),
     (b'{"prompt": "x", "steps": 1e999}', "steps"),  # past a float's range: Python reads it as inf
@@ -233,6 +234,7 @@ def test_hostile_json_is_a_short_400_naming_the_field(app, body, param):
     # Whatever was sent, what comes back (and what the log holds) echoes a few dozen characters of it at most.
     assert len(json.dumps(answer)) < 400
     assert "A" * 100 not in app.log() and "k" * 100 not in app.log()
+    assert "_NotANumber" not in answer["error"]["message"]  # the parser's own stand-in is no word for a client
 
 
 def test_openai_codes_name_an_unknown_and_a_missing_parameter(app):

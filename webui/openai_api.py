@@ -150,6 +150,7 @@ def _read_body(raw: bytes) -> tuple[list[object], str]:
     body = _parse(raw)
     if body.get("prompt") is None:
         raise ApiError(400, "Missing required parameter: 'prompt'.", "prompt", "missing_required_parameter")
+    _field(body, "prompt", lambda value: isinstance(value, str), "text")
     try:
         # Checked here as the engine checks it, before the queue: a prompt of a megabyte goes no further, and the
         # stripped prompt is what joins the queue.
