@@ -18,6 +18,7 @@ from pipeline.requests import MAX_PROMPT_CHARS
 from tests.helpers import (
     connect,
     http_status,
+    raw_exchange,
     read_response,
     read_until_closed,
     start_demo_app,
@@ -168,17 +169,16 @@ def test_the_longest_prompt_the_ui_can_send_is_far_under_the_limit(app):
     assert seed_used == 3
 
 
-def test_uploads_are_refused_since_no_component_takes_a_file(app):
+@pytest.mark.parametrize("content", ["A" * 1000, ""])
+def test_uploads_are_refused_since_no_component_takes_a_file(app, content):
+    # Gradio's own route refused the first (413, the size limit) but stored the second, an empty file
     boundary = "zimage-test-boundary"
-    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"x.bin\"\r\n"
-            f"Content-Type: application/octet-stream\r\n\r\n{'A' * 1000}\r\n--{boundary}--\r\n").encode()
-    sock = connect(app)
-    with sock:
-        sock.sendall(f"POST /gradio_api/upload HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n"
-                     f"Content-Type: multipart/form-data; boundary={boundary}\r\n"
-                     f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
-        answer = read_until_closed(sock)
-    assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"x.html\"\r\n"
+            f"Content-Type: application/octet-stream\r\n\r\n{content}\r\n--{boundary}--\r\n").encode()
+    status, _, answer = raw_exchange(app, f"POST /gradio_api/upload HTTP/1.1\r\nHost: localhost\r\n"
+                                          f"Connection: close\r\nContent-Type: multipart/form-data; boundary={boundary}"
+                                          f"\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+    assert status == 404, answer[:200]
     assert http_status(f"{app.url}/readyz") == 200
 
 
@@ -242,14 +242,17 @@ def test_a_session_named_as_gradio_client_names_one_is_served(app):
 
 @pytest.mark.parametrize("path", ["/gradio_api/deep_link?session_hash=x", "/monitoring", "/monitoring/summary",
                                   "/gradio_api/dev/reload", "/gradio_api/component_server",
-                                  "/gradio_api/file=https://pypi.org/simple/", "/gradio_api/file=http%3A//pypi.org/"])
+                                  "/gradio_api/file=https://pypi.org/simple/", "/gradio_api/file=http%3A//pypi.org/",
+                                  "/gradio_api/upload_progress?upload_id=x", "/gradio_api/cancel",
+                                  "/gradio_api/custom_component/x/client/js/index.js"])
 def test_gradio_routes_the_service_has_no_use_for_are_not_found(app, path):
     with connect(app) as sock:
         sock.sendall(f"GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n".encode())
-        status, _, _ = read_response(sock)
-    # Gradio's own answer 200, its deep link writes a file, and its file route fetches a URL it is given from any
-    # public address (here, with no route out, its check of the address answers 403 instead)
-    assert status == 404
+        status, _, body = read_response(sock)
+    # Gradio's own answer 200 (upload_progress a 404 of its own, after keeping the id; cancel 422 to a GET), its deep
+    # link writes a file, and its file route fetches a URL it is given from any public address (here, with no route
+    # out, its check of the address answers 403 instead)
+    assert status == 404 and b"this service serves no" in body
 
 
 def test_a_body_framed_both_by_length_and_by_chunks_is_refused_and_the_connection_closed(app):

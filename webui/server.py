@@ -135,21 +135,29 @@ def metrics_route(metrics: ServiceMetrics, engine: Engine, blocks: gr.Blocks) ->
 
 
 def closed_routes() -> list[Route]:
-    """Gradio routes this service has no use for, answered 404 before Gradio's own see them: a deep link writes the
-    session's state to a new file in the temp dir on every call, the monitoring page prints its key to the log on
-    every call and its summary tells anyone the traffic, dev/reload holds a stream open forever (it serves Gradio's
-    reload mode), component_server (custom components' server functions: none here) keeps a session under
-    whatever name a form body gives it, and a file route given an http(s) URL fetches that URL from this server
-    and streams it back (any public address: an open proxy; this service's files are all its own)."""
+    """Gradio routes this service has no use for, answered 404 before Gradio's own see them:
+    - a deep link writes the session's state to a new file in the temp dir on every call;
+    - the monitoring page prints its key to the log on every call, and its summary tells anyone the traffic;
+    - dev/reload holds a stream open forever (it serves Gradio's reload mode);
+    - component_server (custom components' server functions: none here) keeps a session under whatever name a form
+      body gives it, and custom_component prints the id in its path, kilobytes a request, to the log;
+    - a file route given an http(s) URL fetches that URL from this server and streams it back (any public address:
+      an open proxy; this service's files are all its own);
+    - upload stores a part with a file name and no bytes (no part of the UI takes a file), and upload_progress keeps
+      every upload id it is asked about, in memory, for good, and holds each such request open for seconds;
+    - cancel ends a started event in Gradio's queue while the engine goes on with its job, so a client cancelling
+      its own requests as they start gets past --queue-size (45 such piled 74 s of work before the next request)."""
 
     async def closed(_request):
-        return JSONResponse({"error": "Not found: this service serves no deep links, monitoring, reload, "
-                                      "component server or other sites' files."}, status_code=404)
+        return JSONResponse({"error": "Not found: this service serves no deep links, monitoring, reload, custom "
+                                      "components, uploads, cancelling or other sites' files."}, status_code=404)
 
     return [Route(path, closed, methods=["GET", "HEAD", "POST"])
             for path in ("/gradio_api/deep_link", "/gradio_api/dev/reload", "/gradio_api/component_server",
-                         "/gradio_api/component_server/", "/monitoring", "/monitoring/{rest:path}",
-                         "/gradio_api/file=http://{rest:path}", "/gradio_api/file=https://{rest:path}")]
+                         "/gradio_api/component_server/", "/gradio_api/custom_component/{rest:path}",
+                         "/monitoring", "/monitoring/{rest:path}",
+                         "/gradio_api/file=http://{rest:path}", "/gradio_api/file=https://{rest:path}",
+                         "/gradio_api/upload", "/gradio_api/upload_progress", "/gradio_api/cancel")]
 
 
 def loopback_url(host: str, port: int, tls: bool = False) -> str:
@@ -212,8 +220,8 @@ def serve(blocks: gr.Blocks, engine: Engine, *, host: str, port: int, share: boo
     blocks.launch(
         server_name=host, server_port=port, share=share, prevent_thread_lock=True, quiet=True, ssr_mode=False,
         show_error=True, app_kwargs={"routes": routes, "middleware": middleware},
-        # No component takes a file, so Gradio's upload route has nothing to receive: a limit of 0 bytes makes it
-        # refuse every upload (413) instead of storing what anyone sends, uncollected, in its temp dir.
+        # No component takes a file: past the closed upload route (closed_routes), a limit of 0 bytes makes any
+        # other way Gradio takes a file refuse it instead of storing what anyone sends in its temp dir.
         max_file_size=0,
         # ssl_verify=False: Gradio checks its own URL once at launch, and a certificate names the public host, not
         # the loopback address it checks.
