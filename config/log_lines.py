@@ -87,10 +87,11 @@ class Occasional:
         self.logger, self.unlogged = logger, 0
         self._due = OncePerInterval(interval_s)
 
-    def __call__(self, message: str, *args) -> None:
+    def __call__(self, message: str, *args, exc_info: BaseException | None = None) -> None:
         self.unlogged += 1
         if self._due.due(message):
-            self.logger.warning(message + " (%d time(s) since the last such line)", *args, self.unlogged)
+            self.logger.warning(message + " (%d time(s) since the last such line)", *args, self.unlogged,
+                                exc_info=exc_info)
             self.unlogged = 0
 
 

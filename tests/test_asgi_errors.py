@@ -30,11 +30,23 @@ def _post(app, path: str, body: dict) -> tuple[int, bytes]:
 
 
 def test_an_unknown_api_name_is_a_404_naming_it(app):
-    for route in ("call", "run", "api"):
+    for route in ("call", "call/v2", "run", "api"):
         status, body = _post(app, f"/gradio_api/{route}/no_such_endpoint", {"data": []})
         assert status == 404, body
         assert "names no API endpoint" in json.loads(body)["error"]["message"]
     assert "unhandled error" not in app.log()
+
+
+def test_answers_broken_off_are_one_line_an_interval(app):
+    """Gradio's result stream starts its answer, then fails, for a session it does not know: any client can ask
+    for one in a loop. The client has no incident id to quote, so each one is no ERROR line of its own."""
+    for number in range(5):
+        raw_exchange(app, f"GET /gradio_api/queue/data?session_hash=gone-{number} HTTP/1.1\r\nHost: localhost\r\n"
+                          f"Connection: close\r\n\r\n".encode())
+    wait_until(lambda: "answer broken off method=GET path='/gradio_api/queue/data'" in app.log(), 10, "logged")
+    log = app.log()
+    assert log.count("answer broken off") == 1 and log.count("ASGI callable returned without completing") == 1
+    assert "unhandled error" not in log
 
 
 def test_an_authorization_header_of_any_bytes_is_no_error_without_auth(app):

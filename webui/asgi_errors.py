@@ -11,10 +11,12 @@ import uuid
 from gradio.route_utils import FnIndexInferError
 from starlette.requests import ClientDisconnect
 
-from config.log_lines import TRACEBACK_INTERVAL_S, OncePerInterval
+from config.log_lines import TRACEBACK_INTERVAL_S, Occasional, OncePerInterval
 from pipeline.requests import shown
 
 log = logging.getLogger("zimage.webui")
+
+BROKEN_OFF_LOG_INTERVAL_S = 10.0  # answers broken off mid-way: one line an interval, with the count
 
 
 def openai_error(message: str, code: str | None, param: str | None = None, status: int = 400) -> dict[str, object]:
@@ -36,11 +38,13 @@ class AnswerUnhandledErrors:
     unknown API name, once a malformed Range header) becomes a JSON 500 with an incident id, and one ERROR line naming
     the method, the path and the id, with the traceback once a minute for each kind of failure. Without it, uvicorn
     answers a bare "Internal Server Error" and writes some 70 lines of traceback each time: a client repeating the
-    request filled the 10 MB log in five seconds. An unknown API name is the caller's mistake: 404, no traceback."""
+    request filled the 10 MB log in five seconds. An unknown API name is the caller's mistake: 404, no traceback.
+    A failure after the answer has started can only break it off: a WARNING line an interval, with the count."""
 
     def __init__(self, app):
         self.app = app
         self._tracebacks_due = OncePerInterval(TRACEBACK_INTERVAL_S)
+        self._broken_off = Occasional(log, BROKEN_OFF_LOG_INTERVAL_S)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -62,15 +66,21 @@ class AnswerUnhandledErrors:
                 await send_json(send, 404, openai_error(f"{shown(scope['path'])} names no API endpoint of this "
                                                         f"service.", None, status=404))
                 return
+            if started:
+                # The answer was under way, so the client got no incident id to quote. Gradio's result streams break
+                # off so for a session or an event they no longer know, which any client can ask for in a loop.
+                self._broken_off("answer broken off method=%s path=%s error=%s: %s", scope["method"],
+                                 shown(scope["path"]), type(error).__name__, shown(str(error)),
+                                 exc_info=self._traceback_due(error))
+                return
             incident = uuid.uuid4().hex[:8]
             log.error("unhandled error id=%s method=%s path=%s error=%s: %s", incident, scope["method"],
                       shown(scope["path"]), type(error).__name__, shown(str(error)),
                       exc_info=self._traceback_due(error))
-            if not started:
-                payload = openai_error(f"The server hit an internal error (incident {incident}); the operator's log "
-                                       f"has the details.", None, status=500)
-                payload["error"]["id"] = incident
-                await send_json(send, 500, payload)
+            payload = openai_error(f"The server hit an internal error (incident {incident}); the operator's log has "
+                                   f"the details.", None, status=500)
+            payload["error"]["id"] = incident
+            await send_json(send, 500, payload)
 
     def _traceback_due(self, error: Exception) -> Exception | None:
         """`error` if its kind (its type and the line that raised it: a bounded set, whatever clients send) has not

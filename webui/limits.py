@@ -128,6 +128,7 @@ HEARTBEAT_PATH = "/gradio_api/heartbeat/"
 QUEUE_JOIN_PATH = "/gradio_api/queue/join"
 QUEUE_DATA_PATH = "/gradio_api/queue/data"
 CALL_PATH = "/gradio_api/call/"
+CALL_BY_KEYWORD_PATH = "/gradio_api/call/v2/"  # call/ with the inputs by name: the page's "Use via API" shows it
 
 
 class GuardGradioCalls:
@@ -143,12 +144,16 @@ class GuardGradioCalls:
       through /gradio_api/run/ (or its alias api/), where LimitUIEventRate counts them; sent through the queue's
       routes instead, which Gradio also takes, they would escape that limit, so they get 404 there; and an
       fn_index must be a whole number (Gradio would read "4" or 4.0 as 4, past that check) naming one of the
-      page's `events` (Gradio fails with a 500 on any other).
+      page's `events` (Gradio fails with a 500 on any other);
+    - call/v2/NAME names one of the page's `api_names` (Gradio fails with a 500 on any other, where call/NAME
+      answers 404 through webui.asgi_errors).
     Runs inside LimitBodySize, which bounds the body it reads."""
 
-    def __init__(self, app, streams: int, events: frozenset[int], small_events: dict[int, str]):
+    def __init__(self, app, streams: int, events: frozenset[int], small_events: dict[int, str],
+                 api_names: frozenset[str]):
         self.app, self.streams, self.open_streams, self.events = app, streams, 0, events
         self.small_indices, self.small_names = frozenset(small_events), frozenset(small_events.values())
+        self.api_names = api_names
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or not scope["path"].startswith(GRADIO_API):
@@ -172,6 +177,12 @@ class GuardGradioCalls:
             await send_json(send, 400, openai_error(f"fn_index must be the number of one of the page's events "
                                                     f"(got {shown(fn_index)}).", None, "fn_index"))
             return
+        if scope["method"] == "POST" and scope["path"].startswith(CALL_BY_KEYWORD_PATH):
+            name = scope["path"].removeprefix(CALL_BY_KEYWORD_PATH).strip("/")
+            if name not in self.api_names:
+                await send_json(send, 404, openai_error(f"{shown(scope['path'])} names no API endpoint of this "
+                                                        f"service.", None, status=404))
+                return
         if self._small_event_through_the_queue(scope, fields):
             await send_json(send, 404, openai_error("The page's small events are not served through the queue.",
                                                     None, status=404))

@@ -210,7 +210,8 @@ def serve(blocks: gr.Blocks, engine: Engine, *, host: str, port: int, share: boo
     middleware = [Middleware(AnswerUnhandledErrors), Middleware(RefuseCrossSite, own_hosts=own_hosts),
                   Middleware(LimitUIEventRate), Middleware(StampArrival), Middleware(LimitBodySize),
                   Middleware(GuardGradioCalls, streams=max(1, max_connections // 2), events=frozenset(blocks.fns),
-                             small_events={index: fn.api_name for index, fn in blocks.fns.items() if not fn.queue}),
+                             small_events={index: fn.api_name for index, fn in blocks.fns.items() if not fn.queue},
+                             api_names=frozenset(fn.api_name for fn in blocks.fns.values() if fn.api_name)),
                   Middleware(CountQueueRefusals, metrics=metrics), Middleware(RangesByStarlette)]
     if credentials:
         middleware.insert(1, Middleware(RequireCredentials, credentials=credentials, links=links))
