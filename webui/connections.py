@@ -199,12 +199,14 @@ class OccasionalRepeats(logging.Filter):
     """Lines a flood repeats thousands of times a second: asyncio's error, with a traceback, for every failed
     accept() once the process is out of file descriptors, and uvicorn's warning for every request it refuses past
     the connection cap, cannot parse, or cannot upgrade (any Upgrade header but websocket's), and for every answer
-    a route broke off (Gradio's result streams do, for a session or event they no longer know). Let one of each
-    through per interval, with the count of the others."""
+    a route broke off (Gradio's result streams do, for a session or event they no longer know) or never began
+    (Gradio's CORS middleware fails on an Origin without a Host, which HTTP/1.0 allows). Let one of each through
+    per interval, with the count of the others."""
 
     MARKERS = ("socket.accept() out of system resource", "Exceeded concurrency limit.",
                "Invalid HTTP request received.", "Unsupported upgrade request.",
-               "ASGI callable returned without completing response.")
+               "ASGI callable returned without completing response.",
+               "ASGI callable returned without starting response.")
 
     def __init__(self, interval_s: float = REFUSAL_LOG_INTERVAL_S):
         super().__init__()
