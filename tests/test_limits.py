@@ -25,7 +25,7 @@ from tests.helpers import (
     stop_app,
     wait_until,
 )
-from webui.limits import MAX_BODY_BYTES
+from webui.limits import MAX_BODY_BYTES, NEW_SESSION_BURST
 
 CHUNK = 64 * 1024
 RSS_GROWTH_LIMIT = 100 * 2**20  # before the limit, 8 bodies of 50 MB at once took the process from ~1 GB to 3.1 GB
@@ -238,6 +238,24 @@ def test_a_session_named_as_gradio_client_names_one_is_served(app):
         sock.sendall(_head("/gradio_api/queue/join", f"Content-Length: {len(payload)}") + payload)
         status, _, answer = read_response(sock)
     assert status == 200 and "event_id" in json.loads(answer)
+
+
+def test_new_sessions_past_the_rate_are_refused_and_a_known_one_still_joins(app):
+    """Gradio's cache of sessions drops the oldest once full, even one still waiting for its job: new names come
+    at a bounded rate. Each join here names a new session; the events themselves fail (no data), as Gradio's own
+    answer shows later, on a stream nobody reads."""
+    fn_index = _fn_index(app, "generate")
+
+    def join(name: str) -> int:
+        payload = json.dumps({"data": [], "fn_index": fn_index, "session_hash": name}).encode()
+        with connect(app) as sock:
+            sock.sendall(_head("/gradio_api/queue/join", f"Content-Length: {len(payload)}") + payload)
+            return read_response(sock)[0]
+
+    statuses = [join(f"flood-{number}") for number in range(NEW_SESSION_BURST + 50)]
+    assert 429 not in statuses[:NEW_SESSION_BURST // 2] and 429 in statuses[NEW_SESSION_BURST:]
+    assert join("flood-0") != 429  # a page's, or a client's, next request under its own name
+    wait_until(lambda: join(f"after-{time.monotonic()}") != 429, 30, "new sessions served again")
 
 
 @pytest.mark.parametrize("path", ["/gradio_api/deep_link?session_hash=x", "/monitoring", "/monitoring/summary",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import OrderedDict
 from urllib.parse import parse_qs
 
 from pipeline.requests import shown
@@ -91,18 +92,14 @@ UI_EVENTS_PER_S = 20.0
 UI_EVENT_BURST = 60
 
 
-class LimitUIEventRate:
-    """ASGI middleware: at most `rate` of the UI's queue-less events a second (a burst of `burst`) for the whole
-    server; past that, 429 at once. Each costs milliseconds of Python in Gradio, on the interpreter the engine's
-    thread needs too: 200 clients calling them in a loop (300 a second on 2 cores) slowed a running 512² image
-    from 1.4 s to 35 s. Refused here, before Gradio, one costs a fraction of that. No per-client share: behind an
-    SSH tunnel or a proxy every client is 127.0.0.1."""
+class TokenBucket:
+    """`rate` a second on average, `burst` at once."""
 
-    def __init__(self, app, rate: float = UI_EVENTS_PER_S, burst: int = UI_EVENT_BURST):
-        self.app, self.rate, self.burst = app, rate, burst
+    def __init__(self, rate: float, burst: int):
+        self.rate, self.burst = rate, burst
         self.tokens, self.updated = float(burst), time.monotonic()
 
-    def _take(self) -> bool:
+    def take(self) -> bool:
         now = time.monotonic()
         self.tokens = min(self.burst, self.tokens + (now - self.updated) * self.rate)
         self.updated = now
@@ -111,8 +108,19 @@ class LimitUIEventRate:
         self.tokens -= 1
         return True
 
+
+class LimitUIEventRate:
+    """ASGI middleware: at most `rate` of the UI's queue-less events a second (a burst of `burst`) for the whole
+    server; past that, 429 at once. Each costs milliseconds of Python in Gradio, on the interpreter the engine's
+    thread needs too: 200 clients calling them in a loop (300 a second on 2 cores) slowed a running 512² image
+    from 1.4 s to 35 s. Refused here, before Gradio, one costs a fraction of that. No per-client share: behind an
+    SSH tunnel or a proxy every client is 127.0.0.1."""
+
+    def __init__(self, app, rate: float = UI_EVENTS_PER_S, burst: int = UI_EVENT_BURST):
+        self.app, self.bucket = app, TokenBucket(rate, burst)
+
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope["path"].startswith(UI_EVENT_PATHS) and not self._take():
+        if scope["type"] == "http" and scope["path"].startswith(UI_EVENT_PATHS) and not self.bucket.take():
             await send_json(send, 429, openai_error("Too many requests for the page's events; try again in a "
                                                     "moment.", "rate_limited"),
                             headers=((b"retry-after", b"1"),))
@@ -123,6 +131,13 @@ class LimitUIEventRate:
 # Gradio keeps the state of every session a request names (up to 10,000), keyed by the name the client chooses:
 # a 1 MB name costs a megabyte of memory that stays. Gradio's page draws 11 characters, gradio_client a uuid (36).
 MAX_SESSION_HASH_CHARS = 128
+# Gradio keeps each session's undelivered messages in a cache that drops the oldest session once full, even one
+# whose job is still waiting: ~2,100 joins under new names lost another client's result and stopped Gradio's
+# progress updates for everyone. Sessions that join and never read stay in it, so new names are limited, and the
+# cache is made large enough (webui.server) that filling it at this rate takes longer than any job may wait.
+NEW_SESSIONS_PER_S = 10.0
+NEW_SESSION_BURST = 100
+SESSIONS_KEPT = 12_000  # 20 minutes of new names at NEW_SESSIONS_PER_S, past the queue's timeout (300 s)
 GRADIO_API = "/gradio_api/"
 HEARTBEAT_PATH = "/gradio_api/heartbeat/"
 QUEUE_JOIN_PATH = "/gradio_api/queue/join"
@@ -146,7 +161,10 @@ class GuardGradioCalls:
       fn_index must be a whole number (Gradio would read "4" or 4.0 as 4, past that check) naming one of the
       page's `events` (Gradio fails with a 500 on any other);
     - call/v2/NAME names one of the page's `api_names` (Gradio fails with a 500 on any other, where call/NAME
-      answers 404 through webui.asgi_errors).
+      answers 404 through webui.asgi_errors);
+    - new sessions join the queue at most NEW_SESSIONS_PER_S a second (a burst of NEW_SESSION_BURST), or get 429:
+      a queue/join under a name not seen among the last SESSIONS_KEPT, and every call/NAME (Gradio draws a new
+      session for each). A page, or a gradio_client Client, keeps its one name.
     Runs inside LimitBodySize, which bounds the body it reads."""
 
     def __init__(self, app, streams: int, events: frozenset[int], small_events: dict[int, str],
@@ -154,6 +172,8 @@ class GuardGradioCalls:
         self.app, self.streams, self.open_streams, self.events = app, streams, 0, events
         self.small_indices, self.small_names = frozenset(small_events), frozenset(small_events.values())
         self.api_names = api_names
+        self.new_sessions = TokenBucket(NEW_SESSIONS_PER_S, NEW_SESSION_BURST)
+        self.known_sessions: OrderedDict[str, None] = OrderedDict()
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or not scope["path"].startswith(GRADIO_API):
@@ -187,6 +207,10 @@ class GuardGradioCalls:
             await send_json(send, 404, openai_error("The page's small events are not served through the queue.",
                                                     None, status=404))
             return
+        if self._opens_a_session(scope, fields) and not self.new_sessions.take():
+            await send_json(send, 429, openai_error("Too many new sessions at once; try again in a moment.",
+                                                    "rate_limited"), headers=((b"retry-after", b"1"),))
+            return
         if not _is_stream(scope):
             await self.app(scope, receive, send)
             return
@@ -200,6 +224,24 @@ class GuardGradioCalls:
             await self.app(scope, receive, send)
         finally:
             self.open_streams -= 1
+
+    def _opens_a_session(self, scope, fields: dict) -> bool:
+        """Whether this request makes Gradio's queue keep a session it does not know yet."""
+        path = scope["path"]
+        if scope["method"] != "POST":
+            return False
+        if path.startswith(CALL_PATH):
+            return True
+        name = fields.get("session_hash")
+        if path != QUEUE_JOIN_PATH or not isinstance(name, str):
+            return False
+        if name in self.known_sessions:
+            self.known_sessions.move_to_end(name)
+            return False
+        self.known_sessions[name] = None
+        if len(self.known_sessions) > SESSIONS_KEPT:
+            self.known_sessions.popitem(last=False)
+        return True
 
     def _small_event_through_the_queue(self, scope, fields: dict) -> bool:
         path, fn_index = scope["path"], fields.get("fn_index")

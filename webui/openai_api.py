@@ -181,6 +181,8 @@ async def _through_the_queue(client: httpx.AsyncClient, inputs: list[object], au
     joined = await client.post(GRADIO_CALL, json={"data": inputs}, headers=headers)
     if joined.status_code == 503:
         raise ApiError(503, "The server is busy: the queue is full. Try again in a moment.", code="busy")
+    if joined.status_code == 429:  # webui.limits.GuardGradioCalls
+        raise ApiError(503, "The server is busy: too many new requests at once. Try again in a moment.", code="busy")
     joined.raise_for_status()
     event_id = joined.json()["event_id"]
     async with client.stream("GET", f"{GRADIO_CALL}/{event_id}", headers=headers) as stream:

@@ -24,7 +24,7 @@ from webui.asgi_errors import AnswerUnhandledErrors
 from webui.auth import LinkSigner, RequireCredentials
 from webui.connections import guard_connections
 from webui.file_ranges import RangesByStarlette
-from webui.limits import GuardGradioCalls, LimitBodySize, LimitUIEventRate
+from webui.limits import SESSIONS_KEPT, GuardGradioCalls, LimitBodySize, LimitUIEventRate
 from webui.openai_api import openai_routes
 from webui.origin import RefuseCrossSite, is_loopback_name
 from webui.resolutions import offered_sizes
@@ -197,6 +197,9 @@ def serve(blocks: gr.Blocks, engine: Engine, *, host: str, port: int, share: boo
     signal.signal(signal.SIGINT, on_signal)
 
     blocks.queue(max_size=queue_size, default_concurrency_limit=1, api_open=False)
+    # Gradio's own cache of sessions' undelivered messages holds 2,000 (see webui.limits.SESSIONS_KEPT); it has no
+    # setting, and its size is the one attribute changed here.
+    blocks._queue.pending_messages_per_session.max_size = SESSIONS_KEPT
     deliveries = Deliveries()
     local_url = loopback_url(host, port, tls=bool(ssl_certfile))
     links = LinkSigner() if credentials else None  # image links that open without the credentials
