@@ -3,6 +3,7 @@ retry or refuse to send what a hostile client sends), and the helper that cuts e
 
 from __future__ import annotations
 
+import asyncio
 import json
 import select
 import socket
@@ -256,6 +257,36 @@ def test_new_sessions_past_the_rate_are_refused_and_a_known_one_still_joins(app)
     assert 429 not in statuses[:NEW_SESSION_BURST // 2] and 429 in statuses[NEW_SESSION_BURST:]
     assert join("flood-0") != 429  # a page's, or a client's, next request under its own name
     wait_until(lambda: join(f"after-{time.monotonic()}") != 429, 30, "new sessions served again")
+
+
+def test_a_session_name_refused_as_new_is_still_new_when_it_comes_again():
+    from webui.limits import GuardGradioCalls, TokenBucket
+
+    let_in = []
+
+    async def gradio(scope, _receive, _send):
+        let_in.append(scope)
+
+    guard = GuardGradioCalls(gradio, streams=4, events=frozenset({0}), small_events={}, api_names=frozenset())
+    guard.new_sessions = TokenBucket(rate=0.0, burst=1)  # one new session, and no more
+
+    def join(name: str) -> int:
+        body = json.dumps({"data": [], "fn_index": 0, "session_hash": name}).encode()
+        messages = [{"type": "http.request", "body": body, "more_body": False}]
+        sent = []
+
+        async def receive():
+            return messages.pop(0)
+
+        async def send(message):
+            sent.append(message)
+
+        scope = {"type": "http", "method": "POST", "path": "/gradio_api/queue/join", "query_string": b"",
+                 "headers": []}
+        asyncio.run(guard(scope, receive, send))
+        return sent[0]["status"] if sent else 200
+
+    assert [join("first"), join("second"), join("second"), join("first")] == [200, 429, 429, 200]
 
 
 @pytest.mark.parametrize("path", ["/gradio_api/deep_link?session_hash=x", "/monitoring", "/monitoring/summary",

@@ -207,10 +207,12 @@ class GuardGradioCalls:
             await send_json(send, 404, openai_error("The page's small events are not served through the queue.",
                                                     None, status=404))
             return
-        if self._opens_a_session(scope, fields) and not self.new_sessions.take():
-            await send_json(send, 429, openai_error("Too many new sessions at once; try again in a moment.",
-                                                    "rate_limited"), headers=((b"retry-after", b"1"),))
-            return
+        if self._opens_a_session(scope, fields):
+            if not self.new_sessions.take():
+                await send_json(send, 429, openai_error("Too many new sessions at once; try again in a moment.",
+                                                        "rate_limited"), headers=((b"retry-after", b"1"),))
+                return
+            self._remember_session(fields.get("session_hash"))
         if not _is_stream(scope):
             await self.app(scope, receive, send)
             return
@@ -238,10 +240,14 @@ class GuardGradioCalls:
         if name in self.known_sessions:
             self.known_sessions.move_to_end(name)
             return False
-        self.known_sessions[name] = None
-        if len(self.known_sessions) > SESSIONS_KEPT:
-            self.known_sessions.popitem(last=False)
         return True
+
+    def _remember_session(self, name: object) -> None:
+        """A session let in: its later joins are no new session (a name refused stays new)."""
+        if isinstance(name, str):
+            self.known_sessions[name] = None
+            if len(self.known_sessions) > SESSIONS_KEPT:
+                self.known_sessions.popitem(last=False)
 
     def _small_event_through_the_queue(self, scope, fields: dict) -> bool:
         path, fn_index = scope["path"], fields.get("fn_index")
