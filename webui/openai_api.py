@@ -255,8 +255,8 @@ def openai_routes(engine_output_dir: Path, loopback_url: str, public_url: str, s
         answered = time.perf_counter()
         data = []
         for image in images:
-            path = Path(image["file"])
-            if not path.resolve().is_relative_to(output_root):
+            path = Path(image["file"]).resolve()
+            if not path.is_relative_to(output_root):
                 return _error_response(ApiError(500, "An image was saved outside the output folder."))
             item = {"revised_prompt": None, "seed": image["seed"]}
             if response_format == "b64_json":
@@ -264,7 +264,7 @@ def openai_routes(engine_output_dir: Path, loopback_url: str, public_url: str, s
             else:
                 # Relative to the output dir, so a link tells nobody where the server keeps its files; percent-
                 # encoded, since a name may hold a space or a '#', which a client would cut the link at.
-                name = path.resolve().relative_to(output_root).as_posix()
+                name = path.relative_to(output_root).as_posix()
                 item["url"] = f"{public_url.rstrip('/')}{IMAGE_ROUTE}{quote(name)}"
                 if links is not None:
                     item["url"] += "?" + links.query(f"{IMAGE_ROUTE}{name}")
