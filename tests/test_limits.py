@@ -197,7 +197,8 @@ def test_a_flood_of_the_pages_small_events_is_refused_past_the_rate_and_passes_a
     assert 429 in statuses and statuses[0] != 429
     status, headers, body = next(answer for answer in (ui_event() for _ in range(5)) if answer[0] == 429)
     assert headers["retry-after"] == "1" and json.loads(body)["error"]["code"] == "rate_limited"
-    assert ui_event("api")[0] == 429  # run/'s alias spends the same budget
+    # run/'s alias spends the same budget: a token refills every 50 ms, so one of a quick few is refused
+    assert 429 in [ui_event("api")[0] for _ in range(10)]
     assert http_status(f"{app.url}/readyz") == 200  # other routes are not limited
     deadline = time.monotonic() + 5
     while ui_event()[0] == 429:
@@ -214,9 +215,22 @@ def test_a_session_named_past_the_limit_is_refused_and_keeps_no_memory(app, path
     from webui.limits import MAX_SESSION_HASH_CHARS
 
     payload = json.dumps(body).encode()
-    with connect(app) as sock:
-        sock.sendall(_head(path, f"Content-Length: {len(payload)}") + payload)
-        status, _, answer = read_response(sock)
+
+    def send() -> tuple[int, bytes]:
+        with connect(app) as sock:
+            sock.sendall(_head(path, f"Content-Length: {len(payload)}") + payload)
+            status, _, answer = read_response(sock)
+        return status, answer
+
+    answers = []
+
+    def answered_past_the_event_budget() -> bool:
+        """run/ spends the server-wide budget of the page's events, which the flood test before may have emptied."""
+        answers.append(send())
+        return answers[-1][0] != 429
+
+    wait_until(answered_past_the_event_budget, 10, "answered past the page's event budget")
+    status, answer = answers[-1]
     assert status == 400
     error = json.loads(answer)["error"]
     assert error["param"] == "session_hash" and str(MAX_SESSION_HASH_CHARS) in error["message"]
