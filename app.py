@@ -297,9 +297,9 @@ def main(argv: list[str] | None = None) -> int:
     exit_code = serve(blocks, engine, host=settings.host, port=settings.port, share=settings.share,
                       queue_size=settings.queue_size, shutdown_grace_s=settings.shutdown_grace_s, metrics=metrics,
                       credentials=credentials, max_connections=max_connections,
-                      header_timeout_s=settings.header_timeout_s, ssl_certfile=settings.ssl_certfile,
-                      ssl_keyfile=settings.ssl_keyfile, public_url=settings.public_url,
-                      compile_delay_s=settings.compile_delay_s)
+                      header_timeout_s=settings.header_timeout_s, send_timeout_s=settings.send_timeout_s,
+                      ssl_certfile=settings.ssl_certfile, ssl_keyfile=settings.ssl_keyfile,
+                      public_url=settings.public_url, compile_delay_s=settings.compile_delay_s)
     if settings.replicas != "0":
         import scale
 

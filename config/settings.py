@@ -71,6 +71,7 @@ class Settings:
     queue_timeout_s: int  # a request that waited longer than this is answered with a timeout, not run late
     max_connections: int  # open HTTP connections at once; idle ones are closed first to make room
     header_timeout_s: int  # a connection that has not sent a whole request (head and body) by then is closed
+    send_timeout_s: int  # a connection whose client stops reading its answer for this long is cut off
     output_dir: Path  # every returned image is saved here as PNG
     nan_check: bool  # refuse NaN / all-black images instead of returning them
     log_level: LogLevelChoice
@@ -112,6 +113,8 @@ class Settings:
             raise SettingsError(f"max_connections must be at least 8 (got {self.max_connections}).")
         if self.header_timeout_s < 1:
             raise SettingsError(f"header_timeout_s must be at least 1 (got {self.header_timeout_s}).")
+        if self.send_timeout_s < 1:
+            raise SettingsError(f"send_timeout_s must be at least 1 (got {self.send_timeout_s}).")
         credentials = self.credentials()
         if self.exposed and not credentials and not self.insecure_public:
             where = "a share link" if self.share else f"host {self.host}"
@@ -362,6 +365,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
     add("--header-timeout", dest="header_timeout_s", type=int, metavar="SECONDS",
         help="a connection that has not sent a whole request, head and body, this long after connecting (or after "
         "its last response) is closed")
+    add("--send-timeout", dest="send_timeout_s", type=int, metavar="SECONDS",
+        help="a connection whose client stops reading its answer (takes less than about 48 KiB of it) this long, "
+        "while more waits to be sent, is cut off")
     add("--output-dir", type=Path, metavar="DIR", help="where every returned image is saved as PNG")
     add("--disable-nan-check", dest="nan_check", action="store_false",
         help="return images even when they contain NaN or are all black (default: check on)")

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import re
 import select
 import socket
 import time
 from types import SimpleNamespace
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -28,6 +30,7 @@ from webui.connections import MAX_BODY_PIECES, OccasionalRepeats, check_port_fre
 
 MAX_CONNECTIONS = 64
 HEADER_TIMEOUT_S = 3
+SEND_TIMEOUT_S = 5
 IDLE_SOCKETS = 300  # more than the cap, and more than the 200 open files the process is started with
 PARTIAL_HEAD = b"GET /readyz HTTP/1.1\r\nHost: localhost\r\n"  # never the blank line that ends a head
 
@@ -36,7 +39,7 @@ PARTIAL_HEAD = b"GET /readyz HTTP/1.1\r\nHost: localhost\r\n"  # never the blank
 def app(tmp_path_factory, tiny_models):
     app = start_demo_app(tmp_path_factory.mktemp("connections-app"), tiny_models,
                          "--max-connections", str(MAX_CONNECTIONS), "--header-timeout", str(HEADER_TIMEOUT_S),
-                         open_files=200)
+                         "--send-timeout", str(SEND_TIMEOUT_S), open_files=200)
     yield app
     stop_app(app)
 
@@ -130,6 +133,67 @@ def test_bodies_that_never_finish_are_closed_and_hold_no_slot_a_probe_needs(app)
         for sock in stalled:
             sock.close()
     assert "closed the oldest still sending its request" in app.log()
+
+
+UNREAD_ANSWER_BYTES = 12 << 20  # a 2048² PNG of noise is 11 MB: far more than the kernel's buffers take in
+
+
+@pytest.fixture(scope="module")
+def large_image(app) -> str:
+    """The path of a saved image as large as the largest the service makes (its bytes need not be a picture)."""
+    (app.output_dir / "large.png").write_bytes(os.urandom(UNREAD_ANSWER_BYTES))
+    return "/v1/images/files/large.png"
+
+
+def _reading_nothing(app, path: str) -> socket.socket:
+    """A client that asks for a large image and reads none of it. Its small receive buffer makes the server's
+    writes back up within milliseconds."""
+    address = urlsplit(app.url)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.settimeout(10)
+    sock.connect((address.hostname, address.port))
+    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n".encode())
+    return sock
+
+
+def _bytes_until_cut(sock: socket.socket) -> int:
+    """What the client can still read once the server has cut it off; fails if the server never ends it."""
+    total = 0
+    try:
+        while chunk := sock.recv(65536):
+            total += len(chunk)
+    except ConnectionResetError:
+        pass
+    return total
+
+
+def test_clients_that_read_nothing_make_room_for_a_probe_past_the_cap(app, large_image):
+    """Each holds a connection, its answer stuck in the server's buffers: at the cap, the one whose answer has waited
+    unread longest is closed for a new one, as a socket still sending its head would be."""
+    unread = [_reading_nothing(app, large_image) for _ in range(MAX_CONNECTIONS)]
+    try:
+        wait_until(lambda: http_status(f"{app.url}/readyz") == 200, SEND_TIMEOUT_S - 2, "a probe answered")
+        for _ in range(5):
+            assert http_status(f"{app.url}/readyz") == 200
+    finally:
+        for sock in unread:
+            sock.close()
+    assert "closed the one whose answer has waited unread longest" in app.log()
+
+
+def test_a_client_that_reads_nothing_is_cut_off_and_its_answer_dropped(app, large_image):
+    unread = [_reading_nothing(app, large_image) for _ in range(3)]
+    try:
+        wait_until(lambda: f"stopped reading its answer for {SEND_TIMEOUT_S} s" in app.log(), SEND_TIMEOUT_S + 10,
+                   "a client that stopped reading cut off")
+        for sock in unread:
+            # A reset, not a close that would still deliver the megabytes the server had buffered for it.
+            assert _bytes_until_cut(sock) < UNREAD_ANSWER_BYTES // 8
+    finally:
+        for sock in unread:
+            sock.close()
+    assert http_status(f"{app.url}/readyz") == 200
 
 
 def test_event_streams_hold_at_most_half_the_connections(app):

@@ -1,19 +1,22 @@
-"""Idle, half-open and trickling sockets: a deadline for each request (its head and its body), a cap on open
-connections, and enough file descriptors for that cap.
+"""Idle, half-open, trickling and unread sockets: a deadline for each request (its head and its body) and for each
+stall in reading an answer, a cap on open connections, and enough file descriptors for that cap.
 
 Written by hand because uvicorn has no deadline for a request (its keep-alive timeout starts only after a first
-response, and nothing times a body) and counts connections only to answer 503 once a head is complete: ~1,100
-sockets that never finished their headers used up the process's 1,024 file descriptors and /readyz stopped
-answering; 50 that sent a body a byte every 5 s held every slot of a --max-connections 50 server. Gradio builds
-uvicorn's Config itself and passes none of its limits; uvicorn reads the protocol class and its limits from the
-Config for each new connection, so `guard_connections` sets them on the running server."""
+response, and nothing times a body), none for a client that stops reading, and counts connections only to answer
+503 once a head is complete: ~1,100 sockets that never finished their headers used up the process's 1,024 file
+descriptors and /readyz stopped answering; 50 that sent a body a byte every 5 s held every slot of a
+--max-connections 50 server; 530 that asked for an 11 MB image and read none of it made /readyz answer 503.
+Gradio builds uvicorn's Config itself and passes none of its limits; uvicorn reads the protocol class and its limits
+from the Config for each new connection, so `guard_connections` sets them on the running server."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import resource
 import socket
+import struct
 import time
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -72,15 +75,19 @@ def raise_fd_limit(max_connections: int) -> int:
 
 class GuardedH11Protocol(H11Protocol):
     """uvicorn's h11 protocol, plus: a request, head and body, must arrive whole within `request_timeout_s` of the
-    connection (or of the previous response, on a kept-alive one), and past `max_connections` the oldest other
-    connection still waiting for its request head, or else for its body, is closed to make room. A health probe
-    sends its request at once, so it gets through; sockets that never do, or trickle, are the ones dropped. (The
-    bodies this service takes are at most 1 MiB: webui.limits.)"""
+    connection (or of the previous response, on a kept-alive one); a client that stops reading its answer for
+    `send_timeout_s` while the server has more to send is cut off; and past `max_connections` the oldest other
+    connection still waiting for its request head, or else for its body, or else the one whose answer has waited
+    unread longest, is closed to make room. A health probe sends its request at once and reads its answer, so it gets
+    through; sockets that never do, trickle, or stop reading are the ones dropped. (The bodies this service takes
+    are at most 1 MiB: webui.limits.)"""
 
     request_timeout_s = 10.0
+    send_timeout_s = 30.0
     max_connections = 512
     _evictions = Occasional(log, REFUSAL_LOG_INTERVAL_S)
     _timeouts = Occasional(log, REFUSAL_LOG_INTERVAL_S)
+    _unread = Occasional(log, REFUSAL_LOG_INTERVAL_S)
     _cut_up = Occasional(log, REFUSAL_LOG_INTERVAL_S)
 
     def connection_made(self, transport) -> None:
@@ -91,6 +98,8 @@ class GuardedH11Protocol(H11Protocol):
         self._line_ends = 0
         self._waiting_since = time.monotonic()
         self._request_deadline = None
+        self._unread_since = None  # when the transport's buffer last filled up with an answer the client has not read
+        self._send_deadline = None
         self._await_request(after=self.cycle)
         if len(self.connections) > self.max_connections:
             self._evict_oldest_waiting()
@@ -153,8 +162,25 @@ class GuardedH11Protocol(H11Protocol):
         self._stop_waiting()  # the connection is the websocket protocol's from here
         super().handle_websocket_upgrade(event)
 
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self._send_deadline is None:
+            self._unread_since = time.monotonic()
+            self._send_deadline = self.loop.call_later(self.send_timeout_s, self._send_timed_out)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self._stop_sending_clock()
+
+    def _stop_sending_clock(self) -> None:
+        self._unread_since = None
+        if self._send_deadline is not None:
+            self._send_deadline.cancel()
+            self._send_deadline = None
+
     def connection_lost(self, exc) -> None:
         self._stop_waiting()
+        self._stop_sending_clock()
         super().connection_lost(exc)
 
     def _request_timed_out(self) -> None:
@@ -165,19 +191,41 @@ class GuardedH11Protocol(H11Protocol):
                        self.request_timeout_s)
         self.transport.close()
 
+    def _send_timed_out(self) -> None:
+        self._send_deadline = None
+        self._unread("cut off a connection that stopped reading its answer for %.0f s", self.send_timeout_s)
+        self._cut_off()
+
+    def _cut_off(self) -> None:
+        """Close now, and drop what is buffered: close() would wait for a client that does not read to take it, and
+        the kernel would keep megabytes of unsent answer for minutes; a reset frees both at once."""
+        self._stop_waiting()
+        self._stop_sending_clock()
+        sock = self.transport.get_extra_info("socket")
+        with contextlib.suppress(OSError):  # a socket the transport has already let go of
+            if sock is not None:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.transport.abort()
+
     def _evict_oldest_waiting(self) -> None:
-        waiting = [c for c in self.connections
-                   if isinstance(c, GuardedH11Protocol) and c is not self and c._request_deadline is not None
-                   and not c._request_arrived() and not c.transport.is_closing()]
-        if not waiting:
+        others = [c for c in self.connections if isinstance(c, GuardedH11Protocol) and c is not self]
+        waiting = [c for c in others if c._request_deadline is not None and not c._request_arrived()
+                   and not c.transport.is_closing()]
+        # A closing one too: close() waits for the client to read what is buffered.
+        unread = [c for c in others if c._unread_since is not None]
+        if waiting:
+            # Those still sending their head first: a client that has sent its head is sending its body, at once
+            # unless it trickles, and is dropped only when no connection is further behind.
+            oldest = min(waiting, key=lambda connection: (connection._head_arrived(), connection._waiting_since))
+            what = "the oldest still sending its request"
+        elif unread:
+            oldest = min(unread, key=lambda connection: connection._unread_since)
+            what = "the one whose answer has waited unread longest"
+        else:
             return  # every other connection is busy with a request: uvicorn's own limit answers this one 503
-        # Those still sending their head first: a client that has sent its head is sending its body, at once unless
-        # it trickles, and is dropped only when no connection is further behind.
-        oldest = min(waiting, key=lambda connection: (connection._head_arrived(), connection._waiting_since))
-        self._evictions("%d connections open (max_connections=%d): closed the oldest still sending its request",
-                        len(self.connections), self.max_connections)
-        oldest._stop_waiting()
-        oldest.transport.close()
+        self._evictions(f"%d connections open (max_connections=%d): closed {what}", len(self.connections),
+                        self.max_connections)
+        oldest._cut_off()
         # Out of the count now, not at its connection_lost: on uvloop (installed with the scale extra) the new
         # connection's request is read first, and uvicorn would answer it 503 for a cap the eviction just freed.
         # Its request's task (one still waiting for its body) likewise: uvicorn counts tasks too, and that one
@@ -186,10 +234,12 @@ class GuardedH11Protocol(H11Protocol):
         self.tasks.discard(oldest._task)
 
 
-def guard_connections(server, *, max_connections: int, request_timeout_s: float) -> None:
-    """From now on, every new connection to this uvicorn `server` has a head deadline and counts against the cap."""
+def guard_connections(server, *, max_connections: int, request_timeout_s: float, send_timeout_s: float) -> None:
+    """From now on, every new connection to this uvicorn `server` has a request deadline and a deadline for each
+    stall in reading its answers, and counts against the cap."""
     GuardedH11Protocol.max_connections = max_connections
     GuardedH11Protocol.request_timeout_s = request_timeout_s
+    GuardedH11Protocol.send_timeout_s = send_timeout_s
     server.config.http_protocol_class = GuardedH11Protocol
     # Past the cap uvicorn itself answers 503 to complete requests; each one busy with a request counts.
     server.config.limit_concurrency = max_connections + 1

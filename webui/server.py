@@ -172,8 +172,8 @@ def loopback_url(host: str, port: int, tls: bool = False) -> str:
 
 def serve(blocks: gr.Blocks, engine: Engine, *, host: str, port: int, share: bool, queue_size: int,
           shutdown_grace_s: float, metrics: ServiceMetrics, credentials: dict[str, str], max_connections: int,
-          header_timeout_s: float, ssl_certfile: str = "", ssl_keyfile: str = "", public_url: str = "",
-          compile_delay_s: float = 0.0) -> int:
+          header_timeout_s: float, send_timeout_s: float, ssl_certfile: str = "", ssl_keyfile: str = "",
+          public_url: str = "", compile_delay_s: float = 0.0) -> int:
     """Serve until SIGTERM or SIGINT, then shut down in order; returns the exit code (0: asked to stop).
 
     Every event goes through the one queue: `api_open=False` closes the REST routes that would skip it, and
@@ -231,7 +231,8 @@ def serve(blocks: gr.Blocks, engine: Engine, *, host: str, port: int, share: boo
         # the loopback address it checks.
         ssl_certfile=ssl_certfile or None, ssl_keyfile=ssl_keyfile or None, ssl_verify=False,
     )
-    guard_connections(blocks.server, max_connections=max_connections, request_timeout_s=header_timeout_s)
+    guard_connections(blocks.server, max_connections=max_connections, request_timeout_s=header_timeout_s,
+                      send_timeout_s=send_timeout_s)
     # uvicorn gave its loggers handlers of their own at launch (its default logging config), which print to stderr
     # line by line: a traceback became dozens of records. Through the service's handler, one record, marked.
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
