@@ -117,6 +117,15 @@ def raw_exchange(app: RunningApp, request: bytes, timeout: float = 30) -> tuple[
         return read_response(sock)
 
 
+def post_json(app: RunningApp, path: str, body: object) -> tuple[int, bytes]:
+    """POST `body` as JSON on a new connection: the status and the answer's body."""
+    payload = json.dumps(body).encode()
+    status, _, answer = raw_exchange(app, f"POST {path} HTTP/1.1\r\nHost: localhost\r\n"
+                                          f"Content-Type: application/json\r\nConnection: close\r\n"
+                                          f"Content-Length: {len(payload)}\r\n\r\n".encode() + payload)
+    return status, answer
+
+
 def start_app(tmp_path: Path, *flags: str, env: dict[str, str] | None = None, open_files: int | None = None,
               own_process_group: bool = False) -> RunningApp:
     """`open_files`: the soft limit on open files the process starts with (as a supervisord or shell may leave it).

@@ -9,7 +9,7 @@ import re
 
 import pytest
 
-from tests.helpers import raw_exchange, start_demo_app, stop_app, wait_until
+from tests.helpers import post_json, raw_exchange, start_demo_app, stop_app, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -21,17 +21,9 @@ def app(tmp_path_factory, tiny_models):
     stop_app(app)
 
 
-def _post(app, path: str, body: dict) -> tuple[int, bytes]:
-    payload = json.dumps(body).encode()
-    status, _, answer = raw_exchange(app, f"POST {path} HTTP/1.1\r\nHost: localhost\r\n"
-                                          f"Content-Type: application/json\r\nConnection: close\r\n"
-                                          f"Content-Length: {len(payload)}\r\n\r\n".encode() + payload)
-    return status, answer
-
-
 def test_an_unknown_api_name_is_a_404_naming_it(app):
     for route in ("call", "call/v2", "run", "api"):
-        status, body = _post(app, f"/gradio_api/{route}/no_such_endpoint", {"data": []})
+        status, body = post_json(app, f"/gradio_api/{route}/no_such_endpoint", {"data": []})
         assert status == 404, body
         assert "names no API endpoint" in json.loads(body)["error"]["message"]
     assert "unhandled error" not in app.log()

@@ -184,8 +184,8 @@ class GuardGradioCalls:
             named.append(scope["path"].removeprefix(HEARTBEAT_PATH))
         fields = {}
         if scope["method"] == "POST":
-            body, receive = await _read_whole(receive)
-            fields = _json_fields(body)
+            body, receive = await read_whole_body(receive)
+            fields = json_fields(body) or {}
             named.append(fields.get("session_hash"))
         if not all(len(name) <= MAX_SESSION_HASH_CHARS for name in named if isinstance(name, str)):
             await send_json(send, 400, openai_error(f"session_hash must be at most {MAX_SESSION_HASH_CHARS} "
@@ -267,16 +267,16 @@ def _is_stream(scope) -> bool:
             or (path.startswith(CALL_PATH) and "/" in path.removeprefix(CALL_PATH).strip("/")))
 
 
-def _json_fields(body: bytes) -> dict:
-    """The fields of a JSON object body; {} for anything else (Gradio answers that itself)."""
+def json_fields(body: bytes) -> dict | None:
+    """The fields of a JSON object body; None for anything else (Gradio answers that itself)."""
     try:
         parsed = json.loads(body)
     except (ValueError, RecursionError):
-        return {}
-    return parsed if isinstance(parsed, dict) else {}
+        return None
+    return parsed if isinstance(parsed, dict) else None
 
 
-async def _read_whole(receive):
+async def read_whole_body(receive):
     """The request's whole body, and a `receive` that hands it to the app again, then what the client sends next."""
     chunks, more = [], True
     while more:

@@ -23,6 +23,7 @@ from webui.arrival import StampArrival
 from webui.asgi_errors import AnswerUnhandledErrors
 from webui.auth import LinkSigner, RequireCredentials
 from webui.connections import guard_connections
+from webui.event_inputs import CheckEventInputs, event_inputs
 from webui.file_ranges import RangesByStarlette
 from webui.limits import SESSIONS_KEPT, GuardGradioCalls, LimitBodySize, LimitUIEventRate
 from webui.openai_api import openai_routes
@@ -215,6 +216,7 @@ def serve(blocks: gr.Blocks, engine: Engine, *, host: str, port: int, share: boo
                   Middleware(GuardGradioCalls, streams=max(1, max_connections // 2), events=frozenset(blocks.fns),
                              small_events={index: fn.api_name for index, fn in blocks.fns.items() if not fn.queue},
                              api_names=frozenset(fn.api_name for fn in blocks.fns.values() if fn.api_name)),
+                  Middleware(CheckEventInputs, **event_inputs(blocks)),
                   Middleware(CountQueueRefusals, metrics=metrics), Middleware(RangesByStarlette)]
     if credentials:
         middleware.insert(1, Middleware(RequireCredentials, credentials=credentials, links=links))

@@ -1,0 +1,108 @@
+"""Callers' mistakes in calls to the page's events that Gradio answers with a 500 and a traceback in the log: a call
+by keyword (`call/v2/NAME`) with a parameter the endpoint does not take or without one it needs (Gradio's own
+argument check raises a TypeError its route does not catch), and an example's number past the page's examples
+(`run/load_example`: the examples' list raises an IndexError). Checked here first, each gets a 400 naming the field,
+and nothing reaches Gradio."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import gradio as gr
+
+from pipeline.requests import shown
+from webui.asgi_errors import openai_error, send_json
+from webui.limits import CALL_BY_KEYWORD_PATH, UI_EVENT_PATHS, json_fields, read_whole_body
+
+# Gradio's keyword route takes this one beside an endpoint's parameters (and drops it where the endpoint has no use).
+GRADIO_OWN_KEYWORDS = frozenset({"oauth_token"})
+BY_INDEX = "predict"  # run/predict names its event by the body's fn_index, not by the path
+
+
+@dataclass(frozen=True)
+class Parameters:
+    """An endpoint's keyword parameters, as Gradio's API info lists them."""
+
+    names: tuple[str, ...]
+    required: frozenset[str]
+
+
+@dataclass(frozen=True)
+class ExamplePick:
+    """An event that loads one of `count` examples, given its number as input `position`."""
+
+    position: int
+    count: int
+
+
+class CheckEventInputs:
+    """ASGI middleware over Gradio's routes for the page's events. `parameters`: api name → its keyword parameters;
+    `example_picks`: fn_index → the example input it takes; `fn_indices`: api name → fn_index. Runs inside
+    webui.limits.GuardGradioCalls, which has checked that an fn_index names an event."""
+
+    def __init__(self, app, parameters: dict[str, Parameters], example_picks: dict[int, ExamplePick],
+                 fn_indices: dict[str, int]):
+        self.app, self.parameters, self.example_picks, self.fn_indices = app, parameters, example_picks, fn_indices
+
+    async def __call__(self, scope, receive, send):
+        path = scope.get("path", "")
+        if scope["type"] != "http" or scope["method"] != "POST" or not path.startswith((CALL_BY_KEYWORD_PATH,
+                                                                                        *UI_EVENT_PATHS)):
+            await self.app(scope, receive, send)
+            return
+        body, receive = await read_whole_body(receive)
+        fields = json_fields(body)
+        name = path.rstrip("/").rpartition("/")[2]
+        if fields is None:
+            problem = None  # not a JSON object: Gradio's own validation answers it
+        elif path.startswith(CALL_BY_KEYWORD_PATH):
+            problem = self._keyword_problem(name, fields)
+        else:
+            problem = self._example_problem(name, fields)
+        if problem is not None:
+            message, param = problem
+            await send_json(send, 400, openai_error(message, None, param))
+            return
+        await self.app(scope, receive, send)
+
+    def _keyword_problem(self, name: str, fields: dict) -> tuple[str, str] | None:
+        parameters = self.parameters.get(name)
+        if parameters is None:
+            return None
+        takes = ", ".join(parameters.names) or "none"
+        for key in fields:
+            if key not in parameters.names and key not in GRADIO_OWN_KEYWORDS:
+                return f"{shown(key)} is not a parameter of {name} (its parameters: {takes}).", key
+        missing = sorted(parameters.required - fields.keys())
+        if missing:
+            return f"{missing[0]} is required by {name} (its parameters: {takes}).", missing[0]
+        return None
+
+    def _example_problem(self, name: str, fields: dict) -> tuple[str, str] | None:
+        fn_index = fields.get("fn_index") if name == BY_INDEX else self.fn_indices.get(name)
+        pick = self.example_picks.get(fn_index) if isinstance(fn_index, int) else None
+        data = fields.get("data")
+        if pick is None or not isinstance(data, list) or len(data) <= pick.position:
+            return None  # Gradio's own check of the inputs' count answers a short list
+        number = data[pick.position]
+        if number is None or (isinstance(number, int) and not isinstance(number, bool) and 0 <= number < pick.count):
+            return None
+        return f"data[{pick.position}] must be an example's number, 0 to {pick.count - 1} (got {shown(number)}).", \
+            f"data[{pick.position}]"
+
+
+def event_inputs(blocks: gr.Blocks) -> dict[str, object]:
+    """CheckEventInputs' arguments for the page `blocks`, from Gradio's own API info and components."""
+    endpoints = blocks.get_api_info(all_endpoints=True)["named_endpoints"]
+    # A parameter without a name takes no keyword: Gradio fills it by position only.
+    parameters = {name.lstrip("/"): Parameters(
+        names=tuple(parameter["parameter_name"] for parameter in endpoint["parameters"]
+                    if "parameter_name" in parameter),
+        required=frozenset(parameter["parameter_name"] for parameter in endpoint["parameters"]
+                           if "parameter_name" in parameter and not parameter.get("parameter_has_default", False)))
+        for name, endpoint in endpoints.items()}
+    example_picks = {index: ExamplePick(position, len(component.raw_samples))
+                     for index, fn in blocks.fns.items()
+                     for position, component in enumerate(fn.inputs) if isinstance(component, gr.Dataset)}
+    fn_indices = {fn.api_name: index for index, fn in blocks.fns.items() if fn.api_name}
+    return {"parameters": parameters, "example_picks": example_picks, "fn_indices": fn_indices}
