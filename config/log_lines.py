@@ -8,12 +8,14 @@ import logging
 import os
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
 LOG_DATE_FORMAT = "%Y-%m-%dT%H:%M:%S%z"
 MAX_MESSAGE_CHARS = 8192  # a prompt is at most a few thousand characters; more is a client filling the disk
 TRACEBACK_MARK = "| "  # starts every line of a record after its first; see OneLinePerRecord
+REPEAT_LOG_INTERVAL_S = 10.0  # an attack repeats the same event thousands of times a second: one line an interval
 
 
 def _control_escapes() -> dict[int, str]:
@@ -80,19 +82,20 @@ class OncePerInterval:
 
 
 class Occasional:
-    """A warning repeated by the thousand (an attack repeats the same event) logged at most once an interval, with
-    how many happened since the last line."""
+    """A line repeated by the thousand (an attack repeats the same event) logged at most once an interval for each
+    message (its format string: a kind), with how many of that kind happened since its last line."""
 
-    def __init__(self, logger: logging.Logger, interval_s: float):
-        self.logger, self.unlogged = logger, 0
+    def __init__(self, logger: logging.Logger, interval_s: float = REPEAT_LOG_INTERVAL_S,
+                 level: int = logging.WARNING):
+        self.logger, self.level = logger, level
+        self.unlogged: Counter[str] = Counter()
         self._due = OncePerInterval(interval_s)
 
     def __call__(self, message: str, *args, exc_info: BaseException | None = None) -> None:
-        self.unlogged += 1
+        self.unlogged[message] += 1
         if self._due.due(message):
-            self.logger.warning(message + " (%d time(s) since the last such line)", *args, self.unlogged,
-                                exc_info=exc_info)
-            self.unlogged = 0
+            self.logger.log(self.level, message + " (%d time(s) since the last such line)", *args,
+                            self.unlogged.pop(message), exc_info=exc_info)
 
 
 TRACEBACK_STARTS = ("Traceback (most recent call last):", "During handling of the above exception",

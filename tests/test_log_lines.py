@@ -11,15 +11,18 @@ import sys
 import time
 import traceback
 import urllib.request
+from types import SimpleNamespace
 
 import pytest
 
+from config import log_lines
 from config.log_lines import (
     LOG_DATE_FORMAT,
     LOG_FORMAT,
     MAX_MESSAGE_CHARS,
     TRACEBACK_MARK,
     LinesToLog,
+    Occasional,
     OneLinePerRecord,
     seconds_since_process_start,
 )
@@ -187,3 +190,23 @@ def test_seconds_since_process_start_counts_a_childs_life_from_its_birth():
     # The kernel gives a process's start in clock ticks (10 ms), rounded down: an age may read that much longer.
     assert 1.0 <= float(child.stdout) <= watched + 0.01
     assert seconds_since_process_start() > watched
+
+
+def test_occasional_lines_count_each_kind_apart(caplog, monkeypatch):
+    now = [1000.0]
+    monkeypatch.setattr(log_lines, "time", SimpleNamespace(monotonic=lambda: now[0]))
+    caplog.set_level(logging.INFO, logger="zimage.test-occasional")
+    occasional = Occasional(logging.getLogger("zimage.test-occasional"), interval_s=10.0, level=logging.INFO)
+    for _ in range(5):
+        occasional("evicted %s", "a socket")
+    for _ in range(3):
+        occasional("cut off %s", "a reader")
+    now[0] += 11
+    occasional("evicted %s", "a socket")
+    occasional("cut off %s", "a reader")
+    assert [(record.levelno, record.getMessage()) for record in caplog.records] == [
+        (logging.INFO, "evicted a socket (1 time(s) since the last such line)"),
+        (logging.INFO, "cut off a reader (1 time(s) since the last such line)"),
+        (logging.INFO, "evicted a socket (5 time(s) since the last such line)"),
+        (logging.INFO, "cut off a reader (3 time(s) since the last such line)"),
+    ]

@@ -392,3 +392,5 @@ def test_a_failed_generation_is_a_500_with_an_id_and_a_full_queue_a_503(tmp_path
     status, body, retry_after = outcomes["one too many"]
     assert status == 503 and body["code"] == "busy" and "queue is full" in body["message"]
     assert retry_after is not None and int(retry_after) > 0
+    # A refusal, not a failure: no incident id, and a line an interval however many clients ask.
+    assert "id" not in body and "images request refused as busy: The server is busy: the queue is full" in app.log()

@@ -16,7 +16,6 @@ from pipeline.requests import shown
 
 log = logging.getLogger("zimage.webui")
 
-BROKEN_OFF_LOG_INTERVAL_S = 10.0  # answers broken off mid-way: one line an interval, with the count
 
 
 def openai_error(message: str, code: str | None, param: str | None = None, status: int = 400) -> dict[str, object]:
@@ -44,7 +43,7 @@ class AnswerUnhandledErrors:
     def __init__(self, app):
         self.app = app
         self._tracebacks_due = OncePerInterval(TRACEBACK_INTERVAL_S)
-        self._broken_off = Occasional(log, BROKEN_OFF_LOG_INTERVAL_S)
+        self._broken_off = Occasional(log)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":

@@ -46,7 +46,6 @@ REALM = "Z-Image-Turbo"
 FAILURES_ALLOWED = 20  # wrong credentials from one address within the window; a person mistyping makes a few
 FAILURE_WINDOW_S = 60.0
 MAX_ADDRESSES = 10_000  # addresses with recent failures remembered; past it those not locked out are forgotten
-LOG_INTERVAL_S = 10.0
 IMAGE_ROUTE = "/v1/images/files/"  # the OpenAI route's image links (webui/openai_api.py)
 LINK_LIFETIME_S = 3600  # as OpenAI's image links
 
@@ -96,8 +95,8 @@ class RequireCredentials:
         self.credentials = credentials
         self.links = links
         self._failures: dict[str, deque[float]] = {}
-        self._wrong = Occasional(log, LOG_INTERVAL_S)
-        self._locked = Occasional(log, LOG_INTERVAL_S)
+        self._wrong = Occasional(log)
+        self._locked = Occasional(log)
 
     def _open(self, scope) -> bool:
         path = scope["path"]

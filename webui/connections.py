@@ -21,14 +21,13 @@ import time
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from config.log_lines import Occasional, OncePerInterval
+from config.log_lines import REPEAT_LOG_INTERVAL_S, Occasional, OncePerInterval
 from config.settings import SettingsError
 
 log = logging.getLogger("zimage.connections")
 
 FDS_PER_CONNECTION = 2  # the socket, and room for the files and pipes a request may open meanwhile
 FDS_RESERVED = 256  # the model's files, the log, compile workers' pipes: what the process needs besides sockets
-REFUSAL_LOG_INTERVAL_S = 10.0  # an attack repeats the same event thousands of times a second: one line per interval
 # The pieces of one chunked request body. h11 parses each piece in Python, about 6 µs: a 1 MiB body sent a byte a
 # piece (5.7 MiB on the wire) held the event loop for 6 s, and eight at once made /healthz take 4.9 s. A client
 # streaming a body sends pieces of kilobytes: 16,384 of them carry 16 MiB at one KiB each, past any body taken here.
@@ -85,10 +84,10 @@ class GuardedH11Protocol(H11Protocol):
     request_timeout_s = 10.0
     send_timeout_s = 30.0
     max_connections = 512
-    _evictions = Occasional(log, REFUSAL_LOG_INTERVAL_S)
-    _timeouts = Occasional(log, REFUSAL_LOG_INTERVAL_S)
-    _unread = Occasional(log, REFUSAL_LOG_INTERVAL_S)
-    _cut_up = Occasional(log, REFUSAL_LOG_INTERVAL_S)
+    _evictions = Occasional(log)
+    _timeouts = Occasional(log)
+    _unread = Occasional(log)
+    _cut_up = Occasional(log)
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
@@ -258,7 +257,7 @@ class OccasionalRepeats(logging.Filter):
                "ASGI callable returned without completing response.",
                "ASGI callable returned without starting response.")
 
-    def __init__(self, interval_s: float = REFUSAL_LOG_INTERVAL_S):
+    def __init__(self, interval_s: float = REPEAT_LOG_INTERVAL_S):
         super().__init__()
         self._due = OncePerInterval(interval_s)
         self.dropped = dict.fromkeys(self.MARKERS, 0)

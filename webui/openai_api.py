@@ -27,6 +27,7 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse
 from starlette.routing import Match, Route
 
+from config.log_lines import Occasional
 from pipeline.metrics import ServiceMetrics
 from pipeline.requests import RequestError, checked_prompt, shown
 from webui import errors
@@ -77,7 +78,7 @@ class ApiError(Exception):
 
 def _error_response(error: ApiError, headers: dict[str, str] | None = None) -> FastJSONResponse:
     payload = openai_error(error.message, error.code, error.param, error.status)
-    if error.status >= 500:
+    if error.status >= 500 and error.code != "busy":
         # An id the operator can find in the log next to this failure.
         payload["error"]["id"] = incident = uuid.uuid4().hex[:8]
         log.warning("images request failed id=%s status=%d message=%r", incident, error.status, error.message)
@@ -217,6 +218,7 @@ def openai_routes(engine_output_dir: Path, loopback_url: str, public_url: str, s
     output_root = engine_output_dir.resolve()
     # verify=False: this is the server's own loopback address, which its certificate (if TLS is on) does not name.
     client = httpx.AsyncClient(base_url=loopback_url, timeout=httpx.Timeout(30.0, read=None), verify=False)
+    refused_busy = Occasional(log)
 
     async def generations(request: Request):
         deliveries.begin()
@@ -248,8 +250,11 @@ def openai_routes(engine_output_dir: Path, loopback_url: str, public_url: str, s
             authorization = request.headers.get("authorization") if getattr(request.state, USER_KEY, None) else None
             images = await _through_the_queue(client, inputs, authorization)
         except ApiError as error:
-            busy = error.code == "busy"
-            return _error_response(error, headers={"retry-after": str(BUSY_RETRY_AFTER_S)} if busy else None)
+            if error.code != "busy":
+                return _error_response(error)
+            # Not a failure, so no incident id: any client can ask while the queue is full, as fast as it likes.
+            refused_busy("images request refused as busy: %s", error.message)
+            return _error_response(error, headers={"retry-after": str(BUSY_RETRY_AFTER_S)})
         except httpx.HTTPError as error:  # the queue's own endpoint failed: a bug or a server going down
             return _error_response(ApiError(500, f"The queue could not take the request ({type(error).__name__})."))
         answered = time.perf_counter()

@@ -31,7 +31,6 @@ log = logging.getLogger("zimage.webui")
 
 STATE_CHANGING_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 LOOPBACK_NAMES = ("localhost", "localhost.")
-REFUSAL_LOG_INTERVAL_S = 10.0
 
 
 def _netloc(url: str) -> str:
@@ -87,8 +86,8 @@ class RefuseCrossSite:
         self.app = app
         self.own_hosts = own_hosts
         # A page the operator visits can send these by the thousand: a line an interval, with the count.
-        self._other_hosts = Occasional(log, REFUSAL_LOG_INTERVAL_S)
-        self._cross_site = Occasional(log, REFUSAL_LOG_INTERVAL_S)
+        self._other_hosts = Occasional(log)
+        self._cross_site = Occasional(log)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
