@@ -9,7 +9,6 @@ import select
 import socket
 import threading
 import time
-import urllib.request
 
 import psutil
 import pytest
@@ -184,7 +183,7 @@ def test_uploads_are_refused_since_no_component_takes_a_file(app, content):
 
 
 def test_a_flood_of_the_pages_small_events_is_refused_past_the_rate_and_passes_again_after(app):
-    from webui.limits import UI_EVENT_BURST
+    from webui.limits import UI_EVENTS
 
     def ui_event(route: str = "run") -> tuple[int, dict[str, str], bytes]:
         sock = connect(app)
@@ -193,7 +192,7 @@ def test_a_flood_of_the_pages_small_events_is_refused_past_the_rate_and_passes_a
             sock.sendall(_head(f"/gradio_api/{route}/predict", f"Content-Length: {len(body)}") + body)
             return read_response(sock)
 
-    statuses = [ui_event()[0] for _ in range(UI_EVENT_BURST + 20)]
+    statuses = [ui_event()[0] for _ in range(UI_EVENTS.burst + 20)]
     assert 429 in statuses and statuses[0] != 429
     status, headers, body = next(answer for answer in (ui_event() for _ in range(5)) if answer[0] == 429)
     assert headers["retry-after"] == "1" and json.loads(body)["error"]["code"] == "rate_limited"
@@ -204,6 +203,23 @@ def test_a_flood_of_the_pages_small_events_is_refused_past_the_rate_and_passes_a
     while ui_event()[0] == 429:
         assert time.monotonic() < deadline, "still refused 5 s after the flood"
         time.sleep(0.1)
+
+
+def _get(path: str) -> bytes:
+    return f"GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n".encode()
+
+
+def test_a_flood_of_page_loads_is_refused_past_the_rate_and_passes_again_after(app):
+    from webui.limits import PAGE_LOADS
+
+    paths = ["/", "/config", "/config/", "/gradio_api/info", "/gradio_api/openapi.json"]
+    answers = [raw_exchange(app, _get(paths[number % len(paths)])) for number in range(PAGE_LOADS.burst + 20)]
+    assert answers[0][0] == 200 and {status for status, _, _ in answers} == {200, 429}
+    _, headers, body = next(answer for answer in answers if answer[0] == 429)
+    assert headers["retry-after"] == "1" and json.loads(body)["error"]["code"] == "rate_limited"
+    # Health checks and the OpenAI route's cheap routes are not counted.
+    assert http_status(f"{app.url}/readyz") == 200 and http_status(f"{app.url}/v1/models") == 200
+    wait_until(lambda: http_status(f"{app.url}/config") == 200, 5, "a page load served again")
 
 
 @pytest.mark.parametrize("path, body", [
@@ -237,9 +253,17 @@ def test_a_session_named_past_the_limit_is_refused_and_keeps_no_memory(app, path
 
 
 def _events(app) -> list[dict]:
-    """The page's events as Gradio's config lists them; an event's index there is its fn_index."""
-    with urllib.request.urlopen(f"{app.url}/config", timeout=30) as response:
-        return json.loads(response.read())["dependencies"]
+    """The page's events as Gradio's config lists them; an event's index there is its fn_index. Asked for as a
+    client that honours Retry-After would: the flood test before may have spent the page loads' budget."""
+    config = []
+
+    def loaded() -> bool:
+        status, _, body = raw_exchange(app, _get("/config"))
+        config.append(body)
+        return status != 429
+
+    wait_until(loaded, 10, "the page's config served")
+    return json.loads(config[-1])["dependencies"]
 
 
 def _fn_index(app, api_name: str) -> int:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import time
 from collections import OrderedDict
+from dataclasses import dataclass
 from urllib.parse import parse_qs
 
 from pipeline.requests import shown
@@ -85,11 +86,31 @@ class LimitBodySize:
                                                 "request_too_large"), headers=((b"connection", b"close"),))
 
 
+@dataclass(frozen=True)
+class Rated:
+    """Requests counted against one server-wide rate: those whose path starts with one of `prefixes` or is one of
+    `paths` without its final slash ("" is the root), `per_s` a second on average and `burst` at once."""
+
+    what: str  # for the refusal's message: "Too many requests for {what}"
+    per_s: float
+    burst: int
+    prefixes: tuple[str, ...] = ()
+    paths: frozenset[str] = frozenset()
+
+    def counts(self, path: str) -> bool:
+        return path.startswith(self.prefixes) or path.rstrip("/") in self.paths
+
+
 # Gradio's routes for events that skip the queue (api/ is run/'s alias): here a page's load (its gallery's history)
 # and the size category's dropdown. A person makes a few a minute.
 UI_EVENT_PATHS = ("/gradio_api/run/", "/gradio_api/api/")
-UI_EVENTS_PER_S = 20.0
-UI_EVENT_BURST = 60
+UI_EVENTS = Rated("the page's events", per_s=20.0, burst=60, prefixes=UI_EVENT_PATHS)
+# Gradio's routes that build the page, its config or its API's description anew for each request, 2-4 ms of Python
+# each (a static file or a health check: under 1 ms). Eight clients loading / in a loop slowed a 512² image (2
+# steps, 2 cores) from 0.29 s to 3.0 s; limited, to 0.95 s, what as many looping on /healthz cost (1.1 s). A page
+# load takes one or two, a gradio_client Client two (it reads the 429 as "too many requests").
+PAGE_LOADS = Rated("pages and API descriptions", per_s=20.0, burst=60,
+                   paths=frozenset({"", "/config", "/gradio_api/info", "/gradio_api/openapi.json", "/gradio_api/runs"}))
 
 
 class TokenBucket:
@@ -109,20 +130,20 @@ class TokenBucket:
         return True
 
 
-class LimitUIEventRate:
-    """ASGI middleware: at most `rate` of the UI's queue-less events a second (a burst of `burst`) for the whole
-    server; past that, 429 at once. Each costs milliseconds of Python in Gradio, on the interpreter the engine's
-    thread needs too: 200 clients calling them in a loop (300 a second on 2 cores) slowed a running 512² image
-    from 1.4 s to 35 s. Refused here, before Gradio, one costs a fraction of that. No per-client share: behind an
-    SSH tunnel or a proxy every client is 127.0.0.1."""
+class LimitRate:
+    """ASGI middleware: at most `rated.per_s` of the requests `rated` counts a second (a burst of `rated.burst`) for
+    the whole server; past that, 429 at once. Each costs milliseconds of Python in Gradio, on the interpreter the
+    engine's thread needs too: 200 clients calling the UI's queue-less events in a loop (300 a second on 2 cores)
+    slowed a running 512² image from 1.4 s to 35 s. Refused here, before Gradio, one costs a fraction of that. No
+    per-client share: behind an SSH tunnel or a proxy every client is 127.0.0.1."""
 
-    def __init__(self, app, rate: float = UI_EVENTS_PER_S, burst: int = UI_EVENT_BURST):
-        self.app, self.bucket = app, TokenBucket(rate, burst)
+    def __init__(self, app, rated: Rated):
+        self.app, self.rated, self.bucket = app, rated, TokenBucket(rated.per_s, rated.burst)
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope["path"].startswith(UI_EVENT_PATHS) and not self.bucket.take():
-            await send_json(send, 429, openai_error("Too many requests for the page's events; try again in a "
-                                                    "moment.", "rate_limited"),
+        if scope["type"] == "http" and self.rated.counts(scope["path"]) and not self.bucket.take():
+            await send_json(send, 429, openai_error(f"Too many requests for {self.rated.what}; try again in a "
+                                                    f"moment.", "rate_limited"),
                             headers=((b"retry-after", b"1"),))
             return
         await self.app(scope, receive, send)
@@ -156,7 +177,7 @@ class GuardGradioCalls:
       with no cap, a client opening them by the hundred would hold every connection the server allows
       (--max-connections), and health checks would get 503;
     - the page's small events (`small_events`: fn_index → api name, the events that skip the queue) come only
-      through /gradio_api/run/ (or its alias api/), where LimitUIEventRate counts them; sent through the queue's
+      through /gradio_api/run/ (or its alias api/), where LimitRate counts them; sent through the queue's
       routes instead, which Gradio also takes, they would escape that limit, so they get 404 there; and an
       fn_index must be a whole number (Gradio would read "4" or 4.0 as 4, past that check) naming one of the
       page's `events` (Gradio fails with a 500 on any other);

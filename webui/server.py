@@ -25,7 +25,7 @@ from webui.auth import LinkSigner, RequireCredentials
 from webui.connections import guard_connections
 from webui.event_inputs import CheckEventInputs, event_inputs
 from webui.file_ranges import RangesByStarlette
-from webui.limits import SESSIONS_KEPT, GuardGradioCalls, LimitBodySize, LimitUIEventRate
+from webui.limits import PAGE_LOADS, SESSIONS_KEPT, UI_EVENTS, GuardGradioCalls, LimitBodySize, LimitRate
 from webui.openai_api import openai_routes
 from webui.origin import RefuseCrossSite, is_loopback_name
 from webui.resolutions import offered_sizes
@@ -212,7 +212,8 @@ def serve(blocks: gr.Blocks, engine: Engine, *, host: str, port: int, share: boo
                  if not share and is_loopback_name(host.lower()) else None)
     # Another site's requests are refused before the page's event budget counts them: they cannot spend it.
     middleware = [Middleware(AnswerUnhandledErrors), Middleware(RefuseCrossSite, own_hosts=own_hosts),
-                  Middleware(LimitUIEventRate), Middleware(StampArrival), Middleware(LimitBodySize),
+                  Middleware(LimitRate, rated=UI_EVENTS), Middleware(LimitRate, rated=PAGE_LOADS),
+                  Middleware(StampArrival), Middleware(LimitBodySize),
                   Middleware(GuardGradioCalls, streams=max(1, max_connections // 2), events=frozenset(blocks.fns),
                              small_events={index: fn.api_name for index, fn in blocks.fns.items() if not fn.queue},
                              api_names=frozenset(fn.api_name for fn in blocks.fns.values() if fn.api_name)),
