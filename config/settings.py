@@ -366,7 +366,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
         help="a connection that has not sent a whole request, head and body, this long after connecting (or after "
         "its last response) is closed")
     add("--send-timeout", dest="send_timeout_s", type=int, metavar="SECONDS",
-        help="a connection whose client stops reading its answer (takes less than about 48 KiB of it) this long, "
+        help="a connection whose client stops reading its answer (takes less than 64 KiB of it) this long, "
         "while more waits to be sent, is cut off")
     add("--output-dir", type=Path, metavar="DIR", help="where every returned image is saved as PNG")
     add("--disable-nan-check", dest="nan_check", action="store_false",

@@ -117,6 +117,28 @@ def raw_exchange(app: RunningApp, request: bytes, timeout: float = 30) -> tuple[
         return read_response(sock)
 
 
+def get_request(path: str) -> bytes:
+    """A GET of `path` as raw bytes, for raw_exchange."""
+    return f"GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n".encode()
+
+
+def page_events(app: RunningApp) -> list[dict]:
+    """The page's events as Gradio's config lists them; an event's index there is its fn_index. Asked for as a
+    client that honours Retry-After would: a test before may have spent the page loads' budget (webui.limits)."""
+    answers = []
+
+    def loaded() -> bool:
+        answers.append(raw_exchange(app, get_request("/config")))
+        return answers[-1][0] != 429
+
+    wait_until(loaded, 10, "the page's config served")
+    return json.loads(answers[-1][2])["dependencies"]
+
+
+def fn_index_of(app: RunningApp, api_name: str) -> int:
+    return next(index for index, event in enumerate(page_events(app)) if event["api_name"] == api_name)
+
+
 def post_json(app: RunningApp, path: str, body: object) -> tuple[int, bytes]:
     """POST `body` as JSON on a new connection: the status and the answer's body."""
     payload = json.dumps(body).encode()

@@ -181,7 +181,7 @@ RAW_BAD_INPUT = [
     (b'["a cat", "256x256", 5, false, 2, -Infinity, null]', "shift must be a number"),
     (b'["a cat", "256x256", 5, false, NaN, 3.0, null]', "steps must be a whole number"),
     (b'["a cat", "NaNxNaN", 5, false, 2, 3.0, null]', "resolution must look like 1024x1024"),
-    (b'["a cat", "256x256"]', "didn't receive enough input values"),
+    (b'["a cat", "256x256"]', "data must hold 6 values, one for each input \\(prompt, resolution, seed"),
     (b'["\xff\xfe not utf-8", "256x256", 5, false, 2, 3.0, null]', "error parsing the body"),
 ]
 

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from tests.helpers import post_json, start_demo_app, stop_app
+from tests.helpers import fn_index_of, post_json, start_demo_app, stop_app
 from webui.ui import EXAMPLES
 
 pytestmark = pytest.mark.e2e
@@ -45,11 +45,16 @@ def test_a_call_by_keyword_with_its_parameters_is_queued(app):
 @pytest.mark.parametrize("path, body", [
     ("/gradio_api/run/load_example", {"data": [len(EXAMPLES)]}),
     ("/gradio_api/run/load_example", {"data": [-1]}),
+    ("/gradio_api/run/load_example", {"data": [None]}),
     ("/gradio_api/run/load_example", {"data": ["1"]}),
     ("/gradio_api/api/load_example", {"data": [True]}),
-    ("/gradio_api/run/predict", {"data": [999], "fn_index": 0}),
+    ("/gradio_api/run/predict", {"data": [999], "fn_index": "load_example"}),
+    # Gradio runs the event the body's fn_index names, whatever the path's name
+    ("/gradio_api/run/status_line", {"data": [999], "fn_index": "load_example"}),
 ])
 def test_an_example_number_past_the_examples_is_refused(app, path, body):
+    if "fn_index" in body:
+        body["fn_index"] = fn_index_of(app, body["fn_index"])
     error = _refused(app, path, body)
     assert error["param"] == "data[0]" and f"0 to {len(EXAMPLES) - 1}" in error["message"]
     assert "unhandled error" not in app.log()
@@ -59,3 +64,16 @@ def test_an_example_by_its_number_is_loaded(app):
     status, answer = post_json(app, "/gradio_api/run/load_example", {"data": [1]})
     assert status == 200, answer
     assert json.loads(answer)["data"][0]["value"] == EXAMPLES[1]
+
+
+@pytest.mark.parametrize("path, body, names", [
+    ("/gradio_api/call/generate", {"data": ["a kite"]}, "prompt, resolution, seed, random_seed, steps, shift"),
+    ("/gradio_api/queue/join", {"data": ["a kite"], "fn_index": "generate", "session_hash": "short-data"},
+     "Prompt, Width × height, Seed"),
+    ("/gradio_api/run/load_example", {"data": []}, "Example prompts"),
+])
+def test_fewer_values_than_an_event_has_inputs_are_refused_naming_them(app, path, body, names):
+    if "fn_index" in body:
+        body["fn_index"] = fn_index_of(app, body["fn_index"])
+    error = _refused(app, path, body)
+    assert error["param"] == "data" and names in error["message"] and "object at 0x" not in error["message"]

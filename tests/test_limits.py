@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import select
 import socket
 import threading
@@ -17,6 +18,9 @@ from gradio_client import Client
 from pipeline.requests import MAX_PROMPT_CHARS
 from tests.helpers import (
     connect,
+    fn_index_of,
+    get_request,
+    page_events,
     http_status,
     raw_exchange,
     read_response,
@@ -182,22 +186,29 @@ def test_uploads_are_refused_since_no_component_takes_a_file(app, content):
     assert http_status(f"{app.url}/readyz") == 200
 
 
+FLOOD = 200  # requests sent at once, pipelined on one connection: past any budget, however slowly they are served
+
+
+def _pipelined_statuses(app, requests: list[bytes]) -> list[int]:
+    """The statuses of `requests` sent back to back on one connection (the last one closes it), in order."""
+    with connect(app) as sock:
+        sock.sendall(b"".join(requests))
+        return [int(status) for status in re.findall(rb"HTTP/1\.1 (\d{3}) ", read_until_closed(sock))]
+
+
 def test_a_flood_of_the_pages_small_events_is_refused_past_the_rate_and_passes_again_after(app):
-    from webui.limits import UI_EVENTS
+    def ui_event(route: str = "run", close: bool = True) -> bytes:
+        body = b'{"data": [0], "fn_index": 0, "session_hash": "flood"}'
+        head = _head(f"/gradio_api/{route}/predict", f"Content-Length: {len(body)}")
+        return (head if close else head.replace(b"Connection: close\r\n", b"")) + body
 
-    def ui_event(route: str = "run") -> tuple[int, dict[str, str], bytes]:
-        sock = connect(app)
-        with sock:
-            body = b'{"data": [null], "fn_index": 0, "session_hash": "flood"}'
-            sock.sendall(_head(f"/gradio_api/{route}/predict", f"Content-Length: {len(body)}") + body)
-            return read_response(sock)
-
-    statuses = [ui_event()[0] for _ in range(UI_EVENTS.burst + 20)]
-    assert 429 in statuses and statuses[0] != 429
-    status, headers, body = next(answer for answer in (ui_event() for _ in range(5)) if answer[0] == 429)
+    statuses = _pipelined_statuses(app, [ui_event(close=False)] * (FLOOD - 1) + [ui_event()])
+    assert len(statuses) == FLOOD and statuses[0] == 200 and 429 in statuses and set(statuses) == {200, 429}
+    status, headers, body = next(answer for answer in (raw_exchange(app, ui_event()) for _ in range(FLOOD))
+                                 if answer[0] == 429)
     assert headers["retry-after"] == "1" and json.loads(body)["error"]["code"] == "rate_limited"
-    # run/'s alias spends the same budget: a token refills every 50 ms, so one of a quick few is refused
-    assert 429 in [ui_event("api")[0] for _ in range(10)]
+    # run/'s alias spends the same budget
+    assert 429 in _pipelined_statuses(app, [ui_event("api", close=False)] * (FLOOD - 1) + [ui_event("api")])
     assert http_status(f"{app.url}/readyz") == 200  # other routes are not limited
     deadline = time.monotonic() + 5
     while ui_event()[0] == 429:
@@ -205,17 +216,14 @@ def test_a_flood_of_the_pages_small_events_is_refused_past_the_rate_and_passes_a
         time.sleep(0.1)
 
 
-def _get(path: str) -> bytes:
-    return f"GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n".encode()
-
-
 def test_a_flood_of_page_loads_is_refused_past_the_rate_and_passes_again_after(app):
-    from webui.limits import PAGE_LOADS
-
     paths = ["/", "/config", "/config/", "/gradio_api/info", "/gradio_api/openapi.json"]
-    answers = [raw_exchange(app, _get(paths[number % len(paths)])) for number in range(PAGE_LOADS.burst + 20)]
-    assert answers[0][0] == 200 and {status for status, _, _ in answers} == {200, 429}
-    _, headers, body = next(answer for answer in answers if answer[0] == 429)
+    requests = [f"GET {paths[number % len(paths)]} HTTP/1.1\r\nHost: localhost\r\n\r\n".encode()
+                for number in range(FLOOD - 1)] + [get_request("/config")]
+    statuses = _pipelined_statuses(app, requests)
+    assert len(statuses) == FLOOD and statuses[0] == 200 and set(statuses) == {200, 429}
+    _, headers, body = next(answer for answer in (raw_exchange(app, get_request("/config")) for _ in range(FLOOD))
+                            if answer[0] == 429)
     assert headers["retry-after"] == "1" and json.loads(body)["error"]["code"] == "rate_limited"
     # Health checks and the OpenAI route's cheap routes are not counted.
     assert http_status(f"{app.url}/readyz") == 200 and http_status(f"{app.url}/v1/models") == 200
@@ -252,26 +260,9 @@ def test_a_session_named_past_the_limit_is_refused_and_keeps_no_memory(app, path
     assert error["param"] == "session_hash" and str(MAX_SESSION_HASH_CHARS) in error["message"]
 
 
-def _events(app) -> list[dict]:
-    """The page's events as Gradio's config lists them; an event's index there is its fn_index. Asked for as a
-    client that honours Retry-After would: the flood test before may have spent the page loads' budget."""
-    config = []
-
-    def loaded() -> bool:
-        status, _, body = raw_exchange(app, _get("/config"))
-        config.append(body)
-        return status != 429
-
-    wait_until(loaded, 10, "the page's config served")
-    return json.loads(config[-1])["dependencies"]
-
-
-def _fn_index(app, api_name: str) -> int:
-    return next(index for index, event in enumerate(_events(app)) if event["api_name"] == api_name)
-
-
 def test_a_session_named_as_gradio_client_names_one_is_served(app):
-    payload = json.dumps({"data": [], "fn_index": _fn_index(app, "generate"),
+    # One value for each of the event's seven inputs: all null, so the job fails at once, in the engine's check.
+    payload = json.dumps({"data": [None] * 7, "fn_index": fn_index_of(app, "generate"),
                           "session_hash": "0f6c7a52-1b2d-4c4e-9a53-8d1f0e6b7c21"}).encode()
     with connect(app) as sock:
         sock.sendall(_head("/gradio_api/queue/join", f"Content-Length: {len(payload)}") + payload)
@@ -281,9 +272,8 @@ def test_a_session_named_as_gradio_client_names_one_is_served(app):
 
 def test_new_sessions_past_the_rate_are_refused_and_a_known_one_still_joins(app):
     """Gradio's cache of sessions drops the oldest once full, even one still waiting for its job: new names come
-    at a bounded rate. Each join here names a new session; the events themselves fail (no data), as Gradio's own
-    answer shows later, on a stream nobody reads."""
-    fn_index = _fn_index(app, "generate")
+    at a bounded rate. Each join here names a new session, which counts before its missing data is refused."""
+    fn_index = fn_index_of(app, "generate")
 
     def join(name: str) -> int:
         payload = json.dumps({"data": [], "fn_index": fn_index, "session_hash": name}).encode()
@@ -357,8 +347,8 @@ def test_a_body_framed_both_by_length_and_by_chunks_is_refused_and_the_connectio
 
 def test_the_pages_small_events_come_only_through_the_route_that_counts_them(app):
     """Gradio also takes a queue-less event through its queue's routes, where the rate limit would not see it."""
-    small = _fn_index(app, "status_line")
-    assert _events(app)[small]["queue"] is False
+    small = fn_index_of(app, "status_line")
+    assert page_events(app)[small]["queue"] is False
     for path, body in (("/gradio_api/queue/join", {"data": [], "fn_index": small, "session_hash": "small"}),
                        ("/gradio_api/call/status_line", {"data": []})):
         payload = json.dumps(body).encode()

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import io
-import json
 import logging
 import re
 import subprocess
 import sys
 import time
 import traceback
-import urllib.request
 from types import SimpleNamespace
 
 import pytest
@@ -27,7 +25,7 @@ from config.log_lines import (
     seconds_since_process_start,
 )
 from config.settings import PROJECT_DIR
-from tests.helpers import start_demo_app, stop_app
+from tests.helpers import generate_over_http, start_demo_app, stop_app
 
 FORGED = "2026-01-01T00:00:00+0000 CRITICAL zimage.app all images deleted"
 HOSTILE = f"a cat\n{FORGED}\r\x1b[31mred\x1b[0m\u2028\u202eevil\x7f\x85"
@@ -127,20 +125,16 @@ def test_a_printed_traceback_is_one_record_and_repeats_without_it():
 
 @pytest.mark.e2e
 def test_a_forged_line_in_a_prompt_reaches_the_log_escaped(tmp_path, tiny_models):
-    app = start_demo_app(tmp_path, tiny_models, "--log-prompts", "summary")
+    app = start_demo_app(tmp_path, tiny_models, "--log-prompts", "full")
+    # What a prompt may hold (the engine refuses the other control characters): line breaks, a line separator, a
+    # bidi override.
+    prompt = f"a cat\n{FORGED}\r\u2028\u202eevil"
     try:
-        # One input of seven: Gradio refuses it and prints its error, with the inputs it received, to stderr.
-        request = urllib.request.Request(f"{app.url}/gradio_api/call/generate",
-                                         json.dumps({"data": [HOSTILE]}).encode(),
-                                         headers={"Content-Type": "application/json"})
-        event_id = json.loads(urllib.request.urlopen(request, timeout=30).read())["event_id"]
-        with urllib.request.urlopen(f"{app.url}/gradio_api/call/generate/{event_id}", timeout=60) as stream:
-            assert b"event: error" in stream.read()
+        assert generate_over_http(app.url, prompt, size="64x64", steps=1)["data"]
     finally:
         stop_app(app)
     log = app.log_path.read_bytes().decode()
-    assert "didn't receive enough input values" in log  # the error did reach the log
-    assert r"\x1b[31mred\x1b[0m\u2028\u202eevil" in log
+    assert r"a cat\n2026-01-01T00:00:00+0000 CRITICAL zimage.app all images deleted\r\u2028\u202eevil" in log
     assert not any(line.startswith("2026-01-01") for line in log.splitlines())
     assert "\x1b" not in log and "\u2028" not in log and "\u202e" not in log
     for line in log.split("\n")[:-1]:

@@ -92,7 +92,9 @@ def test_own_pages_and_clients_without_origin_are_served(app, origin):
     status, body = post(f"{app.url}/v1/images/generations", openai_body, headers)
     assert status == 200 and len(body["data"]) == 1
     assert len(saved_pngs(app) - before) == 1
-    status, body = post(f"{app.url}/gradio_api/call/generate", FORGED_JSON, headers)
+    # A value for each of the API's six inputs, the five after the prompt null: the job fails in the engine's check.
+    call_body = json.dumps({"data": ["a cat", None, None, None, None, None]}).encode()
+    status, body = post(f"{app.url}/gradio_api/call/generate", call_body, headers)
     assert status == 200 and "event_id" in body  # the call reached Gradio's queue
 
 
@@ -103,6 +105,20 @@ def get_headers(url: str, headers: dict[str, str]) -> tuple[int, dict[str, str]]
             return response.status, {name.lower(): value for name, value in response.headers.items()}
     except urllib.error.HTTPError as error:
         return error.code, {name.lower(): value for name, value in error.headers.items()}
+
+
+@pytest.mark.e2e
+def test_another_sites_page_cannot_spend_the_page_loads_budget_but_its_links_still_open_the_page(app):
+    """<img src=".../config"> a hundred times on another site's page would spend the server-wide budget of page loads
+    (webui.limits) that the operator's own page needs."""
+    embedded = {"Referer": f"{EVIL}/page", "Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "no-cors"}
+    assert get_headers(f"{app.url}/config", embedded)[0] == 403
+    no_referrer = {"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "no-cors"}  # referrerpolicy="no-referrer"
+    assert get_headers(f"{app.url}/gradio_api/info", no_referrer)[0] == 403
+    link_followed = {"Referer": f"{EVIL}/page", "Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "navigate"}
+    assert get_headers(f"{app.url}/", link_followed)[0] == 200
+    # Elsewhere a read another site's page embeds goes on, as before: it spends nothing shared.
+    assert get_headers(f"{app.url}/v1/models", embedded)[0] == 200
 
 
 @pytest.mark.e2e
@@ -125,7 +141,8 @@ def test_a_page_whose_name_was_rebound_to_loopback_is_refused(app):
 def test_behind_a_proxy_another_sites_page_cannot_read_what_gradio_would_grant_it(tmp_path, tiny_models):
     """Gradio grants every origin, credentials included, once Host is not localhost: as behind the README's proxy,
     which passes the public name on. A fetch from another site's page is refused instead, so there is nothing to
-    read; our own page, a link followed from another site and an image embedded there are served."""
+    read; our own page, a link followed from another site and an embedded read of a route with no shared budget are
+    served."""
     proxied = start_demo_app(tmp_path, tiny_models, "--public-url", "https://gpu-box.example.com")
     try:
         public = {"Host": "gpu-box.example.com"}
@@ -134,7 +151,9 @@ def test_behind_a_proxy_another_sites_page_cannot_read_what_gradio_would_grant_i
         status, _ = post(f"{proxied.url}/v1/images/generations", b'{"prompt": "x"}',
                          public | {"Content-Type": "application/json", "Origin": EVIL})
         assert status == 403
-        assert get_headers(f"{proxied.url}/gradio_api/info", public | {"Referer": f"{EVIL}/page"})[0] == 200
+        assert get_headers(f"{proxied.url}/v1/models", public | {"Referer": f"{EVIL}/page"})[0] == 200
+        assert get_headers(f"{proxied.url}/", public | {"Referer": f"{EVIL}/page", "Sec-Fetch-Mode": "navigate"})[0] \
+            == 200
         assert get_headers(f"{proxied.url}/gradio_api/info",
                            public | {"Origin": "https://gpu-box.example.com"})[0] == 200
         # The public name is this server's; any other still is not.

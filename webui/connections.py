@@ -32,6 +32,11 @@ FDS_RESERVED = 256  # the model's files, the log, compile workers' pipes: what t
 # piece (5.7 MiB on the wire) held the event loop for 6 s, and eight at once made /healthz take 4.9 s. A client
 # streaming a body sends pieces of kilobytes: 16,384 of them carry 16 MiB at one KiB each, past any body taken here.
 MAX_BODY_PIECES = 16_384
+# What a client must take of an answer backed up in the server's buffers within each send timeout to stay: about
+# 2 KiB/s at the default 30 s. Counted from the transport's buffer, not from asyncio's resume_writing: uvloop
+# resumes only once its buffer is all but empty, so a large answer written at once (an image as base64) resumes
+# only at its end, however steadily the client reads.
+MIN_BYTES_READ_PER_TIMEOUT = 64 * 1024
 
 
 def check_port_free(host: str, port: int) -> None:
@@ -76,10 +81,10 @@ class GuardedH11Protocol(H11Protocol):
     """uvicorn's h11 protocol, plus: a request, head and body, must arrive whole within `request_timeout_s` of the
     connection (or of the previous response, on a kept-alive one); a client that stops reading its answer for
     `send_timeout_s` while the server has more to send is cut off; and past `max_connections` the oldest other
-    connection still waiting for its request head, or else for its body, or else the one whose answer has waited
-    unread longest, is closed to make room. A health probe sends its request at once and reads its answer, so it gets
-    through; sockets that never do, trickle, or stop reading are the ones dropped. (The bodies this service takes
-    are at most 1 MiB: webui.limits.)"""
+    connection still waiting for its request head, or else for its body, or else the one that has read least of
+    its answer for longest, is closed to make room. A health probe sends its request at once and reads its answer,
+    so it gets through; sockets that never do, trickle, or stop reading are the ones dropped. (The bodies this
+    service takes are at most 1 MiB: webui.limits.)"""
 
     request_timeout_s = 10.0
     send_timeout_s = 30.0
@@ -97,8 +102,10 @@ class GuardedH11Protocol(H11Protocol):
         self._line_ends = 0
         self._waiting_since = time.monotonic()
         self._request_deadline = None
-        self._unread_since = None  # when the transport's buffer last filled up with an answer the client has not read
+        self._unread_since = None  # since when the client has taken too little of an answer backed up in the buffer
         self._send_deadline = None
+        self._buffered_at_deadline_start = 0
+        self._lost = False
         self._await_request(after=self.cycle)
         if len(self.connections) > self.max_connections:
             self._evict_oldest_waiting()
@@ -159,13 +166,18 @@ class GuardedH11Protocol(H11Protocol):
 
     def handle_websocket_upgrade(self, event) -> None:
         self._stop_waiting()  # the connection is the websocket protocol's from here
+        self._stop_sending_clock()
         super().handle_websocket_upgrade(event)
 
     def pause_writing(self) -> None:
         super().pause_writing()
         if self._send_deadline is None:
             self._unread_since = time.monotonic()
-            self._send_deadline = self.loop.call_later(self.send_timeout_s, self._send_timed_out)
+            self._start_send_deadline()
+
+    def _start_send_deadline(self) -> None:
+        self._buffered_at_deadline_start = self.transport.get_write_buffer_size()
+        self._send_deadline = self.loop.call_later(self.send_timeout_s, self._send_timed_out)
 
     def resume_writing(self) -> None:
         super().resume_writing()
@@ -178,6 +190,7 @@ class GuardedH11Protocol(H11Protocol):
             self._send_deadline = None
 
     def connection_lost(self, exc) -> None:
+        self._lost = True
         self._stop_waiting()
         self._stop_sending_clock()
         super().connection_lost(exc)
@@ -192,12 +205,19 @@ class GuardedH11Protocol(H11Protocol):
 
     def _send_timed_out(self) -> None:
         self._send_deadline = None
+        taken = self._buffered_at_deadline_start - self.transport.get_write_buffer_size()
+        if taken >= MIN_BYTES_READ_PER_TIMEOUT:  # reading, slowly: the next stretch is timed afresh
+            self._unread_since = time.monotonic()
+            self._start_send_deadline()
+            return
         self._unread("cut off a connection that stopped reading its answer for %.0f s", self.send_timeout_s)
         self._cut_off()
 
     def _cut_off(self) -> None:
         """Close now, and drop what is buffered: close() would wait for a client that does not read to take it, and
         the kernel would keep megabytes of unsent answer for minutes; a reset frees both at once."""
+        if self._lost:  # its socket may be closed, and its descriptor another connection's by now
+            return
         self._stop_waiting()
         self._stop_sending_clock()
         sock = self.transport.get_extra_info("socket")
@@ -208,23 +228,26 @@ class GuardedH11Protocol(H11Protocol):
 
     def _evict_oldest_waiting(self) -> None:
         others = [c for c in self.connections if isinstance(c, GuardedH11Protocol) and c is not self]
+        # Not one still taking its last answer: it waits for its next request only once that is read.
         waiting = [c for c in others if c._request_deadline is not None and not c._request_arrived()
-                   and not c.transport.is_closing()]
+                   and not c.transport.is_closing() and not c.transport.get_write_buffer_size()]
         # A closing one too: close() waits for the client to read what is buffered.
         unread = [c for c in others if c._unread_since is not None]
         if waiting:
             # Those still sending their head first: a client that has sent its head is sending its body, at once
             # unless it trickles, and is dropped only when no connection is further behind.
             oldest = min(waiting, key=lambda connection: (connection._head_arrived(), connection._waiting_since))
-            what = "the oldest still sending its request"
+            self._evictions("%d connections open (max_connections=%d): closed the oldest still sending its request",
+                            len(self.connections), self.max_connections)
+            oldest._stop_waiting()
+            oldest.transport.close()
         elif unread:
             oldest = min(unread, key=lambda connection: connection._unread_since)
-            what = "the one whose answer has waited unread longest"
+            self._evictions("%d connections open (max_connections=%d): cut off the one that has read least of its "
+                            "answer for longest", len(self.connections), self.max_connections)
+            oldest._cut_off()
         else:
             return  # every other connection is busy with a request: uvicorn's own limit answers this one 503
-        self._evictions(f"%d connections open (max_connections=%d): closed {what}", len(self.connections),
-                        self.max_connections)
-        oldest._cut_off()
         # Out of the count now, not at its connection_lost: on uvloop (installed with the scale extra) the new
         # connection's request is read first, and uvicorn would answer it 503 for a cap the eviction just freed.
         # Its request's task (one still waiting for its body) likewise: uvicorn counts tasks too, and that one

@@ -1,8 +1,9 @@
-"""Callers' mistakes in calls to the page's events that Gradio answers with a 500 and a traceback in the log: a call
-by keyword (`call/v2/NAME`) with a parameter the endpoint does not take or without one it needs (Gradio's own
-argument check raises a TypeError its route does not catch), and an example's number past the page's examples
-(`run/load_example`: the examples' list raises an IndexError). Checked here first, each gets a 400 naming the field,
-and nothing reaches Gradio."""
+"""Callers' mistakes in calls to the page's events that Gradio answers with a 500 and a traceback in the log, or
+with a message that quotes its components' Python reprs and echoes every value sent: a call by keyword
+(`call/v2/NAME`) with a parameter the endpoint does not take or without one it needs (Gradio's own argument check
+raises a TypeError its route does not catch), fewer values in `data` than the event has inputs, and an example's
+number past the page's examples (`run/load_example`: the examples' list raises an IndexError). Checked here first,
+each gets a 400 naming the field, and nothing reaches Gradio."""
 
 from __future__ import annotations
 
@@ -12,11 +13,17 @@ import gradio as gr
 
 from pipeline.requests import shown
 from webui.asgi_errors import openai_error, send_json
-from webui.limits import CALL_BY_KEYWORD_PATH, UI_EVENT_PATHS, json_fields, read_whole_body
+from webui.limits import (
+    CALL_BY_KEYWORD_PATH,
+    CALL_PATH,
+    QUEUE_JOIN_PATH,
+    UI_EVENT_PATHS,
+    json_fields,
+    read_whole_body,
+)
 
 # Gradio's keyword route takes this one beside an endpoint's parameters (and drops it where the endpoint has no use).
 GRADIO_OWN_KEYWORDS = frozenset({"oauth_token"})
-BY_INDEX = "predict"  # run/predict names its event by the body's fn_index, not by the path
 
 
 @dataclass(frozen=True)
@@ -25,6 +32,17 @@ class Parameters:
 
     names: tuple[str, ...]
     required: frozenset[str]
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """An event's inputs, named for messages: all of them (what the page sends), and those an API call (call/NAME)
+    may send instead, Gradio filling the others (a gr.State) itself. `queued`: the event runs through the queue,
+    so Gradio refuses it on run/ (404) whatever its inputs."""
+
+    names: tuple[str, ...]
+    api_names: tuple[str, ...]
+    queued: bool
 
 
 @dataclass(frozen=True)
@@ -37,17 +55,19 @@ class ExamplePick:
 
 class CheckEventInputs:
     """ASGI middleware over Gradio's routes for the page's events. `parameters`: api name → its keyword parameters;
-    `example_picks`: fn_index → the example input it takes; `fn_indices`: api name → fn_index. Runs inside
-    webui.limits.GuardGradioCalls, which has checked that an fn_index names an event."""
+    `inputs`: fn_index → the event's inputs; `example_picks`: fn_index → the example input it takes; `fn_indices`:
+    api name → fn_index. Runs inside webui.limits.GuardGradioCalls, which has checked that an fn_index names an
+    event and an API name is one of the page's."""
 
-    def __init__(self, app, parameters: dict[str, Parameters], example_picks: dict[int, ExamplePick],
-                 fn_indices: dict[str, int]):
-        self.app, self.parameters, self.example_picks, self.fn_indices = app, parameters, example_picks, fn_indices
+    def __init__(self, app, parameters: dict[str, Parameters], inputs: dict[int, Inputs],
+                 example_picks: dict[int, ExamplePick], fn_indices: dict[str, int]):
+        self.app, self.parameters, self.inputs = app, parameters, inputs
+        self.example_picks, self.fn_indices = example_picks, fn_indices
 
     async def __call__(self, scope, receive, send):
         path = scope.get("path", "")
-        if scope["type"] != "http" or scope["method"] != "POST" or not path.startswith((CALL_BY_KEYWORD_PATH,
-                                                                                        *UI_EVENT_PATHS)):
+        if scope["type"] != "http" or scope["method"] != "POST" or not (
+                path.startswith((CALL_PATH, *UI_EVENT_PATHS)) or path == QUEUE_JOIN_PATH):
             await self.app(scope, receive, send)
             return
         body, receive = await read_whole_body(receive)
@@ -58,7 +78,17 @@ class CheckEventInputs:
         elif path.startswith(CALL_BY_KEYWORD_PATH):
             problem = self._keyword_problem(name, fields)
         else:
-            problem = self._example_problem(name, fields)
+            # As Gradio picks the event: call/NAME by its name; run/ by the body's fn_index, else by its name.
+            fn_index = self.fn_indices.get(name) if path.startswith(CALL_PATH) else fields.get("fn_index")
+            if fn_index is None and path != QUEUE_JOIN_PATH:
+                fn_index = self.fn_indices.get(name)
+            data = fields.get("data")
+            queued_on_run = path.startswith(UI_EVENT_PATHS) and getattr(self.inputs.get(fn_index), "queued", False)
+            if not isinstance(fn_index, int) or not isinstance(data, list) or queued_on_run:
+                problem = None  # Gradio's own validation answers these, and refuses a queued event on run/ (404)
+            else:
+                problem = (self._count_problem(fn_index, data, api_call=path.startswith(CALL_PATH))
+                           or self._example_problem(fn_index, data))
         if problem is not None:
             message, param = problem
             await send_json(send, 400, openai_error(message, None, param))
@@ -78,14 +108,21 @@ class CheckEventInputs:
             return f"{missing[0]} is required by {name} (its parameters: {takes}).", missing[0]
         return None
 
-    def _example_problem(self, name: str, fields: dict) -> tuple[str, str] | None:
-        fn_index = fields.get("fn_index") if name == BY_INDEX else self.fn_indices.get(name)
-        pick = self.example_picks.get(fn_index) if isinstance(fn_index, int) else None
-        data = fields.get("data")
-        if pick is None or not isinstance(data, list) or len(data) <= pick.position:
-            return None  # Gradio's own check of the inputs' count answers a short list
+    def _count_problem(self, fn_index: int, data: list, api_call: bool) -> tuple[str, str] | None:
+        """Fewer values than inputs (Gradio ignores extra ones); an API call may send only those of the API."""
+        inputs = self.inputs.get(fn_index)
+        if inputs is None or len(data) >= len(inputs.names) or (api_call and len(data) == len(inputs.api_names)):
+            return None
+        names = inputs.api_names if api_call else inputs.names
+        return (f"data must hold {len(names)} values, one for each input ({', '.join(names)}); got {len(data)}.",
+                "data")
+
+    def _example_problem(self, fn_index: int, data: list) -> tuple[str, str] | None:
+        pick = self.example_picks.get(fn_index)
+        if pick is None or len(data) <= pick.position:
+            return None
         number = data[pick.position]
-        if number is None or (isinstance(number, int) and not isinstance(number, bool) and 0 <= number < pick.count):
+        if isinstance(number, int) and not isinstance(number, bool) and 0 <= number < pick.count:
             return None
         return f"data[{pick.position}] must be an example's number, 0 to {pick.count - 1} (got {shown(number)}).", \
             f"data[{pick.position}]"
@@ -104,5 +141,16 @@ def event_inputs(blocks: gr.Blocks) -> dict[str, object]:
     example_picks = {index: ExamplePick(position, len(component.raw_samples))
                      for index, fn in blocks.fns.items()
                      for position, component in enumerate(fn.inputs) if isinstance(component, gr.Dataset)}
+    # An API call's inputs by the names its callers know them by: the endpoint's parameters.
+    inputs = {index: Inputs(names=tuple(_input_name(block) for block in fn.inputs),
+                            api_names=parameters[fn.api_name].names if fn.api_name in parameters else
+                            tuple(_input_name(block) for block in fn.inputs if not block.skip_api),
+                            queued=fn.queue)
+              for index, fn in blocks.fns.items()}
     fn_indices = {fn.api_name: index for index, fn in blocks.fns.items() if fn.api_name}
-    return {"parameters": parameters, "example_picks": example_picks, "fn_indices": fn_indices}
+    return {"parameters": parameters, "inputs": inputs, "example_picks": example_picks, "fn_indices": fn_indices}
+
+
+def _input_name(block: gr.components.Component) -> str:
+    """What a message calls an input: its label on the page, else its kind ("state")."""
+    return getattr(block, "label", None) or type(block).__name__.lower()

@@ -9,7 +9,10 @@ does anything guard the routes we add beside Gradio's (/v1/...). So one ASGI mid
   cross-origin fetch, read or write, and on every POST; a refused one has nothing to read (a preflight is Gradio's
   middleware's to answer, but the request it clears is refused here);
 - a state-changing request whose `Referer` is another site's is refused too (older browsers send no Origin); a
-  read with one is a link followed or an image embedded elsewhere (no Origin then), and goes on;
+  read with one is a link followed or an image embedded elsewhere (no Origin then), and goes on, except on the
+  routes with a server-wide budget (`budgeted`: the page loads, webui.limits): there, another site's page that is
+  not a navigation (`Sec-Fetch-Mode` other than navigate; `Sec-Fetch-Site: cross-site` counts as another site's
+  even without a Referer) is refused, or a hundred of its <img> tags would spend what the operator's page needs;
 - on a loopback bind, a request addressed to a name that is not this machine's is refused (403): DNS rebinding,
   a page of evil.example whose name now resolves to 127.0.0.1, so that its Origin and Host agree.
 
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+from collections.abc import Callable
 from urllib.parse import urlsplit
 
 from config.log_lines import Occasional
@@ -82,9 +86,11 @@ class RefuseCrossSite:
     (--public-url's host); None: any name (bound to other machines, or shared, the names clients use cannot be
     known, and credentials guard the service)."""
 
-    def __init__(self, app, own_hosts: frozenset[str] | None = None):
+    def __init__(self, app, own_hosts: frozenset[str] | None = None,
+                 budgeted: Callable[[str], bool] = lambda _path: False):
         self.app = app
         self.own_hosts = own_hosts
+        self.budgeted = budgeted
         # A page the operator visits can send these by the thousand: a line an interval, with the count.
         self._other_hosts = Occasional(log)
         self._cross_site = Occasional(log)
@@ -105,7 +111,11 @@ class RefuseCrossSite:
                                             "to the address clients use.", "forbidden_host")
             return
         origin = foreign_origin(headers)
-        if origin is None or (scope["method"] not in STATE_CHANGING_METHODS and b"origin" not in headers):
+        if origin is None and headers.get(b"sec-fetch-site") == b"cross-site":
+            origin = "another site's page (Sec-Fetch-Site: cross-site)"
+        a_read = scope["method"] not in STATE_CHANGING_METHODS and b"origin" not in headers
+        spends_a_budget = self.budgeted(scope["path"]) and headers.get(b"sec-fetch-mode") != b"navigate"
+        if origin is None or (a_read and not spends_a_budget):
             await self.app(scope, receive, send)
             return
         self._cross_site("cross-site request refused method=%s path=%s origin=%s", scope["method"],

@@ -210,8 +210,10 @@ def serve(blocks: gr.Blocks, engine: Engine, *, host: str, port: int, share: boo
     # Bound to loopback, only loopback names and --public-url's host are this server's (see webui.origin).
     own_hosts = (frozenset(filter(None, [urlsplit(public_url).hostname]))
                  if not share and is_loopback_name(host.lower()) else None)
-    # Another site's requests are refused before the page's event budget counts them: they cannot spend it.
-    middleware = [Middleware(AnswerUnhandledErrors), Middleware(RefuseCrossSite, own_hosts=own_hosts),
+    # Another site's requests are refused before the budgets count them: they cannot spend them.
+    middleware = [Middleware(AnswerUnhandledErrors),
+                  Middleware(RefuseCrossSite, own_hosts=own_hosts,
+                             budgeted=lambda path: UI_EVENTS.counts(path) or PAGE_LOADS.counts(path)),
                   Middleware(LimitRate, rated=UI_EVENTS), Middleware(LimitRate, rated=PAGE_LOADS),
                   Middleware(StampArrival), Middleware(LimitBodySize),
                   Middleware(GuardGradioCalls, streams=max(1, max_connections // 2), events=frozenset(blocks.fns),
