@@ -83,9 +83,10 @@ class CheckEventInputs:
             if fn_index is None and path != QUEUE_JOIN_PATH:
                 fn_index = self.fn_indices.get(name)
             data = fields.get("data")
-            queued_on_run = path.startswith(UI_EVENT_PATHS) and getattr(self.inputs.get(fn_index), "queued", False)
-            if not isinstance(fn_index, int) or not isinstance(data, list) or queued_on_run:
-                problem = None  # Gradio's own validation answers these, and refuses a queued event on run/ (404)
+            if not isinstance(fn_index, int) or fn_index not in self.inputs or not isinstance(data, list):
+                problem = None  # Gradio's own validation answers these
+            elif path.startswith(UI_EVENT_PATHS) and self.inputs[fn_index].queued:
+                problem = None  # Gradio refuses a queued event on run/ (404) whatever it is sent
             else:
                 problem = (self._count_problem(fn_index, data, api_call=path.startswith(CALL_PATH))
                            or self._example_problem(fn_index, data))
@@ -110,8 +111,8 @@ class CheckEventInputs:
 
     def _count_problem(self, fn_index: int, data: list, api_call: bool) -> tuple[str, str] | None:
         """Fewer values than inputs (Gradio ignores extra ones); an API call may send only those of the API."""
-        inputs = self.inputs.get(fn_index)
-        if inputs is None or len(data) >= len(inputs.names) or (api_call and len(data) == len(inputs.api_names)):
+        inputs = self.inputs[fn_index]
+        if len(data) >= len(inputs.names) or (api_call and len(data) == len(inputs.api_names)):
             return None
         names = inputs.api_names if api_call else inputs.names
         return (f"data must hold {len(names)} values, one for each input ({', '.join(names)}); got {len(data)}.",
