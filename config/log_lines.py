@@ -62,34 +62,39 @@ class OneLinePerRecord(logging.Formatter):
 
 
 class OncePerInterval:
-    """Whether an event of a kind is due its full account (a traceback) again: once per `interval_s` per kind. The
-    kinds remembered are bounded: past MAX_KINDS (no service has that many ways to fail) it starts afresh."""
+    """Whether an event of a kind is due its full account (a traceback) again: once per `interval_s` per kind (or
+    `times` times: the first of each interval). The kinds remembered are bounded: past MAX_KINDS (no service has
+    that many ways to fail) it starts afresh."""
 
     MAX_KINDS = 1000
 
-    def __init__(self, interval_s: float):
-        self.interval_s = interval_s
-        self._last: dict[object, float] = {}
+    def __init__(self, interval_s: float, times: int = 1):
+        self.interval_s, self.times = interval_s, times
+        self._windows: dict[object, tuple[float, int]] = {}  # kind → when its interval began, accounts given in it
 
     def due(self, kind: object) -> bool:
         now = time.monotonic()
-        if now - self._last.get(kind, float("-inf")) < self.interval_s:
+        began, given = self._windows.get(kind, (float("-inf"), 0))
+        if now - began >= self.interval_s:
+            began, given = now, 0
+        if given >= self.times:
             return False
-        if len(self._last) >= self.MAX_KINDS:
-            self._last.clear()
-        self._last[kind] = now
+        if kind not in self._windows and len(self._windows) >= self.MAX_KINDS:
+            self._windows.clear()
+        self._windows[kind] = (began, given + 1)
         return True
 
 
 class Occasional:
     """A line repeated by the thousand (an attack repeats the same event) logged at most once an interval for each
-    message (its format string: a kind), with how many of that kind happened since its last line."""
+    message (its format string: a kind), or `times` times, with how many of that kind happened since its last
+    line."""
 
     def __init__(self, logger: logging.Logger, interval_s: float = REPEAT_LOG_INTERVAL_S,
-                 level: int = logging.WARNING):
+                 level: int = logging.WARNING, times: int = 1):
         self.logger, self.level = logger, level
         self.unlogged: Counter[str] = Counter()
-        self._due = OncePerInterval(interval_s)
+        self._due = OncePerInterval(interval_s, times)
 
     def __call__(self, message: str, *args, exc_info: BaseException | None = None) -> None:
         self.unlogged[message] += 1

@@ -204,3 +204,20 @@ def test_occasional_lines_count_each_kind_apart(caplog, monkeypatch):
         (logging.INFO, "evicted a socket (5 time(s) since the last such line)"),
         (logging.INFO, "cut off a reader (3 time(s) since the last such line)"),
     ]
+
+
+def test_occasional_lines_may_come_a_few_times_an_interval_before_they_are_counted(caplog, monkeypatch):
+    now = [1000.0]
+    monkeypatch.setattr(log_lines, "time", SimpleNamespace(monotonic=lambda: now[0]))
+    caplog.set_level(logging.INFO, logger="zimage.test-occasional-times")
+    occasional = Occasional(logging.getLogger("zimage.test-occasional-times"), interval_s=10.0, times=3)
+    for number in range(10):
+        occasional("refused %d", number)
+    now[0] += 11
+    occasional("refused %d", 10)
+    assert [record.getMessage() for record in caplog.records] == [
+        "refused 0 (1 time(s) since the last such line)",
+        "refused 1 (1 time(s) since the last such line)",
+        "refused 2 (1 time(s) since the last such line)",
+        "refused 10 (8 time(s) since the last such line)",
+    ]

@@ -369,6 +369,18 @@ def test_gradio_client_reaches_the_ui_endpoint_with_basic_auth(app):
     assert seed_used == 5 and Image.open(png_path).size == (128, 128)
 
 
+def test_a_loop_of_refused_requests_is_logged_a_bounded_number_of_times(app):
+    """Last of the tests on this app: the refusals before it are each logged, as a person's would be."""
+    from webui.openai_api import REFUSALS_LOGGED_PER_INTERVAL
+
+    before = app.log().count("images request refused")
+    for _ in range(3 * REFUSALS_LOGGED_PER_INTERVAL):
+        assert post_raw(app, b'{"prompt": "x", "size": "huge"}')[0] == 400
+    logged = app.log().count("images request refused") - before
+    # Still logged, but not each time: the loop may straddle two of the 10 s intervals, no more.
+    assert 1 <= logged <= 2 * REFUSALS_LOGGED_PER_INTERVAL
+
+
 def test_a_failed_generation_is_a_500_with_an_id_and_a_full_queue_a_503(tmp_path, tiny_models):
     app = start_demo_app(tmp_path, tiny_models, "--queue-size", "1",
                          env={"ZIMAGE_TEST_MODE": "1", "ZIMAGE_FAULT": "nan@1"})

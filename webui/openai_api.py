@@ -35,6 +35,7 @@ from webui.asgi_errors import openai_error
 from webui.auth import IMAGE_ROUTE, USER_KEY, LinkSigner
 
 log = logging.getLogger("zimage.openai")
+REFUSALS_LOGGED_PER_INTERVAL = 50  # refusals before the queue, each logged up to this many every 10 s
 
 MODEL_ID = "z-image-turbo"
 RESPONSE_FORMATS = ("b64_json", "url")
@@ -219,6 +220,9 @@ def openai_routes(engine_output_dir: Path, loopback_url: str, public_url: str, s
     # verify=False: this is the server's own loopback address, which its certificate (if TLS is on) does not name.
     client = httpx.AsyncClient(base_url=loopback_url, timeout=httpx.Timeout(30.0, read=None), verify=False)
     refused_busy = Occasional(log)
+    # Each refusal is logged while they come at a person's or a buggy script's pace; a client sending them in a
+    # loop (any loopback client, without --auth) would otherwise rotate the log within minutes.
+    refused = Occasional(log, level=logging.INFO, times=REFUSALS_LOGGED_PER_INTERVAL)
 
     async def generations(request: Request):
         deliveries.begin()
@@ -240,7 +244,7 @@ def openai_routes(engine_output_dir: Path, loopback_url: str, public_url: str, s
                                     f"(got {shown(content_type)}).")
             inputs, response_format = _read_body(await request.body())
         except ApiError as error:
-            log.info("images request refused status=%d param=%s reason=%r", error.status, error.param, error.message)
+            refused("images request refused status=%d param=%s reason=%r", error.status, error.param, error.message)
             metrics.request_finished("rejected")
             return _error_response(error)
         try:
