@@ -10,9 +10,10 @@ does anything guard the routes we add beside Gradio's (/v1/...). So one ASGI mid
   middleware's to answer, but the request it clears is refused here);
 - a state-changing request whose `Referer` is another site's is refused too (older browsers send no Origin); a
   read with one is a link followed or an image embedded elsewhere (no Origin then), and goes on, except on the
-  routes with a server-wide budget (`budgeted`: the page loads, webui.limits): there, another site's page that is
-  not a navigation (`Sec-Fetch-Mode` other than navigate; `Sec-Fetch-Site: cross-site` counts as another site's
-  even without a Referer) is refused, or a hundred of its <img> tags would spend what the operator's page needs;
+  routes with a server-wide budget (`budgeted`: the page loads, webui.limits): there, a request another site's
+  page makes that its browser says is no navigation (`Sec-Fetch-Mode` other than navigate; `Sec-Fetch-Site:
+  cross-site` counts as another site's even without a Referer) is refused, or a hundred of its <img> tags would
+  spend what the operator's page needs;
 - on a loopback bind, a request addressed to a name that is not this machine's is refused (403): DNS rebinding,
   a page of evil.example whose name now resolves to 127.0.0.1, so that its Origin and Host agree.
 
@@ -114,7 +115,9 @@ class RefuseCrossSite:
         if origin is None and headers.get(b"sec-fetch-site") == b"cross-site":
             origin = "another site's page (Sec-Fetch-Site: cross-site)"
         a_read = scope["method"] not in STATE_CHANGING_METHODS and b"origin" not in headers
-        spends_a_budget = self.budgeted(scope["path"]) and headers.get(b"sec-fetch-mode") != b"navigate"
+        # A browser too old to say what a request is for (no Sec-Fetch-Mode) may be following a link: let it.
+        mode = headers.get(b"sec-fetch-mode")
+        spends_a_budget = self.budgeted(scope["path"]) and mode is not None and mode != b"navigate"
         if origin is None or (a_read and not spends_a_budget):
             await self.app(scope, receive, send)
             return
