@@ -13,14 +13,7 @@ import gradio as gr
 
 from pipeline.requests import shown
 from webui.asgi_errors import openai_error, send_json
-from webui.limits import (
-    CALL_BY_KEYWORD_PATH,
-    CALL_PATH,
-    QUEUE_JOIN_PATH,
-    UI_EVENT_PATHS,
-    json_fields,
-    read_whole_body,
-)
+from webui.limits import BODY_FIELDS_KEY, CALL_BY_KEYWORD_PATH, CALL_PATH, QUEUE_JOIN_PATH, UI_EVENT_PATHS
 
 # Gradio's keyword route takes this one beside an endpoint's parameters (and drops it where the endpoint has no use).
 GRADIO_OWN_KEYWORDS = frozenset({"oauth_token"})
@@ -57,7 +50,7 @@ class CheckEventInputs:
     """ASGI middleware over Gradio's routes for the page's events. `parameters`: api name → its keyword parameters;
     `inputs`: fn_index → the event's inputs; `example_picks`: fn_index → the example input it takes; `fn_indices`:
     api name → fn_index. Runs inside webui.limits.GuardGradioCalls, which has checked that an fn_index names an
-    event and an API name is one of the page's."""
+    event and an API name is one of the page's, and has left the parsed body in the scope."""
 
     def __init__(self, app, parameters: dict[str, Parameters], inputs: dict[int, Inputs],
                  example_picks: dict[int, ExamplePick], fn_indices: dict[str, int]):
@@ -70,8 +63,7 @@ class CheckEventInputs:
                 path.startswith((CALL_PATH, *UI_EVENT_PATHS)) or path == QUEUE_JOIN_PATH):
             await self.app(scope, receive, send)
             return
-        body, receive = await read_whole_body(receive)
-        fields = json_fields(body)
+        fields = scope.get(BODY_FIELDS_KEY)
         name = path.rstrip("/").rpartition("/")[2]
         if fields is None:
             problem = None  # not a JSON object: Gradio's own validation answers it

@@ -165,6 +165,9 @@ QUEUE_JOIN_PATH = "/gradio_api/queue/join"
 QUEUE_DATA_PATH = "/gradio_api/queue/data"
 CALL_PATH = "/gradio_api/call/"
 CALL_BY_KEYWORD_PATH = "/gradio_api/call/v2/"  # call/ with the inputs by name: the page's "Use via API" shows it
+# Where GuardGradioCalls leaves a POST's JSON object (or None) for the middleware inside it, which would otherwise
+# read and parse the same body again.
+BODY_FIELDS_KEY = "zimage.body_fields"
 
 
 class GuardGradioCalls:
@@ -186,7 +189,8 @@ class GuardGradioCalls:
     - new sessions join the queue at most NEW_SESSIONS_PER_S a second (a burst of NEW_SESSION_BURST), or get 429:
       a queue/join under a name not seen among the last SESSIONS_KEPT, and every call/NAME (Gradio draws a new
       session for each). A page, or a gradio_client Client, keeps its one name.
-    Runs inside LimitBodySize, which bounds the body it reads."""
+    Runs inside LimitBodySize, which bounds the body it reads; a POST's parsed body goes on in the scope
+    (BODY_FIELDS_KEY)."""
 
     def __init__(self, app, streams: int, events: frozenset[int], small_events: dict[int, str],
                  api_names: frozenset[str]):
@@ -205,8 +209,9 @@ class GuardGradioCalls:
             named.append(scope["path"].removeprefix(HEARTBEAT_PATH))
         fields = {}
         if scope["method"] == "POST":
-            body, receive = await read_whole_body(receive)
-            fields = json_fields(body) or {}
+            body, receive = await _read_whole(receive)
+            scope[BODY_FIELDS_KEY] = _json_fields(body)
+            fields = scope[BODY_FIELDS_KEY] or {}
             named.append(fields.get("session_hash"))
         if not all(len(name) <= MAX_SESSION_HASH_CHARS for name in named if isinstance(name, str)):
             await send_json(send, 400, openai_error(f"session_hash must be at most {MAX_SESSION_HASH_CHARS} "
@@ -288,7 +293,7 @@ def _is_stream(scope) -> bool:
             or (path.startswith(CALL_PATH) and "/" in path.removeprefix(CALL_PATH).strip("/")))
 
 
-def json_fields(body: bytes) -> dict | None:
+def _json_fields(body: bytes) -> dict | None:
     """The fields of a JSON object body; None for anything else (Gradio answers that itself)."""
     try:
         parsed = json.loads(body)
@@ -297,7 +302,7 @@ def json_fields(body: bytes) -> dict | None:
     return parsed if isinstance(parsed, dict) else None
 
 
-async def read_whole_body(receive):
+async def _read_whole(receive):
     """The request's whole body, and a `receive` that hands it to the app again, then what the client sends next."""
     chunks, more = [], True
     while more:
