@@ -273,8 +273,8 @@ def main(argv: list[str] | None = None) -> int:
     log_banner(settings)
     credentials = settings.credentials()
     if settings.exposed and not credentials:
-        log.warning("INSECURE: serving %s without authentication (--insecure-public); anyone who reaches it can "
-                    "use the GPU and see every image", "a share link" if settings.share else f"host {settings.host}")
+        log.warning("INSECURE: serving host %s without authentication (--insecure-public); anyone who reaches it "
+                    "can use the GPU and see every image", settings.host)
     for warning in settings.credential_warnings(argv):
         log.warning("INSECURE: %s", warning)
     if link_warning := settings.link_warning():
@@ -294,12 +294,13 @@ def main(argv: list[str] | None = None) -> int:
 
     blocks = build_ui(engine, demo=settings.demo, model_label=model_label, max_w=settings.max_w,
                       max_h=settings.max_h)
-    exit_code = serve(blocks, engine, host=settings.host, port=settings.port, share=settings.share,
-                      queue_size=settings.queue_size, shutdown_grace_s=settings.shutdown_grace_s, metrics=metrics,
+    exit_code = serve(blocks, engine, host=settings.host, port=settings.port, queue_size=settings.queue_size,
+                      shutdown_grace_s=settings.shutdown_grace_s, metrics=metrics,
                       credentials=credentials, max_connections=max_connections,
                       header_timeout_s=settings.header_timeout_s, send_timeout_s=settings.send_timeout_s,
                       ssl_certfile=settings.ssl_certfile, ssl_keyfile=settings.ssl_keyfile,
-                      public_url=settings.public_url, compile_delay_s=settings.compile_delay_s)
+                      public_url=settings.public_url, trusted_proxies=settings.trusted_proxy,
+                      compile_delay_s=settings.compile_delay_s)
     if settings.replicas != "0":
         import scale
 

@@ -39,13 +39,16 @@ class SettingsError(ValueError):
 class Settings:
     host: str  # interface to bind; 127.0.0.1 keeps the UI reachable only through an SSH tunnel
     port: int
-    share: bool  # Gradio share link (a public URL through Gradio's relay); off for a private service
+    share: bool  # Gradio's share link: refused (the service runs its own server, which Gradio cannot share)
     auth: str  # "user:password" needed for every page and API route but the health checks; "" for none
     auth_file: str  # a file of "user:password" lines; "" for none
     insecure_public: bool  # serve a non-loopback host or share link without auth (or auth without TLS) anyway
     ssl_certfile: str  # PEM certificate: serve HTTPS; "" for plain HTTP
     ssl_keyfile: str  # PEM private key of that certificate; "" for plain HTTP
     public_url: str  # base of the URLs API answers hold (never the request's Host header); "" for the bound address
+    # Proxies whose X-Forwarded-For and X-Forwarded-Proto are believed (addresses or networks, comma-separated); ""
+    # for none: every client is the address it connects from.
+    trusted_proxy: str
     model_dir: Path  # weights: the three single files (layout A) or a diffusers folder (layout B)
     demo: bool  # serve the tiny random-weight model instead of real weights
     demo_dir: Path  # where --demo builds and caches the tiny model
@@ -83,6 +86,16 @@ class Settings:
     def __post_init__(self) -> None:
         if not 1 <= self.port <= 65535:
             raise SettingsError(f"port must be between 1 and 65535 (got {self.port}).")
+        if self.share:
+            raise SettingsError("share links are not offered: Gradio makes one only for a server of its own launch(), "
+                                "and this service runs its own. Reach it through an SSH tunnel (ssh -L "
+                                "7860:127.0.0.1:7860 HOST), or a reverse proxy with TLS (README).")
+        for proxy in filter(None, (part.strip() for part in self.trusted_proxy.split(","))):
+            try:
+                ipaddress.ip_network(proxy, strict=False)
+            except ValueError:
+                raise SettingsError(f"trusted_proxy must be IP addresses or networks, comma-separated, such as "
+                                    f"127.0.0.1 or 10.0.0.0/8 (got {proxy!r}).") from None
         for name in ("max_h", "max_w"):
             value = getattr(self, name)
             if not SIZE_MULTIPLE <= value <= SIZE_CEILING or value % SIZE_MULTIPLE:
@@ -117,10 +130,9 @@ class Settings:
             raise SettingsError(f"send_timeout_s must be at least 1 (got {self.send_timeout_s}).")
         credentials = self.credentials()
         if self.exposed and not credentials and not self.insecure_public:
-            where = "a share link" if self.share else f"host {self.host}"
             raise SettingsError(
-                f"refusing to serve {where} without authentication: anyone who reaches it could use the GPU and "
-                f"see every image. Give --auth user:password or --auth-file FILE, or --insecure-public to accept "
+                f"refusing to serve host {self.host} without authentication: anyone who reaches it could use the GPU "
+                f"and see every image. Give --auth user:password or --auth-file FILE, or --insecure-public to accept "
                 f"the risk."
             )
         self._check_tls(credentials)
@@ -146,8 +158,7 @@ class Settings:
                     path.open("rb").close()
                 except OSError as error:
                     raise SettingsError(f"{name} {path} cannot be read: {error.strerror}.") from None
-        # A share link is HTTPS to Gradio's relay; a bound address is plain HTTP unless this process speaks TLS.
-        if credentials and self.exposed and not self.share and not self.tls and not self.insecure_public:
+        if credentials and self.exposed and not self.tls and not self.insecure_public:
             raise SettingsError(
                 f"refusing to take passwords in clear text on host {self.host}: anyone on the network path could "
                 f"read them. Give --ssl-certfile and --ssl-keyfile, or bind to 127.0.0.1 behind a TLS reverse proxy "
@@ -160,9 +171,7 @@ class Settings:
 
     @property
     def exposed(self) -> bool:
-        """Reachable from other machines: a share link, or a bind address other than loopback."""
-        if self.share:
-            return True
+        """Reachable from other machines: bound to an address other than loopback."""
         if self.host == "localhost":
             return False
         try:
@@ -205,16 +214,16 @@ class Settings:
             if mode & stat.S_IROTH:
                 warnings.append(f"auth_file {path} is readable by every user of this machine (mode {mode & 0o777:o}); "
                                 f"chmod 600 {path}")
-        if self.exposed and not self.share and not self.tls and (self.auth or self.auth_file):
+        if self.exposed and not self.tls and (self.auth or self.auth_file):
             warnings.append(f"passwords reach host {self.host} in clear text (no --ssl-certfile; --insecure-public "
                             f"allowed it); anyone on the network path can read them")
         return warnings
 
     def link_warning(self) -> str | None:
         """Image links (the OpenAI route's response_format "url") start with --public-url or else the bound address,
-        never a request's Host header; bound to every interface, or shared, that address is this machine's
-        loopback, which no other machine reaches. One sentence for the log at start, or None."""
-        if self.public_url or not (self.share or self.host in ("", "0.0.0.0", "::")):
+        never a request's Host header; bound to every interface, that address is this machine's loopback, which
+        no other machine reaches. One sentence for the log at start, or None."""
+        if self.public_url or self.host not in ("", "0.0.0.0", "::"):
             return None
         return ("image links in API answers (response_format url) point at this machine's loopback address, "
                 "which clients on other machines cannot reach; set --public-url to the address they use")
@@ -301,20 +310,25 @@ def build_arg_parser() -> argparse.ArgumentParser:
         help="a TOML settings file read over the defaults, with the same keys as config/defaults.toml")
     add("--host", help="interface to bind; anything but loopback exposes the UI to the network")
     add("--port", "--server-port", dest="port", type=int, help="TCP port of the UI")
-    add("--share", action="store_true", help="ask Gradio for a public share link through its relay")
+    add("--share", action="store_true",
+        help="refused: Gradio shares only a server of its own launch(); use an SSH tunnel or a TLS reverse proxy")
     add("--auth", metavar="USER:PASSWORD",
         help="require these credentials for the UI and every API route (HTTP Basic, or the password-bearing "
         "'USER:PASSWORD' as an OpenAI API key); /healthz and /readyz stay open")
     add("--auth-file", metavar="FILE", help="like --auth, one USER:PASSWORD per line (# comments allowed)")
     add("--insecure-public", action="store_true",
-        help="serve a non-loopback --host or a --share link without --auth (refused otherwise)")
+        help="serve a non-loopback --host without --auth (refused otherwise)")
     add("--ssl-certfile", metavar="FILE",
         help="serve HTTPS with this PEM certificate (with --ssl-keyfile); required with --auth on a non-loopback "
         "--host unless --insecure-public")
     add("--ssl-keyfile", metavar="FILE", help="the certificate's PEM private key")
     add("--public-url", metavar="URL",
         help="the base URL clients reach the service at, e.g. https://images.example.com behind a reverse proxy; "
-        "image URLs in API answers start with it (default: the address the service binds)")
+        "image URLs in API answers and the page's own URLs start with it (default: the address the service "
+        "binds, and for the page the address each request came to)")
+    add("--trusted-proxy", metavar="ADDRESSES",
+        help="reverse proxies whose X-Forwarded-For and X-Forwarded-Proto are believed, comma-separated addresses "
+        "or networks (e.g. 127.0.0.1); from any other client those headers are ignored (default: none)")
     add("--model-dir", type=Path, metavar="DIR",
         help="weights directory: the three single files (layout A) or a diffusers folder (layout B)")
     add("--demo", action="store_true",

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
+from prometheus_client.core import CounterMetricFamily
 
 OUTCOMES = ("ok", "rejected", "busy", "failed", "error")
 STAGES = ("queue", "encode", "denoise", "decode", "save", "total")
@@ -43,5 +44,19 @@ class ServiceMetrics:
         """A value read at each scrape (queue depth, GPU memory, ...)."""
         Gauge(name, documentation, registry=self.registry).set_function(read)
 
+    def counter_read(self, name: str, documentation: str, read: Callable[[], float]) -> None:
+        """A count kept elsewhere (it only grows), read at each scrape as `name`_total."""
+        self.registry.register(_ReadCounter(name, documentation, read))
+
     def text(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _ReadCounter:
+    """A collector of one counter whose value is read at each scrape (prometheus_client's Counter cannot read)."""
+
+    def __init__(self, name: str, documentation: str, read: Callable[[], float]):
+        self.name, self.documentation, self.read = name, documentation, read
+
+    def collect(self):
+        yield CounterMetricFamily(self.name, self.documentation, value=self.read())

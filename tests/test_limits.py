@@ -317,21 +317,6 @@ def test_a_session_name_refused_as_new_is_still_new_when_it_comes_again():
     assert [join("first"), join("second"), join("second"), join("first")] == [200, 429, 429, 200]
 
 
-@pytest.mark.parametrize("path", ["/gradio_api/deep_link?session_hash=x", "/monitoring", "/monitoring/summary",
-                                  "/gradio_api/dev/reload", "/gradio_api/component_server",
-                                  "/gradio_api/file=https://pypi.org/simple/", "/gradio_api/file=http%3A//pypi.org/",
-                                  "/gradio_api/upload_progress?upload_id=x", "/gradio_api/cancel",
-                                  "/gradio_api/custom_component/x/client/js/index.js"])
-def test_gradio_routes_the_service_has_no_use_for_are_not_found(app, path):
-    with connect(app) as sock:
-        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n".encode())
-        status, _, body = read_response(sock)
-    # Gradio's own answer 200 (upload_progress a 404 of its own, after keeping the id; cancel 422 to a GET), its deep
-    # link writes a file, and its file route fetches a URL it is given from any public address (here, with no route
-    # out, its check of the address answers 403 instead)
-    assert status == 404 and b"this service serves no" in body
-
-
 def test_a_body_framed_both_by_length_and_by_chunks_is_refused_and_the_connection_closed(app):
     """A smuggling shape: the chunked body ends at once, and what follows it would be a second request to a server
     that reads the chunks, while a proxy in front that read the length saw one."""

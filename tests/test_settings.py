@@ -106,8 +106,7 @@ def test_negative_memory_settings_are_refused(flags, message):
         load_settings(flags, environ={})
 
 
-@pytest.mark.parametrize("flags", [["--host", "0.0.0.0"], ["--host", "10.1.2.3"], ["--host", "gpu-box.lan"],
-                                   ["--share"]])
+@pytest.mark.parametrize("flags", [["--host", "0.0.0.0"], ["--host", "10.1.2.3"], ["--host", "gpu-box.lan"]])
 def test_a_public_bind_without_auth_is_refused(flags):
     with pytest.raises(SettingsError, match="without authentication.*--auth user:password.*--insecure-public"):
         load_settings(flags, environ={})
@@ -148,7 +147,6 @@ def test_passwords_in_clear_text_on_a_public_bind_are_refused_unless_insecure_is
 @pytest.mark.parametrize("flags, warned", [
     ([], False), (["--host", "10.1.2.3", "--insecure-public"], False),
     (["--host", "0.0.0.0", "--insecure-public"], True), (["--host", "::", "--insecure-public"], True),
-    (["--share", "--insecure-public"], True),
     (["--host", "0.0.0.0", "--insecure-public", "--public-url", "https://gpu-box.example.com"], False),
 ])
 def test_image_links_a_remote_client_cannot_reach_are_named_at_start(flags, warned):
@@ -157,9 +155,27 @@ def test_image_links_a_remote_client_cannot_reach_are_named_at_start(flags, warn
     assert warning is None or "--public-url" in warning
 
 
-def test_loopback_and_share_links_take_passwords_without_tls_of_their_own():
+def test_loopback_takes_passwords_without_tls_of_its_own():
     assert not load_settings(["--auth", "alice:pw"], environ={}).tls
-    assert load_settings(["--share", "--auth", "alice:pw"], environ={}).credential_warnings([]) == []
+    assert load_settings(["--auth", "alice:pw"], environ={}).credential_warnings([]) == []
+
+
+@pytest.mark.parametrize("flags", [["--share"], ["--share", "--auth", "alice:pw"], ["--share", "--insecure-public"]])
+def test_a_share_link_is_refused_naming_why_and_what_to_use(flags):
+    with pytest.raises(SettingsError, match="share links are not offered: Gradio makes one only for a server of its "
+                                            "own launch\\(\\).*SSH tunnel"):
+        load_settings(flags, environ={})
+
+
+@pytest.mark.parametrize("value", ["127.0.0.1", "10.0.0.0/8, ::1", ""])
+def test_trusted_proxies_are_addresses_or_networks(value):
+    assert load_settings(["--trusted-proxy", value], environ={}).trusted_proxy == value
+
+
+@pytest.mark.parametrize("value", ["*", "proxy.lan", "127.0.0.1 10.0.0.1", "10.0.0.0/33"])
+def test_anything_else_as_a_trusted_proxy_is_refused(value):
+    with pytest.raises(SettingsError, match="trusted_proxy must be IP addresses or networks"):
+        load_settings(["--trusted-proxy", value], environ={})
 
 
 def test_tls_needs_both_files_and_readable_ones(tmp_path):

@@ -20,7 +20,6 @@ with credentials still works).
 from __future__ import annotations
 
 import base64
-import binascii
 import hashlib
 import hmac
 import logging
@@ -39,12 +38,11 @@ log = logging.getLogger("zimage.auth")
 
 USER_KEY = "user"  # request.state key: the user whose credentials the request carried
 OPEN_PATHS = ("/healthz", "/readyz")  # local liveness checks (supervisor, load balancers) carry no credentials
-# Gradio's launch() calls this over loopback, without credentials, to start its queue; it takes no input.
-LOOPBACK_ONLY_OPEN_PATHS = ("/gradio_api/startup-events",)
 LOOPBACK = "loopback"  # every loopback client's address, as one
 REALM = "Z-Image-Turbo"
 FAILURES_ALLOWED = 20  # wrong credentials from one address within the window; a person mistyping makes a few
 FAILURE_WINDOW_S = 60.0
+MAX_ADDRESS_CHARS = 64  # an IPv6 address with its zone is under 64
 MAX_ADDRESSES = 10_000  # addresses with recent failures remembered; past it those not locked out are forgotten
 IMAGE_ROUTE = "/v1/images/files/"  # the OpenAI route's image links (webui/openai_api.py)
 LINK_LIFETIME_S = 3600  # as OpenAI's image links
@@ -72,18 +70,25 @@ class LinkSigner:
         return hmac.new(self._key, f"{path}\n{expires}".encode(), hashlib.sha256).hexdigest()
 
 
+MALFORMED = ("", "")  # credentials that cannot be read: wrong ones, refused and counted as any wrong ones are
+
+
 def _presented(headers: list[tuple[bytes, bytes]]) -> tuple[str, str] | None:
-    value = dict(headers).get(b"authorization", b"").decode("latin-1")
-    scheme, _, token = value.partition(" ")
+    """The user and password that the Authorization header carries; None without one. One that cannot be read
+    (another scheme, not base64, not UTF-8, no colon) is MALFORMED."""
+    value = dict(headers).get(b"authorization")
+    if value is None:
+        return None
+    scheme, _, token = value.decode("latin-1").partition(" ")
     if scheme.lower() == "basic":
         try:
             token = base64.b64decode(token, validate=True).decode()
-        except (binascii.Error, UnicodeDecodeError):
-            return None
+        except ValueError:  # binascii.Error, UnicodeDecodeError, and text that is not ASCII are all ValueErrors
+            return MALFORMED
     elif scheme.lower() != "bearer":
-        return None
+        return MALFORMED
     user, colon, password = token.partition(":")
-    return (user, password) if colon else None
+    return (user, password) if colon else MALFORMED
 
 
 class RequireCredentials:
@@ -102,7 +107,7 @@ class RequireCredentials:
         path = scope["path"]
         if path.startswith(IMAGE_ROUTE) and self.links is not None and scope.get("method") in ("GET", "HEAD"):
             return self.links.opens(path, scope.get("query_string", b""))
-        return path in OPEN_PATHS or (path in LOOPBACK_ONLY_OPEN_PATHS and _address(scope) == LOOPBACK)
+        return path in OPEN_PATHS
 
     def _valid(self, scope, presented: tuple[str, str]) -> bool:
         """Whether the credentials are right; right ones put their user in request.state."""
@@ -128,22 +133,22 @@ class RequireCredentials:
         self._failures.setdefault(address, deque()).append(now)
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] not in ("http", "websocket") or self._open(scope):
+        if scope["type"] != "http" or self._open(scope):
             await self.app(scope, receive, send)
             return
         headers = scope.get("headers", [])
         if sum(name == b"authorization" for name, _ in headers) > 1:
             # Which one counts would differ between this check (the last) and code reading the first: refuse both.
-            await self._refuse(scope, send, 400, "Send one Authorization header, not several.", "invalid_request")
+            await self._refuse(send, 400, "Send one Authorization header, not several.", "invalid_request")
             return
         presented = _presented(headers)
-        address, now = _address(scope), time.monotonic()
+        address, now = client_address(scope), time.monotonic()
         failures = self._recent_failures(address, now) if presented is not None else deque()
         if len(failures) >= FAILURES_ALLOWED:
             wait_s = math.ceil(failures[0] + FAILURE_WINDOW_S - now)
-            self._locked("credentials from %s not checked: %d wrong in the last %.0f s", address, len(failures),
+            self._locked("credentials from %s not checked: %d wrong in the last %.0f s", shown(address), len(failures),
                          FAILURE_WINDOW_S)
-            await self._refuse(scope, send, 429, f"Too many wrong credentials from this address; try again in "
+            await self._refuse(send, 429, f"Too many wrong credentials from this address; try again in "
                                                  f"{wait_s} s.", "rate_limited", (b"retry-after", str(wait_s).encode()))
             return
         if presented is not None and self._valid(scope, presented):
@@ -151,21 +156,20 @@ class RequireCredentials:
             return
         if presented is not None:
             self._count_failure(address, now)
-            self._wrong("wrong credentials refused user=%s client=%s path=%s", shown(presented[0]), address,
+            self._wrong("wrong credentials refused user=%s client=%s path=%s", shown(presented[0]), shown(address),
                         shown(scope["path"]))
-        await self._refuse(scope, send, 401, "Authentication required: HTTP Basic, or 'user:password' as the API "
+        await self._refuse(send, 401, "Authentication required: HTTP Basic, or 'user:password' as the API "
                                              "key.", "invalid_api_key",
                            (b"www-authenticate", f'Basic realm="{REALM}"'.encode()))
 
     @staticmethod
-    async def _refuse(scope, send, status: int, message: str, code: str, *headers: tuple[bytes, bytes]) -> None:
-        if scope["type"] == "websocket":
-            await send({"type": "websocket.close", "code": 1008})
-            return
+    async def _refuse(send, status: int, message: str, code: str, *headers: tuple[bytes, bytes]) -> None:
         await send_json(send, status, openai_error(message, code), headers=headers)
 
 
-def _address(scope) -> str:
+def client_address(scope) -> str:
     """The client's address, with all of loopback as one: a local user can send from any of 127.0.0.0/8."""
     address = (scope.get("client") or ("",))[0]
-    return LOOPBACK if is_loopback_name(address) else address
+    # Cut: behind a --trusted-proxy, the address is what the proxy's X-Forwarded-For said, and each one seen is
+    # kept for a minute.
+    return LOOPBACK if is_loopback_name(address) else address[:MAX_ADDRESS_CHARS]

@@ -6,8 +6,10 @@ response, and nothing times a body), none for a client that stops reading, and c
 503 once a head is complete: ~1,100 sockets that never finished their headers used up the process's 1,024 file
 descriptors and /readyz stopped answering; 50 that sent a body a byte every 5 s held every slot of a
 --max-connections 50 server; 530 that asked for an 11 MB image and read none of it made /readyz answer 503.
-Gradio builds uvicorn's Config itself and passes none of its limits; uvicorn reads the protocol class and its limits
-from the Config for each new connection, so `guard_connections` sets them on the running server."""
+uvicorn's h11 limit on a request head (h11_max_incomplete_event_size) applies only to a head that arrives in pieces:
+one of 100 kB, or of 8,000 headers, sent at once was parsed whole (~22 ms of the event loop each), so heads are
+measured here, in C (bytes.find and count), before h11 parses them. `guarded_protocol` gives the protocol class
+that webui.server passes to uvicorn's Config."""
 
 from __future__ import annotations
 
@@ -37,6 +39,12 @@ MAX_BODY_PIECES = 16_384
 # resumes only once its buffer is all but empty, so a large answer written at once (an image as base64) resumes
 # only at its end, however steadily the client reads.
 MIN_BYTES_READ_PER_TIMEOUT = 64 * 1024
+# A request head (request line and headers) longer than this, or with more headers, gets 431 and a closed
+# connection. Browsers send 1-3 KiB and some 20 headers; nginx's default buffers take 8 KiB a line.
+MAX_HEAD_BYTES = 16 * 1024
+MAX_HEADERS = 100
+HEAD_END = b"\r\n\r\n"
+LINGER_S = 2.0  # a refused head's connection reads and drops what still comes, this long, before it closes
 
 
 def check_port_free(host: str, port: int) -> None:
@@ -77,6 +85,15 @@ def raise_fd_limit(max_connections: int) -> int:
     return max_connections
 
 
+def _head_oversized(received: bytes) -> bool:
+    """Whether the request head at the start of `received` (all of it, or as much as has come) passes MAX_HEAD_BYTES
+    or MAX_HEADERS."""
+    end = received.find(HEAD_END, 0, MAX_HEAD_BYTES + len(HEAD_END))
+    if end < 0:
+        return len(received) > MAX_HEAD_BYTES or received.count(b"\n", 0, MAX_HEAD_BYTES) > MAX_HEADERS
+    return received.count(b"\n", 0, end) > MAX_HEADERS
+
+
 class GuardedH11Protocol(H11Protocol):
     """uvicorn's h11 protocol, plus: a request, head and body, must arrive whole within `request_timeout_s` of the
     connection (or of the previous response, on a kept-alive one); a client that stops reading its answer for
@@ -93,6 +110,7 @@ class GuardedH11Protocol(H11Protocol):
     _timeouts = Occasional(log)
     _unread = Occasional(log)
     _cut_up = Occasional(log)
+    _too_large = Occasional(log)
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
@@ -106,6 +124,7 @@ class GuardedH11Protocol(H11Protocol):
         self._send_deadline = None
         self._buffered_at_deadline_start = 0
         self._lost = False
+        self._refused = False
         self._await_request(after=self.cycle)
         if len(self.connections) > self.max_connections:
             self._evict_oldest_waiting()
@@ -136,6 +155,12 @@ class GuardedH11Protocol(H11Protocol):
             self._task = next(iter(started))
 
     def data_received(self, data: bytes) -> None:
+        if self._refused:  # the rest of a head refused: read and dropped until the connection closes
+            return
+        # h11 holds what has come of a head until its end arrives: measure that and the new data together.
+        if not self._head_arrived() and _head_oversized(self.conn.trailing_data[0] + data):
+            self._refuse_head()
+            return
         super().data_received(data)
         if self._request_deadline is not None and self._request_arrived():
             self._stop_waiting()
@@ -143,6 +168,21 @@ class GuardedH11Protocol(H11Protocol):
             self._cut_up("closed a connection whose chunked request body came in more than %d pieces",
                          MAX_BODY_PIECES)
             self._stop_waiting()
+            self.transport.close()
+
+    def _refuse_head(self) -> None:
+        """431, then the connection closed. Closed only LINGER_S after the answer and a FIN: a client still sending
+        the rest of its head would otherwise get a reset that can drop the answer before it is read."""
+        self._too_large("refused a request head over %d bytes or %d headers", MAX_HEAD_BYTES, MAX_HEADERS)
+        self._stop_waiting()
+        self._refused = True
+        body = (f"Request head over {MAX_HEAD_BYTES} bytes or {MAX_HEADERS} headers.").encode()
+        self.transport.write(b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: text/plain\r\n"
+                             b"connection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+            self.loop.call_later(LINGER_S, self.transport.close)
+        else:
             self.transport.close()
 
     def _chunked_body_cut_up(self, data: bytes) -> bool:
@@ -160,14 +200,13 @@ class GuardedH11Protocol(H11Protocol):
 
     def on_response_complete(self) -> None:
         finished = self.cycle
+        # A request sent behind this one (pipelined) waits whole in h11's buffer, and is parsed next.
+        if (pipelined := self.conn.trailing_data[0]) and _head_oversized(pipelined):
+            self._refuse_head()
+            return
         super().on_response_complete()  # starts the next request, if the client had already sent it (pipelining)
         if not self.transport.is_closing() and self._request_deadline is None:
             self._await_request(after=finished)
-
-    def handle_websocket_upgrade(self, event) -> None:
-        self._stop_waiting()  # the connection is the websocket protocol's from here
-        self._stop_sending_clock()
-        super().handle_websocket_upgrade(event)
 
     def pause_writing(self) -> None:
         super().pause_writing()
@@ -256,15 +295,14 @@ class GuardedH11Protocol(H11Protocol):
         self.tasks.discard(oldest._task)
 
 
-def guard_connections(server, *, max_connections: int, request_timeout_s: float, send_timeout_s: float) -> None:
-    """From now on, every new connection to this uvicorn `server` has a request deadline and a deadline for each
-    stall in reading its answers, and counts against the cap."""
-    GuardedH11Protocol.max_connections = max_connections
-    GuardedH11Protocol.request_timeout_s = request_timeout_s
-    GuardedH11Protocol.send_timeout_s = send_timeout_s
-    server.config.http_protocol_class = GuardedH11Protocol
-    # Past the cap uvicorn itself answers 503 to complete requests; each one busy with a request counts.
-    server.config.limit_concurrency = max_connections + 1
+def guarded_protocol(*, max_connections: int, request_timeout_s: float,
+                     send_timeout_s: float) -> type[GuardedH11Protocol]:
+    """The protocol class for uvicorn's Config (`http=`): every connection has a request deadline and a deadline for
+    each stall in reading its answers, and counts against the cap. Give the Config `limit_concurrency` of
+    max_connections + 1 with it: past the cap uvicorn itself answers 503 to complete requests."""
+    return type("GuardedH11Protocol", (GuardedH11Protocol,), {
+        "max_connections": max_connections, "request_timeout_s": request_timeout_s,
+        "send_timeout_s": send_timeout_s})
 
 
 class OccasionalRepeats(logging.Filter):

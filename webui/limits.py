@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections import OrderedDict
@@ -11,6 +12,9 @@ from urllib.parse import parse_qs
 
 from pipeline.requests import shown
 from webui.asgi_errors import openai_error, send_json
+from webui.auth import client_address
+from webui.gradio_surface import ROUTE_KEY, Kind
+from webui.streams import HEARTBEAT, RESULTS, StreamPool
 
 # The largest body the service means to take is a JSON request around one prompt of at most 20,000 characters
 # (pipeline.requests.MAX_PROMPT_CHARS): under 120 KB even with every character escaped as \uXXXX. The UI's posts to
@@ -165,6 +169,10 @@ QUEUE_JOIN_PATH = "/gradio_api/queue/join"
 QUEUE_DATA_PATH = "/gradio_api/queue/data"
 CALL_PATH = "/gradio_api/call/"
 CALL_BY_KEYWORD_PATH = "/gradio_api/call/v2/"  # call/ with the inputs by name: the page's "Use via API" shows it
+# What marks a result delivered on a page's queue/data (Gradio's JSON, as orjson writes it) and on call/NAME/EVENT_ID.
+QUEUE_COMPLETIONS = (b'"msg":"process_completed"',)
+CALL_COMPLETIONS = (b"event: complete\n", b"event: error\n")
+MAX_JOIN_ANSWER_BYTES = 4096  # a join's answer is {"event_id": "<32 hex digits>"}
 # Where GuardGradioCalls leaves a POST's JSON object (or None) for the middleware inside it, which would otherwise
 # read and parse the same body again.
 BODY_FIELDS_KEY = "zimage.body_fields"
@@ -174,11 +182,10 @@ class GuardGradioCalls:
     """ASGI middleware over Gradio's API routes:
     - a request that names a session (`session_hash` in its JSON body, its query string or the heartbeat's path)
       names it in at most MAX_SESSION_HASH_CHARS characters, or gets 400;
-    - at most `streams` event streams are open at once, or the next gets 503: heartbeats (a page holds one for as
-      long as it is shown), queue/data (a page's results) and call/NAME/EVENT_ID (an API call's result, the OpenAI
-      route's too). Gradio keeps one open for as long as its session lives, even a session with nothing to send;
-      with no cap, a client opening them by the hundred would hold every connection the server allows
-      (--max-connections), and health checks would get 503;
+    - event streams (heartbeats, a page's queue/data, an API call's call/NAME/EVENT_ID) share `streams`, a
+      webui.streams.StreamPool: a stream for which it has no place gets 503, and so does a join while it could not
+      give the join's result a stream. Joins let in and results delivered are told to the pool; both go
+      uncompressed, so that it can read them;
     - the page's small events (`small_events`: fn_index → api name, the events that skip the queue) come only
       through /gradio_api/run/ (or its alias api/), where LimitRate counts them; sent through the queue's
       routes instead, which Gradio also takes, they would escape that limit, so they get 404 there; and an
@@ -192,9 +199,9 @@ class GuardGradioCalls:
     Runs inside LimitBodySize, which bounds the body it reads; a POST's parsed body goes on in the scope
     (BODY_FIELDS_KEY)."""
 
-    def __init__(self, app, streams: int, events: frozenset[int], small_events: dict[int, str],
+    def __init__(self, app, streams: StreamPool, events: frozenset[int], small_events: dict[int, str],
                  api_names: frozenset[str]):
-        self.app, self.streams, self.open_streams, self.events = app, streams, 0, events
+        self.app, self.streams, self.events = app, streams, events
         self.small_indices, self.small_names = frozenset(small_events), frozenset(small_events.values())
         self.api_names = api_names
         self.new_sessions = TokenBucket(NEW_SESSIONS_PER_S, NEW_SESSION_BURST)
@@ -239,19 +246,97 @@ class GuardGradioCalls:
                                                         "rate_limited"), headers=((b"retry-after", b"1"),))
                 return
             self._remember_session(fields.get("session_hash"))
-        if not _is_stream(scope):
+        kind = scope.get(ROUTE_KEY) and scope[ROUTE_KEY].kind
+        if kind is Kind.QUEUED_EVENT:
+            await self._join(scope, receive, send, fields)
+        elif kind is Kind.STREAM:
+            await self._stream(scope, receive, send)
+        else:
             await self.app(scope, receive, send)
+
+    async def _join(self, scope, receive, send, fields: dict) -> None:
+        """A join into the queue, let in only while its result could have a stream; one let in is told to the pool
+        (under its session's name, or for call/NAME its event id, which the answer holds)."""
+        if not self.streams.can_take_a_join():
+            await _refuse_for_streams(send, self.streams.limit)
             return
-        if self.open_streams >= self.streams:
-            await send_json(send, 503, openai_error(f"Too many open event streams ({self.streams}); close a page, "
-                                                    f"or try again in a moment.", "busy"),
-                            headers=((b"retry-after", b"5"),))
+        answer = {"status": 0, "body": b""}
+
+        async def noting_send(message):
+            if message["type"] == "http.response.start":
+                answer["status"] = message["status"]
+            elif message["type"] == "http.response.body" and len(answer["body"]) < MAX_JOIN_ANSWER_BYTES:
+                answer["body"] += message.get("body", b"")
+            await send(message)
+
+        await self.app(_plain(scope), receive, noting_send)
+        if answer["status"] != 200:
             return
-        self.open_streams += 1
+        if scope["path"] == QUEUE_JOIN_PATH:
+            owner = fields.get("session_hash")
+        else:
+            owner = (_json_fields(answer["body"]) or {}).get("event_id")
+        if isinstance(owner, str):
+            self.streams.joined(owner)
+
+    async def _stream(self, scope, receive, send) -> None:
+        """An event stream, in the place the pool gives it, and ended cleanly if the pool takes that place back."""
+        path = scope["path"]
+        if path.startswith(HEARTBEAT_PATH):
+            sort, owner = HEARTBEAT, path.removeprefix(HEARTBEAT_PATH)
+        elif path == QUEUE_DATA_PATH:
+            sort = RESULTS
+            owner = parse_qs(scope.get("query_string", b"").decode("latin-1")).get("session_hash", [""])[0]
+        else:  # call/NAME/EVENT_ID
+            sort, owner = RESULTS, path.rstrip("/").rpartition("/")[2]
+        stream = self.streams.open_stream(sort, owner, client_address(scope))
+        if stream is None:
+            await _refuse_for_streams(send, self.streams.limit)
+            return
+        completions = QUEUE_COMPLETIONS if path == QUEUE_DATA_PATH else CALL_COMPLETIONS
+        lock = asyncio.Lock()  # the app's sends and the ending one never interleave
+        state = {"started": False, "finished": False}
+
+        async def counting_send(message):
+            async with lock:
+                if stream.ended.is_set():
+                    raise OSError("event stream ended to make room")  # Starlette: the client is gone
+                if message["type"] == "http.response.start":
+                    state["started"] = True
+                elif message["type"] == "http.response.body":
+                    body = message.get("body", b"")
+                    if delivered := sum(body.count(marker) for marker in completions):
+                        self.streams.delivered(owner, delivered)
+                    state["finished"] = not message.get("more_body", False)
+                await send(message)
+
+        async def receive_until_ended():
+            if stream.ended.is_set():
+                return {"type": "http.disconnect"}
+            received, ended = asyncio.ensure_future(receive()), asyncio.ensure_future(stream.ended.wait())
+            await asyncio.wait((received, ended), return_when=asyncio.FIRST_COMPLETED)
+            for waiting in (received, ended):
+                waiting.cancel()
+            return received.result() if received.done() and not received.cancelled() else {"type": "http.disconnect"}
+
+        async def finish_when_ended():
+            await stream.ended.wait()
+            async with lock:
+                if state["started"] and not state["finished"]:
+                    state["finished"] = True
+                    await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+        finisher = asyncio.ensure_future(finish_when_ended())
         try:
-            await self.app(scope, receive, send)
+            await self.app(_plain(scope), receive_until_ended, counting_send)
+        except Exception:
+            if not stream.ended.is_set():
+                raise
         finally:
-            self.open_streams -= 1
+            finisher.cancel()
+            self.streams.close(stream)
+        if stream.ended.is_set() and not state["started"]:
+            await _refuse_for_streams(send, self.streams.limit)
 
     def _opens_a_session(self, scope, fields: dict) -> bool:
         """Whether this request makes Gradio's queue keep a session it does not know yet."""
@@ -284,13 +369,15 @@ class GuardGradioCalls:
         return path == QUEUE_JOIN_PATH and isinstance(fn_index, int) and fn_index in self.small_indices
 
 
-def _is_stream(scope) -> bool:
-    """An event stream Gradio holds open: a heartbeat, a page's queue/data, an API call's result."""
-    path = scope["path"]
-    if scope["method"] != "GET":
-        return False
-    return (path.startswith(HEARTBEAT_PATH) or path == QUEUE_DATA_PATH
-            or (path.startswith(CALL_PATH) and "/" in path.removeprefix(CALL_PATH).strip("/")))
+def _plain(scope) -> dict:
+    """`scope` without Accept-Encoding: Gradio compresses what it can, and the pool reads joins' answers and counts
+    the results a stream delivers. Event streams are small messages; they gain little from it."""
+    return {**scope, "headers": [(name, value) for name, value in scope["headers"] if name != b"accept-encoding"]}
+
+
+async def _refuse_for_streams(send, limit: int) -> None:
+    await send_json(send, 503, openai_error(f"Every one of the {limit} event streams is delivering a result; try "
+                                            f"again in a moment.", "busy"), headers=((b"retry-after", b"5"),))
 
 
 def _json_fields(body: bytes) -> dict | None:

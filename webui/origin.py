@@ -1,13 +1,14 @@
 """Refuse what other sites' pages send: a web page the operator visits must neither drive the service nor read it.
 
 Gradio checks no origin itself. Its CORS middleware only withholds `Access-Control-Allow-Origin` from foreign pages
-while the Host is localhost; behind a proxy (any other Host) it grants every origin, credentials included, and it
-wraps every middleware of ours, so its grants cannot be taken out of an answer. And a "simple" cross-site POST (a
-form, or `Content-Type: text/plain`) needs no preflight, so the browser sends it anyway and the image is made. Nor
-does anything guard the routes we add beside Gradio's (/v1/...). So one ASGI middleware checks every route:
+while the Host is localhost; behind a proxy (any other Host) it grants every origin, credentials included (and it
+failed with a 500 on an Origin without a Host). And a "simple" cross-site POST (a form, or `Content-Type:
+text/plain`) needs no preflight, so the browser sends it anyway and the image is made. Nor does anything guard the
+routes we add beside Gradio's (/v1/...). So one ASGI middleware, outside the mounted Gradio app and so before its
+CORS middleware, checks every route:
 - a request whose `Origin` is another site's is refused (403), whatever its method: browsers send Origin on every
-  cross-origin fetch, read or write, and on every POST; a refused one has nothing to read (a preflight is Gradio's
-  middleware's to answer, but the request it clears is refused here);
+  cross-origin fetch, read or write, and on every POST; a refused one has nothing to read (a preflight from
+  another site is refused too, so the browser never sends the request it asked about);
 - a state-changing request whose `Referer` is another site's is refused too (older browsers send no Origin); a
   read with one is a link followed or an image embedded elsewhere (no Origin then), and goes on, except on the
   routes with a server-wide budget (`budgeted`: the page loads, webui.limits): there, a request another site's

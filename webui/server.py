@@ -1,4 +1,6 @@
-"""One ASGI app on one port: the Gradio UI and its queue, plus plain health routes; and an orderly shutdown."""
+"""The service's own app and server on one port: its health, metrics and OpenAI routes and its middleware, with
+Gradio's UI and queue mounted inside (gr.mount_gradio_app), under a uvicorn server configured whole before it
+starts; and an orderly shutdown."""
 
 from __future__ import annotations
 
@@ -11,6 +13,8 @@ from urllib.parse import urlsplit
 
 import gradio as gr
 import torch
+import uvicorn
+from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response
 from starlette.middleware import Middleware
 from starlette.routing import Route
@@ -21,14 +25,22 @@ from pipeline.messages import first_line
 from pipeline.metrics import CONTENT_TYPE, ServiceMetrics
 from webui.arrival import StampArrival
 from webui.asgi_errors import AnswerUnhandledErrors
-from webui.auth import LinkSigner, RequireCredentials
-from webui.connections import guard_connections
+from webui.auth import LOOPBACK, LinkSigner, RequireCredentials
+from webui.connections import guarded_protocol
 from webui.event_inputs import CheckEventInputs, event_inputs
 from webui.file_ranges import RangesByStarlette
+from webui.gradio_surface import (
+    GRADIO_APP_KWARGS,
+    ClassifyGradioRoutes,
+    keep_more_sessions,
+    unlisted_routes,
+    waiting_in_queue,
+)
 from webui.limits import PAGE_LOADS, SESSIONS_KEPT, UI_EVENTS, GuardGradioCalls, LimitBodySize, LimitRate
 from webui.openai_api import openai_routes
 from webui.origin import RefuseCrossSite, is_loopback_name
 from webui.resolutions import offered_sizes
+from webui.streams import StreamPool
 
 log = logging.getLogger("zimage.webui")
 
@@ -40,7 +52,7 @@ CLOSE_S = 1  # uvicorn's graceful-shutdown limit: open event streams (a page's q
 EXIT_S = 1  # what the process needs after closing the server: child processes, the last log lines
 
 
-def health_routes(engine: Engine) -> list[Route]:
+def health_routes(engine: Engine, streams: StreamPool) -> list[Route]:
     async def healthz(_request):
         return JSONResponse({"status": "ok"})
 
@@ -57,6 +69,8 @@ def health_routes(engine: Engine) -> list[Route]:
             except RuntimeError as error:  # a poisoned context fails every call: not ready, and say why
                 ready = False
                 body.update(ready=False, gpu_error=first_line(error))
+        # Ready, still, with every stream delivering: a new page or request waits for a place, as for the GPU.
+        body["event_streams"] = streams.counts()
         # Every request would be refused while images cannot be saved; the field tells the operator what to fix.
         if (output_dir_error := engine.output_dir_problem()) is not None:
             ready = False
@@ -115,10 +129,18 @@ def _flush_logs() -> None:
         handler.flush()
 
 
-def metrics_route(metrics: ServiceMetrics, engine: Engine, blocks: gr.Blocks) -> Route:
+def metrics_route(metrics: ServiceMetrics, engine: Engine, blocks: gr.Blocks, streams: StreamPool) -> Route:
     """/metrics in Prometheus' text format: the engine's counters and histograms, and gauges read at each scrape."""
+    metrics.gauge("zimage_event_streams_open", "Event streams open (heartbeats, pages' and API calls' results)",
+                  lambda: len(streams.open))
+    metrics.gauge("zimage_event_streams_delivering", "Event streams with a result still to deliver; new streams are "
+                  "refused once every open one is", lambda: streams.counts()["delivering"])
+    metrics.counter_read("zimage_event_streams_ended", "Idle event streams ended to make room for new ones",
+                         lambda: streams.evicted)
+    metrics.counter_read("zimage_event_streams_refused", "Event streams and joins refused: every place was "
+                         "delivering, or a client address held its share", lambda: streams.refused)
     metrics.gauge("zimage_queue_depth", "Requests waiting in the queue (what Gradio's /queue/status reports)",
-                  lambda: blocks._queue.get_status().queue_size)
+                  lambda: waiting_in_queue(blocks))
     metrics.gauge("zimage_in_flight", "Requests being generated now (one per engine at most: one per replica with "
                   "--replicas)", lambda: engine.running_jobs)
     metrics.gauge("zimage_model_loaded", "1 once the model is loaded and warmed up, and no fatal error since",
@@ -135,32 +157,6 @@ def metrics_route(metrics: ServiceMetrics, engine: Engine, blocks: gr.Blocks) ->
     return Route("/metrics", scrape)
 
 
-def closed_routes() -> list[Route]:
-    """Gradio routes this service has no use for, answered 404 before Gradio's own see them:
-    - a deep link writes the session's state to a new file in the temp dir on every call;
-    - the monitoring page prints its key to the log on every call, and its summary tells anyone the traffic;
-    - dev/reload holds a stream open forever (it serves Gradio's reload mode);
-    - component_server (custom components' server functions: none here) keeps a session under whatever name a form
-      body gives it, and custom_component prints the id in its path, kilobytes a request, to the log;
-    - a file route given an http(s) URL fetches that URL from this server and streams it back (any public address:
-      an open proxy; this service's files are all its own);
-    - upload stores a part with a file name and no bytes (no part of the UI takes a file), and upload_progress keeps
-      every upload id it is asked about, in memory, for good, and holds each such request open for seconds;
-    - cancel ends a started event in Gradio's queue while the engine goes on with its job, so a client cancelling
-      its own requests as they start gets past --queue-size (45 such piled 74 s of work before the next request)."""
-
-    async def closed(_request):
-        return JSONResponse({"error": "Not found: this service serves no deep links, monitoring, reload, custom "
-                                      "components, uploads, cancelling or other sites' files."}, status_code=404)
-
-    return [Route(path, closed, methods=["GET", "HEAD", "POST"])
-            for path in ("/gradio_api/deep_link", "/gradio_api/dev/reload", "/gradio_api/component_server",
-                         "/gradio_api/component_server/", "/gradio_api/custom_component/{rest:path}",
-                         "/monitoring", "/monitoring/{rest:path}",
-                         "/gradio_api/file=http://{rest:path}", "/gradio_api/file=https://{rest:path}",
-                         "/gradio_api/upload", "/gradio_api/upload_progress", "/gradio_api/cancel")]
-
-
 def loopback_url(host: str, port: int, tls: bool = False) -> str:
     """Where this server answers from inside the same machine."""
     if host in ("", "0.0.0.0"):
@@ -171,10 +167,44 @@ def loopback_url(host: str, port: int, tls: bool = False) -> str:
     return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
 
 
-def serve(blocks: gr.Blocks, engine: Engine, *, host: str, port: int, share: bool, queue_size: int,
-          shutdown_grace_s: float, metrics: ServiceMetrics, credentials: dict[str, str], max_connections: int,
-          header_timeout_s: float, send_timeout_s: float, ssl_certfile: str = "", ssl_keyfile: str = "",
-          public_url: str = "", compile_delay_s: float = 0.0) -> int:
+def build_app(blocks: gr.Blocks, routes: list[Route], middleware: list[Middleware], root_path: str) -> FastAPI:
+    """The service's app: its own routes, then Gradio's UI mounted at the root, all inside the service's middleware
+    (outermost first). `root_path`: where the page's own URLs point; "" for the address each request came to."""
+    app = FastAPI(routes=routes, middleware=middleware, openapi_url=None, docs_url=None, redoc_url=None)
+    # show_error: Gradio's own input errors ("didn't receive enough input values") reach the caller; the UI's
+    # handler turns everything else into a message of its own, so no internal detail leaks through it.
+    # max_file_size=0: no component takes a file, so any way Gradio takes one refuses it instead of storing what
+    # anyone sends in its temp dir. run_history off: the gallery keeps the service's own, per browser.
+    return gr.mount_gradio_app(app, blocks, path="/", show_error=True, max_file_size=0, ssr_mode=False,
+                               run_history=False, footer_links=["api", "gradio", "settings"],
+                               root_path=root_path or None, app_kwargs=GRADIO_APP_KWARGS)
+
+
+def uvicorn_config(app: FastAPI, *, host: str, port: int, max_connections: int, header_timeout_s: float,
+                   send_timeout_s: float, ssl_certfile: str, ssl_keyfile: str, trusted_proxies: str) -> uvicorn.Config:
+    """Every setting of the server, given here, before it starts."""
+    return uvicorn.Config(
+        app, host=host, port=port, lifespan="on",
+        http=guarded_protocol(max_connections=max_connections, request_timeout_s=header_timeout_s,
+                              send_timeout_s=send_timeout_s),
+        limit_concurrency=max_connections + 1, ws="none",
+        ssl_certfile=ssl_certfile or None, ssl_keyfile=ssl_keyfile or None,
+        # X-Forwarded-For and -Proto are read only from the proxies the operator names: from anyone else they
+        # would choose the address failed logins count against, and what the log says.
+        proxy_headers=bool(trusted_proxies), forwarded_allow_ips=trusted_proxies or None,
+        # uvicorn's records go to the root logger's one handler, the service's (app.configure_logging); one line
+        # per request is not logged (the engine logs each job).
+        log_config={"version": 1, "disable_existing_loggers": False,
+                    "loggers": {"uvicorn": {"level": "WARNING", "propagate": True}}},
+        access_log=False, server_header=False,
+        timeout_graceful_shutdown=CLOSE_S,
+    )
+
+
+def serve(blocks: gr.Blocks, engine: Engine, *, host: str, port: int, queue_size: int, shutdown_grace_s: float,
+          metrics: ServiceMetrics, credentials: dict[str, str], max_connections: int, header_timeout_s: float,
+          send_timeout_s: float, ssl_certfile: str = "", ssl_keyfile: str = "", public_url: str = "",
+          trusted_proxies: str = "", compile_delay_s: float = 0.0) -> int:
     """Serve until SIGTERM or SIGINT, then shut down in order; returns the exit code (0: asked to stop).
 
     Every event goes through the one queue: `api_open=False` closes the REST routes that would skip it, and
@@ -198,51 +228,51 @@ def serve(blocks: gr.Blocks, engine: Engine, *, host: str, port: int, share: boo
     signal.signal(signal.SIGINT, on_signal)
 
     blocks.queue(max_size=queue_size, default_concurrency_limit=1, api_open=False)
-    # Gradio's own cache of sessions' undelivered messages holds 2,000 (see webui.limits.SESSIONS_KEPT); it has no
-    # setting, and its size is the one attribute changed here.
-    blocks._queue.pending_messages_per_session.max_size = SESSIONS_KEPT
+    keep_more_sessions(blocks, SESSIONS_KEPT)
     deliveries = Deliveries()
     local_url = loopback_url(host, port, tls=bool(ssl_certfile))
     links = LinkSigner() if credentials else None  # image links that open without the credentials
-    routes = [*health_routes(engine), metrics_route(metrics, engine, blocks), *closed_routes(),
+    # Half the connections for streams, the rest for everything else (health checks among them).
+    streams = StreamPool(limit=max(1, max_connections // 2), per_client=max(8, max_connections // 16),
+                         loopback=LOOPBACK)
+    routes = [*health_routes(engine, streams), metrics_route(metrics, engine, blocks, streams),
               *openai_routes(engine.output_dir, local_url, public_url or local_url, started_at=time.time(),
                              deliveries=deliveries, metrics=metrics, links=links)]
     # Bound to loopback, only loopback names and --public-url's host are this server's (see webui.origin).
-    own_hosts = (frozenset(filter(None, [urlsplit(public_url).hostname]))
-                 if not share and is_loopback_name(host.lower()) else None)
-    # Another site's requests are refused before the budgets count them: they cannot spend them.
-    middleware = [Middleware(AnswerUnhandledErrors),
-                  Middleware(RefuseCrossSite, own_hosts=own_hosts,
-                             budgeted=lambda path: UI_EVENTS.counts(path) or PAGE_LOADS.counts(path)),
-                  Middleware(LimitRate, rated=UI_EVENTS), Middleware(LimitRate, rated=PAGE_LOADS),
-                  Middleware(StampArrival), Middleware(LimitBodySize),
-                  Middleware(GuardGradioCalls, streams=max(1, max_connections // 2), events=frozenset(blocks.fns),
-                             small_events={index: fn.api_name for index, fn in blocks.fns.items() if not fn.queue},
-                             api_names=frozenset(fn.api_name for fn in blocks.fns.values() if fn.api_name)),
-                  Middleware(CheckEventInputs, **event_inputs(blocks)),
-                  Middleware(CountQueueRefusals, metrics=metrics), Middleware(RangesByStarlette)]
-    if credentials:
-        middleware.insert(1, Middleware(RequireCredentials, credentials=credentials, links=links))
-    # Routes passed to the FastAPI constructor come before Gradio's own, so nothing of Gradio's shadows them.
-    # show_error: Gradio's own input errors ("didn't receive enough input values") reach the caller; the UI's
-    # handler turns everything else into a message of its own, so no internal detail leaks through it.
-    blocks.launch(
-        server_name=host, server_port=port, share=share, prevent_thread_lock=True, quiet=True, ssr_mode=False,
-        show_error=True, app_kwargs={"routes": routes, "middleware": middleware},
-        # No component takes a file: past the closed upload route (closed_routes), a limit of 0 bytes makes any
-        # other way Gradio takes a file refuse it instead of storing what anyone sends in its temp dir.
-        max_file_size=0,
-        # ssl_verify=False: Gradio checks its own URL once at launch, and a certificate names the public host, not
-        # the loopback address it checks.
-        ssl_certfile=ssl_certfile or None, ssl_keyfile=ssl_keyfile or None, ssl_verify=False,
-    )
-    guard_connections(blocks.server, max_connections=max_connections, request_timeout_s=header_timeout_s,
-                      send_timeout_s=send_timeout_s)
-    # uvicorn gave its loggers handlers of their own at launch (its default logging config), which print to stderr
-    # line by line: a traceback became dozens of records. Through the service's handler, one record, marked.
-    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
-        logging.getLogger(name).handlers.clear()
-        logging.getLogger(name).propagate = True
+    own_hosts = (frozenset(filter(None, [urlsplit(public_url).hostname])) if is_loopback_name(host.lower()) else None)
+    # Outermost first; each position matters for the reason beside it.
+    middleware = [
+        Middleware(AnswerUnhandledErrors),  # first: whatever fails inside, the client gets JSON and the log one line
+        *([Middleware(RequireCredentials, credentials=credentials, links=links)] if credentials else []),
+        # Another site's requests are refused before the budgets count them: they cannot spend them.
+        Middleware(RefuseCrossSite, own_hosts=own_hosts,
+                   budgeted=lambda path: UI_EVENTS.counts(path) or PAGE_LOADS.counts(path)),
+        # Tags each request with its row of Gradio's routes, which GuardGradioCalls reads; closed ones end here.
+        Middleware(ClassifyGradioRoutes, own_routes=routes),
+        Middleware(LimitRate, rated=UI_EVENTS), Middleware(LimitRate, rated=PAGE_LOADS),
+        Middleware(StampArrival),  # before any body is read: a job's queue time starts when its request came
+        Middleware(LimitBodySize),  # before GuardGradioCalls and CheckEventInputs read a body whole
+        Middleware(GuardGradioCalls, streams=streams, events=frozenset(blocks.fns),
+                   small_events={index: fn.api_name for index, fn in blocks.fns.items() if not fn.queue},
+                   api_names=frozenset(fn.api_name for fn in blocks.fns.values() if fn.api_name)),
+        Middleware(CheckEventInputs, **event_inputs(blocks)),  # reads the body GuardGradioCalls parsed
+        Middleware(CountQueueRefusals, metrics=metrics), Middleware(RangesByStarlette)]
+    app = build_app(blocks, routes, middleware, root_path=public_url)
+    if unlisted := unlisted_routes(blocks.app):
+        log.warning("gradio serves routes webui.gradio_surface does not list; they are closed (404) until it does: "
+                    "%s", ", ".join(unlisted))
+    server = uvicorn.Server(uvicorn_config(app, host=host, port=port, max_connections=max_connections,
+                                           header_timeout_s=header_timeout_s, send_timeout_s=send_timeout_s,
+                                           ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile,
+                                           trusted_proxies=trusted_proxies))
+    # Its own thread: the main thread keeps the signals (uvicorn installs none off the main thread).
+    serving = threading.Thread(target=server.run, name="http", daemon=True)
+    serving.start()
+    while not server.started:
+        if not serving.is_alive():  # uvicorn logged why (the port taken since the check at start, say)
+            log.error("cannot start: the HTTP server did not start on %s:%d", host, port)
+            return 1
+        time.sleep(0.01)
     # How long this start took, from the process's birth (imports included), for an operator after a restart.
     log.info("ready url=%s://%s:%d seconds_since_process_start=%.2f", "https" if ssl_certfile else "http", host, port,
              seconds_since_process_start())
@@ -272,7 +302,8 @@ def serve(blocks: gr.Blocks, engine: Engine, *, host: str, port: int, share: boo
     else:
         outcome = (f"abandoned id={engine.in_flight} (still running at the end of the {shutdown_grace_s} s grace; "
                    f"not returned)")
-    blocks.server.config.timeout_graceful_shutdown = CLOSE_S  # read by uvicorn when it shuts down
-    blocks.close(verbose=False)
+    blocks.close(verbose=False)  # Gradio's queue, and its heartbeat streams
+    server.should_exit = True
+    serving.join(timeout=CLOSE_S + EXIT_S)
     log.info("shutdown done job=%s exit=0", outcome)
     return 0

@@ -26,6 +26,7 @@ from pipeline.requests import (
 from pipeline.storage import read_parameters
 from webui.arrival import received_at
 from webui.errors import INVALID, reported_to_the_caller
+from webui.gradio_surface import waiting_in_queue
 from webui.owners import BROWSER_ID, BROWSER_STORAGE_KEY, BROWSER_STORAGE_SECRET, new_browser_id, owner_of
 from webui.resolutions import left_out, offered
 
@@ -139,7 +140,7 @@ def build_ui(engine: Engine, *, demo: bool, model_label: str, max_w: int, max_h:
     def status_line() -> str:
         """Queue, GPU memory, uptime and which pipeline serves: what a person wants to know before waiting."""
         state = engine.state()
-        waiting = blocks._queue.get_status().queue_size if blocks._queue.server_app is not None else 0
+        waiting = waiting_in_queue(blocks)
         parts = [f"{waiting} waiting" + (" · one running" if state["busy"] else ""),
                  f"up {_uptime(time.monotonic() - started_at)}",
                  f"{state['serving']} pipeline" + (" (compiling)" if state["compiled"] == "compiling" else "")]
