@@ -24,6 +24,7 @@ import pipeline  # noqa: F401  (must come before any Hugging Face import: it tur
 from config import Settings, SettingsError, load_settings
 from config.log_lines import (LOG_DATE_FORMAT, LOG_FORMAT, LibraryWarningsOnce, LinesToLog, OneLinePerRecord,
                               seconds_since_process_start)
+from config.lock import unlocked_libraries
 from config.settings import PROJECT_DIR
 from webui.connections import OccasionalRepeats, check_port_free, raise_fd_limit
 
@@ -68,10 +69,12 @@ def log_banner(settings: Settings) -> None:
         gpu = "none"
     # seconds_since_process_start: the imports and CUDA's start, the first share of a start's account (the ready
     # line gives the whole).
-    log.info("start version=%s pid=%d python=%s torch=%s diffusers=%s transformers=%s gradio=%s gpu=%s "
+    log.info("start version=%s pid=%d python=%s torch=%s diffusers=%s transformers=%s gradio=%s uvicorn=%s gpu=%s "
              "seconds_since_process_start=%.2f", version, os.getpid(), platform.python_version(), torch.__version__,
-             diffusers.__version__, transformers.__version__, metadata.version("gradio"), gpu,
-             seconds_since_process_start())
+             diffusers.__version__, transformers.__version__, metadata.version("gradio"), metadata.version("uvicorn"),
+             gpu, seconds_since_process_start())
+    for sentence in unlocked_libraries():
+        log.warning("UNLOCKED: %s", sentence)
     log.info("settings %s", " ".join(f"{key}={value}" for key, value in settings.as_log_fields().items()))
 
 

@@ -7,17 +7,19 @@
 #   scripts/setup.sh --scale    + Ray Serve: --replicas, engines past one GPU (the --test set includes it)
 #   scripts/setup.sh --flash4   + FlashAttention 4 (Hopper or newer; optional, the attention probe keeps it where it wins)
 #
-# torch is installed first and on its own: a plain "torch" requirement on a machine without one pulls several GB
-# of CUDA packages. With an NVIDIA GPU visible (nvidia-smi), the CUDA build from PyPI; otherwise the CPU build
-# torch==$CPU_TORCH_VERSION (this workplace keeps that wheel locally; elsewhere set
-# TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu). Environment: VENV, PYTHON, CPU_TORCH_VERSION,
+# torch==$TORCH_VERSION is installed first and on its own: a plain "torch" requirement on a machine without one
+# pulls several GB of CUDA packages. With an NVIDIA GPU visible (nvidia-smi), the CUDA build from PyPI; otherwise
+# the CPU build (this workplace keeps that wheel locally; elsewhere set
+# TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu). Then everything else exactly as requirements/*.lock pins
+# it, every file checked against its sha256 (scripts/lock.sh refreshes them); xformers and FlashAttention 4, GPU
+# builds tied to the CUDA torch, are pinned in pyproject.toml instead. Environment: VENV, PYTHON, TORCH_VERSION,
 # TORCH_INDEX_URL.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 VENV=${VENV:-.venv}
 PYTHON=${PYTHON:-python3}
-CPU_TORCH_VERSION=${CPU_TORCH_VERSION:-2.13.0}
+TORCH_VERSION=${TORCH_VERSION:-2.13.0}
 with_test=0
 with_xformers=0
 with_flash4=0
@@ -39,19 +41,23 @@ pip=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
 "${pip[@]}" --upgrade pip
 
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
-    echo "setup.sh: NVIDIA GPU found: installing the CUDA build of torch"
-    "${pip[@]}" torch
+    echo "setup.sh: NVIDIA GPU found: installing the CUDA build torch==$TORCH_VERSION"
+    "${pip[@]}" "torch==$TORCH_VERSION"
 else
-    echo "setup.sh: no NVIDIA GPU: installing the CPU build torch==$CPU_TORCH_VERSION"
-    "${pip[@]}" ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "torch==$CPU_TORCH_VERSION"
+    echo "setup.sh: no NVIDIA GPU: installing the CPU build torch==$TORCH_VERSION"
+    "${pip[@]}" ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "torch==$TORCH_VERSION"
 fi
 
-extras=""
-[ "$with_test" = 1 ] && extras="test,scale"  # the tests cover the replicas too
-[ "$with_xformers" = 1 ] && extras="${extras:+$extras,}xformers"
-[ "$with_flash4" = 1 ] && extras="${extras:+$extras,}flash4"
-[ "$with_scale" = 1 ] && [ "$with_test" = 0 ] && extras="${extras:+$extras,}scale"
-"${pip[@]}" -e ".${extras:+[$extras]}"
+lock=requirements/service.lock
+[ "$with_scale" = 1 ] && lock=requirements/scale.lock
+[ "$with_test" = 1 ] && lock=requirements/test.lock  # the tests cover the replicas too
+echo "setup.sh: installing $lock"
+"${pip[@]}" --require-hashes --no-deps -r "$lock"
+"${pip[@]}" --no-deps --no-build-isolation -e .
+gpu_extras=""
+[ "$with_xformers" = 1 ] && gpu_extras="xformers"
+[ "$with_flash4" = 1 ] && gpu_extras="${gpu_extras:+$gpu_extras,}flash4"
+[ -n "$gpu_extras" ] && "${pip[@]}" -e ".[$gpu_extras]"
 
 if [ "$with_test" = 1 ]; then
     missing=()
