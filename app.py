@@ -292,12 +292,14 @@ def main(argv: list[str] | None = None) -> int:
         log.error("cannot start: %s", error)
         return error.exit_code
 
+    from webui.admission import AdmissionLine
     from webui.server import serve
     from webui.ui import build_ui
 
-    blocks = build_ui(engine, demo=settings.demo, model_label=model_label, max_w=settings.max_w,
+    line = AdmissionLine(capacity=settings.queue_size, parallel=engine.parallel_jobs, metrics=metrics)
+    blocks = build_ui(engine, line, demo=settings.demo, model_label=model_label, max_w=settings.max_w,
                       max_h=settings.max_h)
-    exit_code = serve(blocks, engine, host=settings.host, port=settings.port, queue_size=settings.queue_size,
+    exit_code = serve(blocks, engine, line, host=settings.host, port=settings.port,
                       shutdown_grace_s=settings.shutdown_grace_s, metrics=metrics,
                       credentials=credentials, max_connections=max_connections,
                       header_timeout_s=settings.header_timeout_s, send_timeout_s=settings.send_timeout_s,

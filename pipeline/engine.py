@@ -401,11 +401,13 @@ class Engine:
         log.info("compiled path live seconds=%.1f", time.perf_counter() - started)
 
     def generate(self, request: GenerationRequest, progress: ProgressCallback | None = None,
-                 received_at: float | None = None, owner: str | None = None) -> GenerationResult:
+                 received_at: float | None = None, owner: str | None = None,
+                 on_gpu_done: Callable[[], None] | None = None) -> GenerationResult:
         """Validate → encode → denoise → decode → check → save. Bad input raises RequestError, failures
         GenerationError; either way nothing is saved and the engine stays usable. `received_at` (time.monotonic()
         when the request arrived, before any queue) lets a request that waited too long fail instead of run late.
-        `owner` (an opaque id) is saved with the image: history(owner=...) lists only that owner's images."""
+        `owner` (an opaque id) is saved with the image: history(owner=...) lists only that owner's images.
+        `on_gpu_done` is called once the GPU work is done, before the image is saved."""
         request_id = uuid.uuid4().hex[:12]
         # 1. Validate, and refuse a size the GPU has no memory for, before anything waits or runs.
         try:
@@ -420,7 +422,7 @@ class Engine:
             self._active += 1
         outcome, stage_ms = "error", None
         try:
-            result = self._generate(request_id, valid, progress, received_at, owner)
+            result = self._generate(request_id, valid, progress, received_at, owner, on_gpu_done)
             outcome = "ok"
             stage_ms = result.timings.by_stage()
             return result
@@ -434,7 +436,8 @@ class Engine:
             self._metrics.request_finished(outcome, stage_ms)
 
     def _generate(self, request_id: str, valid: ValidRequest, progress: ProgressCallback | None,
-                  received_at: float | None, owner: str | None) -> GenerationResult:
+                  received_at: float | None, owner: str | None,
+                  on_gpu_done: Callable[[], None] | None) -> GenerationResult:
         started = time.perf_counter()
         prompt_summary = summarize_prompt(valid.prompt, self.log_prompts)
         # 2. Wait for the GPU; then refuse what should not run now (stopping, nowhere to save, waited too long).
@@ -487,6 +490,8 @@ class Engine:
                 self._release_memory()
                 raise GenerationError(f"Out of {out_of_memory} at {valid.width}×{valid.height}; try a smaller size.")
         # 6. Save, outside the GPU lock: the next request's GPU work overlaps this one's PNG.
+        if on_gpu_done is not None:
+            on_gpu_done()
         save_started = time.perf_counter()
         stem = f"{time.strftime('%H%M%S')}-{request_id}-seed{valid.seed}"
         parameters = self._parameters(request_id, valid) | ({"owner": owner} if owner else {})

@@ -71,7 +71,7 @@ class MemoryGuard:
         if need > self.available_bytes:
             raise RequestError(
                 f"{width}×{height} needs about {need / GIB:.1f} GiB of GPU memory, but only "
-                f"{self.available_bytes / GIB:.1f} GiB is available next to the model. Choose a smaller size.")
+                f"{self.available_bytes / GIB:.1f} GiB is available next to the model. Choose a smaller size.", "size")
 
     def largest_square(self) -> int:
         """The largest square size (in 16-pixel steps) this guard lets through, for the start-up log."""

@@ -39,7 +39,15 @@ def shown(value: object) -> str:
 
 
 class RequestError(ValueError):
-    """Input the service will not run; the message is meant for the person who sent it."""
+    """Input the service will not run; the message is meant for the person who sent it, and `field` names the input
+    it is about (an API answer's `param`)."""
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.field = field
+
+    def __reduce__(self):  # pickled whole (a Ray replica raises it in another process)
+        return type(self), (str(self), self.field)
 
 
 @dataclass(frozen=True)
@@ -70,9 +78,9 @@ class ValidRequest:
 
 def _whole_number(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise RequestError(f"{name} must be a whole number (got {shown(value)}).")
+        raise RequestError(f"{name} must be a whole number (got {shown(value)}).", name)
     if isinstance(value, float) and not (math.isfinite(value) and value.is_integer()):
-        raise RequestError(f"{name} must be a whole number (got {shown(value)}).")
+        raise RequestError(f"{name} must be a whole number (got {shown(value)}).", name)
     return int(value)
 
 
@@ -80,11 +88,11 @@ def _size(name: str, value: object, limit: int, flag: str) -> int:
     size = _whole_number(name, value)
     if size < MIN_SIZE or size > limit:
         raise RequestError(f"{name} must be between {MIN_SIZE} and {limit} pixels (got {shown(size)}); "
-                           f"the server's limit is set by {flag}.")
+                           f"the server's limit is set by {flag}.", name)
     if size % SIZE_MULTIPLE:
         lower = size // SIZE_MULTIPLE * SIZE_MULTIPLE
         raise RequestError(f"{name} must be a multiple of {SIZE_MULTIPLE} (got {size}); "
-                           f"try {lower} or {lower + SIZE_MULTIPLE}.")
+                           f"try {lower} or {lower + SIZE_MULTIPLE}.", name)
     return size
 
 
@@ -97,24 +105,24 @@ def _seed(value: object) -> int:
         return secrets.randbelow(RANDOM_SEED_LIMIT)
     seed = _whole_number("seed", value)
     if not 0 <= seed < SEED_LIMIT:
-        raise RequestError(f"seed must be between 0 and {SEED_LIMIT - 1}, or 'random' (got {shown(seed)}).")
+        raise RequestError(f"seed must be between 0 and {SEED_LIMIT - 1}, or 'random' (got {shown(seed)}).", "seed")
     return seed
 
 
 def checked_prompt(value: object) -> str:
     """The prompt as the engine will run it (stripped), or RequestError naming what is wrong with it."""
     if not isinstance(value, str):
-        raise RequestError(f"prompt must be text (got {type(value).__name__}).")
+        raise RequestError(f"prompt must be text (got {type(value).__name__}).", "prompt")
     prompt = value.strip()
     if not prompt:
-        raise RequestError("prompt is empty: describe the image you want.")
+        raise RequestError("prompt is empty: describe the image you want.", "prompt")
     if len(prompt) > MAX_PROMPT_CHARS:
-        raise RequestError(f"prompt is {len(prompt)} characters long; the limit is {MAX_PROMPT_CHARS}.")
+        raise RequestError(f"prompt is {len(prompt)} characters long; the limit is {MAX_PROMPT_CHARS}.", "prompt")
     control = next((char for char in prompt if unicodedata.category(char) == "Cc" and char not in "\t\n\r"), None)
     if control is not None:
-        raise RequestError(f"prompt contains the control character U+{ord(control):04X}; send plain text.")
+        raise RequestError(f"prompt contains the control character U+{ord(control):04X}; send plain text.", "prompt")
     if any(unicodedata.category(char) == "Cs" for char in prompt):
-        raise RequestError("prompt is not valid Unicode text (it holds a lone surrogate); send UTF-8 text.")
+        raise RequestError("prompt is not valid Unicode text (it holds a lone surrogate); send UTF-8 text.", "prompt")
     return prompt
 
 
@@ -126,13 +134,13 @@ def validate(request: GenerationRequest, limits: Limits) -> ValidRequest:
     steps = _whole_number("steps", request.steps)
     if not 1 <= steps <= MAX_STEPS:
         raise RequestError(f"steps must be between 1 and {MAX_STEPS} (got {shown(steps)}); Turbo is made for "
-                           f"{DEFAULT_STEPS}.")
+                           f"{DEFAULT_STEPS}.", "steps")
     shift = request.shift
     if isinstance(shift, bool) or not isinstance(shift, (int, float)) or not math.isfinite(shift):
-        raise RequestError(f"shift must be a number (got {shown(shift)}).")
+        raise RequestError(f"shift must be a number (got {shown(shift)}).", "shift")
     if not MIN_SHIFT <= shift <= MAX_SHIFT:
         raise RequestError(f"shift must be between {MIN_SHIFT} and {MAX_SHIFT} (got {shift}); "
-                           f"the default is {DEFAULT_SHIFT}.")
+                           f"the default is {DEFAULT_SHIFT}.", "shift")
     return ValidRequest(prompt=prompt, width=width, height=height, steps=steps, seed=_seed(request.seed),
                         shift=float(shift))
 
@@ -142,7 +150,7 @@ def parse_size(label: object, field: str = "size") -> tuple[int, int]:
     The numbers are checked against the limits with the rest of the request (validate)."""
     match = _SIZE.fullmatch(label) if isinstance(label, str) else None
     if not match:
-        raise RequestError(f"{field} must look like 1024x1024 (got {shown(label)}).")
+        raise RequestError(f"{field} must look like 1024x1024 (got {shown(label)}).", field)
     return int(match[1]), int(match[2])
 
 
@@ -168,11 +176,11 @@ def batch_seeds(seed: object, n: object) -> list[int | None]:
     except RequestError:
         count = 0
     if not 1 <= count <= MAX_IMAGES_PER_CALL:
-        raise RequestError(f"n must be a whole number from 1 to {MAX_IMAGES_PER_CALL} (got {shown(n)}).")
+        raise RequestError(f"n must be a whole number from 1 to {MAX_IMAGES_PER_CALL} (got {shown(n)}).", "n")
     if _is_random(seed):
         return [None] * count
     first = _seed(seed)
     if first + count > SEED_LIMIT:
         raise RequestError(f"seed must be at most {SEED_LIMIT - count} when n is {count}: the images take seeds "
-                           f"{first} to {first + count - 1} (the largest is {SEED_LIMIT - 1}).")
+                           f"{first} to {first + count - 1} (the largest is {SEED_LIMIT - 1}).", "seed")
     return [first + index for index in range(count)]

@@ -162,10 +162,11 @@ class RemoteEngine:
     # -- one request ---------------------------------------------------------------------------------------------------
 
     def generate(self, request: GenerationRequest, progress=None, received_at: float | None = None,
-                 owner: str | None = None) -> RemoteResult:
+                 owner: str | None = None, on_gpu_done=None) -> RemoteResult:
         """As Engine.generate, on whichever replica Serve picks: RequestError, GenerationError and ServiceBusy as
         the replica's engine raised them; ServiceBusy when Serve's queue is full; ReplicaLost when the replica died
-        before answering."""
+        before answering. `on_gpu_done` is not called: the replica's GPU work and save come back as one answer,
+        and the caller's turn ends with it."""
         if self._draining:
             self._metrics.request_finished("busy", None, None)
             raise ServiceBusy("The service is shutting down; try again in a minute.")

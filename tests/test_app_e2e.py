@@ -373,7 +373,7 @@ def test_full_queue_is_refused_at_once_and_a_request_that_waited_too_long_times_
         fill_the_queue(app, predict, timeout_s=120)
         assert outcomes["running"][0] == "ok"
         assert "The server is busy: your request waited" in outcomes["waiting"][0]
-        assert "Queue is full" in outcomes["one too many"][0] and outcomes["one too many"][1] < 5
+        assert "the queue is full" in outcomes["one too many"][0] and outcomes["one too many"][1] < 5
         assert app.process.poll() is None
         assert len(list(app.output_dir.rglob("*.png"))) == 1
         # Both refusals are counted as busy: the engine's timeout, and the queue's own refusal it never saw.

@@ -1,4 +1,6 @@
 from pipeline.memory import GIB, Line, MemoryGuard
+from pipeline.metrics import ServiceMetrics
+from webui.admission import AdmissionLine
 from webui.ui import build_ui
 
 
@@ -9,7 +11,7 @@ def _components(blocks):
 def test_a_capped_card_is_offered_only_the_sizes_that_fit_and_told_which_are_missing(engine):
     # About 1.6 megapixels fit: the 1024 category whole, part of 1280, nothing of 1536.
     engine.memory_guard = MemoryGuard(available_bytes=2 * GIB, denoise=Line(0, 1000), decode=Line(0, 0))
-    blocks = build_ui(engine, demo=False, model_label="t", max_w=2048, max_h=2048)
+    blocks = build_ui(engine, AdmissionLine(capacity=4, parallel=1, metrics=ServiceMetrics()), demo=False, model_label="t", max_w=2048, max_h=2048)
     components = _components(blocks)
     note = components["sizes-left-out"].value
     assert "2048x1152" in note and "1536x1536" in note and "1024x1024" not in note and "2.0 GiB" in note
@@ -19,5 +21,5 @@ def test_a_capped_card_is_offered_only_the_sizes_that_fit_and_told_which_are_mis
 
 def test_a_card_with_room_for_every_size_shows_no_note(engine):
     engine.memory_guard = MemoryGuard(available_bytes=60 * GIB, denoise=Line(0, 1000), decode=Line(0, 0))
-    blocks = build_ui(engine, demo=False, model_label="t", max_w=2048, max_h=2048)
+    blocks = build_ui(engine, AdmissionLine(capacity=4, parallel=1, metrics=ServiceMetrics()), demo=False, model_label="t", max_w=2048, max_h=2048)
     assert "sizes-left-out" not in _components(blocks)

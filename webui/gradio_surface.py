@@ -256,8 +256,3 @@ def keep_more_sessions(blocks, sessions: int) -> None:
     says why it must hold more): `Queue.pending_messages_per_session`, an LRUCache, in Gradio 6.31."""
     blocks._queue.pending_messages_per_session.max_size = sessions
 
-
-def waiting_in_queue(blocks) -> int:
-    """Requests waiting in Gradio's queue (what its /queue/status reports); 0 before the queue has started.
-    `Blocks._queue` and `Queue.server_app` in Gradio 6.31."""
-    return blocks._queue.get_status().queue_size if blocks._queue.server_app is not None else 0

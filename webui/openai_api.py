@@ -1,9 +1,9 @@
 """OpenAI-compatible image routes: POST /v1/images/generations and GET /v1/models.
 
-A request joins Gradio's queue through Gradio's own REST API (`/gradio_api/call/images`, over loopback), so it waits
-in the same line as the UI, under the same queue limit, and the engine validates it as it does the UI's: nothing
-here talks to the GPU. What this module does is translate: the OpenAI request shape in, the OpenAI response and
-error shapes out. It checks the JSON's own types here (no NaN, no lone surrogates, no unknown keys, a string where a
+A request waits in the same admission line as the UI's (webui.admission), under the same queue limit, and the engine
+validates it as it does the UI's (webui.jobs.make_images, the UI's /images endpoint too): nothing here talks to the
+GPU. What this module does is translate: the OpenAI request shape in, the OpenAI response and error shapes out,
+the field a 400 names as the validator named it. It checks the JSON's own types here (no NaN, no lone surrogates, no unknown keys, a string where a
 string belongs), so that no hostile value reaches the queue or comes back whole in a message.
 """
 
@@ -20,7 +20,6 @@ from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import quote
 
-import httpx
 import orjson
 from starlette.background import BackgroundTask
 from starlette.requests import Request
@@ -29,10 +28,14 @@ from starlette.routing import Match, Route
 
 from config.log_lines import Occasional
 from pipeline.metrics import ServiceMetrics
+from pipeline.engine import GenerationError, ServiceBusy
 from pipeline.requests import RequestError, checked_prompt, shown
-from webui import errors
+from webui.admission import AdmissionLine
+from webui.arrival import ARRIVAL_KEY
 from webui.asgi_errors import openai_error
 from webui.auth import IMAGE_ROUTE, USER_KEY, LinkSigner
+from webui.jobs import make_images
+from webui.owners import owner_for
 
 log = logging.getLogger("zimage.openai")
 REFUSALS_LOGGED_PER_INTERVAL = 50  # refusals before the queue, each logged up to this many every 10 s
@@ -40,8 +43,6 @@ REFUSALS_LOGGED_PER_INTERVAL = 50  # refusals before the queue, each logged up t
 MODEL_ID = "z-image-turbo"
 RESPONSE_FORMATS = ("b64_json", "url")
 DEFAULT_SIZE = "1024x1024"
-GRADIO_CALL = "/gradio_api/call/images"
-STATUS_BY_KIND = {errors.INVALID: 400, errors.BUSY: 503, errors.FAILED: 500, errors.INTERNAL: 500}
 SIZE_PATTERN = re.compile(r"[0-9]{1,5}x[0-9]{1,5}")  # OpenAI's "WIDTHxHEIGHT"; five digits is past any size served
 MAX_DIGITS = 30  # the longest whole number this route reads is a seed below 2**64: 20 digits
 # The fields this route reads: OpenAI's, then this service's own (sent by the openai client through extra_body).
@@ -58,9 +59,8 @@ IGNORED_FIELDS = ("quality", "style", "user", "safety_identifier", "moderation",
 PARAMETER_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")  # what may be echoed as an unknown key's `param`
 BUSY_RETRY_AFTER_S = 2  # a full queue drains at about an image a second; clients honour Retry-After
 UNMATCHED_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")  # OPTIONS stays Gradio's CORS preflight
-# The engine's messages start with the field they are about; width, height and resolution come from size.
-PARAM_BY_SUBJECT = {"prompt": "prompt", "n": "n", "seed": "seed", "steps": "steps", "shift": "shift",
-                    "width": "size", "height": "size", "resolution": "size"}
+# The engine's fields that this route's request calls otherwise: width and height come from size.
+PARAM_BY_FIELD = {"width": "size", "height": "size"}
 
 
 class FastJSONResponse(JSONResponse):
@@ -77,12 +77,15 @@ class ApiError(Exception):
         self.status, self.message, self.param, self.code = status, message, param, code
 
 
-def _error_response(error: ApiError, headers: dict[str, str] | None = None) -> FastJSONResponse:
+def _error_response(error: ApiError, headers: dict[str, str] | None = None,
+                    cause: BaseException | None = None) -> FastJSONResponse:
+    """The error's answer; one the server is to blame for gets an incident id, logged with `cause`'s traceback."""
     payload = openai_error(error.message, error.code, error.param, error.status)
     if error.status >= 500 and error.code != "busy":
         # An id the operator can find in the log next to this failure.
         payload["error"]["id"] = incident = uuid.uuid4().hex[:8]
-        log.warning("images request failed id=%s status=%d message=%r", incident, error.status, error.message)
+        log.warning("images request failed id=%s status=%d message=%r", incident, error.status, error.message,
+                    exc_info=cause)
     return FastJSONResponse(payload, status_code=error.status, headers=headers)
 
 
@@ -176,49 +179,14 @@ def _read_body(raw: bytes) -> tuple[list[object], str]:
     return inputs, response_format
 
 
-async def _through_the_queue(client: httpx.AsyncClient, inputs: list[object], authorization: str | None):
-    """Join Gradio's queue and wait for the result: the list of saved images, or ApiError."""
-    # latin-1: the bytes the client sent (Starlette decoded them so), whatever they are.
-    headers = {"authorization": authorization.encode("latin-1")} if authorization else {}
-    joined = await client.post(GRADIO_CALL, json={"data": inputs}, headers=headers)
-    if joined.status_code == 503:
-        raise ApiError(503, "The server is busy: the queue is full. Try again in a moment.", code="busy")
-    if joined.status_code == 429:  # webui.limits.GuardGradioCalls
-        raise ApiError(503, "The server is busy: too many new requests at once. Try again in a moment.", code="busy")
-    joined.raise_for_status()
-    event_id = joined.json()["event_id"]
-    async with client.stream("GET", f"{GRADIO_CALL}/{event_id}", headers=headers) as stream:
-        if stream.status_code == 503:  # every event stream the server allows is open (webui.limits)
-            raise ApiError(503, "The server is busy: too many open event streams. Try again in a moment.",
-                           code="busy")
-        event = None
-        async for line in stream.aiter_lines():
-            if line.startswith("event: "):
-                event = line.removeprefix("event: ")
-            elif line.startswith("data: ") and event in ("complete", "error"):
-                data = json.loads(line.removeprefix("data: "))
-                if event == "complete":
-                    return data[0]
-                if isinstance(data, dict) and data.get("error"):
-                    status = STATUS_BY_KIND.get(data.get("title"), 500)
-                    subject = data["error"].partition(" ")[0]
-                    raise ApiError(status, data["error"], PARAM_BY_SUBJECT.get(subject) if status == 400 else None,
-                                   "busy" if status == 503 else None)
-                raise ApiError(500, "The server hit an internal error; the operator's log has the details.")
-    raise ApiError(500, "The queue closed the request without a result (is the service stopping?).")
-
-
-def openai_routes(engine_output_dir: Path, loopback_url: str, public_url: str, started_at: float,
-                  deliveries, metrics: ServiceMetrics, links: LinkSigner | None = None) -> list[Route]:
-    """`loopback_url`: where this same server answers locally, for joining its queue. `public_url`: the base of the
-    image URLs it returns (configured, never taken from the request's Host header, which any client can forge).
+def openai_routes(engine, line: AdmissionLine, public_url: str, started_at: float, deliveries,
+                  metrics: ServiceMetrics, links: LinkSigner | None = None) -> list[Route]:
+    """`engine` makes the images, in `line`. `public_url`: the base of the image URLs it returns (configured, never taken from the request's Host header, which any client can forge).
     `deliveries` counts each generation request from its arrival until its answer has been sent (Starlette runs a
     response's background task after the last byte), so a shutdown can wait for it. A request refused here, before
     the queue, is counted in `metrics` and logged as the engine does its own refusals. `links`: with credentials
     on, what signs image links so that they open without them."""
-    output_root = engine_output_dir.resolve()
-    # verify=False: this is the server's own loopback address, which its certificate (if TLS is on) does not name.
-    client = httpx.AsyncClient(base_url=loopback_url, timeout=httpx.Timeout(30.0, read=None), verify=False)
+    output_root = engine.output_dir.resolve()
     refused_busy = Occasional(log)
     # Each refusal is logged while they come at a person's or a buggy script's pace; a client sending them in a
     # loop (any loopback client, without --auth) would otherwise rotate the log within minutes.
@@ -247,20 +215,22 @@ def openai_routes(engine_output_dir: Path, loopback_url: str, public_url: str, s
             refused("images request refused status=%d param=%s reason=%r", error.status, error.param, error.message)
             metrics.request_finished("rejected")
             return _error_response(error)
+        joined = time.perf_counter()
         try:
-            joined = time.perf_counter()
-            # The queue's routes need the credentials this request was let in with; without --auth, none is sent
-            # (a client's header, whatever bytes it holds, is no business of the call).
-            authorization = request.headers.get("authorization") if getattr(request.state, USER_KEY, None) else None
-            images = await _through_the_queue(client, inputs, authorization)
-        except ApiError as error:
-            if error.code != "busy":
-                return _error_response(error)
+            images = await make_images(line, engine, *inputs, received_at=getattr(request.state, ARRIVAL_KEY, None),
+                                       owner=owner_for(getattr(request.state, USER_KEY, None), None))
+        except RequestError as error:
+            return _error_response(ApiError(400, str(error), PARAM_BY_FIELD.get(error.field, error.field)))
+        except ServiceBusy as error:
             # Not a failure, so no incident id: any client can ask while the queue is full, as fast as it likes.
-            refused_busy("images request refused as busy: %s", error.message)
-            return _error_response(error, headers={"retry-after": str(BUSY_RETRY_AFTER_S)})
-        except httpx.HTTPError as error:  # the queue's own endpoint failed: a bug or a server going down
-            return _error_response(ApiError(500, f"The queue could not take the request ({type(error).__name__})."))
+            refused_busy("images request refused as busy: %s", error)
+            return _error_response(ApiError(503, str(error), code="busy"),
+                                   headers={"retry-after": str(BUSY_RETRY_AFTER_S)})
+        except GenerationError as error:
+            return _error_response(ApiError(500, str(error)))
+        except Exception as error:
+            return _error_response(ApiError(500, "The server hit an internal error; the operator's log has the "
+                                                 "details. Try again."), cause=error)
         answered = time.perf_counter()
         data = []
         for image in images:

@@ -30,10 +30,15 @@ def user_of(request: gr.Request | None) -> str | None:
 
 
 def owner_of(request: gr.Request | None, browser_id: object) -> str | None:
+    """owner_for the user of a Gradio request."""
+    return owner_for(user_of(request), browser_id)
+
+
+def owner_for(user: str | None, browser_id: object) -> str | None:
     """The owner id saved with an image: the user's when signed in, else the browser's, else None (an API call
     without credentials: its images are returned to it and shown in no gallery). A digest, so a PNG passed on
     does not carry its owner's user name."""
-    if (user := user_of(request)) is not None:
+    if user is not None:
         key = f"user:{user}"
     elif isinstance(browser_id, str) and BROWSER_ID.fullmatch(browser_id):
         key = f"browser:{browser_id}"

@@ -23,6 +23,7 @@ from config.log_lines import seconds_since_process_start
 from pipeline.engine import Engine
 from pipeline.messages import first_line
 from pipeline.metrics import CONTENT_TYPE, ServiceMetrics
+from webui.admission import AdmissionLine
 from webui.arrival import StampArrival
 from webui.asgi_errors import AnswerUnhandledErrors
 from webui.auth import LOOPBACK, LinkSigner, RequireCredentials
@@ -34,7 +35,6 @@ from webui.gradio_surface import (
     ClassifyGradioRoutes,
     keep_more_sessions,
     unlisted_routes,
-    waiting_in_queue,
 )
 from webui.limits import PAGE_LOADS, SESSIONS_KEPT, UI_EVENTS, GuardGradioCalls, LimitBodySize, LimitRate
 from webui.openai_api import openai_routes
@@ -45,8 +45,6 @@ from webui.streams import StreamPool
 log = logging.getLogger("zimage.webui")
 
 SIGNAL_POLL_S = 0.5
-# Where a request joins Gradio's queue: the UI's (queue/join) and the REST API's (call/<api name>).
-QUEUE_JOIN_PATHS = ("/gradio_api/queue/join", "/gradio_api/call/")
 RESULT_DELIVERY_S = 1.0  # after the last image is saved, time for it to reach the browser before closing
 CLOSE_S = 1  # uvicorn's graceful-shutdown limit: open event streams (a page's queue) are cut after this
 EXIT_S = 1  # what the process needs after closing the server: child processes, the last log lines
@@ -102,34 +100,12 @@ class Deliveries:
             return self._done.wait_for(lambda: self._active == 0, timeout=max(0.0, timeout))
 
 
-class CountQueueRefusals:
-    """ASGI middleware: a request Gradio's queue turns away (full, or stopping: 503 when it tries to join) never
-    reaches the engine, which counts every other outcome; count it here as "busy", so zimage_requests_total shows
-    the load that was refused."""
-
-    def __init__(self, app, metrics: ServiceMetrics):
-        self.app, self.metrics = app, metrics
-
-    async def __call__(self, scope, receive, send):
-        path = scope.get("path", "")
-        if scope["type"] != "http" or scope["method"] != "POST" or not path.startswith(QUEUE_JOIN_PATHS):
-            await self.app(scope, receive, send)
-            return
-
-        async def noting_refusals(message):
-            if message["type"] == "http.response.start" and message["status"] == 503:
-                self.metrics.request_finished("busy")
-            await send(message)
-
-        await self.app(scope, receive, noting_refusals)
-
-
 def _flush_logs() -> None:
     for handler in logging.getLogger().handlers:
         handler.flush()
 
 
-def metrics_route(metrics: ServiceMetrics, engine: Engine, blocks: gr.Blocks, streams: StreamPool) -> Route:
+def metrics_route(metrics: ServiceMetrics, engine: Engine, line: AdmissionLine, streams: StreamPool) -> Route:
     """/metrics in Prometheus' text format: the engine's counters and histograms, and gauges read at each scrape."""
     metrics.gauge("zimage_event_streams_open", "Event streams open (heartbeats, pages' and API calls' results)",
                   lambda: len(streams.open))
@@ -139,8 +115,7 @@ def metrics_route(metrics: ServiceMetrics, engine: Engine, blocks: gr.Blocks, st
                          lambda: streams.evicted)
     metrics.counter_read("zimage_event_streams_refused", "Event streams and joins refused: every place was "
                          "delivering, or a client address held its share", lambda: streams.refused)
-    metrics.gauge("zimage_queue_depth", "Requests waiting in the queue (what Gradio's /queue/status reports)",
-                  lambda: waiting_in_queue(blocks))
+    metrics.gauge("zimage_queue_depth", "Requests waiting in the admission line for the GPU", lambda: line.waiting)
     metrics.gauge("zimage_in_flight", "Requests being generated now (one per engine at most: one per replica with "
                   "--replicas)", lambda: engine.running_jobs)
     metrics.gauge("zimage_model_loaded", "1 once the model is loaded and warmed up, and no fatal error since",
@@ -201,15 +176,15 @@ def uvicorn_config(app: FastAPI, *, host: str, port: int, max_connections: int, 
     )
 
 
-def serve(blocks: gr.Blocks, engine: Engine, *, host: str, port: int, queue_size: int, shutdown_grace_s: float,
+def serve(blocks: gr.Blocks, engine: Engine, line: AdmissionLine, *, host: str, port: int, shutdown_grace_s: float,
           metrics: ServiceMetrics, credentials: dict[str, str], max_connections: int, header_timeout_s: float,
           send_timeout_s: float, ssl_certfile: str = "", ssl_keyfile: str = "", public_url: str = "",
           trusted_proxies: str = "", compile_delay_s: float = 0.0) -> int:
     """Serve until SIGTERM or SIGINT, then shut down in order; returns the exit code (0: asked to stop).
 
-    Every event goes through the one queue: `api_open=False` closes the REST routes that would skip it, and
-    `max_size` turns requests away as busy instead of letting the line grow without end. The OpenAI-style routes
-    join that same queue. With `credentials`, every route but the health checks needs them.
+    Every image request waits in `line`, the UI's events (through Gradio's queue, which hands them on at once), API
+    calls and the OpenAI route alike; `api_open=False` closes the REST routes that would skip Gradio's queue. With
+    `credentials`, every route but the health checks needs them.
     """
     stop = threading.Event()
     received: list[str] = []
@@ -227,7 +202,7 @@ def serve(blocks: gr.Blocks, engine: Engine, *, host: str, port: int, queue_size
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
 
-    blocks.queue(max_size=queue_size, default_concurrency_limit=1, api_open=False)
+    blocks.queue(max_size=line.capacity, default_concurrency_limit=1, api_open=False)
     keep_more_sessions(blocks, SESSIONS_KEPT)
     deliveries = Deliveries()
     local_url = loopback_url(host, port, tls=bool(ssl_certfile))
@@ -235,8 +210,8 @@ def serve(blocks: gr.Blocks, engine: Engine, *, host: str, port: int, queue_size
     # Half the connections for streams, the rest for everything else (health checks among them).
     streams = StreamPool(limit=max(1, max_connections // 2), per_client=max(8, max_connections // 16),
                          loopback=LOOPBACK)
-    routes = [*health_routes(engine, streams), metrics_route(metrics, engine, blocks, streams),
-              *openai_routes(engine.output_dir, local_url, public_url or local_url, started_at=time.time(),
+    routes = [*health_routes(engine, streams), metrics_route(metrics, engine, line, streams),
+              *openai_routes(engine, line, public_url or local_url, started_at=time.time(),
                              deliveries=deliveries, metrics=metrics, links=links)]
     # Bound to loopback, only loopback names and --public-url's host are this server's (see webui.origin).
     own_hosts = (frozenset(filter(None, [urlsplit(public_url).hostname])) if is_loopback_name(host.lower()) else None)
@@ -256,7 +231,7 @@ def serve(blocks: gr.Blocks, engine: Engine, *, host: str, port: int, queue_size
                    small_events={index: fn.api_name for index, fn in blocks.fns.items() if not fn.queue},
                    api_names=frozenset(fn.api_name for fn in blocks.fns.values() if fn.api_name)),
         Middleware(CheckEventInputs, **event_inputs(blocks)),  # reads the body GuardGradioCalls parsed
-        Middleware(CountQueueRefusals, metrics=metrics), Middleware(RangesByStarlette)]
+        Middleware(RangesByStarlette)]
     app = build_app(blocks, routes, middleware, root_path=public_url)
     if unlisted := unlisted_routes(blocks.app):
         log.warning("gradio serves routes webui.gradio_surface does not list; they are closed (404) until it does: "
@@ -290,6 +265,7 @@ def serve(blocks: gr.Blocks, engine: Engine, *, host: str, port: int, queue_size
     in_flight = engine.in_flight
     log.info("shutdown requested signal=%s in_flight=%s grace_s=%s", received[0], in_flight or "none",
              shutdown_grace_s)
+    line.stop_accepting()
     engine.stop_accepting()
     if engine.wait_idle(timeout=deadline - time.monotonic()):
         delivered = deliveries.wait_done(timeout=deadline - time.monotonic())

@@ -19,14 +19,14 @@ from pipeline.requests import (
     MIN_SHIFT,
     GenerationRequest,
     RequestError,
-    batch,
     parse_size,
     shown,
 )
 from pipeline.storage import read_parameters
+from webui.admission import AdmissionLine
 from webui.arrival import received_at
 from webui.errors import INVALID, reported_to_the_caller
-from webui.gradio_surface import waiting_in_queue
+from webui.jobs import make_images, place_in_line, run_in_line
 from webui.owners import BROWSER_ID, BROWSER_STORAGE_KEY, BROWSER_STORAGE_SECRET, new_browser_id, owner_of
 from webui.resolutions import left_out, offered
 
@@ -34,7 +34,6 @@ HISTORY_SIZE = 12  # the owner's images from disk shown when a page opens, so a 
 SESSION_HISTORY_LIMIT = 48  # the gallery goes back to the browser whole after every image: keep it bounded
 API_NAME = "generate"  # the queue endpoint: gradio_client.Client(url).predict(..., api_name="/generate")
 IMAGES_API_NAME = "images"  # n images for the OpenAI-style route; through the same queue
-GPU_QUEUE = "gpu"  # one concurrency group: every event that touches the engine waits in the same line
 
 STATUS_REFRESH_S = 10
 # The official Space's kind of prompt, in both languages the text encoder reads.
@@ -87,7 +86,8 @@ def _page(state: object) -> dict:
     return {"browser_id": None, "images": []}
 
 
-def build_ui(engine: Engine, *, demo: bool, model_label: str, max_w: int, max_h: int) -> gr.Blocks:
+def build_ui(engine: Engine, line: AdmissionLine, *, demo: bool, model_label: str, max_w: int,
+             max_h: int) -> gr.Blocks:
     guard = engine.memory_guard
     fits = guard.fits if guard is not None else None
     table = offered(max_w, max_h, fits)
@@ -97,36 +97,30 @@ def build_ui(engine: Engine, *, demo: bool, model_label: str, max_w: int, max_h:
     gr.set_static_paths([engine.output_dir])
     first_category = next(iter(table))
 
-    def generate(prompt, resolution, seed, random_seed, steps, shift, page, request: gr.Request,
-                 progress=gr.Progress()):
+    async def generate(prompt, resolution, seed, random_seed, steps, shift, page, request: gr.Request,
+                       progress=gr.Progress()):
         page = _page(page)
         with reported_to_the_caller():
             if not isinstance(random_seed, bool):
-                raise RequestError(f"random_seed must be true or false (got {shown(random_seed)}).")
+                raise RequestError(f"random_seed must be true or false (got {shown(random_seed)}).", "random_seed")
             width, height = parse_size(resolution, "resolution")
             generation = GenerationRequest(prompt=prompt, width=width, height=height, steps=steps,
                                            seed=None if random_seed else seed, shift=shift)
-            result = engine.generate(generation, received_at=received_at(request),
-                                     progress=lambda step, total: progress((step, total), desc="Denoising"),
-                                     owner=owner_of(request, page["browser_id"]))
+            [result] = await run_in_line(
+                line, engine, [generation], received_at=received_at(request),
+                owner=owner_of(request, page["browser_id"]),
+                progress=lambda step, total: progress((step, total), desc="Denoising"),
+                told=lambda ahead, seconds: progress(None, desc=place_in_line(ahead, seconds)))
         images = [(str(result.path), _caption(asdict(result.request))), *page["images"]][:SESSION_HISTORY_LIMIT]
         return images, {**page, "images": images}, result.request.seed, _timing(result), str(result.path)
 
-    def images(prompt: str, size: str, n: int, seed: int | None, steps: int | None, shift: float | None,
-               request: gr.Request) -> list[dict]:
-        """`n` images of `size` ("WIDTHxHEIGHT") in one turn on the GPU, as pipeline.requests.batch reads them.
-        Each: the saved PNG's path ("file": gradio_client would take a "path" key for a file to download and drop
-        the rest), its seed, its request id, its stage timings in milliseconds and any notices (a prompt cut to the
-        token budget): what /generate shows as Markdown, as values a script can read. The OpenAI-style route calls
-        this too."""
-        made = []
+    async def images(prompt: str, size: str, n: int, seed: int | None, steps: int | None, shift: float | None,
+                     request: gr.Request) -> list[dict]:
+        """webui.jobs.make_images for API callers: what /generate shows as Markdown, as values a script can read
+        ("file": gradio_client would take a "path" key for a file to download and drop the rest)."""
         with reported_to_the_caller():
-            for generation in batch(prompt, size, n, seed, steps, shift):
-                result = engine.generate(generation, received_at=received_at(request), owner=owner_of(request, None))
-                made.append({"file": str(result.path), "seed": result.request.seed, "id": result.request_id,
-                             "timings_ms": {stage: round(ms, 1) for stage, ms in result.timings.by_stage().items()},
-                             "notices": list(result.notices)})
-        return made
+            return await make_images(line, engine, prompt, size, n, seed, steps, shift,
+                                     received_at=received_at(request), owner=owner_of(request, None))
 
     def load_history(stored_browser_id, request: gr.Request):
         """A page opens: its browser's id (a new one on its first visit, kept in localStorage) and the owner's
@@ -140,8 +134,8 @@ def build_ui(engine: Engine, *, demo: bool, model_label: str, max_w: int, max_h:
     def status_line() -> str:
         """Queue, GPU memory, uptime and which pipeline serves: what a person wants to know before waiting."""
         state = engine.state()
-        waiting = waiting_in_queue(blocks)
-        parts = [f"{waiting} waiting" + (" · one running" if state["busy"] else ""),
+        running = engine.running_jobs
+        parts = [f"{line.waiting} waiting" + (f" · {'one' if running == 1 else running} running" if running else ""),
                  f"up {_uptime(time.monotonic() - started_at)}",
                  f"{state['serving']} pipeline" + (" (compiling)" if state["compiled"] == "compiling" else "")]
         if engine.device.type == "cuda":
@@ -221,8 +215,8 @@ def build_ui(engine: Engine, *, demo: bool, model_label: str, max_w: int, max_h:
             # Raw values reach the handler, so the engine checks every field and names it in its message
             # (Gradio's own conversions would fail first, some without a message a person can use).
             preprocess=False,
-            concurrency_limit=engine.parallel_jobs,
-            concurrency_id=GPU_QUEUE,
+            # Gradio hands every event on at once: the admission line (webui.admission) is where jobs wait.
+            concurrency_limit=None,
             # Progress, and a refusal's mark, on the status line only: the gallery, seed, timing and PNG keep
             # their last good values (a refusal's message comes as a toast).
             show_progress_on=status,
@@ -230,5 +224,5 @@ def build_ui(engine: Engine, *, demo: bool, model_label: str, max_w: int, max_h:
         # Shown once there is a seed to show (a fresh page's 0 read as "the seed was 0"); a UI-only step, so the
         # API's answer stays the number itself.
         generated.success(lambda: gr.Number(visible=True), None, seed_used, queue=False, api_visibility="private")
-        gr.api(images, api_name=IMAGES_API_NAME, concurrency_limit=engine.parallel_jobs, concurrency_id=GPU_QUEUE)
+        gr.api(images, api_name=IMAGES_API_NAME, concurrency_limit=None)
     return blocks
