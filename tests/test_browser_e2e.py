@@ -188,3 +188,25 @@ def test_a_persons_hour_examples_ctrl_enter_status_refusal_and_reuse(chromium, b
     assert not page.get_by_label("Random seed").is_checked()
     _screenshot(page, "reused")
     page.context.close()
+
+
+def test_three_tabs_that_click_generate_together_each_see_their_place_in_line(chromium, browser_app):
+    """Before, the third tab saw a greyed "0 waiting" while two jobs were ahead of it (Gradio's own "queue: 2/2"
+    clipped by the status box)."""
+    pages = []
+    for _ in range(3):
+        page = chromium.new_context(viewport=VIEWPORT).new_page()
+        open_ui(page, browser_app.url)
+        page.locator("#prompt textarea").fill("a slow lighthouse at dusk")
+        page.get_by_label("Width × height").fill("1024x1024")
+        pages.append(page)
+    for page in pages:
+        page.locator("#generate").click()
+        page.locator("#status").get_by_text("Denoising").or_(page.locator("#status").get_by_text("ahead of you")) \
+            .first.wait_for(timeout=60_000)
+    pages[2].locator("#status").get_by_text("2 ahead of you").wait_for(timeout=30_000)
+    _screenshot(pages[2], "third-in-line")
+    pages[2].locator("#status").get_by_text("1 ahead of you").wait_for(timeout=120_000)  # refreshed as it moves
+    for page in pages:
+        page.wait_for_function("() => [...document.querySelectorAll('#gallery img')].some(i => i.naturalWidth > 0)",
+                               timeout=180_000)

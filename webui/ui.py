@@ -106,11 +106,17 @@ def build_ui(engine: Engine, line: AdmissionLine, *, demo: bool, model_label: st
             width, height = parse_size(resolution, "resolution")
             generation = GenerationRequest(prompt=prompt, width=width, height=height, steps=steps,
                                            seed=None if random_seed else seed, shift=shift)
+            first_told = []
+
+            def told(ahead: int, seconds: float | None) -> None:
+                # Gradio's page shows a description only beside a progress fraction: the share of the wait done.
+                first_told[:] = first_told or [ahead]
+                progress(1 - (ahead + 1) / (first_told[0] + 1), desc=place_in_line(ahead, seconds))
+
             [result] = await run_in_line(
                 line, engine, [generation], received_at=received_at(request),
                 owner=owner_of(request, page["browser_id"]),
-                progress=lambda step, total: progress((step, total), desc="Denoising"),
-                told=lambda ahead, seconds: progress(None, desc=place_in_line(ahead, seconds)))
+                progress=lambda step, total: progress((step, total), desc="Denoising"), told=told)
         images = [(str(result.path), _caption(asdict(result.request))), *page["images"]][:SESSION_HISTORY_LIMIT]
         return images, {**page, "images": images}, result.request.seed, _timing(result), str(result.path)
 
