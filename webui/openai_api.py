@@ -3,8 +3,9 @@
 A request waits in the same admission line as the UI's (webui.admission), under the same queue limit, and the engine
 validates it as it does the UI's (webui.jobs.make_images, the UI's /images endpoint too): nothing here talks to the
 GPU. What this module does is translate: the OpenAI request shape in, the OpenAI response and error shapes out,
-the field a 400 names as the validator named it. It checks the JSON's own types here (no NaN, no lone surrogates, no unknown keys, a string where a
-string belongs), so that no hostile value reaches the queue or comes back whole in a message.
+the field a 400 names as the validator named it. It checks the JSON's own types here (no NaN, no lone surrogates,
+no unknown keys, a string where a string belongs), so that no hostile value reaches the queue or comes back whole
+in a message.
 """
 
 from __future__ import annotations
@@ -181,7 +182,8 @@ def _read_body(raw: bytes) -> tuple[list[object], str]:
 
 def openai_routes(engine, line: AdmissionLine, public_url: str, started_at: float, deliveries,
                   metrics: ServiceMetrics, links: LinkSigner | None = None) -> list[Route]:
-    """`engine` makes the images, in `line`. `public_url`: the base of the image URLs it returns (configured, never taken from the request's Host header, which any client can forge).
+    """`engine` makes the images, in `line`. `public_url`: the base of the image URLs it returns (configured, never
+    taken from the request's Host header, which any client can forge).
     `deliveries` counts each generation request from its arrival until its answer has been sent (Starlette runs a
     response's background task after the last byte), so a shutdown can wait for it. A request refused here, before
     the queue, is counted in `metrics` and logged as the engine does its own refusals. `links`: with credentials
