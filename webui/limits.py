@@ -92,29 +92,29 @@ class LimitBodySize:
 
 @dataclass(frozen=True)
 class Rated:
-    """Requests counted against one server-wide rate: those whose path starts with one of `prefixes` or is one of
-    `paths` without its final slash ("" is the root), `per_s` a second on average and `burst` at once."""
+    """Requests counted against one server-wide rate: those of Gradio's routes of `kind` (the tag that
+    webui.gradio_surface.ClassifyGradioRoutes leaves in the scope), `per_s` a second on average and `burst` at
+    once."""
 
     what: str  # for the refusal's message: "Too many requests for {what}"
     per_s: float
     burst: int
-    prefixes: tuple[str, ...] = ()
-    paths: frozenset[str] = frozenset()
+    kind: Kind
 
-    def counts(self, path: str) -> bool:
-        return path.startswith(self.prefixes) or path.rstrip("/") in self.paths
+    def counts(self, scope) -> bool:
+        route = scope.get(ROUTE_KEY)
+        return route is not None and route.kind is self.kind
 
 
 # Gradio's routes for events that skip the queue (api/ is run/'s alias): here a page's load (its gallery's history)
 # and the size category's dropdown. A person makes a few a minute.
 UI_EVENT_PATHS = ("/gradio_api/run/", "/gradio_api/api/")
-UI_EVENTS = Rated("the page's events", per_s=20.0, burst=60, prefixes=UI_EVENT_PATHS)
+UI_EVENTS = Rated("the page's events", per_s=20.0, burst=60, kind=Kind.SMALL_EVENT)
 # Gradio's routes that build the page, its config or its API's description anew for each request, 2-4 ms of Python
 # each (a static file or a health check: under 1 ms). Eight clients loading / in a loop slowed a 512² image (2
 # steps, 2 cores) from 0.29 s to 3.0 s; limited, to 0.95 s, what as many looping on /healthz cost (1.1 s). A page
 # load takes one or two, a gradio_client Client two (it reads the 429 as "too many requests").
-PAGE_LOADS = Rated("pages and API descriptions", per_s=20.0, burst=60,
-                   paths=frozenset({"", "/config", "/gradio_api/info", "/gradio_api/openapi.json", "/gradio_api/runs"}))
+PAGE_LOADS = Rated("pages and API descriptions", per_s=20.0, burst=60, kind=Kind.PAGE)
 
 
 class TokenBucket:
@@ -145,7 +145,7 @@ class LimitRate:
         self.app, self.rated, self.bucket = app, rated, TokenBucket(rated.per_s, rated.burst)
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and self.rated.counts(scope["path"]) and not self.bucket.take():
+        if scope["type"] == "http" and self.rated.counts(scope) and not self.bucket.take():
             await send_json(send, 429, openai_error(f"Too many requests for {self.rated.what}; try again in a "
                                                     f"moment.", "rate_limited"),
                             headers=((b"retry-after", b"1"),))

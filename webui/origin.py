@@ -89,7 +89,7 @@ class RefuseCrossSite:
     known, and credentials guard the service)."""
 
     def __init__(self, app, own_hosts: frozenset[str] | None = None,
-                 budgeted: Callable[[str], bool] = lambda _path: False):
+                 budgeted: Callable[[dict], bool] = lambda _scope: False):
         self.app = app
         self.own_hosts = own_hosts
         self.budgeted = budgeted
@@ -118,7 +118,7 @@ class RefuseCrossSite:
         a_read = scope["method"] not in STATE_CHANGING_METHODS and b"origin" not in headers
         # A browser too old to say what a request is for (no Sec-Fetch-Mode) may be following a link: let it.
         mode = headers.get(b"sec-fetch-mode")
-        spends_a_budget = self.budgeted(scope["path"]) and mode is not None and mode != b"navigate"
+        spends_a_budget = self.budgeted(scope) and mode is not None and mode != b"navigate"
         if origin is None or (a_read and not spends_a_budget):
             await self.app(scope, receive, send)
             return

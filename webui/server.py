@@ -132,6 +132,38 @@ def metrics_route(metrics: ServiceMetrics, engine: Engine, line: AdmissionLine, 
     return Route("/metrics", scrape)
 
 
+# The service's middleware, outermost first. Each one's place, and why:
+MIDDLEWARE_ORDER = (
+    AnswerUnhandledErrors,  # first: whatever fails inside, the client gets JSON and the log one line
+    RequireCredentials,  # (with --auth) before anything spends work on a request
+    ClassifyGradioRoutes,  # tags each request with its row of Gradio's routes, which every one below reads
+    RefuseCrossSite,  # before the budgets: another site's page cannot spend them
+    LimitRate, LimitRate,  # the page's small events, then page loads: server-wide budgets
+    StampArrival,  # before any body is read: a job's wait counts from its request's arrival
+    LimitBodySize,  # before GuardGradioCalls and CheckEventInputs read a body whole
+    GuardGradioCalls,  # sessions, event streams, joins; leaves a POST's parsed body in the scope
+    CheckEventInputs,  # reads the body GuardGradioCalls parsed
+    RangesByStarlette,  # last: it answers the file route itself
+)
+
+
+def service_middleware(blocks: gr.Blocks, routes: list[Route], streams: StreamPool, *, credentials: dict[str, str],
+                       links: LinkSigner | None, own_hosts: frozenset[str] | None) -> list[Middleware]:
+    """The middleware, outermost first, in MIDDLEWARE_ORDER (RequireCredentials only with `credentials`)."""
+    return [
+        Middleware(AnswerUnhandledErrors),
+        *([Middleware(RequireCredentials, credentials=credentials, links=links)] if credentials else []),
+        Middleware(ClassifyGradioRoutes, own_routes=routes),
+        Middleware(RefuseCrossSite, own_hosts=own_hosts,
+                   budgeted=lambda scope: UI_EVENTS.counts(scope) or PAGE_LOADS.counts(scope)),
+        Middleware(LimitRate, rated=UI_EVENTS), Middleware(LimitRate, rated=PAGE_LOADS),
+        Middleware(StampArrival), Middleware(LimitBodySize),
+        Middleware(GuardGradioCalls, streams=streams, events=frozenset(blocks.fns),
+                   small_events={index: fn.api_name for index, fn in blocks.fns.items() if not fn.queue},
+                   api_names=frozenset(fn.api_name for fn in blocks.fns.values() if fn.api_name)),
+        Middleware(CheckEventInputs, **event_inputs(blocks)), Middleware(RangesByStarlette)]
+
+
 def loopback_url(host: str, port: int, tls: bool = False) -> str:
     """Where this server answers from inside the same machine."""
     if host in ("", "0.0.0.0"):
@@ -215,23 +247,8 @@ def serve(blocks: gr.Blocks, engine: Engine, line: AdmissionLine, *, host: str, 
                              deliveries=deliveries, metrics=metrics, links=links)]
     # Bound to loopback, only loopback names and --public-url's host are this server's (see webui.origin).
     own_hosts = (frozenset(filter(None, [urlsplit(public_url).hostname])) if is_loopback_name(host.lower()) else None)
-    # Outermost first; each position matters for the reason beside it.
-    middleware = [
-        Middleware(AnswerUnhandledErrors),  # first: whatever fails inside, the client gets JSON and the log one line
-        *([Middleware(RequireCredentials, credentials=credentials, links=links)] if credentials else []),
-        # Another site's requests are refused before the budgets count them: they cannot spend them.
-        Middleware(RefuseCrossSite, own_hosts=own_hosts,
-                   budgeted=lambda path: UI_EVENTS.counts(path) or PAGE_LOADS.counts(path)),
-        # Tags each request with its row of Gradio's routes, which GuardGradioCalls reads; closed ones end here.
-        Middleware(ClassifyGradioRoutes, own_routes=routes),
-        Middleware(LimitRate, rated=UI_EVENTS), Middleware(LimitRate, rated=PAGE_LOADS),
-        Middleware(StampArrival),  # before any body is read: a job's queue time starts when its request came
-        Middleware(LimitBodySize),  # before GuardGradioCalls and CheckEventInputs read a body whole
-        Middleware(GuardGradioCalls, streams=streams, events=frozenset(blocks.fns),
-                   small_events={index: fn.api_name for index, fn in blocks.fns.items() if not fn.queue},
-                   api_names=frozenset(fn.api_name for fn in blocks.fns.values() if fn.api_name)),
-        Middleware(CheckEventInputs, **event_inputs(blocks)),  # reads the body GuardGradioCalls parsed
-        Middleware(RangesByStarlette)]
+    middleware = service_middleware(blocks, routes, streams, credentials=credentials, links=links,
+                                    own_hosts=own_hosts)
     app = build_app(blocks, routes, middleware, root_path=public_url)
     if unlisted := unlisted_routes(blocks.app):
         log.warning("gradio serves routes webui.gradio_surface does not list; they are closed (404) until it does: "
