@@ -29,6 +29,7 @@ from pipeline.messages import first_line
 from pipeline.metrics import ServiceMetrics
 from pipeline.output_dir import OutputDirCheck
 from pipeline.requests import GenerationRequest, Limits, RequestError, ValidRequest, validate
+from pipeline.serving import EngineStatus, ServingEngine
 from pipeline.storage import RecentImages, a1111_parameters, save_png
 from pipeline.text_encoder import MAX_SEQUENCE_LENGTH, PromptEncoder
 
@@ -156,7 +157,7 @@ class EngineOptions:
     gpu_memory_limit_bytes: int  # 0: the whole GPU; else the memory guard plans within this cap
 
 
-class Engine:
+class Engine(ServingEngine):
     parallel_jobs = 1  # the GPU runs one job at a time: the front's queue lets one through (scale's: one per replica)
 
     def __init__(self, loaded: LoadedPipeline, options: EngineOptions, *, faults: FaultPlan = FaultPlan(),
@@ -168,6 +169,7 @@ class Engine:
         self._pipe = loaded.pipe
         self._pipe.set_progress_bar_config(disable=True)  # progress goes to the caller, not to tqdm on stderr
         self.device = loaded.device
+        self.gpu = loaded.device if loaded.device.type == "cuda" else None
         self.dtype = loaded.dtype
         self.limits = limits
         self.output_dir = output_dir
@@ -227,13 +229,16 @@ class Engine:
         """The pipeline that serves now: the eager one, or its compiled copy once that is live."""
         return self._pipe
 
+    def status(self) -> EngineStatus:
+        """What the service is doing, for health probes and the status line."""
+        return EngineStatus(ready=self.ready, healthy=self.healthy, busy=self.in_flight is not None,
+                            in_flight=self.in_flight, served=self.served, attention=self.attention_backend,
+                            compiled=self.compiled, serving=self.serving,
+                            text_encoder="graphs" if self._prompt_encoder.graphed else "eager", device=str(self.device))
+
     def state(self) -> dict[str, object]:
-        """What the service is doing, for health probes and crash snapshots."""
-        return {"ready": self.ready, "healthy": self.healthy, "busy": self.in_flight is not None,
-                "in_flight": self.in_flight, "served": self.served, "attention": self.attention_backend,
-                "compiled": self.compiled, "serving": self.serving,
-                "text_encoder": "graphs" if self._prompt_encoder.graphed else "eager",
-                "device": str(self.device), "recent_prompts": list(self._recent_prompts)}
+        """The status and the recent prompts, for crash snapshots."""
+        return asdict(self.status()) | {"recent_prompts": list(self._recent_prompts)}
 
     def output_dir_problem(self) -> str | None:
         """Why an image could not be saved now (the directory is not writable, or the disk nearly full), or None."""

@@ -10,10 +10,9 @@ import logging
 import threading
 import time
 from collections import Counter, OrderedDict
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
 from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
@@ -25,6 +24,7 @@ from pipeline.memory import MemoryGuard
 from pipeline.metrics import ServiceMetrics
 from pipeline.output_dir import OutputDirCheck
 from pipeline.requests import Limits
+from pipeline.serving import EngineStatus, ServingEngine
 from pipeline.storage import RecentImages, read_parameters
 from scale.events import Finished, Progress, Refused, Replica, Started
 from scale.metrics import ReplicaMetrics
@@ -60,7 +60,7 @@ class RemoteResult(GenerationResult):
     replica: Replica
 
 
-class RemoteEngine:
+class RemoteEngine(ServingEngine):
     def __init__(self, handle: DeploymentHandle, *, app_name: str, deployment_name: str, replicas: int,
                  queue_size: int, limits: Limits, output_dir: Path, memory_guard: MemoryGuard | None,
                  engine_state: dict[str, object], metrics: ServiceMetrics | None = None) -> None:
@@ -74,9 +74,9 @@ class RemoteEngine:
         self.limits = limits
         self.output_dir = output_dir
         self.memory_guard = memory_guard
-        # The front's own device: it holds no model, so it has no GPU memory to report (the replicas' devices are
-        # theirs, in their log lines).
-        self.device = torch.device("cpu")
+        # The front holds no model, so it has no GPU memory to report (the replicas' GPUs are theirs, in their log
+        # lines).
+        self.gpu = None
         self.compile_model = False  # each replica compiles its own copy (start_background_work)
         # Replica id → its engine's state (which pipeline serves, ...) as its latest answer gave it, least recent
         # first: `replicas` of them, a lost one dropped. Serve names no replica before it answers: "" stands for
@@ -127,15 +127,19 @@ class RemoteEngine:
             self._counts = (time.monotonic(), counts)
         return counts
 
-    def state(self) -> dict[str, object]:
-        """Engine.state()'s keys, for the front: ready while at least one replica is; and the replicas' counts."""
+    def status(self) -> EngineStatus:
+        """Ready while at least one replica is; the replicas' engines summed up, and their counts."""
         ready, total = self.replica_counts()
         in_flight = self.in_flight
         with self._idle:
             engines = summarize(list(self._replica_states.values()))
-        return {"ready": ready > 0, "healthy": self.healthy, "busy": in_flight is not None, "in_flight": in_flight,
-                "served": self.served, **engines, "device": f"{total} Serve replicas", "replicas_ready": ready,
-                "replicas_total": total, "recent_prompts": []}
+        return EngineStatus(ready=ready > 0, healthy=self.healthy, busy=in_flight is not None, in_flight=in_flight,
+                            served=self.served, **engines, device=f"{total} Serve replicas", replicas_ready=ready,
+                            replicas_total=total)
+
+    def state(self) -> dict[str, object]:
+        """The status, for crash snapshots; the prompts are the replicas' own, in theirs."""
+        return asdict(self.status()) | {"recent_prompts": []}
 
     def output_dir_problem(self) -> str | None:
         return self._output_dir_check.problem()

@@ -20,7 +20,7 @@ from starlette.middleware import Middleware
 from starlette.routing import Route
 
 from config.log_lines import seconds_since_process_start
-from pipeline.engine import Engine
+from pipeline.serving import ServingEngine
 from pipeline.messages import first_line
 from pipeline.metrics import CONTENT_TYPE, ServiceMetrics
 from webui.admission import AdmissionLine
@@ -50,19 +50,17 @@ CLOSE_S = 1  # uvicorn's graceful-shutdown limit: open event streams (a page's q
 EXIT_S = 1  # what the process needs after closing the server: child processes, the last log lines
 
 
-def health_routes(engine: Engine, streams: StreamPool) -> list[Route]:
+def health_routes(engine: ServingEngine, streams: StreamPool) -> list[Route]:
     async def healthz(_request):
         return JSONResponse({"status": "ok"})
 
     async def readyz(_request):
-        state = engine.state()
-        ready = bool(state["ready"] and state["healthy"])
-        body = {key: state[key] for key in ("ready", "healthy", "busy", "served", "attention", "compiled", "serving",
-                                            "text_encoder", "device", "replicas_ready", "replicas_total")
-                if key in state}
-        if engine.device.type == "cuda":
+        status = engine.status()
+        ready = status.ready and status.healthy
+        body = status.for_probe()
+        if engine.gpu is not None:
             try:
-                free, total = torch.cuda.mem_get_info(engine.device)
+                free, total = torch.cuda.mem_get_info(engine.gpu)
                 body.update(gpu_free_mib=free // 2**20, gpu_total_mib=total // 2**20)
             except RuntimeError as error:  # a poisoned context fails every call: not ready, and say why
                 ready = False
@@ -105,7 +103,7 @@ def _flush_logs() -> None:
         handler.flush()
 
 
-def metrics_route(metrics: ServiceMetrics, engine: Engine, line: AdmissionLine, streams: StreamPool) -> Route:
+def metrics_route(metrics: ServiceMetrics, engine: ServingEngine, line: AdmissionLine, streams: StreamPool) -> Route:
     """/metrics in Prometheus' text format: the engine's counters and histograms, and gauges read at each scrape."""
     metrics.gauge("zimage_event_streams_open", "Event streams open (heartbeats, pages' and API calls' results)",
                   lambda: len(streams.open))
@@ -120,11 +118,11 @@ def metrics_route(metrics: ServiceMetrics, engine: Engine, line: AdmissionLine, 
                   "--replicas)", lambda: engine.running_jobs)
     metrics.gauge("zimage_model_loaded", "1 once the model is loaded and warmed up, and no fatal error since",
                   lambda: int(engine.ready and engine.healthy))
-    if engine.device.type == "cuda":
+    if (gpu := engine.gpu) is not None:
         metrics.gauge("zimage_gpu_memory_allocated_bytes", "GPU memory held by tensors",
-                      lambda: torch.cuda.memory_allocated(engine.device))
+                      lambda: torch.cuda.memory_allocated(gpu))
         metrics.gauge("zimage_gpu_memory_reserved_bytes", "GPU memory held by PyTorch's caching allocator",
-                      lambda: torch.cuda.memory_reserved(engine.device))
+                      lambda: torch.cuda.memory_reserved(gpu))
 
     async def scrape(_request):
         return Response(metrics.text(), media_type=CONTENT_TYPE)
@@ -208,10 +206,10 @@ def uvicorn_config(app: FastAPI, *, host: str, port: int, max_connections: int, 
     )
 
 
-def serve(blocks: gr.Blocks, engine: Engine, line: AdmissionLine, *, host: str, port: int, shutdown_grace_s: float,
-          metrics: ServiceMetrics, credentials: dict[str, str], max_connections: int, header_timeout_s: float,
-          send_timeout_s: float, ssl_certfile: str = "", ssl_keyfile: str = "", public_url: str = "",
-          trusted_proxies: str = "", compile_delay_s: float = 0.0) -> int:
+def serve(blocks: gr.Blocks, engine: ServingEngine, line: AdmissionLine, *, host: str, port: int,
+          shutdown_grace_s: float, metrics: ServiceMetrics, credentials: dict[str, str], max_connections: int,
+          header_timeout_s: float, send_timeout_s: float, ssl_certfile: str = "", ssl_keyfile: str = "",
+          public_url: str = "", trusted_proxies: str = "", compile_delay_s: float = 0.0) -> int:
     """Serve until SIGTERM or SIGINT, then shut down in order; returns the exit code (0: asked to stop).
 
     Every image request waits in `line`, the UI's events (through Gradio's queue, which hands them on at once), API

@@ -9,7 +9,7 @@ from pathlib import Path
 import gradio as gr
 import torch
 
-from pipeline.engine import Engine, GenerationResult
+from pipeline.engine import GenerationResult
 from pipeline.memory import GIB
 from pipeline.requests import (
     DEFAULT_SHIFT,
@@ -22,6 +22,7 @@ from pipeline.requests import (
     parse_size,
     shown,
 )
+from pipeline.serving import ServingEngine
 from pipeline.storage import read_parameters
 from webui.admission import AdmissionLine
 from webui.arrival import received_at
@@ -86,7 +87,7 @@ def _page(state: object) -> dict:
     return {"browser_id": None, "images": []}
 
 
-def build_ui(engine: Engine, line: AdmissionLine, *, demo: bool, model_label: str, max_w: int,
+def build_ui(engine: ServingEngine, line: AdmissionLine, *, demo: bool, model_label: str, max_w: int,
              max_h: int) -> gr.Blocks:
     guard = engine.memory_guard
     fits = guard.fits if guard is not None else None
@@ -139,13 +140,13 @@ def build_ui(engine: Engine, line: AdmissionLine, *, demo: bool, model_label: st
 
     def status_line() -> str:
         """Queue, GPU memory, uptime and which pipeline serves: what a person wants to know before waiting."""
-        state = engine.state()
+        status = engine.status()
         running = engine.running_jobs
         parts = [f"{line.waiting} waiting" + (f" · {'one' if running == 1 else running} running" if running else ""),
                  f"up {_uptime(time.monotonic() - started_at)}",
-                 f"{state['serving']} pipeline" + (" (compiling)" if state["compiled"] == "compiling" else "")]
-        if engine.device.type == "cuda":
-            free, total = torch.cuda.mem_get_info(engine.device)
+                 f"{status.serving} pipeline" + (" (compiling)" if status.compiled == "compiling" else "")]
+        if engine.gpu is not None:
+            free, total = torch.cuda.mem_get_info(engine.gpu)
             parts.insert(1, f"GPU memory {(total - free) / GIB:.1f} of {total / GIB:.0f} GiB in use")
         return " · ".join(parts)
 
