@@ -13,6 +13,7 @@ import gradio as gr
 
 from pipeline.requests import shown
 from webui.asgi_errors import openai_error, send_json
+from webui.gradio_surface import example_count, page_events
 from webui.limits import BODY_FIELDS_KEY, CALL_BY_KEYWORD_PATH, CALL_PATH, QUEUE_JOIN_PATH, UI_EVENT_PATHS
 
 # Gradio's keyword route takes this one beside an endpoint's parameters (and drops it where the endpoint has no use).
@@ -131,16 +132,17 @@ def event_inputs(blocks: gr.Blocks) -> dict[str, object]:
         required=frozenset(parameter["parameter_name"] for parameter in endpoint["parameters"]
                            if "parameter_name" in parameter and not parameter.get("parameter_has_default", False)))
         for name, endpoint in endpoints.items()}
-    example_picks = {index: ExamplePick(position, len(component.raw_samples))
-                     for index, fn in blocks.fns.items()
+    events = page_events(blocks)
+    example_picks = {index: ExamplePick(position, example_count(component))
+                     for index, fn in events.items()
                      for position, component in enumerate(fn.inputs) if isinstance(component, gr.Dataset)}
     # An API call's inputs by the names its callers know them by: the endpoint's parameters.
     inputs = {index: Inputs(names=tuple(_input_name(block) for block in fn.inputs),
                             api_names=parameters[fn.api_name].names if fn.api_name in parameters else
                             tuple(_input_name(block) for block in fn.inputs if not block.skip_api),
                             queued=fn.queue)
-              for index, fn in blocks.fns.items()}
-    fn_indices = {fn.api_name: index for index, fn in blocks.fns.items() if fn.api_name}
+              for index, fn in events.items()}
+    fn_indices = {fn.api_name: index for index, fn in events.items() if fn.api_name}
     return {"parameters": parameters, "inputs": inputs, "example_picks": example_picks, "fn_indices": fn_indices}
 
 

@@ -256,3 +256,14 @@ def keep_more_sessions(blocks, sessions: int) -> None:
     says why it must hold more): `Queue.pending_messages_per_session`, an LRUCache, in Gradio 6.31."""
     blocks._queue.pending_messages_per_session.max_size = sessions
 
+
+
+def page_events(blocks) -> dict[int, object]:
+    """fn_index → Gradio's BlockFunction for each of the page's events (its inputs, api_name, whether it is
+    queued): `Blocks.fns`, which has no public accessor, in Gradio 6.31."""
+    return dict(blocks.fns)
+
+
+def example_count(dataset) -> int:
+    """How many examples a gr.Dataset holds: `Dataset.raw_samples`, in Gradio 6.31."""
+    return len(dataset.raw_samples)

@@ -34,6 +34,7 @@ from webui.gradio_surface import (
     GRADIO_APP_KWARGS,
     ClassifyGradioRoutes,
     keep_more_sessions,
+    page_events,
     unlisted_routes,
 )
 from webui.limits import PAGE_LOADS, SESSIONS_KEPT, UI_EVENTS, GuardGradioCalls, LimitBodySize, LimitRate
@@ -148,6 +149,7 @@ MIDDLEWARE_ORDER = (
 def service_middleware(blocks: gr.Blocks, routes: list[Route], streams: StreamPool, *, credentials: dict[str, str],
                        links: LinkSigner | None, own_hosts: frozenset[str] | None) -> list[Middleware]:
     """The middleware, outermost first, in MIDDLEWARE_ORDER (RequireCredentials only with `credentials`)."""
+    events = page_events(blocks)
     return [
         Middleware(AnswerUnhandledErrors),
         *([Middleware(RequireCredentials, credentials=credentials, links=links)] if credentials else []),
@@ -156,9 +158,9 @@ def service_middleware(blocks: gr.Blocks, routes: list[Route], streams: StreamPo
                    budgeted=lambda scope: UI_EVENTS.counts(scope) or PAGE_LOADS.counts(scope)),
         Middleware(LimitRate, rated=UI_EVENTS), Middleware(LimitRate, rated=PAGE_LOADS),
         Middleware(StampArrival), Middleware(LimitBodySize),
-        Middleware(GuardGradioCalls, streams=streams, events=frozenset(blocks.fns),
-                   small_events={index: fn.api_name for index, fn in blocks.fns.items() if not fn.queue},
-                   api_names=frozenset(fn.api_name for fn in blocks.fns.values() if fn.api_name)),
+        Middleware(GuardGradioCalls, streams=streams, events=frozenset(events),
+                   small_events={index: fn.api_name for index, fn in events.items() if not fn.queue},
+                   api_names=frozenset(fn.api_name for fn in events.values() if fn.api_name)),
         Middleware(CheckEventInputs, **event_inputs(blocks)), Middleware(RangesByStarlette)]
 
 
