@@ -9,6 +9,7 @@ import socket
 import urllib.request
 import uuid
 
+import anyio
 import pytest
 from gradio_client import Client
 
@@ -143,3 +144,43 @@ def test_idle_streams_by_the_hundred_starve_no_request_and_no_page(app):
         for sock in flood:
             sock.close()
     wait_until(lambda: _readyz(app)[1]["event_streams"]["open"] < STREAMS, 30, "the flood's streams closed")
+
+
+def test_asking_whether_the_client_left_leaves_no_waiter_behind():
+    """Gradio's result stream asks every 10 s, giving up at once (Starlette's is_disconnected): each question left
+    two tasks waiting for the life of the stream."""
+
+    async def main():
+        pool = StreamPool(limit=4, per_client=4, loopback=LOOPBACK)
+        guard = GuardGradioCalls(None, streams=pool, events=frozenset(), small_events={}, api_names=frozenset())
+        asked = []
+
+        async def stream_app(_scope, receive, send):
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            for _ in range(50):
+                with anyio.CancelScope() as scope:  # as Starlette's Request.is_disconnected asks
+                    scope.cancel()
+                    await receive()
+                asked.append(len(asyncio.all_tasks()))
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+        guard.app = stream_app
+        client_left = asyncio.Event()
+
+        async def receive():
+            await client_left.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(_message):
+            pass
+
+        path = "/gradio_api/queue/data"
+        route, _ = classify(path, "GET")
+        scope = {"type": "http", "method": "GET", "path": path, "query_string": b"session_hash=page0",
+                 "client": ("127.0.0.1", 5555), "headers": [], ROUTE_KEY: route}
+        await guard(scope, receive, send)
+        await asyncio.sleep(0)
+        return asked, len(asyncio.all_tasks())
+
+    asked, left = asyncio.run(main())
+    assert max(asked) <= asked[0] + 1 and left == 1  # only main itself

@@ -314,9 +314,13 @@ class GuardGradioCalls:
             if stream.ended.is_set():
                 return {"type": "http.disconnect"}
             received, ended = asyncio.ensure_future(receive()), asyncio.ensure_future(stream.ended.wait())
-            await asyncio.wait((received, ended), return_when=asyncio.FIRST_COMPLETED)
-            for waiting in (received, ended):
-                waiting.cancel()
+            try:
+                await asyncio.wait((received, ended), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                # Also when the caller gives up at once (Starlette's is_disconnected does, every time it asks): no
+                # waiter outlives the call. A message lost so is a disconnect, which uvicorn repeats to every call.
+                for waiting in (received, ended):
+                    waiting.cancel()
             return received.result() if received.done() and not received.cancelled() else {"type": "http.disconnect"}
 
         async def finish_when_ended():
