@@ -91,7 +91,7 @@ def outcome_of(error: BaseException) -> str:
 
 @dataclass(frozen=True)
 class StageTimings:
-    queue_ms: float  # waiting for the GPU inside the engine (Gradio's queue comes before)
+    queue_ms: float  # waiting for the GPU inside the engine (the web side's admission line comes before)
     encode_ms: float  # 0 when the prompt's embeddings came from the cache
     denoise_ms: float
     decode_ms: float

@@ -1,4 +1,4 @@
-"""When each request arrived, for the engine to refuse one that waited too long in Gradio's queue."""
+"""When each request arrived, for the engine to refuse one that waited too long in line for the GPU."""
 
 from __future__ import annotations
 
@@ -24,6 +24,6 @@ class StampArrival:
 
 
 def received_at(request: gr.Request | None) -> float | None:
-    """When the request that joined Gradio's queue arrived (stamped by StampArrival), if known."""
+    """When the request behind a Gradio event arrived (stamped by StampArrival), if known."""
     starlette_request = getattr(request, "request", None)
     return getattr(starlette_request.state, ARRIVAL_KEY, None) if starlette_request is not None else None
