@@ -11,7 +11,16 @@ import gradio as gr
 import pytest
 
 from tests.helpers import get_request, raw_exchange, start_demo_app, stop_app
-from webui.gradio_surface import ROUTES, Kind, classify, gradio_route_templates, refusal, unlisted_routes
+from webui.gradio_surface import (
+    ROUTES,
+    Kind,
+    classify,
+    gradio_route_templates,
+    mounted_gradio_app,
+    refusal,
+    unlisted_routes,
+)
+from webui.server import build_app
 
 CLOSED_TEMPLATES = sorted({route.template for route in ROUTES if route.kind is Kind.CLOSED})
 
@@ -28,6 +37,16 @@ def test_the_table_lists_every_route_gradio_serves_and_no_other(gradio_app):
     assert unlisted_routes(gradio_app) == []
     served = {(template, method) for template, methods in gradio_route_templates(gradio_app) for method in methods}
     assert {(route.template, method) for route in ROUTES for method in route.methods} == served
+
+
+def test_the_start_checks_the_app_the_service_mounts():
+    with gr.Blocks() as blocks:
+        text = gr.Textbox()
+        text.submit(lambda value: value, text, text)
+    mounted = mounted_gradio_app(build_app(blocks, [], [], root_path=""))
+    assert mounted.get_blocks() is blocks
+    served = {(template, method) for template, methods in gradio_route_templates(mounted) for method in methods}
+    assert unlisted_routes(mounted) == [] and ("/gradio_api/queue/join", "POST") in served
 
 
 def _concrete(template: str) -> str:

@@ -1,5 +1,6 @@
-"""The body limit on a real `app.py --demo` process, attacked over raw sockets (an HTTP client library would buffer,
-retry or refuse to send what a hostile client sends), and the helper that cuts echoed values."""
+"""The body limit, Gradio's routes' guards and the file route's ranges on a real `app.py --demo` process, attacked
+over raw sockets (an HTTP client library would buffer, retry or refuse to send what a hostile client sends; the
+Range and Cookie headers go out exactly as written), and the helper that cuts echoed values."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import select
 import socket
 import threading
 import time
+from urllib.parse import urlsplit
 
 import psutil
 import pytest
@@ -288,14 +290,19 @@ def test_new_sessions_past_the_rate_are_refused_and_a_known_one_still_joins(app)
 
 
 def test_a_session_name_refused_as_new_is_still_new_when_it_comes_again():
+    from webui.event_inputs import PageEvents
+    from webui.gradio_surface import ROUTE_KEY, classify
+    from webui.auth import LOOPBACK
     from webui.limits import GuardGradioCalls, TokenBucket
+    from webui.streams import StreamPool
 
     let_in = []
 
     async def gradio(scope, _receive, _send):
         let_in.append(scope)
 
-    guard = GuardGradioCalls(gradio, streams=4, events=frozenset({0}), small_events={}, api_names=frozenset())
+    guard = GuardGradioCalls(gradio, streams=StreamPool(limit=8, per_client=8, loopback=LOOPBACK),
+                             page=PageEvents(indices=frozenset({0})))
     guard.new_sessions = TokenBucket(rate=0.0, burst=1)  # one new session, and no more
 
     def join(name: str) -> int:
@@ -310,7 +317,7 @@ def test_a_session_name_refused_as_new_is_still_new_when_it_comes_again():
             sent.append(message)
 
         scope = {"type": "http", "method": "POST", "path": "/gradio_api/queue/join", "query_string": b"",
-                 "headers": []}
+                 "headers": [], ROUTE_KEY: classify("/gradio_api/queue/join", "POST")[0]}
         asyncio.run(guard(scope, receive, send))
         return sent[0]["status"] if sent else 200
 
@@ -363,3 +370,50 @@ def test_an_fn_index_that_is_not_the_number_of_an_event_is_refused(app, fn_index
         sock.sendall(_head("/gradio_api/queue/join", f"Content-Length: {len(payload)}") + payload)
         status, _, answer = read_response(sock)
     assert status == 400 and json.loads(answer)["error"]["param"] == "fn_index"
+
+
+# The file route's ranges (GuardGradioCalls leaves them to Starlette).
+@pytest.fixture(scope="module")
+def image(app) -> tuple[str, bytes]:
+    """An image's path on the server and its whole bytes."""
+    body = json.dumps({"prompt": "a kite", "size": "64x64", "steps": 1, "response_format": "url"}).encode()
+    status, _, answer = raw_exchange(app, b"POST /v1/images/generations HTTP/1.1\r\nHost: localhost\r\n"
+                                          b"Content-Type: application/json\r\nConnection: close\r\n"
+                                          b"Content-Length: %d\r\n\r\n" % len(body) + body)
+    assert status == 200, answer
+    path = urlsplit(json.loads(answer)["data"][0]["url"]).path
+    status, _, whole = _get(app, path)
+    assert status == 200
+    return path, whole
+
+
+def _get(app, path: str, *fields: str) -> tuple[int, dict[str, str], bytes]:
+    head = [f"GET {path} HTTP/1.1", "Host: localhost", "Connection: close", *fields]
+    return raw_exchange(app, ("\r\n".join(head) + "\r\n\r\n").encode())
+
+
+def test_a_range_gets_those_bytes_and_no_request_header_comes_back(app, image):
+    path, whole = image
+    status, headers, body = _get(app, path, "Range: bytes=0-3", "Cookie: session=secret-value")
+    assert status == 206 and body == whole[:4]
+    assert headers["content-range"] == f"bytes 0-3/{len(whole)}"
+    assert "cookie" not in headers and "secret-value" not in str(headers)  # Gradio's own answer echoed it
+
+
+def test_a_suffix_and_several_ranges_are_served(app, image):
+    path, whole = image
+    status, _, body = _get(app, path, "Range: bytes=-5")
+    assert status == 206 and body == whole[-5:]
+    status, headers, body = _get(app, path, "Range: bytes=0-1,3-4")
+    assert status == 206 and headers["content-type"].startswith("multipart/byteranges")  # Gradio's own: a 500
+    assert whole[:2] in body and whole[3:5] in body
+
+
+@pytest.mark.parametrize("value, status", [("bytes=0-1-2", 400), ("bytes=5-2", 400), ("items=0-3", 400),
+                                           ("bytes=99999999-", 416)])
+def test_a_range_that_cannot_be_served_is_a_clear_refusal(app, image, value, status):
+    path, _ = image
+    answered, _, _ = _get(app, path, f"Range: {value}")
+    assert answered == status  # Gradio's own: 500, or one byte for the backwards range
+    assert "unhandled error" not in app.log()
+    assert http_status(f"{app.url}/readyz") == 200

@@ -6,11 +6,9 @@ import gradio as gr
 import pytest
 
 from webui.asgi_errors import AnswerUnhandledErrors
-from webui.arrival import StampArrival
 from webui.auth import RequireCredentials
-from webui.event_inputs import CheckEventInputs
 from webui.gradio_surface import ClassifyGradioRoutes
-from webui.limits import GuardGradioCalls, LimitBodySize, LimitRate
+from webui.limits import GuardGradioCalls, LimitBodySize
 from webui.origin import RefuseCrossSite
 from webui.server import MIDDLEWARE_ORDER, service_middleware
 from webui.streams import StreamPool
@@ -20,12 +18,10 @@ MUST_WRAP = [
     (AnswerUnhandledErrors, RequireCredentials, "a failure anywhere is answered as JSON"),
     (RequireCredentials, ClassifyGradioRoutes, "nothing is spent on a request without credentials"),
     (ClassifyGradioRoutes, RefuseCrossSite, "RefuseCrossSite reads the tag for the budgeted routes"),
-    (ClassifyGradioRoutes, LimitRate, "the budgets count by the tag"),
-    (ClassifyGradioRoutes, GuardGradioCalls, "joins and streams are found by the tag"),
-    (RefuseCrossSite, LimitRate, "another site's page cannot spend the budgets"),
-    (StampArrival, LimitBodySize, "a job's wait counts from its request's arrival"),
+    (ClassifyGradioRoutes, LimitBodySize, "a job's wait counts from its request's arrival, before its body"),
+    (ClassifyGradioRoutes, GuardGradioCalls, "the budgets, joins and streams are found by the tag"),
+    (RefuseCrossSite, GuardGradioCalls, "another site's page cannot spend the budgets"),
     (LimitBodySize, GuardGradioCalls, "GuardGradioCalls reads a body whole"),
-    (GuardGradioCalls, CheckEventInputs, "CheckEventInputs reads the body GuardGradioCalls parsed"),
 ]
 
 

@@ -14,6 +14,7 @@ import pytest
 from gradio_client import Client
 
 from tests.helpers import connect, generate_over_http, parse_samples, start_demo_app, stop_app, wait_until
+from webui.event_inputs import PageEvents
 from webui.gradio_surface import ROUTE_KEY, classify
 from webui.limits import GuardGradioCalls
 from webui.streams import HEARTBEAT, RESULTS, StreamPool
@@ -83,7 +84,7 @@ def test_a_join_whose_result_could_get_no_stream_never_reaches_the_queue():
         await send({"type": "http.response.body", "body": b'{"event_id": "e1"}'})
 
     pool = StreamPool(limit=1, per_client=8, loopback=LOOPBACK)
-    guard = GuardGradioCalls(queue, streams=pool, events=frozenset({0}), small_events={}, api_names=frozenset())
+    guard = GuardGradioCalls(queue, streams=pool, page=PageEvents(indices=frozenset({0})))
     assert _call(guard, "POST", "/gradio_api/queue/join", {"fn_index": 0, "session_hash": "page0"}) == 200
     assert pool.open_stream(RESULTS, "page0", LOOPBACK) is not None  # delivering: its result is to come
     assert _call(guard, "POST", "/gradio_api/queue/join", {"fn_index": 0, "session_hash": "page1"}) == 503
@@ -152,7 +153,7 @@ def test_asking_whether_the_client_left_leaves_no_waiter_behind():
 
     async def main():
         pool = StreamPool(limit=4, per_client=4, loopback=LOOPBACK)
-        guard = GuardGradioCalls(None, streams=pool, events=frozenset(), small_events={}, api_names=frozenset())
+        guard = GuardGradioCalls(None, streams=pool, page=PageEvents(indices=frozenset()))
         asked = []
 
         async def stream_app(_scope, receive, send):

@@ -1,29 +1,22 @@
-"""When each request arrived, for the engine to refuse one that waited too long in line for the GPU."""
+"""When each request arrived, for the engine to refuse one that waited too long in line for the GPU. Gradio keeps
+the request that joined its queue with the event, but tells the handler nothing of when that was."""
 
 from __future__ import annotations
 
 import time
 
-import gradio as gr
-
 ARRIVAL_KEY = "zimage_received_at"
 
 
-class StampArrival:
-    """ASGI middleware: note when each HTTP request arrived. Gradio keeps the request that joined its queue with
-    the event, but tells the handler nothing of when that was; the engine needs it to refuse requests that waited
-    too long."""
-
-    def __init__(self, app):
-        self.app = app
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] == "http":
-            scope.setdefault("state", {})[ARRIVAL_KEY] = time.monotonic()
-        await self.app(scope, receive, send)
+def stamp_arrival(scope) -> None:
+    """Note now as the arrival of the HTTP request `scope` (webui.gradio_surface.ClassifyGradioRoutes does, before
+    any body is read)."""
+    scope.setdefault("state", {})[ARRIVAL_KEY] = time.monotonic()
 
 
-def received_at(request: gr.Request | None) -> float | None:
-    """When the request behind a Gradio event arrived (stamped by StampArrival), if known."""
-    starlette_request = getattr(request, "request", None)
-    return getattr(starlette_request.state, ARRIVAL_KEY, None) if starlette_request is not None else None
+def received_at(request) -> float | None:
+    """When a request arrived, if known: a Starlette request, or the gr.Request behind a Gradio event (which holds
+    Starlette's in `request`)."""
+    starlette_request = getattr(request, "request", request)
+    state = getattr(starlette_request, "state", None)
+    return getattr(state, ARRIVAL_KEY, None)

@@ -8,7 +8,6 @@ import logging
 import traceback
 import uuid
 
-from gradio.route_utils import FnIndexInferError
 from starlette.requests import ClientDisconnect
 
 from config.log_lines import TRACEBACK_INTERVAL_S, Occasional, OncePerInterval
@@ -37,11 +36,12 @@ class AnswerUnhandledErrors:
     unknown API name, once a malformed Range header) becomes a JSON 500 with an incident id, and one ERROR line naming
     the method, the path and the id, with the traceback once a minute for each kind of failure. Without it, uvicorn
     answers a bare "Internal Server Error" and writes some 70 lines of traceback each time: a client repeating the
-    request filled the 10 MB log in five seconds. An unknown API name is the caller's mistake: 404, no traceback.
+    request filled the 10 MB log in five seconds. An unknown API name (`unknown_endpoint`, the exception Gradio raises
+    for one: webui.gradio_surface.UNKNOWN_ENDPOINT) is the caller's mistake: 404, no traceback.
     A failure after the answer has started can only break it off: a WARNING line an interval, with the count."""
 
-    def __init__(self, app):
-        self.app = app
+    def __init__(self, app, unknown_endpoint: type[Exception] | tuple[type[Exception], ...] = ()):
+        self.app, self.unknown_endpoint = app, unknown_endpoint
         self._tracebacks_due = OncePerInterval(TRACEBACK_INTERVAL_S)
         self._broken_off = Occasional(log)
 
@@ -61,7 +61,7 @@ class AnswerUnhandledErrors:
         except ClientDisconnect:
             return  # the client went away mid-request (or was cut off for stalling): nobody to answer, nothing wrong
         except Exception as error:
-            if isinstance(error, FnIndexInferError) and not started:
+            if isinstance(error, self.unknown_endpoint) and not started:
                 await send_json(send, 404, openai_error(f"{shown(scope['path'])} names no API endpoint of this "
                                                         f"service.", None, status=404))
                 return

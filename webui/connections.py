@@ -9,7 +9,12 @@ descriptors and /readyz stopped answering; 50 that sent a body a byte every 5 s 
 uvicorn's h11 limit on a request head (h11_max_incomplete_event_size) applies only to a head that arrives in pieces:
 one of 100 kB, or of 8,000 headers, sent at once was parsed whole (~22 ms of the event loop each), so heads are
 measured here, in C (bytes.find and count), before h11 parses them. `guarded_protocol` gives the protocol class
-that webui.server passes to uvicorn's Config."""
+that webui.server passes to uvicorn's Config.
+
+The service's one reach into uvicorn's internals: the class extends uvicorn's H11Protocol, overriding its event
+methods and reading its `cycle` (the request under way: `scope`, `more_body`), `conn` (h11's Connection:
+`trailing_data`), `transport` and `loop`, as read from uvicorn 0.55.0 and h11 0.16.0 (config.lock warns at start
+when another uvicorn is installed)."""
 
 from __future__ import annotations
 

@@ -2,19 +2,25 @@
 with a message that quotes its components' Python reprs and echoes every value sent: a call by keyword
 (`call/v2/NAME`) with a parameter the endpoint does not take or without one it needs (Gradio's own argument check
 raises a TypeError its route does not catch), fewer values in `data` than the event has inputs, and an example's
-number past the page's examples (`run/load_example`: the examples' list raises an IndexError). Checked here first,
-each gets a 400 naming the field, and nothing reaches Gradio."""
+number past the page's examples (`run/load_example`: the examples' list raises an IndexError). Checked first
+(PageEvents.problem, by webui.limits.GuardGradioCalls), each gets a 400 naming the field, and nothing reaches
+Gradio."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import gradio as gr
 
 from pipeline.requests import shown
-from webui.asgi_errors import openai_error, send_json
-from webui.gradio_surface import example_count, page_events
-from webui.limits import BODY_FIELDS_KEY, CALL_BY_KEYWORD_PATH, CALL_PATH, QUEUE_JOIN_PATH, UI_EVENT_PATHS
+from webui.gradio_surface import (
+    CALL_BY_KEYWORD_PATH,
+    CALL_PATH,
+    QUEUE_JOIN_PATH,
+    UI_EVENT_PATHS,
+    example_count,
+    page_events,
+)
 
 # Gradio's keyword route takes this one beside an endpoint's parameters (and drops it where the endpoint has no use).
 GRADIO_OWN_KEYWORDS = frozenset({"oauth_token"})
@@ -47,47 +53,68 @@ class ExamplePick:
     count: int
 
 
-class CheckEventInputs:
-    """ASGI middleware over Gradio's routes for the page's events. `parameters`: api name → its keyword parameters;
-    `inputs`: fn_index → the event's inputs; `example_picks`: fn_index → the example input it takes; `fn_indices`:
-    api name → fn_index. Runs inside webui.limits.GuardGradioCalls, which has checked that an fn_index names an
-    event and an API name is one of the page's, and has left the parsed body in the scope."""
+@dataclass(frozen=True)
+class PageEvents:
+    """The page's events as callers reach them, from Gradio's own API info and components (`of`): `indices`, every
+    event's fn_index; `small`: fn_index → api name of the events that skip the queue; `api_names`, the named ones;
+    `parameters`: api name → its keyword parameters; `inputs`: fn_index → the event's inputs; `example_picks`:
+    fn_index → the example input it takes; `fn_indices`: api name → fn_index."""
 
-    def __init__(self, app, parameters: dict[str, Parameters], inputs: dict[int, Inputs],
-                 example_picks: dict[int, ExamplePick], fn_indices: dict[str, int]):
-        self.app, self.parameters, self.inputs = app, parameters, inputs
-        self.example_picks, self.fn_indices = example_picks, fn_indices
+    indices: frozenset[int]
+    small: dict[int, str] = field(default_factory=dict)
+    api_names: frozenset[str] = frozenset()
+    parameters: dict[str, Parameters] = field(default_factory=dict)
+    inputs: dict[int, Inputs] = field(default_factory=dict)
+    example_picks: dict[int, ExamplePick] = field(default_factory=dict)
+    fn_indices: dict[str, int] = field(default_factory=dict)
 
-    async def __call__(self, scope, receive, send):
-        path = scope.get("path", "")
-        if scope["type"] != "http" or scope["method"] != "POST" or not (
-                path.startswith((CALL_PATH, *UI_EVENT_PATHS)) or path == QUEUE_JOIN_PATH):
-            await self.app(scope, receive, send)
-            return
-        fields = scope.get(BODY_FIELDS_KEY)
-        name = path.rstrip("/").rpartition("/")[2]
+    @classmethod
+    def of(cls, blocks: gr.Blocks) -> PageEvents:
+        endpoints = blocks.get_api_info(all_endpoints=True)["named_endpoints"]
+        # A parameter without a name takes no keyword: Gradio fills it by position only.
+        parameters = {name.lstrip("/"): Parameters(
+            names=tuple(parameter["parameter_name"] for parameter in endpoint["parameters"]
+                        if "parameter_name" in parameter),
+            required=frozenset(parameter["parameter_name"] for parameter in endpoint["parameters"]
+                               if "parameter_name" in parameter and not parameter.get("parameter_has_default", False)))
+            for name, endpoint in endpoints.items()}
+        events = page_events(blocks)
+        example_picks = {index: ExamplePick(position, example_count(component))
+                         for index, fn in events.items()
+                         for position, component in enumerate(fn.inputs) if isinstance(component, gr.Dataset)}
+        # An API call's inputs by the names its callers know them by: the endpoint's parameters.
+        inputs = {index: Inputs(names=tuple(_input_name(block) for block in fn.inputs),
+                                api_names=parameters[fn.api_name].names if fn.api_name in parameters else
+                                tuple(_input_name(block) for block in fn.inputs if not block.skip_api),
+                                queued=fn.queue)
+                  for index, fn in events.items()}
+        return cls(indices=frozenset(events),
+                   small={index: fn.api_name for index, fn in events.items() if not fn.queue},
+                   api_names=frozenset(fn.api_name for fn in events.values() if fn.api_name), parameters=parameters,
+                   inputs=inputs, example_picks=example_picks,
+                   fn_indices={fn.api_name: index for index, fn in events.items() if fn.api_name})
+
+    def problem(self, path: str, fields: dict | None) -> tuple[str, str] | None:
+        """What is wrong with the inputs of a POST to one of the page's events at `path` with the JSON object body
+        `fields` (None: not a JSON object, which Gradio's own validation answers), as (message, field); None if
+        nothing Gradio would fail on. An fn_index is known to name an event and an API name to be the page's
+        (webui.limits.GuardGradioCalls checks both first)."""
         if fields is None:
-            problem = None  # not a JSON object: Gradio's own validation answers it
-        elif path.startswith(CALL_BY_KEYWORD_PATH):
-            problem = self._keyword_problem(name, fields)
-        else:
-            # As Gradio picks the event: call/NAME by its name; run/ by the body's fn_index, else by its name.
-            fn_index = self.fn_indices.get(name) if path.startswith(CALL_PATH) else fields.get("fn_index")
-            if fn_index is None and path != QUEUE_JOIN_PATH:
-                fn_index = self.fn_indices.get(name)
-            data = fields.get("data")
-            if not isinstance(fn_index, int) or fn_index not in self.inputs or not isinstance(data, list):
-                problem = None  # Gradio's own validation answers these
-            elif path.startswith(UI_EVENT_PATHS) and self.inputs[fn_index].queued:
-                problem = None  # Gradio refuses a queued event on run/ (404) whatever it is sent
-            else:
-                problem = (self._count_problem(fn_index, data, api_call=path.startswith(CALL_PATH))
-                           or self._example_problem(fn_index, data))
-        if problem is not None:
-            message, param = problem
-            await send_json(send, 400, openai_error(message, None, param))
-            return
-        await self.app(scope, receive, send)
+            return None
+        name = path.rstrip("/").rpartition("/")[2]
+        if path.startswith(CALL_BY_KEYWORD_PATH):
+            return self._keyword_problem(name, fields)
+        # As Gradio picks the event: call/NAME by its name; run/ by the body's fn_index, else by its name.
+        fn_index = self.fn_indices.get(name) if path.startswith(CALL_PATH) else fields.get("fn_index")
+        if fn_index is None and path != QUEUE_JOIN_PATH:
+            fn_index = self.fn_indices.get(name)
+        data = fields.get("data")
+        if not isinstance(fn_index, int) or fn_index not in self.inputs or not isinstance(data, list):
+            return None  # Gradio's own validation answers these
+        if path.startswith(UI_EVENT_PATHS) and self.inputs[fn_index].queued:
+            return None  # Gradio refuses a queued event on run/ (404) whatever it is sent
+        return (self._count_problem(fn_index, data, api_call=path.startswith(CALL_PATH))
+                or self._example_problem(fn_index, data))
 
     def _keyword_problem(self, name: str, fields: dict) -> tuple[str, str] | None:
         parameters = self.parameters.get(name)
@@ -120,30 +147,6 @@ class CheckEventInputs:
             return None
         return f"data[{pick.position}] must be an example's number, 0 to {pick.count - 1} (got {shown(number)}).", \
             f"data[{pick.position}]"
-
-
-def event_inputs(blocks: gr.Blocks) -> dict[str, object]:
-    """CheckEventInputs' arguments for the page `blocks`, from Gradio's own API info and components."""
-    endpoints = blocks.get_api_info(all_endpoints=True)["named_endpoints"]
-    # A parameter without a name takes no keyword: Gradio fills it by position only.
-    parameters = {name.lstrip("/"): Parameters(
-        names=tuple(parameter["parameter_name"] for parameter in endpoint["parameters"]
-                    if "parameter_name" in parameter),
-        required=frozenset(parameter["parameter_name"] for parameter in endpoint["parameters"]
-                           if "parameter_name" in parameter and not parameter.get("parameter_has_default", False)))
-        for name, endpoint in endpoints.items()}
-    events = page_events(blocks)
-    example_picks = {index: ExamplePick(position, example_count(component))
-                     for index, fn in events.items()
-                     for position, component in enumerate(fn.inputs) if isinstance(component, gr.Dataset)}
-    # An API call's inputs by the names its callers know them by: the endpoint's parameters.
-    inputs = {index: Inputs(names=tuple(_input_name(block) for block in fn.inputs),
-                            api_names=parameters[fn.api_name].names if fn.api_name in parameters else
-                            tuple(_input_name(block) for block in fn.inputs if not block.skip_api),
-                            queued=fn.queue)
-              for index, fn in events.items()}
-    fn_indices = {fn.api_name: index for index, fn in events.items() if fn.api_name}
-    return {"parameters": parameters, "inputs": inputs, "example_picks": example_picks, "fn_indices": fn_indices}
 
 
 def _input_name(block: gr.components.Component) -> str:

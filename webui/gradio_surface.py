@@ -16,12 +16,21 @@ import enum
 import re
 from dataclasses import dataclass, field
 
-from starlette.routing import BaseRoute, Match, compile_path
+from gradio.route_utils import FnIndexInferError
+from starlette.routing import BaseRoute, Match, Mount, compile_path
 
 from pipeline.requests import shown
+from webui.arrival import stamp_arrival
 from webui.asgi_errors import openai_error, send_json
 
 ROUTE_KEY = "zimage.route"  # where the classifier leaves a request's GradioRoute (None: one of the service's own)
+# Prefixes of Gradio's routes that the guards tell apart within a row's kind (webui.limits, webui.event_inputs).
+HEARTBEAT_PATH = "/gradio_api/heartbeat/"
+QUEUE_JOIN_PATH = "/gradio_api/queue/join"
+QUEUE_DATA_PATH = "/gradio_api/queue/data"
+CALL_PATH = "/gradio_api/call/"
+CALL_BY_KEYWORD_PATH = "/gradio_api/call/v2/"  # call/ with the inputs by name: the page's "Use via API" shows it
+UI_EVENT_PATHS = ("/gradio_api/run/", "/gradio_api/api/")  # the events that skip the queue (api/ is run/'s alias)
 # Headers Gradio builds the page's own URLs from (gradio.route_utils.get_request_origin): the page's root in /config
 # and in /, which a caching proxy would keep and serve to everyone. The page's URLs come from --public-url, or else
 # from the address the request came to (Host, which webui.origin checks on a loopback bind); uvicorn has already
@@ -189,10 +198,10 @@ def refusal(route: GradioRoute | None, parameters: dict[str, str]) -> str | None
 
 
 class ClassifyGradioRoutes:
-    """ASGI middleware: each request that none of the service's own routes (`own_routes`) take is matched to its
-    row of ROUTES, which goes on in the scope (ROUTE_KEY) for the middleware inside; a closed row, a file route
-    given a URL, or a path no row matches gets 404 (see the module's docstring). The headers of URL_HEADERS are
-    taken out of every request."""
+    """ASGI middleware that tags each request once: its arrival time (webui.arrival), and, when none of the
+    service's own routes (`own_routes`) takes it, its row of ROUTES (ROUTE_KEY), which the middleware inside reads;
+    a closed row, a file route given a URL, or a path no row matches gets 404 (see the module's docstring). The
+    headers of URL_HEADERS are taken out of every request."""
 
     def __init__(self, app, own_routes: list[BaseRoute]):
         self.app, self.own_routes = app, own_routes
@@ -201,6 +210,7 @@ class ClassifyGradioRoutes:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        stamp_arrival(scope)
         if any(name in URL_HEADERS for name, _ in scope["headers"]):
             scope["headers"] = [(name, value) for name, value in scope["headers"] if name not in URL_HEADERS]
         if any(route.matches(scope)[0] is not Match.NONE for route in self.own_routes):
@@ -233,11 +243,21 @@ def gradio_route_templates(gradio_app) -> list[tuple[str, frozenset[str]]]:
     return found
 
 
+def mounted_gradio_app(app):
+    """The Gradio app that gr.mount_gradio_app mounted in `app`."""
+    return next(route.app for route in app.routes if isinstance(route, Mount))
+
+
 def unlisted_routes(gradio_app) -> list[str]:
     """Gradio's routes that no row of ROUTES names (closed until one does): what a Gradio upgrade added."""
     listed = {(route.template, method) for route in ROUTES for method in route.methods}
     return sorted({f"{' '.join(sorted(methods))} {template}" for template, methods in gradio_route_templates(gradio_app)
                    if any((template, method) not in listed for method in methods)})
+
+
+# What Gradio's call/NAME raises (gradio.route_utils, Gradio 6.31) for a NAME that is no endpoint: the caller's
+# mistake, answered 404 by webui.asgi_errors.AnswerUnhandledErrors.
+UNKNOWN_ENDPOINT = FnIndexInferError
 
 
 async def _raise_to_the_service(_request, error: Exception):
@@ -255,7 +275,6 @@ def keep_more_sessions(blocks, sessions: int) -> None:
     """Gradio's cache of sessions' undelivered messages holds 2,000 and has no setting (webui.limits.SESSIONS_KEPT
     says why it must hold more): `Queue.pending_messages_per_session`, an LRUCache, in Gradio 6.31."""
     blocks._queue.pending_messages_per_session.max_size = sessions
-
 
 
 def page_events(blocks) -> dict[int, object]:

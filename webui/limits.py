@@ -1,5 +1,6 @@
-"""Bounds on what a caller can make the server do: the size of a request body, the rate of the UI's small events
-(and the route they take), the size of a session's name and the number of open event streams."""
+"""Bounds on what a caller can make the server do: the size of a request body (LimitBodySize), and over Gradio's
+routes (GuardGradioCalls) the rate of page loads and of the UI's small events (and the route they take), the size of
+a session's name, what an event's inputs may be, and the number of open event streams."""
 
 from __future__ import annotations
 
@@ -13,7 +14,16 @@ from urllib.parse import parse_qs
 from pipeline.requests import shown
 from webui.asgi_errors import openai_error, send_json
 from webui.auth import client_address
-from webui.gradio_surface import ROUTE_KEY, Kind
+from webui.event_inputs import PageEvents
+from webui.gradio_surface import (
+    CALL_BY_KEYWORD_PATH,
+    CALL_PATH,
+    HEARTBEAT_PATH,
+    QUEUE_DATA_PATH,
+    QUEUE_JOIN_PATH,
+    ROUTE_KEY,
+    Kind,
+)
 from webui.streams import HEARTBEAT, RESULTS, StreamPool
 
 # The largest body the service means to take is a JSON request around one prompt of at most 20,000 characters
@@ -94,7 +104,9 @@ class LimitBodySize:
 class Rated:
     """Requests counted against one server-wide rate: those of Gradio's routes of `kind` (the tag that
     webui.gradio_surface.ClassifyGradioRoutes leaves in the scope), `per_s` a second on average and `burst` at
-    once."""
+    once; past that, 429 at once. Each such request costs milliseconds of Python in Gradio, on the interpreter the
+    engine's thread needs too; refused before Gradio, one costs a fraction of that. No per-client share: behind an
+    SSH tunnel or a proxy every client is 127.0.0.1."""
 
     what: str  # for the refusal's message: "Too many requests for {what}"
     per_s: float
@@ -106,9 +118,9 @@ class Rated:
         return route is not None and route.kind is self.kind
 
 
-# Gradio's routes for events that skip the queue (api/ is run/'s alias): here a page's load (its gallery's history)
-# and the size category's dropdown. A person makes a few a minute.
-UI_EVENT_PATHS = ("/gradio_api/run/", "/gradio_api/api/")
+# A page's load (its gallery's history) and the size category's dropdown: events that skip the queue. A person makes
+# a few a minute. 200 clients calling them in a loop (300 a second on 2 cores) slowed a running 512² image from
+# 1.4 s to 35 s.
 UI_EVENTS = Rated("the page's events", per_s=20.0, burst=60, kind=Kind.SMALL_EVENT)
 # Gradio's routes that build the page, its config or its API's description anew for each request, 2-4 ms of Python
 # each (a static file or a health check: under 1 ms). Eight clients loading / in a loop slowed a 512² image (2
@@ -134,25 +146,6 @@ class TokenBucket:
         return True
 
 
-class LimitRate:
-    """ASGI middleware: at most `rated.per_s` of the requests `rated` counts a second (a burst of `rated.burst`) for
-    the whole server; past that, 429 at once. Each costs milliseconds of Python in Gradio, on the interpreter the
-    engine's thread needs too: 200 clients calling the UI's queue-less events in a loop (300 a second on 2 cores)
-    slowed a running 512² image from 1.4 s to 35 s. Refused here, before Gradio, one costs a fraction of that. No
-    per-client share: behind an SSH tunnel or a proxy every client is 127.0.0.1."""
-
-    def __init__(self, app, rated: Rated):
-        self.app, self.rated, self.bucket = app, rated, TokenBucket(rated.per_s, rated.burst)
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and self.rated.counts(scope) and not self.bucket.take():
-            await send_json(send, 429, openai_error(f"Too many requests for {self.rated.what}; try again in a "
-                                                    f"moment.", "rate_limited"),
-                            headers=((b"retry-after", b"1"),))
-            return
-        await self.app(scope, receive, send)
-
-
 # Gradio keeps the state of every session a request names (up to 10,000), keyed by the name the client chooses:
 # a 1 MB name costs a megabyte of memory that stays. Gradio's page draws 11 characters, gradio_client a uuid (36).
 MAX_SESSION_HASH_CHARS = 128
@@ -163,62 +156,69 @@ MAX_SESSION_HASH_CHARS = 128
 NEW_SESSIONS_PER_S = 10.0
 NEW_SESSION_BURST = 100
 SESSIONS_KEPT = 12_000  # 20 minutes of new names at NEW_SESSIONS_PER_S, past the queue's timeout (300 s)
-GRADIO_API = "/gradio_api/"
-HEARTBEAT_PATH = "/gradio_api/heartbeat/"
-QUEUE_JOIN_PATH = "/gradio_api/queue/join"
-QUEUE_DATA_PATH = "/gradio_api/queue/data"
-CALL_PATH = "/gradio_api/call/"
-CALL_BY_KEYWORD_PATH = "/gradio_api/call/v2/"  # call/ with the inputs by name: the page's "Use via API" shows it
 # What marks a result delivered on a page's queue/data (Gradio's JSON, as orjson writes it) and on call/NAME/EVENT_ID.
 QUEUE_COMPLETIONS = (b'"msg":"process_completed"',)
 CALL_COMPLETIONS = (b"event: complete\n", b"event: error\n")
 MAX_JOIN_ANSWER_BYTES = 4096  # a join's answer is {"event_id": "<32 hex digits>"}
-# Where GuardGradioCalls leaves a POST's JSON object (or None) for the middleware inside it, which would otherwise
-# read and parse the same body again.
-BODY_FIELDS_KEY = "zimage.body_fields"
+# The routes whose requests may name a session (in a JSON body, the query string or the heartbeat's path).
+NAMES_A_SESSION = frozenset({Kind.STATUS, Kind.SMALL_EVENT, Kind.QUEUED_EVENT, Kind.STREAM})
 
 
 class GuardGradioCalls:
-    """ASGI middleware over Gradio's API routes:
+    """ASGI middleware over Gradio's routes, each by its kind (the row webui.gradio_surface.ClassifyGradioRoutes
+    left in the scope); the service's own routes pass untouched:
+    - page loads and the page's small events spend the server-wide budgets of `budgets` (Rated), or get 429;
     - a request that names a session (`session_hash` in its JSON body, its query string or the heartbeat's path)
       names it in at most MAX_SESSION_HASH_CHARS characters, or gets 400;
+    - a call to one of the page's events (`page`, a webui.event_inputs.PageEvents) names one: an fn_index is a whole
+      number (Gradio would read "4" or 4.0 as 4) naming one of the page's events (Gradio fails with a 500 on any
+      other), call/v2/NAME one of its API names (the same; call/NAME answers 404 through webui.asgi_errors), or
+      404; and its inputs are what Gradio can take (PageEvents.problem), or 400 naming the field;
+    - the page's small events come only through run/ (or its alias api/), where their budget counts them; sent
+      through the queue's routes instead, which Gradio also takes, they would escape it, so they get 404 there;
+    - new sessions join the queue at most NEW_SESSIONS_PER_S a second (a burst of NEW_SESSION_BURST), or get 429:
+      a queue/join under a name not seen among the last SESSIONS_KEPT, and every call/NAME (Gradio draws a new
+      session for each). A page, or a gradio_client Client, keeps its one name;
     - event streams (heartbeats, a page's queue/data, an API call's call/NAME/EVENT_ID) share `streams`, a
       webui.streams.StreamPool: a stream for which it has no place gets 503, and so does a join while it could not
       give the join's result a stream. Joins let in and results delivered are told to the pool; both go
       uncompressed, so that it can read them;
-    - the page's small events (`small_events`: fn_index → api name, the events that skip the queue) come only
-      through /gradio_api/run/ (or its alias api/), where LimitRate counts them; sent through the queue's
-      routes instead, which Gradio also takes, they would escape that limit, so they get 404 there; and an
-      fn_index must be a whole number (Gradio would read "4" or 4.0 as 4, past that check) naming one of the
-      page's `events` (Gradio fails with a 500 on any other);
-    - call/v2/NAME names one of the page's `api_names` (Gradio fails with a 500 on any other, where call/NAME
-      answers 404 through webui.asgi_errors);
-    - new sessions join the queue at most NEW_SESSIONS_PER_S a second (a burst of NEW_SESSION_BURST), or get 429:
-      a queue/join under a name not seen among the last SESSIONS_KEPT, and every call/NAME (Gradio draws a new
-      session for each). A page, or a gradio_client Client, keeps its one name.
-    Runs inside LimitBodySize, which bounds the body it reads; a POST's parsed body goes on in the scope
-    (BODY_FIELDS_KEY)."""
+    - the file route's Range headers are left to Starlette (_ranges_for_starlette).
+    Runs inside LimitBodySize, which bounds the body it reads."""
 
-    def __init__(self, app, streams: StreamPool, events: frozenset[int], small_events: dict[int, str],
-                 api_names: frozenset[str]):
-        self.app, self.streams, self.events = app, streams, events
-        self.small_indices, self.small_names = frozenset(small_events), frozenset(small_events.values())
-        self.api_names = api_names
+    def __init__(self, app, streams: StreamPool, page: PageEvents, budgets: tuple[Rated, ...] = (UI_EVENTS,
+                                                                                                  PAGE_LOADS)):
+        self.app, self.streams, self.page = app, streams, page
+        self.budgets = {rated.kind: (rated, TokenBucket(rated.per_s, rated.burst)) for rated in budgets}
+        self.small_names = frozenset(page.small.values())
         self.new_sessions = TokenBucket(NEW_SESSIONS_PER_S, NEW_SESSION_BURST)
         self.known_sessions: OrderedDict[str, None] = OrderedDict()
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or not scope["path"].startswith(GRADIO_API):
+        route = scope.get(ROUTE_KEY) if scope["type"] == "http" else None
+        if route is None:  # one of the service's own routes, or no HTTP request
             await self.app(scope, receive, send)
             return
+        if (budget := self.budgets.get(route.kind)) is not None and not budget[1].take():
+            await send_json(send, 429, openai_error(f"Too many requests for {budget[0].what}; try again in a "
+                                                    f"moment.", "rate_limited"), headers=((b"retry-after", b"1"),))
+            return
+        if route.kind is Kind.FILE:
+            await self.app(_ranges_for_starlette(scope), receive, send)
+            return
+        if route.kind not in NAMES_A_SESSION:
+            await self.app(scope, receive, send)
+            return
+        path = scope["path"]
         named = parse_qs(scope.get("query_string", b"").decode("latin-1")).get("session_hash", [])
-        if scope["path"].startswith(HEARTBEAT_PATH):
-            named.append(scope["path"].removeprefix(HEARTBEAT_PATH))
+        if path.startswith(HEARTBEAT_PATH):
+            named.append(path.removeprefix(HEARTBEAT_PATH))
         fields = {}
+        parsed = None
         if scope["method"] == "POST":
             body, receive = await _read_whole(receive)
-            scope[BODY_FIELDS_KEY] = _json_fields(body)
-            fields = scope[BODY_FIELDS_KEY] or {}
+            parsed = _json_fields(body)
+            fields = parsed or {}
             named.append(fields.get("session_hash"))
         if not all(len(name) <= MAX_SESSION_HASH_CHARS for name in named if isinstance(name, str)):
             await send_json(send, 400, openai_error(f"session_hash must be at most {MAX_SESSION_HASH_CHARS} "
@@ -226,15 +226,15 @@ class GuardGradioCalls:
             return
         fn_index = fields.get("fn_index")
         if fn_index is not None and (isinstance(fn_index, bool) or not isinstance(fn_index, int)
-                                     or fn_index not in self.events):
+                                     or fn_index not in self.page.indices):
             await send_json(send, 400, openai_error(f"fn_index must be the number of one of the page's events "
                                                     f"(got {shown(fn_index)}).", None, "fn_index"))
             return
-        if scope["method"] == "POST" and scope["path"].startswith(CALL_BY_KEYWORD_PATH):
-            name = scope["path"].removeprefix(CALL_BY_KEYWORD_PATH).strip("/")
-            if name not in self.api_names:
-                await send_json(send, 404, openai_error(f"{shown(scope['path'])} names no API endpoint of this "
-                                                        f"service.", None, status=404))
+        if scope["method"] == "POST" and path.startswith(CALL_BY_KEYWORD_PATH):
+            name = path.removeprefix(CALL_BY_KEYWORD_PATH).strip("/")
+            if name not in self.page.api_names:
+                await send_json(send, 404, openai_error(f"{shown(path)} names no API endpoint of this service.",
+                                                        None, status=404))
                 return
         if self._small_event_through_the_queue(scope, fields):
             await send_json(send, 404, openai_error("The page's small events are not served through the queue.",
@@ -246,20 +246,24 @@ class GuardGradioCalls:
                                                         "rate_limited"), headers=((b"retry-after", b"1"),))
                 return
             self._remember_session(fields.get("session_hash"))
-        kind = scope.get(ROUTE_KEY) and scope[ROUTE_KEY].kind
-        if kind is Kind.QUEUED_EVENT:
+        if route.kind is Kind.QUEUED_EVENT and not self.streams.can_take_a_join():
+            await _refuse_for_streams(send, self.streams.limit)
+            return
+        # Last, as Gradio would meet them: a new session or a join refused above counts before its inputs.
+        if scope["method"] == "POST" and (problem := self.page.problem(path, parsed)) is not None:
+            message, param = problem
+            await send_json(send, 400, openai_error(message, None, param))
+            return
+        if route.kind is Kind.QUEUED_EVENT:
             await self._join(scope, receive, send, fields)
-        elif kind is Kind.STREAM:
+        elif route.kind is Kind.STREAM:
             await self._stream(scope, receive, send)
         else:
             await self.app(scope, receive, send)
 
     async def _join(self, scope, receive, send, fields: dict) -> None:
-        """A join into the queue, let in only while its result could have a stream; one let in is told to the pool
+        """A join into the queue (let in only while its result could have a stream); one let in is told to the pool
         (under its session's name, or for call/NAME its event id, which the answer holds)."""
-        if not self.streams.can_take_a_join():
-            await _refuse_for_streams(send, self.streams.limit)
-            return
         answer = {"status": 0, "body": b""}
 
         async def noting_send(message):
@@ -370,7 +374,25 @@ class GuardGradioCalls:
             return False
         if path.startswith(CALL_PATH):
             return path.rstrip("/").rpartition("/")[2] in self.small_names
-        return path == QUEUE_JOIN_PATH and isinstance(fn_index, int) and fn_index in self.small_indices
+        return path == QUEUE_JOIN_PATH and isinstance(fn_index, int) and fn_index in self.page.small
+
+
+def _ranges_for_starlette(scope) -> dict:
+    """`scope` with its Range unit written so that Gradio's file route leaves the range to Starlette's FileResponse.
+
+    Gradio's file route answers a `Range: bytes=N-M` with a response of its own (gradio.route_utils.file_fetch): it
+    copies every request header into the answer (a client's cookies and credentials come back in it), fails with a
+    500 on a range it cannot split in two (`bytes=0-1-2`, or several ranges) and sends a byte for a backwards one.
+    Every other Range header it leaves to FileResponse, which parses ranges in full: several at once, suffixes, 400
+    for a malformed one, 416 past the end. A range unit is case-insensitive (RFC 9110 §14.1) and Gradio's test for
+    it is not, so the unit written "Bytes" sends each range to Starlette."""
+    return dict(scope, headers=[(name, _unit_gradio_passes_on(value) if name == b"range" else value)
+                                for name, value in scope["headers"]])
+
+
+def _unit_gradio_passes_on(value: bytes) -> bytes:
+    unit, equals, ranges = value.partition(b"=")
+    return b"Bytes=" + ranges if equals and unit.strip().lower() == b"bytes" else value
 
 
 def _plain(scope) -> dict:

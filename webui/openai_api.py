@@ -32,7 +32,7 @@ from pipeline.metrics import ServiceMetrics
 from pipeline.engine import GenerationError, ServiceBusy
 from pipeline.requests import RequestError, checked_prompt, shown
 from webui.admission import AdmissionLine
-from webui.arrival import ARRIVAL_KEY
+from webui.arrival import received_at
 from webui.asgi_errors import openai_error
 from webui.auth import IMAGE_ROUTE, USER_KEY, LinkSigner
 from webui.jobs import make_images
@@ -219,7 +219,7 @@ def openai_routes(engine, line: AdmissionLine, public_url: str, started_at: floa
             return _error_response(error)
         joined = time.perf_counter()
         try:
-            images = await make_images(line, engine, *inputs, received_at=getattr(request.state, ARRIVAL_KEY, None),
+            images = await make_images(line, engine, *inputs, received_at=received_at(request),
                                        owner=owner_for(getattr(request.state, USER_KEY, None), None))
         except RequestError as error:
             return _error_response(ApiError(400, str(error), PARAM_BY_FIELD.get(error.field, error.field)))

@@ -24,20 +24,19 @@ from pipeline.serving import ServingEngine
 from pipeline.messages import first_line
 from pipeline.metrics import CONTENT_TYPE, ServiceMetrics
 from webui.admission import AdmissionLine
-from webui.arrival import StampArrival
 from webui.asgi_errors import AnswerUnhandledErrors
 from webui.auth import LOOPBACK, LinkSigner, RequireCredentials
 from webui.connections import guarded_protocol
-from webui.event_inputs import CheckEventInputs, event_inputs
-from webui.file_ranges import RangesByStarlette
+from webui.event_inputs import PageEvents
 from webui.gradio_surface import (
     GRADIO_APP_KWARGS,
+    UNKNOWN_ENDPOINT,
     ClassifyGradioRoutes,
     keep_more_sessions,
-    page_events,
+    mounted_gradio_app,
     unlisted_routes,
 )
-from webui.limits import PAGE_LOADS, SESSIONS_KEPT, UI_EVENTS, GuardGradioCalls, LimitBodySize, LimitRate
+from webui.limits import PAGE_LOADS, SESSIONS_KEPT, UI_EVENTS, GuardGradioCalls, LimitBodySize
 from webui.openai_api import openai_routes
 from webui.origin import RefuseCrossSite, is_loopback_name
 from webui.resolutions import offered_sizes
@@ -135,33 +134,24 @@ def metrics_route(metrics: ServiceMetrics, engine: ServingEngine, line: Admissio
 MIDDLEWARE_ORDER = (
     AnswerUnhandledErrors,  # first: whatever fails inside, the client gets JSON and the log one line
     RequireCredentials,  # (with --auth) before anything spends work on a request
-    ClassifyGradioRoutes,  # tags each request with its row of Gradio's routes, which every one below reads
-    RefuseCrossSite,  # before the budgets: another site's page cannot spend them
-    LimitRate, LimitRate,  # the page's small events, then page loads: server-wide budgets
-    StampArrival,  # before any body is read: a job's wait counts from its request's arrival
-    LimitBodySize,  # before GuardGradioCalls and CheckEventInputs read a body whole
-    GuardGradioCalls,  # sessions, event streams, joins; leaves a POST's parsed body in the scope
-    CheckEventInputs,  # reads the body GuardGradioCalls parsed
-    RangesByStarlette,  # last: it answers the file route itself
+    ClassifyGradioRoutes,  # tags each request with its arrival and its row of Gradio's routes, which all below read
+    RefuseCrossSite,  # before the budgets (GuardGradioCalls): another site's page cannot spend them
+    LimitBodySize,  # before GuardGradioCalls reads a body whole
+    GuardGradioCalls,  # budgets, sessions, events' inputs, event streams, joins, the file route's ranges
 )
 
 
 def service_middleware(blocks: gr.Blocks, routes: list[Route], streams: StreamPool, *, credentials: dict[str, str],
                        links: LinkSigner | None, own_hosts: frozenset[str] | None) -> list[Middleware]:
     """The middleware, outermost first, in MIDDLEWARE_ORDER (RequireCredentials only with `credentials`)."""
-    events = page_events(blocks)
     return [
-        Middleware(AnswerUnhandledErrors),
+        Middleware(AnswerUnhandledErrors, unknown_endpoint=UNKNOWN_ENDPOINT),
         *([Middleware(RequireCredentials, credentials=credentials, links=links)] if credentials else []),
         Middleware(ClassifyGradioRoutes, own_routes=routes),
         Middleware(RefuseCrossSite, own_hosts=own_hosts,
                    budgeted=lambda scope: UI_EVENTS.counts(scope) or PAGE_LOADS.counts(scope)),
-        Middleware(LimitRate, rated=UI_EVENTS), Middleware(LimitRate, rated=PAGE_LOADS),
-        Middleware(StampArrival), Middleware(LimitBodySize),
-        Middleware(GuardGradioCalls, streams=streams, events=frozenset(events),
-                   small_events={index: fn.api_name for index, fn in events.items() if not fn.queue},
-                   api_names=frozenset(fn.api_name for fn in events.values() if fn.api_name)),
-        Middleware(CheckEventInputs, **event_inputs(blocks)), Middleware(RangesByStarlette)]
+        Middleware(LimitBodySize),
+        Middleware(GuardGradioCalls, streams=streams, page=PageEvents.of(blocks), budgets=(UI_EVENTS, PAGE_LOADS))]
 
 
 def loopback_url(host: str, port: int, tls: bool = False) -> str:
@@ -250,7 +240,7 @@ def serve(blocks: gr.Blocks, engine: ServingEngine, line: AdmissionLine, *, host
     middleware = service_middleware(blocks, routes, streams, credentials=credentials, links=links,
                                     own_hosts=own_hosts)
     app = build_app(blocks, routes, middleware, root_path=public_url)
-    if unlisted := unlisted_routes(blocks.app):
+    if unlisted := unlisted_routes(mounted_gradio_app(app)):
         log.warning("gradio serves routes webui.gradio_surface does not list; they are closed (404) until it does: "
                     "%s", ", ".join(unlisted))
     server = uvicorn.Server(uvicorn_config(app, host=host, port=port, max_connections=max_connections,
