@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pipeline  # noqa: F401  (must come before any Hugging Face import: it turns their network use off)
 from config import Settings, SettingsError, load_settings
-from config.log_lines import (LOG_DATE_FORMAT, LOG_FORMAT, LibraryWarningsOnce, LinesToLog, OneLinePerRecord,
-                              seconds_since_process_start)
+from config import log_lines
+from config.log_lines import seconds_since_process_start
 from config.lock import unlocked_libraries
 from config.settings import PROJECT_DIR
 from webui.connections import OccasionalRepeats, check_port_free, raise_fd_limit
@@ -32,23 +32,9 @@ log = logging.getLogger("zimage.app")
 
 
 def configure_logging(level: str) -> None:
-    """One format for every line, ours and the libraries', on stdout (supervisor writes it to the log file); no
-    client text reaches it unescaped (OneLinePerRecord), not even what libraries print (LinesToLog)."""
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(OneLinePerRecord(LOG_FORMAT, LOG_DATE_FORMAT))
-    handler.addFilter(LibraryWarningsOnce())
-    logging.basicConfig(level=level, handlers=[handler], force=True)
-    sys.stdout = LinesToLog(logging.getLogger("stdout"), logging.INFO, sys.stdout)
-    sys.stderr = LinesToLog(logging.getLogger("stderr"), logging.WARNING, sys.stderr)
-    for library in (diffusers_logging, transformers_logging):
-        library.disable_default_handler()
-        library.enable_propagation()
-        library.disable_progress_bar()
-    for noisy in ("httpx", "urllib3"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    """The service's log lines (config.log_lines), and one line an interval for what floods asyncio's and uvicorn's
+    loggers."""
+    log_lines.configure_logging(level)
     repeats = OccasionalRepeats()
     for flooded in ("asyncio", "uvicorn.error"):
         logging.getLogger(flooded).addFilter(repeats)
@@ -143,12 +129,12 @@ def model_source(settings: Settings) -> tuple[Path, str]:
 
 def read_weights_ahead(settings: Settings):
     """Start reading the weight files onto their devices, so the reads overlap the imports that come next
-    (pipeline/read_ahead.py). None for the demo model (tiny, and maybe not built yet), with --replicas (this process
-    loads no weights), and for a device that is not there (load_model says so)."""
+    (pipeline/read_ahead.py). None for the demo model (tiny, and maybe not built yet), with an engine process or
+    --replicas (this process loads no weights), and for a device that is not there (load_model says so)."""
     from pipeline.loader import DeviceError, resolve_device
     from pipeline.read_ahead import ReadAhead
 
-    if settings.demo or settings.replicas != "0":
+    if settings.demo or settings.replicas != "0" or settings.engine_process:
         return None
     try:
         device = resolve_device(settings.device)
@@ -201,6 +187,34 @@ def start_engine(settings: Settings, faults, loaded, model_name: str, metrics):
     return engine, f"{model_name} ({loaded.source})"
 
 
+def engine_spec(settings: Settings, faults):
+    """What an engine process or a replica builds its engine from, and the model's name."""
+    from pipeline.engine_worker import EngineSpec
+    from pipeline.loader import resolve_device
+    from webui.resolutions import offered_sizes
+
+    model_dir, model_name = model_source(settings)
+    # A replica runs on the same kind of device as this host offers (CUDA_VISIBLE_DEVICES narrows each to one).
+    on_gpu = resolve_device(settings.device).type == "cuda"
+    return EngineSpec(
+        model_dir=model_dir, device=settings.device, options=engine_options(settings, model_name, on_gpu=on_gpu),
+        crash_dir=settings.crash_dir, verify_weights=settings.verify_weights,
+        compile_cache_dir=settings.compile_cache_dir, low_vram=settings.low_vram,
+        compile_delay_s=settings.compile_delay_s, log_level=settings.log_level, faults=faults,
+        plan_sizes=tuple(offered_sizes(settings.max_w, settings.max_h))), model_name
+
+
+def start_engine_process(settings: Settings, faults, metrics):
+    """The engine in a child process that this one restarts when it dies (pipeline.engine_process), started and
+    ready; the web side stays in this process."""
+    from pipeline.engine_process import ProcessEngine
+
+    spec, model_name = engine_spec(settings, faults)
+    engine = ProcessEngine(spec, metrics=metrics)
+    engine.start()
+    return engine, f"{model_name} ({engine.source})"
+
+
 def start_replicas(settings: Settings, faults, metrics):
     """The engines as Ray Serve replicas (scale/, the optional extra), each loading the weights on its own GPU; this
     process is only the front and loads none. Ray is imported here and nowhere on the single-GPU path."""
@@ -212,20 +226,11 @@ def start_replicas(settings: Settings, faults, metrics):
         raise StartupError(f"--replicas needs Ray Serve, which is not installed ({error}); install the scale extra "
                            f"with scripts/setup.sh --scale, or leave --replicas at 0") from None
     from pipeline.loader import resolve_device
-    from webui.resolutions import offered_sizes
 
-    model_dir, model_name = model_source(settings)
-    # The replicas run on the same kind of device as this host offers (CUDA_VISIBLE_DEVICES narrows each to one).
-    on_gpu = resolve_device(settings.device).type == "cuda"
-    options = engine_options(settings, model_name, on_gpu=on_gpu)
-    spec = scale.ReplicaSpec(
-        model_dir=model_dir, device=settings.device, options=options, crash_dir=settings.crash_dir,
-        verify_weights=settings.verify_weights, compile_cache_dir=settings.compile_cache_dir,
-        low_vram=settings.low_vram, compile_delay_s=settings.compile_delay_s, log_level=settings.log_level,
-        faults=faults, plan_sizes=tuple(offered_sizes(settings.max_w, settings.max_h)))
+    spec, model_name = engine_spec(settings, faults)
     replicas = settings.replicas if settings.replicas == "auto" else int(settings.replicas)
-    engine = scale.start(spec, replicas=replicas, num_gpus=1 if on_gpu else 0, queue_size=settings.queue_size,
-                         ray_address=settings.ray_address or None, metrics=metrics,
+    engine = scale.start(spec, replicas=replicas, num_gpus=1 if resolve_device(settings.device).type == "cuda" else 0,
+                         queue_size=settings.queue_size, ray_address=settings.ray_address or None, metrics=metrics,
                          temp_dir=Path(tempfile.gettempdir()) / f"zimage-ray-{settings.port}")
     return engine, f"{model_name} ({engine.replicas} replicas)"
 
@@ -255,6 +260,9 @@ def start_service(settings: Settings, read_ahead):
     if settings.replicas != "0":
         ui_import.join()
         engine, model_label = start_replicas(settings, faults, metrics)
+    elif settings.engine_process:
+        ui_import.join()
+        engine, model_label = start_engine_process(settings, faults, metrics)
     else:
         loaded, model_name = load_model(settings, read_ahead)
         # The attention probe and the warm-up time GPU work: no import competing with them for the interpreter.
@@ -305,11 +313,14 @@ def main(argv: list[str] | None = None) -> int:
                       header_timeout_s=settings.header_timeout_s, send_timeout_s=settings.send_timeout_s,
                       ssl_certfile=settings.ssl_certfile, ssl_keyfile=settings.ssl_keyfile,
                       public_url=settings.public_url, trusted_proxies=settings.trusted_proxy,
-                      compile_delay_s=settings.compile_delay_s)
+                      compile_delay_s=settings.compile_delay_s,
+                      recycle=engine.recycle if settings.engine_process and settings.replicas == "0" else None)
     if settings.replicas != "0":
         import scale
 
         scale.shutdown()  # Serve's actors and a private cluster's processes, before the last sweep of children
+    elif settings.engine_process:
+        engine.close()  # before the sweep below: the keeper would start another in place of one it ends
     stop_child_processes()
     return exit_code
 

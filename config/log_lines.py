@@ -1,11 +1,13 @@
 """Log lines a person can grep and a client cannot forge: one format for every record, control characters escaped,
-tracebacks marked, and whatever libraries print turned into records too. app.configure_logging installs them."""
+tracebacks marked, and whatever libraries print turned into records too. configure_logging installs them (app.py in
+the service's process, pipeline.engine_worker in its engine process)."""
 
 from __future__ import annotations
 
 import io
 import logging
 import os
+import sys
 import threading
 import time
 from collections import Counter
@@ -207,6 +209,27 @@ class LibraryWarningsOnce(logging.Filter):
             return False
         self._seen.add(key)
         return True
+
+
+def configure_logging(level: str, prefix: str = "") -> None:
+    """One format for every line, ours and the libraries', on stdout (supervisor writes it to the log file); no
+    client text reaches it unescaped (OneLinePerRecord), not even what libraries print (LinesToLog). `prefix` starts
+    every message: which process wrote it, where two write the same log."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(OneLinePerRecord(LOG_FORMAT.replace("%(message)s", f"{prefix}%(message)s"), LOG_DATE_FORMAT))
+    handler.addFilter(LibraryWarningsOnce())
+    logging.basicConfig(level=level, handlers=[handler], force=True)
+    sys.stdout = LinesToLog(logging.getLogger("stdout"), logging.INFO, sys.stdout)
+    sys.stderr = LinesToLog(logging.getLogger("stderr"), logging.WARNING, sys.stderr)
+    for library in (diffusers_logging, transformers_logging):
+        library.disable_default_handler()
+        library.enable_propagation()
+        library.disable_progress_bar()
+    for noisy in ("httpx", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def seconds_since_process_start() -> float:

@@ -67,7 +67,10 @@ class Settings:
     max_h: int  # largest height a request may ask for (pixels)
     max_w: int  # largest width a request may ask for (pixels)
     queue_size: int  # requests that may wait for the GPU; more are turned away as "busy"
-    # "0": the engine runs in this process (no Ray). A number or "auto" (one per GPU of the cluster): that many
+    # The engine in a child process that this one restarts when it dies (pipeline.engine_process): the page, the
+    # queue and the requests waiting in it survive. False: in this process, which a crash ends with everything.
+    engine_process: bool
+    # "0": the engine runs on this host (no Ray). A number or "auto" (one per GPU of the cluster): that many
     # engines as Ray Serve replicas behind this front (the optional `scale` extra).
     replicas: str
     ray_address: str  # with replicas: the Ray cluster to join; "" starts a private one
@@ -364,10 +367,14 @@ def build_arg_parser() -> argparse.ArgumentParser:
     add("--max-h", type=int, metavar="PX", help="largest image height a request may ask for")
     add("--max-w", type=int, metavar="PX", help="largest image width a request may ask for")
     add("--queue-size", type=int, metavar="N", help="requests that may wait for the GPU before new ones are refused")
+    add("--engine-process", action=argparse.BooleanOptionalAction,
+        help="run the engine in a child process that this one restarts when it dies, in seconds (a standby has "
+        "the libraries imported): the page, the queue and waiting requests survive, the running job gets a "
+        "retryable error; --no-engine-process runs it in this process")
     add("--replicas", metavar="N|auto",
         help="past one GPU: run N engines (auto: one per GPU of the Ray cluster) as Ray Serve replicas behind this "
-        "one UI and queue, N jobs at a time; needs the scale extra (scripts/setup.sh --scale). 0: one engine in this "
-        "process, Ray never imported")
+        "one UI and queue, N jobs at a time; needs the scale extra (scripts/setup.sh --scale). 0: one engine on this "
+        "host, Ray never imported")
     add("--ray-address", metavar="HOST:PORT",
         help="with --replicas: join this Ray cluster (ray start --head on this host, workers on others) instead of "
         "starting a private one")

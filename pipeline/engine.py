@@ -29,7 +29,7 @@ from pipeline.messages import first_line
 from pipeline.metrics import ServiceMetrics
 from pipeline.output_dir import OutputDirCheck
 from pipeline.requests import GenerationRequest, Limits, RequestError, ValidRequest, validate
-from pipeline.serving import EngineStatus, ServingEngine
+from pipeline.serving import EngineStatus, GpuMemory, ServingEngine
 from pipeline.storage import RecentImages, a1111_parameters, save_png
 from pipeline.text_encoder import MAX_SEQUENCE_LENGTH, PromptEncoder
 
@@ -47,6 +47,8 @@ POISONED_GPU_MARKERS = (
     "CUDA error", "illegal memory access", "device-side assert", "unspecified launch failure", "misaligned address",
     "CUBLAS_STATUS", "CUDNN_STATUS", "cuDNN error", "NCCL error", "ECC error",
 )
+OUTPUT_DIR_UNUSABLE = ("The server cannot save images right now (its output directory is not writable or its disk "
+                       "is full); the operator has to fix it. Try again later.")
 RECENT_PROMPTS = 3  # kept (as logged: summarised or not) for the crash snapshot
 RECENT_IMAGES = 2000  # the newest images (of all owners) kept in memory for the galleries' history
 # The compiled path goes live only after these: every graph a request can need is compiled by then. Non-square
@@ -235,6 +237,13 @@ class Engine(ServingEngine):
                             in_flight=self.in_flight, served=self.served, attention=self.attention_backend,
                             compiled=self.compiled, serving=self.serving,
                             text_encoder="graphs" if self._prompt_encoder.graphed else "eager", device=str(self.device))
+
+    def gpu_memory(self) -> GpuMemory | None:
+        if self.gpu is None:
+            return None
+        free, total = torch.cuda.mem_get_info(self.gpu)
+        return GpuMemory(free=free, total=total, allocated=torch.cuda.memory_allocated(self.gpu),
+                         reserved=torch.cuda.memory_reserved(self.gpu))
 
     def state(self) -> dict[str, object]:
         """The status and the recent prompts, for crash snapshots."""
@@ -453,8 +462,7 @@ class Engine(ServingEngine):
             # Checked here, after the wait and before the GPU work: an image that cannot be saved is GPU time lost.
             if self.output_dir_problem() is not None:
                 log.info("request id=%s outcome=refused reason=output-dir-unusable", request_id)
-                raise ServiceBusy("The server cannot save images right now (its output directory is not writable or "
-                                  "its disk is full); the operator has to fix it. Try again later.")
+                raise ServiceBusy(OUTPUT_DIR_UNUSABLE)
             waited_ms = (time.perf_counter() - started) * 1000
             queued_s = time.monotonic() - received_at if received_at is not None else waited_ms / 1000
             if queued_s > self.queue_timeout_s:

@@ -1,5 +1,6 @@
-"""What the web side asks of an engine, typed: the in-process pipeline.engine.Engine and scale's RemoteEngine (the
-Ray Serve replicas behind one front) both implement ServingEngine, and both report an EngineStatus."""
+"""What the web side asks of an engine, typed: the in-process pipeline.engine.Engine, the engine in its own process
+(pipeline.engine_process.ProcessEngine) and scale's RemoteEngine (the Ray Serve replicas behind one front) all
+implement ServingEngine, and report an EngineStatus."""
 
 from __future__ import annotations
 
@@ -7,8 +8,6 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Protocol
-
-import torch
 
 from pipeline.memory import MemoryGuard
 from pipeline.requests import GenerationRequest, Limits
@@ -30,12 +29,26 @@ class EngineStatus:
     device: str  # where the model runs ("cuda:0", "cpu", "2 Serve replicas")
     replicas_ready: int | None = None  # with --replicas only
     replicas_total: int | None = None
+    restarting: str | None = None  # "about N s" while an engine process starts in place of one that ended
+    engine_process: bool = False  # the engine runs in a child process (pipeline.engine_process), recycled on SIGUSR2
 
     def for_probe(self) -> dict[str, object]:
-        """The fields /readyz shows: all but the job ids, and the replicas' counts only with replicas."""
+        """The fields /readyz shows: all but the job ids; the replicas' counts only with replicas, and the restart
+        only during one."""
         fields = asdict(self)
         del fields["in_flight"]
-        return {key: value for key, value in fields.items() if value is not None or not key.startswith("replicas")}
+        return {key: value for key, value in fields.items()
+                if value is not None or key not in ("replicas_ready", "replicas_total", "restarting")}
+
+
+@dataclass(frozen=True)
+class GpuMemory:
+    """The engine's GPU memory, in bytes: free and total on the device, and what PyTorch holds of it."""
+
+    free: int
+    total: int
+    allocated: int
+    reserved: int
 
 
 class ServingEngine(Protocol):
@@ -45,13 +58,17 @@ class ServingEngine(Protocol):
     limits: Limits
     output_dir: Path
     memory_guard: MemoryGuard | None  # the sizes the UI offers; None where no GPU's memory is guarded
-    gpu: torch.device | None  # the GPU this process runs the model on; None: none here (the CPU, or the replicas')
     ready: bool
     healthy: bool
     in_flight: str | None
     running_jobs: int
 
     def status(self) -> EngineStatus: ...
+
+    def gpu_memory(self) -> GpuMemory | None:
+        """None where no GPU is the engine's to report (the CPU, or the replicas', which report their own);
+        RuntimeError when the GPU's context is poisoned."""
+        ...
 
     def state(self) -> dict[str, object]:
         """The status as a crash snapshot writes it, with the recent prompts."""

@@ -21,6 +21,5 @@ os.environ.setdefault("RAY_ENABLE_AUTO_CONNECT", "0")
 
 from scale.cluster import ScaleError, shutdown, start  # noqa: E402  (after the environment above)
 from scale.remote_engine import RemoteEngine, RemoteResult, ReplicaLost  # noqa: E402
-from scale.replica import ReplicaSpec  # noqa: E402
 
-__all__ = ["RemoteEngine", "RemoteResult", "ReplicaLost", "ReplicaSpec", "ScaleError", "shutdown", "start"]
+__all__ = ["RemoteEngine", "RemoteResult", "ReplicaLost", "ScaleError", "shutdown", "start"]

@@ -14,7 +14,8 @@ from ray.exceptions import AuthenticationError
 from pipeline.messages import StartupError, first_line
 from pipeline.metrics import ServiceMetrics
 from scale.remote_engine import RemoteEngine
-from scale.replica import EngineReplica, ReplicaSpec
+from pipeline.engine_worker import EngineSpec
+from scale.replica import EngineReplica
 
 log = logging.getLogger("zimage.scale")
 
@@ -88,7 +89,7 @@ def clear_leftovers(temp_dir: Path) -> int:
     return len(ended)
 
 
-def start(spec: ReplicaSpec, *, replicas: int | str, num_gpus: float, queue_size: int, ray_address: str | None = None,
+def start(spec: EngineSpec, *, replicas: int | str, num_gpus: float, queue_size: int, ray_address: str | None = None,
           num_cpus: float = 1, metrics: ServiceMetrics | None = None, temp_dir: Path | None = None) -> RemoteEngine:
     """Ray (a new local cluster, or the one at `ray_address`), then the deployment: `replicas` engines, each with
     `num_gpus` GPUs and `num_cpus` CPUs, one request at a time, with up to `queue_size` more waiting at the front.

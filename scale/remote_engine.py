@@ -18,17 +18,15 @@ from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 
-from pipeline.engine import (RECENT_IMAGES, GenerationError, GenerationRequest, GenerationResult, ServiceBusy,
-                             outcome_of)
+from pipeline.engine import GenerationError, GenerationRequest, GenerationResult, ServiceBusy, outcome_of
+from pipeline.engine_elsewhere import EngineElsewhere
+from pipeline.engine_events import Finished, Progress, Refused, Started, Worker
+from pipeline.engine_worker import ENGINE_STATE_KEYS
 from pipeline.memory import MemoryGuard
 from pipeline.metrics import ServiceMetrics
-from pipeline.output_dir import OutputDirCheck
 from pipeline.requests import Limits
-from pipeline.serving import EngineStatus, ServingEngine
-from pipeline.storage import RecentImages, read_parameters
-from scale.events import Finished, Progress, Refused, Replica, Started
+from pipeline.serving import EngineStatus
 from scale.metrics import ReplicaMetrics
-from scale.replica import ENGINE_STATE_KEYS
 
 log = logging.getLogger("zimage.remote")
 
@@ -57,38 +55,32 @@ class ReplicaLost(ServiceBusy):
 class RemoteResult(GenerationResult):
     """A GenerationResult, and the replica that made it."""
 
-    replica: Replica
+    replica: Worker
 
 
-class RemoteEngine(ServingEngine):
+class RemoteEngine(EngineElsewhere):
     def __init__(self, handle: DeploymentHandle, *, app_name: str, deployment_name: str, replicas: int,
                  queue_size: int, limits: Limits, output_dir: Path, memory_guard: MemoryGuard | None,
                  engine_state: dict[str, object], metrics: ServiceMetrics | None = None) -> None:
         """`replicas`: how many were asked for; `memory_guard` and `engine_state`: one replica's, at start (the
         replicas of one deployment run on the same kind of device; the state stands for all until they answer)."""
+        super().__init__(output_dir)
         self._stream = handle.options(stream=True)
         self._app_name, self._deployment_name = app_name, deployment_name
         self.replicas = replicas
         self.parallel_jobs = replicas  # the front's queue lets one job through per replica: the rest wait there
         self.queue_size = queue_size
         self.limits = limits
-        self.output_dir = output_dir
         self.memory_guard = memory_guard
-        # The front holds no model, so it has no GPU memory to report (the replicas' GPUs are theirs, in their log
-        # lines).
-        self.gpu = None
         self.compile_model = False  # each replica compiles its own copy (start_background_work)
         # Replica id → its engine's state (which pipeline serves, ...) as its latest answer gave it, least recent
         # first: `replicas` of them, a lost one dropped. Serve names no replica before it answers: "" stands for
         # those that have not answered yet.
         self._replica_states: OrderedDict[str, dict[str, object]] = OrderedDict({"": dict(engine_state)})
-        self._output_dir_check = OutputDirCheck(output_dir)
-        self._recent_images = RecentImages(output_dir, keep=RECENT_IMAGES)
         self._metrics = ReplicaMetrics(metrics or ServiceMetrics(), self.replica_counts)
         self._tickets = itertools.count(1)
         self._running: dict[int, str] = {}  # ticket → "<replica id>/#ticket" while a request is out
         self._idle = threading.Condition()
-        self._draining = False
         self.served = 0
         self._counts: tuple[float, tuple[int, int]] = (float("-inf"), (0, replicas))  # (read at, (ready, total))
 
@@ -137,31 +129,18 @@ class RemoteEngine(ServingEngine):
                             served=self.served, **engines, device=f"{total} Serve replicas", replicas_ready=ready,
                             replicas_total=total)
 
+    def gpu_memory(self) -> None:
+        """The front holds no model, so it has no GPU memory to report (the replicas' GPUs are theirs, in their log
+        lines)."""
+        return None
+
     def state(self) -> dict[str, object]:
         """The status, for crash snapshots; the prompts are the replicas' own, in theirs."""
         return asdict(self.status()) | {"recent_prompts": []}
 
-    def output_dir_problem(self) -> str | None:
-        return self._output_dir_check.problem()
-
-    def history(self, limit: int, owner: str | None) -> list[tuple[Path, dict[str, object]]]:
-        return self._recent_images.newest(limit, owner)
-
-    def stop_accepting(self) -> None:
-        """From now on new requests are refused as "shutting down"; those out at replicas go on."""
-        self._draining = True
-
     def wait_idle(self, timeout: float) -> bool:
         with self._idle:
             return self._idle.wait_for(lambda: not self._running, timeout=timeout)
-
-    def build_attention_plans(self, sizes) -> None:
-        """Each replica builds its own after its warm-up (ReplicaSpec.plan_sizes), a replacement too."""
-        return None
-
-    def start_background_work(self, delay_s: float) -> None:
-        """Each replica does its own after its warm-up (ReplicaSpec.compile_delay_s), a replacement too."""
-        return None
 
     # -- one request ---------------------------------------------------------------------------------------------------
 
@@ -199,14 +178,14 @@ class RemoteEngine(ServingEngine):
              owner: str | None) -> Finished:
         """The replica's events, progress passed on, up to its Finished; Refused raised, and Serve's and Ray's
         errors turned into the engine's."""
-        runs_on: Replica | None = None
+        runs_on: Worker | None = None
         try:
             for event in self._stream.generate.remote(request, arrived_at, owner):
                 if isinstance(event, Progress):
                     if progress is not None:
                         progress(event.step, event.total)
                 elif isinstance(event, Started):
-                    runs_on = event.replica
+                    runs_on = event.worker
                     with self._idle:
                         self._running[ticket] = f"{runs_on.id}/#{ticket}"
                 elif isinstance(event, Refused):
@@ -221,7 +200,7 @@ class RemoteEngine(ServingEngine):
             raise ServiceBusy("No replica can take requests now (the deployment failed); the operator has to look "
                               "at the log. Try again later.") from None
         except RayActorError as error:
-            lost = runs_on or Replica(id="unknown", host="unknown", pid=0)
+            lost = runs_on or Worker(id="unknown", host="unknown", pid=0)
             with self._idle:
                 self._replica_states.pop(lost.id, None)
             log.warning("request outcome=replica-lost replica=%s host=%s pid=%d error=%r", lost.id, lost.host,
@@ -233,25 +212,24 @@ class RemoteEngine(ServingEngine):
     def _received(self, finished: Finished, started: float) -> RemoteResult:
         """Check the front can read the saved image (the output dir is shared), then count and list it."""
         try:
-            parameters = read_parameters(finished.path)
+            self.saved(finished.path)
         except OSError as error:
-            log.error("image not readable by the front replica=%s host=%s path=%s error=%r", finished.replica.id,
-                      finished.replica.host, finished.path, str(error))
+            log.error("image not readable by the front replica=%s host=%s path=%s error=%r", finished.worker.id,
+                      finished.worker.host, finished.path, str(error))
             raise GenerationError(
-                f"The image was saved on host {finished.replica.host} at {finished.path}, but the front cannot read "
+                f"The image was saved on host {finished.worker.host} at {finished.path}, but the front cannot read "
                 f"it: every host must mount the same output directory at the same path.") from None
-        self._recent_images.add(finished.path, parameters)
         with self._idle:
             self.served += 1
-            self._replica_states.pop(finished.replica.id, None)
-            self._replica_states[finished.replica.id] = finished.engine_state  # newest last
+            self._replica_states.pop(finished.worker.id, None)
+            self._replica_states[finished.worker.id] = finished.engine_state  # newest last
             if len(self._replica_states) > self.replicas:
                 # Every replica has answered ("" goes), or one answered that replaced another (the least recent goes).
                 self._replica_states.popitem(last=False)
         total_ms = (time.perf_counter() - started) * 1000
         log.info("request id=%s replica=%s host=%s pid=%d outcome=ok total_ms=%.0f engine_ms=%.0f hop_ms=%.1f",
-                 finished.request_id, finished.replica.id, finished.replica.host, finished.replica.pid, total_ms,
+                 finished.request_id, finished.worker.id, finished.worker.host, finished.worker.pid, total_ms,
                  finished.timings.total_ms, total_ms - finished.timings.total_ms)
         return RemoteResult(request_id=finished.request_id, image=None, path=finished.path,
                             request=finished.request, timings=finished.timings, notices=finished.notices,
-                            gpu_peak_bytes=finished.gpu_peak_bytes, replica=finished.replica)
+                            gpu_peak_bytes=finished.gpu_peak_bytes, replica=finished.worker)

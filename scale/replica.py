@@ -10,44 +10,19 @@ import socket
 import sys
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
-from pathlib import Path
 
 from ray import serve
 
 from config.log_lines import LOG_DATE_FORMAT, LOG_FORMAT, OneLinePerRecord
-from pipeline.acceleration import load_for_serving
-from pipeline.engine import Engine, EngineOptions, GenerationError
-from pipeline.faults import FaultPlan
-from pipeline.loader import resolve_device
+from pipeline.engine import GenerationError
+from pipeline.engine_events import Finished, Progress, Refused, Started, Worker
+from pipeline.engine_worker import EngineSpec, build_engine, engine_state
 from pipeline.requests import RequestError
 from pipeline.snapshot import enable_fault_tracebacks, exit_on_fatal
-from scale.events import Finished, Progress, Refused, Replica, Started
 
 log = logging.getLogger("zimage.replica")
 
-ENGINE_STATE_KEYS = ("attention", "compiled", "serving", "text_encoder")  # what the front shows of a replica's engine
 _DONE = object()  # ends a request's event queue: the engine's call has returned or raised
-
-
-@dataclass(frozen=True)
-class ReplicaSpec:
-    """Everything a replica needs to build its engine; pickled to every replica, so plain values only. app.py
-    fills it from Settings (EngineOptions through app.engine_options, as for the local engine)."""
-
-    model_dir: Path  # the same path on every host (a shared or copied weights dir)
-    device: str  # auto | cuda | cpu: Ray sets CUDA_VISIBLE_DEVICES to the replica's own GPU
-    options: EngineOptions  # output_dir: shared with the front (the same mount on every host)
-    crash_dir: Path
-    verify_weights: bool = False
-    compile_cache_dir: Path | None = None  # CUDA with compile on: kernels kept across restarts
-    # On CUDA, as for the service's own engine (pipeline.acceleration.load_for_serving); the memory cap comes from
-    # options.gpu_memory_limit_bytes.
-    low_vram: bool = False
-    compile_delay_s: float = 10.0
-    plan_sizes: tuple[tuple[int, int], ...] = ()  # attention plans built after warm-up: the UI's sizes
-    log_level: str = "INFO"
-    faults: FaultPlan = FaultPlan()  # test-only failures, as app.py reads them from ZIMAGE_FAULT
 
 
 def configure_replica_logging(level: str, replica_id: str) -> None:
@@ -60,25 +35,15 @@ def configure_replica_logging(level: str, replica_id: str) -> None:
 
 
 class EngineReplica:
-    def __init__(self, spec: ReplicaSpec) -> None:
+    def __init__(self, spec: EngineSpec) -> None:
         context = serve.get_replica_context()
-        self.replica = Replica(id=context.replica_id.unique_id, host=socket.gethostname(), pid=os.getpid())
+        self.replica = Worker(id=context.replica_id.unique_id, host=socket.gethostname(), pid=os.getpid())
         configure_replica_logging(spec.log_level, self.replica.id)
         enable_fault_tracebacks()
         started = time.perf_counter()
-        device = resolve_device(spec.device)
-        loaded = load_for_serving(spec.model_dir, device, verify=spec.verify_weights,
-                                  compile_cache_dir=spec.compile_cache_dir if spec.options.compile_model else None,
-                                  low_vram=spec.low_vram,
-                                  gpu_memory_limit_gib=spec.options.gpu_memory_limit_bytes / 2**30)
-        spec.faults.at_start()
-        self.engine = Engine(loaded, spec.options, faults=spec.faults,
-                             on_fatal=exit_on_fatal(spec.crash_dir, "replica"))
-        self.engine.warm_up()
-        self.engine.start_background_work(delay_s=spec.compile_delay_s)
-        self.engine.build_attention_plans(spec.plan_sizes)
+        self.engine, source = build_engine(spec, on_fatal=exit_on_fatal(spec.crash_dir, "replica"))
         log.info("replica ready host=%s pid=%d device=%s source=%s seconds=%.1f", self.replica.host,
-                 self.replica.pid, device, loaded.source, time.perf_counter() - started)
+                 self.replica.pid, self.engine.device, source, time.perf_counter() - started)
 
     async def generate(self, request, arrived_at: float | None, owner: str | None) -> AsyncIterator[object]:
         """Started, Progress per step, then Finished, or Refused with the engine's error. `arrived_at` is the
@@ -104,16 +69,12 @@ class EngineReplica:
             return
         yield Finished(request_id=result.request_id, path=result.path, request=result.request,
                        timings=result.timings, notices=result.notices, gpu_peak_bytes=result.gpu_peak_bytes,
-                       replica=self.replica, engine_state=self._engine_state())
-
-    def _engine_state(self) -> dict[str, object]:
-        state = self.engine.state()
-        return {key: state[key] for key in ENGINE_STATE_KEYS}
+                       worker=self.replica, engine_state=engine_state(self.engine))
 
     def describe(self) -> dict[str, object]:
         """For the front at start: the memory guard (the sizes the UI offers; the replicas of one deployment run on
         the same kind of GPU) and which pipeline serves."""
-        return {"memory_guard": self.engine.memory_guard, "engine_state": self._engine_state()}
+        return {"memory_guard": self.engine.memory_guard, "engine_state": engine_state(self.engine)}
 
     def check_health(self) -> None:
         """Serve calls this every health_check_period_s; raising marks the replica unhealthy and replaces it."""

@@ -1,8 +1,8 @@
 """Measure the service as a user meets it, from process start to steady state, and kill -9 → first image.
 
 Steps: start → ready → first image → compiled path live → first image after it; latency through the OpenAI route
-and the UI's API; four users at once; recompilations over mixed prompt lengths and sizes; optionally kill -9 →
-ready → first image under supervisord.
+and the UI's API; four users at once; recompilations over mixed prompt lengths and sizes; optionally kill -9 of the
+engine process → the waiting request's image, and kill -9 → ready → first image under supervisord.
 
     .venv/bin/python scripts/measure_service.py --json service.json -- --model-dir /opt/z-image-turbo/weights
     .venv/bin/python scripts/measure_service.py --mixed 0 --kill-trials 3 --json kill.json -- --model-dir DIR
@@ -22,6 +22,7 @@ import base64
 import collections
 import json
 import random
+import re
 import statistics
 import subprocess
 import sys
@@ -329,8 +330,69 @@ def measure_service(args: argparse.Namespace, fresh: FreshRequests, figures: dic
                                          args.log)
         figures.update(recompilations(args.log))
         note(f"recompiles after live: {figures['recompiles_after_live']}")
+        # 9. kill -9 of the engine process while one request runs and one waits.
+        if args.engine_kill_trials:
+            figures["engine_kill"] = measure_engine_kills(url, args, fresh)
     finally:
         stop_service(service)
+
+
+def measure_engine_kills(url: str, args: argparse.Namespace, fresh: FreshRequests) -> dict[str, object]:
+    """Each trial: one request on the engine process and one waiting behind it, then SIGKILL to the engine process
+    (pipeline.engine_process). Seconds from the kill to the waiting request's image, which the next engine process
+    makes; what the running one got."""
+    trials = []
+    for number in range(1, args.engine_kill_trials + 1):
+        wait_for_log(args.log, "standby engine process ready number=", count=number, timeout_s=args.ready_timeout)
+        with ThreadPoolExecutor(2) as pool:
+            running = pool.submit(_outcome, url, fresh.job(args.size, args.steps))
+            wait_until_true(lambda: readiness(url)["busy"], args.ready_timeout)
+            waiting = pool.submit(_outcome, url, fresh.job(args.size, args.steps))
+            wait_until_true(lambda: queue_depth(url) >= 1, 60)
+            killed_pid = engine_pid(args.log)
+            psutil.Process(killed_pid).kill()
+            killed_at = time.monotonic()
+            waited, waited_at = waiting.result()
+            ran, _ = running.result()
+        ready = [float(seconds) for seconds in re.findall(r"engine process ready number=\d+ pid=\d+ seconds=([\d.]+) "
+                                                          r"restarts=[1-9]", args.log.read_text())]
+        trials.append({"killed_pid": killed_pid, "running_request": ran, "waiting_request": waited,
+                       "first_image_s": round(waited_at - killed_at, 2),
+                       "engine_ready_s": ready[-1] if ready else None})
+        note(f"engine kill trial {number}: the waiting request's image {trials[-1]['first_image_s']} s after the kill")
+    return {"trials": trials, "first_image_s_median": statistics.median(t["first_image_s"] for t in trials)}
+
+
+def _outcome(url: str, job: Job) -> tuple[object, float]:
+    """The request's client time in ms, or the HTTP status it was refused with; and when the answer came."""
+    try:
+        return openai_image(url, job)["client_ms"], time.monotonic()
+    except ServiceRefused as error:
+        return f"HTTP {error.status}", time.monotonic()
+
+
+def engine_pid(log_path: Path) -> int:
+    """The running engine process's pid, from the service's log."""
+    return int(re.findall(r"engine process ready number=\d+ pid=(\d+) seconds=", log_path.read_text())[-1])
+
+
+def queue_depth(url: str) -> float:
+    with urllib.request.urlopen(f"{url}/metrics", timeout=5) as response:
+        found = re.search(r"^zimage_queue_depth ([\d.]+)$", response.read().decode(), re.M)
+    return float(found[1]) if found else 0.0
+
+
+def wait_until_true(condition, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"not so after {timeout_s} s")
+        time.sleep(0.05)
+
+
+def wait_for_log(log_path: Path, marker: str, count: int, timeout_s: float) -> None:
+    """Until `marker` appears `count` times in the log."""
+    wait_until_true(lambda: log_path.read_text(errors="replace").count(marker) >= count, timeout_s)
 
 
 def measure_kill_trials(args: argparse.Namespace, fresh: FreshRequests, figures: dict[str, object]) -> None:
@@ -463,6 +525,11 @@ def table(figures: dict[str, object]) -> str:
     if "recompiles_after_live" in figures:
         rows.append(("recompiles after live", str(figures["recompiles_after_live"]),
                      f"recompile-limit hits {figures['recompile_limit_hits']}"))
+    if figures.get("engine_kill", {}).get("trials"):
+        part = figures["engine_kill"]
+        rows.append((f"engine kill -9 → waiting request's image ({len(part['trials'])})",
+                     f"{part['first_image_s_median']} s",
+                     " ".join(str(trial["first_image_s"]) for trial in part["trials"])))
     if figures.get("kill", {}).get("trials"):
         part = figures["kill"]
         rows.append((f"kill -9 → /readyz 200 ({len(part['trials'])})", f"{part.get('ready_s_median')} s",
@@ -495,6 +562,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="comma-separated WxH sizes the mixed run cycles through")
     parser.add_argument("--mixed-steps", type=int, default=2, help="steps of the mixed run's requests")
     parser.add_argument("--kill-trials", type=int, default=0, help="kill -9 trials under supervisord (0: none)")
+    parser.add_argument("--engine-kill-trials", type=int, default=0,
+                        help="kill -9 of the engine process with a request running and one waiting (0: none)")
     parser.add_argument("--startsecs", type=int, default=DEFAULT_STARTSECS,
                         help="supervisor's startsecs for the kill trials; a kill comes only after it")
     parser.add_argument("--supervisor-dir", type=Path,

@@ -149,10 +149,15 @@ def post_json(app: RunningApp, path: str, body: object) -> tuple[int, bytes]:
 
 
 def start_app(tmp_path: Path, *flags: str, env: dict[str, str] | None = None, open_files: int | None = None,
-              own_process_group: bool = False) -> RunningApp:
+              own_process_group: bool = False, engine_process: bool = False) -> RunningApp:
     """`open_files`: the soft limit on open files the process starts with (as a supervisord or shell may leave it).
     `own_process_group`: the app leads a process group of its own, as under supervisord, so that a test can signal
-    the whole group as `supervisorctl stop` does (stopasgroup)."""
+    the whole group as `supervisorctl stop` does (stopasgroup). `engine_process`: the engine in its own process, as
+    the service runs by default; off, it runs in the app's process (--no-engine-process), for the many tests of the
+    web side, which is the same either way: an engine process and its standby cost each start seconds of a CI
+    machine's two cores."""
+    if not engine_process and not {"--engine-process", "--no-engine-process"} & set(flags):
+        flags = (*flags, "--no-engine-process")
     port = free_port()
     output_dir = tmp_path / "outputs"
     log_path = tmp_path / "app.log"
@@ -183,13 +188,14 @@ def start_app(tmp_path: Path, *flags: str, env: dict[str, str] | None = None, op
 
 
 def start_demo_app(tmp_path: Path, tiny_models, *flags: str, env: dict[str, str] | None = None,
-                   open_files: int | None = None, own_process_group: bool = False) -> RunningApp:
+                   open_files: int | None = None, own_process_group: bool = False,
+                   engine_process: bool = False) -> RunningApp:
     """`app.py --demo` on a copy of the session's tiny model (no rebuild)."""
     demo_dir = tmp_path / "demo-model"
     if not demo_dir.exists():
         shutil.copytree(tiny_models[LayoutKind.SINGLE_FILE], demo_dir)
     return start_app(tmp_path, "--demo", "--demo-dir", str(demo_dir), *flags, env=env, open_files=open_files,
-                     own_process_group=own_process_group)
+                     own_process_group=own_process_group, engine_process=engine_process)
 
 
 def stop_app(app: RunningApp) -> None:

@@ -35,6 +35,7 @@ from tests.helpers import (
     start_app,
     start_demo_app,
     stop_app,
+    wait_until,
     wait_until_busy,
 )
 
@@ -55,7 +56,7 @@ def demo_app(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("demo-app")
     # A fresh --demo-dir: the first start builds the tiny model, as on a newcomer's machine.
     app = start_app(tmp_path, "--demo", "--demo-dir", str(tmp_path / "demo-model"), "--queue-size", "4",
-                    "--max-h", "1536", "--max-w", "1536")
+                    "--max-h", "1536", "--max-w", "1536", engine_process=True)
     yield app
     stop_app(app)
 
@@ -276,11 +277,12 @@ def test_without_weights_or_demo_the_app_exits_naming_both_options(tmp_path):
 
 
 def test_weights_read_while_the_libraries_import_are_the_ones_served(tmp_path, tiny_copy):
-    """app.py starts reading the weight files before it imports diffusers (pipeline/read_ahead.py); the loader builds
-    every component from what was read, and the service paints with it."""
+    """With the engine in the service's own process, app.py starts reading the weight files before it imports
+    diffusers (pipeline/read_ahead.py); the loader builds every component from what was read, and the service paints
+    with it."""
     root = tiny_copy(LayoutKind.SINGLE_FILE)
     launched = time.time()
-    app = start_app(tmp_path, "--model-dir", str(root))
+    app = start_app(tmp_path, "--model-dir", str(root), "--no-engine-process")
     try:
         loaded = [line for line in app.log().splitlines() if "loaded component=" in line]
         assert len(loaded) == 3 and all("read_ahead_s=" in line for line in loaded)
@@ -315,7 +317,7 @@ def test_bad_flag_value_exits_with_usage_error():
 
 
 def test_sigterm_lets_the_running_job_finish_and_reach_the_client(tmp_path, tiny_models):
-    app = start_demo_app(tmp_path, tiny_models, "--shutdown-grace", "60")
+    app = start_demo_app(tmp_path, tiny_models, "--shutdown-grace", "60", engine_process=True)
     results = []
     client = Client(app.url, verbose=False)
     worker = threading.Thread(target=lambda: results.append(_generate(client, "a slow one", "1536x1536", steps=8)))
@@ -331,7 +333,7 @@ def test_sigterm_lets_the_running_job_finish_and_reach_the_client(tmp_path, tiny
 
 def test_sigterm_during_an_openai_request_returns_its_image_and_exits_within_the_grace(tmp_path, tiny_models):
     grace_s = 30
-    app = start_demo_app(tmp_path, tiny_models, "--shutdown-grace", str(grace_s))
+    app = start_demo_app(tmp_path, tiny_models, "--shutdown-grace", str(grace_s), engine_process=True)
     answers = []
 
     def ask() -> None:
@@ -408,15 +410,20 @@ def test_a_client_that_goes_away_mid_request_still_gets_its_image_saved(demo_app
     assert _generate(client, "the next one", seed=5)[1] == 5
 
 
-def test_a_hung_generation_dumps_stacks_writes_a_snapshot_and_exits_1(tmp_path, tiny_models):
+def test_a_hung_generation_dumps_stacks_writes_a_snapshot_and_its_engine_process_restarts(tmp_path, tiny_models):
     app = start_demo_app(tmp_path, tiny_models, "--hang-timeout", "3", "--crash-dir", str(tmp_path / "crashes"),
-                         env={"ZIMAGE_TEST_MODE": "1", "ZIMAGE_FAULT": "slow@2"})
-    worker = threading.Thread(target=lambda: _swallow(lambda: _generate(Client(app.url, verbose=False), "stuck")),
-                              daemon=True)
-    worker.start()
-    assert exit_code_within(app, 60) == 1
+                         env={"ZIMAGE_TEST_MODE": "1", "ZIMAGE_FAULT": "slow@2"}, engine_process=True)
+    try:
+        with pytest.raises(Exception, match="engine process stopped while making your image"):
+            _generate(Client(app.url, verbose=False), "stuck")
+        wait_until(lambda: "engine process ready number=2" in app.log(), 60, "the next engine process ready")
+        assert app.process.poll() is None  # the service itself went on
+    finally:
+        stop_app(app)
     log = app.log()
     assert "outcome=hung" in log and "stacks of all threads follow" in log and "in at_step" in log
+    assert re.search(r"engine process exited number=1 pid=\d+ exit_code=1 error='request \w+ ran \d+ s without "
+                     r"finishing' after it was ready requests_lost=1", log)
     [snapshot] = (tmp_path / "crashes").glob("snapshot-*.json")
     # Noticed at the first check past the limit: the watch looks once a second, later on a loaded machine.
     ran = re.search(r"ran (\d+) s without finishing", json.loads(snapshot.read_text())["reason"])

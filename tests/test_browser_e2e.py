@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import re
 import shutil
+import signal
 
 import pytest
 
@@ -20,7 +23,7 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
 
 @pytest.fixture(scope="module")
 def browser_app(tmp_path_factory, tiny_models):
-    app = start_demo_app(tmp_path_factory.mktemp("browser-app"), tiny_models)
+    app = start_demo_app(tmp_path_factory.mktemp("browser-app"), tiny_models, engine_process=True)
     yield app
     stop_app(app)
 
@@ -210,3 +213,23 @@ def test_three_tabs_that_click_generate_together_each_see_their_place_in_line(ch
     for page in pages:
         page.wait_for_function("() => [...document.querySelectorAll('#gallery img')].some(i => i.naturalWidth > 0)",
                                timeout=180_000)
+
+
+def test_an_open_page_generates_again_after_the_engine_process_is_killed_without_a_reload(chromium, browser_app):
+    page = chromium.new_context(viewport=VIEWPORT).new_page()
+    loads = []
+    page.on("load", lambda _page: loads.append(1))
+    open_ui(page, browser_app.url)
+    generate_in(page, "before the engine process dies")
+    shown = page.locator("#gallery img").count()
+    # The running engine process's pid, from the log (not its standby's).
+    killed = int(re.findall(r"zimage\.engine_process engine process ready number=\d+ pid=(\d+) ",
+                            browser_app.log())[-1])
+    os.kill(killed, signal.SIGKILL)
+    page.locator("#prompt textarea").fill("after the engine process died")
+    page.locator("#generate").click()
+    page.wait_for_function(f"() => document.querySelectorAll('#gallery img').length > {shown}", timeout=120_000)
+    assert len(loads) == 1, "the page was loaded again"
+    assert re.search(rf"engine process exited number=\d+ pid={killed} signal=SIGKILL", browser_app.log())
+    newest = max(browser_app.output_dir.rglob("*.png"), key=lambda path: path.stat().st_mtime)
+    assert read_parameters(newest)["prompt"] == "after the engine process died"

@@ -72,3 +72,25 @@ def test_only_unexpected_exits_of_the_program_are_reported(tmp_path):
         crash_reporter.main(["--program", "svc", "--crash-dir", str(tmp_path)], stdin=stdin, stdout=io.StringIO(),
                             rpc=rpc)
     assert [path.name.split("-pid")[1] for path in tmp_path.glob("crash-*.txt")] == ["12.txt"]
+
+
+def test_the_services_word_of_its_engine_process_ending_is_reported_too(tmp_path):
+    """The service tells of its engine process's exit in a process-communication block on its stdout, which
+    supervisord hands on as PROCESS_COMMUNICATION_STDOUT; anything else in such a block is not a crash."""
+    def communication(processname, data):
+        body = f"processname:{processname} groupname:{processname} pid:10\n{data}"
+        return f"ver:3.0 serial:1 pool:r poolserial:1 eventname:PROCESS_COMMUNICATION_STDOUT len:{len(body)}\n{body}"
+
+    (tmp_path / "snapshot-77-20261207-010203.json").write_text("{}")
+    stdin = io.StringIO(communication("svc", "engine-exited pid=77 how=terminated by SIGKILL")
+                        + communication("other", "engine-exited pid=78 how=exit status 1")
+                        + communication("svc", "something else"))
+    with pytest.raises(KeyError):  # the stream ends after three events
+        crash_reporter.main(["--program", "svc", "--crash-dir", str(tmp_path)], stdin=stdin, stdout=io.StringIO(),
+                            rpc=Rpc("", "the service's last line"))
+    [report] = tmp_path.glob("crash-*.txt")
+    text = report.read_text()
+    assert report.name.endswith("-pid77.txt") and "pid: 77   (its engine process)" in text
+    assert "how it ended: terminated by SIGKILL" in text and "killed from outside with SIGKILL" in text
+    assert f"snapshot: {tmp_path / 'snapshot-77-20261207-010203.json'}" in text
+    assert "the service's last line" in text and "starts a new engine process by itself" in text

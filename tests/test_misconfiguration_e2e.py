@@ -71,7 +71,7 @@ def test_passwords_other_users_can_read_are_warned_about_once_each(tmp_path):
 
 
 def test_an_output_dir_broken_while_serving_refuses_requests_until_it_is_fixed(tmp_path, tiny_models):
-    app = start_demo_app(tmp_path, tiny_models)
+    app = start_demo_app(tmp_path, tiny_models, engine_process=True)
     client = Client(app.url, verbose=False)
     moved = tmp_path / "outputs-moved"
     try:

@@ -24,6 +24,7 @@ if importlib.util.find_spec("ray") is None:
 import scale  # noqa: E402
 import ray  # noqa: E402
 from pipeline.engine import ServiceBusy  # noqa: E402
+from pipeline.engine_worker import EngineSpec  # noqa: E402
 from pipeline.faults import FaultPlan  # noqa: E402
 from pipeline.layouts import LayoutKind  # noqa: E402
 from pipeline.metrics import ServiceMetrics  # noqa: E402
@@ -52,7 +53,7 @@ class Cluster:
 @pytest.fixture(scope="module")
 def cluster(tiny_models, tmp_path_factory):
     root = tmp_path_factory.mktemp("scale")
-    spec = scale.ReplicaSpec(model_dir=tiny_models[LayoutKind.SINGLE_FILE], device="cpu",
+    spec = EngineSpec(model_dir=tiny_models[LayoutKind.SINGLE_FILE], device="cpu",
                              options=engine_options(root / "outputs"), crash_dir=root / "crashes",
                              faults=FaultPlan("poison", 1, prompt=POISON_PROMPT))
     before = {child.pid for child in psutil.Process().children(recursive=True)}
@@ -108,7 +109,7 @@ def test_the_replicas_engine_states_read_as_one():
 # The two failed starts come first: each starts and stops Ray of its own, before the module's cluster exists.
 
 def test_a_start_asking_for_more_than_the_cluster_has_fails_at_once(tmp_path):
-    spec = scale.ReplicaSpec(model_dir=tmp_path / "model", device="cpu", options=engine_options(tmp_path / "outputs"),
+    spec = EngineSpec(model_dir=tmp_path / "model", device="cpu", options=engine_options(tmp_path / "outputs"),
                              crash_dir=tmp_path / "crashes")
     with pytest.raises(scale.ScaleError, match=r"2 replicas need 2000 GPUs \(1000 each\), but the Ray cluster has"):
         scale.start(spec, replicas=2, num_gpus=1000, queue_size=1)
@@ -116,7 +117,7 @@ def test_a_start_asking_for_more_than_the_cluster_has_fails_at_once(tmp_path):
 
 
 def test_a_replica_that_cannot_load_fails_the_start_with_its_reason(tmp_path):
-    spec = scale.ReplicaSpec(model_dir=tmp_path / "missing", device="cpu",
+    spec = EngineSpec(model_dir=tmp_path / "missing", device="cpu",
                              options=engine_options(tmp_path / "outputs"), crash_dir=tmp_path / "crashes")
     with pytest.raises(scale.ScaleError, match="a replica failed to start: .*WeightsError: model directory .*missing "
                                                "does not exist"):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -239,21 +240,30 @@ def test_clean_exit_is_not_restarted(supervised):
     assert "EXITED" in supervised.ctl("status", PROGRAM)
 
 
-def test_fatal_error_exits_1_with_a_snapshot_and_is_restarted(supervised):
+def test_a_poisoned_gpu_restarts_the_engine_process_alone_with_a_snapshot(supervised):
     supervised.install("ZIMAGE_FAULT=poison@1")
     supervised.wait_ready()
-    pid = supervised.wait_state("RUNNING")["pid"]  # an exit within startsecs would be a failed start instead
-    with pytest.raises(Exception):  # noqa: B017 (the connection drops as the process exits)
+    pid = supervised.wait_state("RUNNING")["pid"]
+    with pytest.raises(Exception, match="engine process stopped while making your image"):
         supervised.generate("this request poisons the GPU")
-    supervised.wait_ready(old_pid=pid)
-    report = supervised.crash_report_of(pid).read_text()
-    assert "how it ended: exit status 1" in report and "fatal error" in report
+    supervised.wait_ready()
+    assert supervised.info()["pid"] == pid  # the program went on; only its engine process started again
+    log = supervised.program_log()
+    assert re.search(r"engine process exited number=1 pid=(\d+) exit_code=1 error='CUDA error: an illegal memory "
+                     r"access was encountered \(TEST FAULT poison\)' after it was ready requests_lost=1", log)
+    engine_pid = int(re.search(r"engine process exited number=1 pid=(\d+)", log)[1])
+    report = supervised.crash_report_of(engine_pid).read_text()
+    assert "how it ended: exit status 1" in report and "its engine process" in report
     snapshot = Path(report.split("snapshot: ")[1].splitlines()[0])
-    assert snapshot.is_file() and "this request poisons the GPU" in snapshot.read_text()
+    assert snapshot.name.startswith(f"snapshot-{engine_pid}-") and "this request poisons the GPU" in \
+        snapshot.read_text()
 
 
 def test_hang_is_detected_by_the_watchdog_and_restarted(supervised):
-    supervised.install("ZIMAGE_FAULT=hang@1")
+    """A frozen service (the engine in its own process: a frozen engine process is the service's to notice, see
+    tests/test_engine_process.py)."""
+    supervised.install("ZIMAGE_FAULT=hang@1", app_args=("--demo", "--demo-dir", str(supervised.demo_dir),
+                                                        "--no-engine-process"))
     supervised.wait_ready()
     pid = supervised.wait_state("RUNNING")["pid"]
     # Hung before the watchdog has seen it healthy, the process would get the start-up grace (120 s) first.

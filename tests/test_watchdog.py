@@ -108,6 +108,17 @@ def test_low_gpu_memory_restarts_only_while_idle():
     assert ("stop", "svc") in rpc.supervisor.calls
 
 
+def test_low_gpu_memory_asks_a_service_with_an_engine_process_to_replace_it_and_never_restarts_it():
+    """The service waits for its line to empty itself (webui.server), so the watchdog asks at once, busy or not."""
+    rpc = Rpc()
+    dog = make(rpc, {"healthz": lambda: (True, {}),
+                     "readyz": lambda: (True, {"gpu_free_mib": 500, "busy": True, "engine_process": True})},
+               min_free_gpu_mib=1000, low_memory_ticks=2)
+    for _ in range(4):
+        dog.tick()
+    assert rpc.supervisor.calls == [("signal", "USR2"), ("signal", "USR2")]  # every 2 ticks under the mark
+
+
 def test_enough_gpu_memory_never_restarts():
     rpc = Rpc()
     dog = make(rpc, {"healthz": lambda: (True, {}), "readyz": lambda: (True, {"gpu_free_mib": 5000, "busy": False})},

@@ -9,10 +9,10 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from urllib.parse import urlsplit
 
 import gradio as gr
-import torch
 import uvicorn
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response
@@ -58,13 +58,12 @@ def health_routes(engine: ServingEngine, streams: StreamPool) -> list[Route]:
         status = engine.status()
         ready = status.ready and status.healthy
         body = status.for_probe()
-        if engine.gpu is not None:
-            try:
-                free, total = torch.cuda.mem_get_info(engine.gpu)
-                body.update(gpu_free_mib=free // 2**20, gpu_total_mib=total // 2**20)
-            except RuntimeError as error:  # a poisoned context fails every call: not ready, and say why
-                ready = False
-                body.update(ready=False, gpu_error=first_line(error))
+        try:
+            if (memory := engine.gpu_memory()) is not None:
+                body.update(gpu_free_mib=memory.free // 2**20, gpu_total_mib=memory.total // 2**20)
+        except RuntimeError as error:  # a poisoned context fails every call: not ready, and say why
+            ready = False
+            body.update(ready=False, gpu_error=first_line(error))
         # Ready, still, with every stream delivering: a new page or request waits for a place, as for the GPU.
         body["event_streams"] = streams.counts()
         # Every request would be refused while images cannot be saved; the field tells the operator what to fix.
@@ -118,16 +117,22 @@ def metrics_route(metrics: ServiceMetrics, engine: ServingEngine, line: Admissio
                   "--replicas)", lambda: engine.running_jobs)
     metrics.gauge("zimage_model_loaded", "1 once the model is loaded and warmed up, and no fatal error since",
                   lambda: int(engine.ready and engine.healthy))
-    if (gpu := engine.gpu) is not None:
+    if engine.gpu_memory() is not None:
+        # NaN while an engine process restarts (pipeline.engine_process): its GPU reports from the new one.
         metrics.gauge("zimage_gpu_memory_allocated_bytes", "GPU memory held by tensors",
-                      lambda: torch.cuda.memory_allocated(gpu))
+                      lambda: _gpu_bytes(engine, "allocated"))
         metrics.gauge("zimage_gpu_memory_reserved_bytes", "GPU memory held by PyTorch's caching allocator",
-                      lambda: torch.cuda.memory_reserved(gpu))
+                      lambda: _gpu_bytes(engine, "reserved"))
 
     async def scrape(_request):
         return Response(metrics.text(), media_type=CONTENT_TYPE)
 
     return Route("/metrics", scrape)
+
+
+def _gpu_bytes(engine: ServingEngine, which: str) -> float:
+    memory = engine.gpu_memory()
+    return float("nan") if memory is None else getattr(memory, which)
 
 
 # The service's middleware, outermost first. Each one's place, and why:
@@ -201,8 +206,12 @@ def uvicorn_config(app: FastAPI, *, host: str, port: int, max_connections: int, 
 def serve(blocks: gr.Blocks, engine: ServingEngine, line: AdmissionLine, *, host: str, port: int,
           shutdown_grace_s: float, metrics: ServiceMetrics, credentials: dict[str, str], max_connections: int,
           header_timeout_s: float, send_timeout_s: float, ssl_certfile: str = "", ssl_keyfile: str = "",
-          public_url: str = "", trusted_proxies: str = "", compile_delay_s: float = 0.0) -> int:
+          public_url: str = "", trusted_proxies: str = "", compile_delay_s: float = 0.0,
+          recycle: Callable[[str], bool] | None = None) -> int:
     """Serve until SIGTERM or SIGINT, then shut down in order; returns the exit code (0: asked to stop).
+
+    `recycle(reason)`: replaces the engine's process, to give its GPU memory back; SIGUSR2 (the watchdog's GPU-memory
+    watermark) asks for it, and it runs once no job waits or runs.
 
     Every image request waits in `line`, the UI's events (through Gradio's queue, which hands them on at once), API
     calls and the OpenAI route alike; `api_open=False` closes the REST routes that would skip Gradio's queue. With
@@ -223,6 +232,9 @@ def serve(blocks: gr.Blocks, engine: ServingEngine, line: AdmissionLine, *, host
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    recycle_asked = threading.Event()
+    if recycle is not None:
+        signal.signal(signal.SIGUSR2, lambda _signum, _frame: recycle_asked.set())
 
     blocks.queue(max_size=line.capacity, default_concurrency_limit=1, api_open=False)
     keep_more_sessions(blocks, SESSIONS_KEPT)
@@ -264,7 +276,9 @@ def serve(blocks: gr.Blocks, engine: ServingEngine, line: AdmissionLine, *, host
     # Short waits, not one endless one: Linux may hand SIGTERM to any thread, and then a main thread asleep in an
     # untimed wait never wakes to run the Python handler. Each timeout returns to the interpreter, which runs it.
     while not stop.wait(timeout=SIGNAL_POLL_S):
-        pass
+        if recycle_asked.is_set() and line.waiting == 0 and engine.running_jobs == 0 and \
+                recycle("asked by SIGUSR2 (the GPU-memory watermark)"):
+            recycle_asked.clear()
 
     # Stop accepting → let the running job finish and reach its client, all within the grace period → close the
     # server (open event streams cut after CLOSE_S) → exit.

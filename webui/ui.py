@@ -7,7 +7,6 @@ from dataclasses import asdict
 from pathlib import Path
 
 import gradio as gr
-import torch
 
 from pipeline.engine import GenerationResult
 from pipeline.memory import GIB
@@ -145,9 +144,11 @@ def build_ui(engine: ServingEngine, line: AdmissionLine, *, demo: bool, model_la
         parts = [f"{line.waiting} waiting" + (f" · {'one' if running == 1 else running} running" if running else ""),
                  f"up {_uptime(time.monotonic() - started_at)}",
                  f"{status.serving} pipeline" + (" (compiling)" if status.compiled == "compiling" else "")]
-        if engine.gpu is not None:
-            free, total = torch.cuda.mem_get_info(engine.gpu)
-            parts.insert(1, f"GPU memory {(total - free) / GIB:.1f} of {total / GIB:.0f} GiB in use")
+        if (memory := engine.gpu_memory()) is not None:
+            parts.insert(1, f"GPU memory {(memory.total - memory.free) / GIB:.1f} of {memory.total / GIB:.0f} GiB "
+                            f"in use")
+        if status.restarting is not None:
+            parts.insert(0, f"engine restarting ({status.restarting})")
         return " · ".join(parts)
 
     def remember_selection(event: gr.SelectData):

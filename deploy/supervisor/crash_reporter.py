@@ -1,8 +1,11 @@
-"""Supervisor event listener: a crash report for every unexpected exit of the service.
+"""Supervisor event listener: a crash report for every unexpected exit of the service, and of its engine process.
 
 Runs outside the service, so it works after kill -9 and segfaults too. On PROCESS_STATE_EXITED with expected=0 it
 writes <crash-dir>/crash-<time>-pid<pid>.txt: how the process ended (from supervisord's own log line) and what that
 usually means, the snapshot the service wrote if it had the chance, the last lines of its log, and the GPU state.
+The engine process is the service's own child, which supervisord does not see end: the service tells of each exit
+in a process-communication block on its stdout (pipeline.engine_process; supervisor's PROCESS_COMMUNICATION_STDOUT
+event), and the same report is written for it.
 """
 
 from __future__ import annotations
@@ -64,18 +67,26 @@ def gpu_state() -> str:
         return "nvidia-smi did not answer within 15 s (the GPU or its driver may be hung)."
 
 
-def write_report(rpc, program: str, pid: str, crash_dir: Path, log_lines: int) -> Path:
-    exit_description = last_exit_description(rpc, program)
+ENGINE_EXIT = re.compile(r"engine-exited pid=(?P<pid>\d+) how=(?P<how>.+)")
+
+
+def write_report(rpc, program: str, pid: str, crash_dir: Path, log_lines: int,
+                 engine_exit: str | None = None) -> Path:
+    """`engine_exit`: how the service's engine process `pid` ended, as the service told it; None for the service's
+    own exit (supervisord's log says how)."""
+    exit_description = engine_exit or last_exit_description(rpc, program)
     log_tail = rpc.supervisor.readProcessStdoutLog(program, -LOG_TAIL_BYTES, 0).splitlines()[-log_lines:]
     snapshots = sorted(crash_dir.glob(f"snapshot-{pid}-*.json"))
     snapshot = str(snapshots[-1]) if snapshots else "none: the process ended before it could write one"
     report = "\n".join([
         f"Z-Image-Turbo crash report — {time.strftime('%Y-%m-%dT%H:%M:%S%z')}",
-        f"program: {program}   pid: {pid}",
+        f"program: {program}   pid: {pid}" + ("   (its engine process)" if engine_exit else ""),
         f"how it ended: {exit_description}",
         f"what that usually means: {explain(exit_description)}",
         f"snapshot: {snapshot}",
-        "supervisor restarts the program by itself (autorestart=unexpected); nothing needs doing unless this repeats.",
+        "the service starts a new engine process by itself; nothing needs doing unless this repeats." if engine_exit
+        else "supervisor restarts the program by itself (autorestart=unexpected); nothing needs doing unless this "
+             "repeats.",
         "",
         f"--- last {len(log_tail)} log lines ---",
         *log_tail,
@@ -100,13 +111,20 @@ def main(argv=None, stdin=sys.stdin, stdout=sys.stdout, rpc=None) -> None:
     rpc = rpc or childutils.getRPCInterface(os.environ)
     while True:
         headers, payload = childutils.listener.wait(stdin, stdout)
+        report = None
         if headers["eventname"] == "PROCESS_STATE_EXITED":
             event, _ = childutils.eventdata(payload + "\n")
             if event["processname"] == args.program and event["expected"] == "0":
-                try:
-                    write_report(rpc, args.program, event["pid"], args.crash_dir, args.log_lines)
-                except Exception as error:  # a dead reporter reports nothing more; log and go on instead
-                    print(f"crash-reporter failed: {error!r}", file=sys.stderr, flush=True)
+                report = (event["pid"], None)
+        elif headers["eventname"] == "PROCESS_COMMUNICATION_STDOUT":
+            event, data = childutils.eventdata(payload)
+            if event["processname"] == args.program and (engine := ENGINE_EXIT.fullmatch(data.strip())):
+                report = (engine["pid"], engine["how"])
+        if report is not None:
+            try:
+                write_report(rpc, args.program, report[0], args.crash_dir, args.log_lines, engine_exit=report[1])
+            except Exception as error:  # a dead reporter reports nothing more; log and go on instead
+                print(f"crash-reporter failed: {error!r}", file=sys.stderr, flush=True)
         childutils.listener.ok(stdout)
 
 

@@ -4,7 +4,9 @@ On every TICK event it probes the service's /healthz with a timeout. A hung CUDA
 process alive, so supervisor alone never notices; after --failures failed probes in a row this restarts the program
 through supervisor's XML-RPC. Failures are not counted while the service is still loading (until it was seen
 healthy once, or --startup-grace seconds passed). With --min-free-gpu-mib, free GPU memory (reported by /readyz)
-under that mark for --low-memory-ticks ticks in a row also restarts it — but only while no job is running.
+under that mark for --low-memory-ticks ticks in a row also restarts it — but only while no job is running; a
+service whose engine runs in its own process (/readyz: "engine_process") is sent SIGUSR2 instead, and replaces only
+that process once no job waits or runs.
 
 Streams, the RPC proxy and the HTTP probe are parameters so the logic can be driven in tests (as superlance's
 httpok does).
@@ -100,7 +102,13 @@ class Watchdog:
         self._low_memory += 1
         log(f"program={self.program} gpu_free_mib={free} under={self.min_free_gpu_mib} "
             f"count={self._low_memory}/{self.low_memory_ticks} busy={state.get('busy')}")
-        if self._low_memory >= self.low_memory_ticks and not state.get("busy", True):
+        if self._low_memory >= self.low_memory_ticks and state.get("engine_process"):
+            # The service replaces its engine process itself once no job waits or runs: the page and the line stay.
+            log(f"program={self.program} pid={self._pid} asking for a new engine process (SIGUSR2) reason='free GPU "
+                f"memory {free} MiB under {self.min_free_gpu_mib} MiB'")
+            self.rpc.supervisor.signalProcess(self.program, "USR2")
+            self._low_memory = 0
+        elif self._low_memory >= self.low_memory_ticks and not state.get("busy", True):
             self.restart(f"free GPU memory {free} MiB under {self.min_free_gpu_mib} MiB while idle")
 
     def restart(self, reason: str) -> None:

@@ -1,0 +1,270 @@
+"""The engine process: the weights loaded once on its device, the unchanged Engine around them, serving the jobs the
+service's process (pipeline.engine_process) sends it over a pipe, and answering with pipeline.engine_events.
+
+It starts as a standby: Python and the model libraries imported (seconds of the interpreter), nothing on the GPU,
+waiting for Load. So when the engine process before it dies, what a restart costs is the weights read from the page
+cache and a warm-up. The front's end ends it: it exits when its pipe closes, and the kernel kills it when the
+thread that started it ends (PR_SET_PDEATHSIG), so no engine outlives the service holding GPU memory."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from multiprocessing.connection import Connection
+from pathlib import Path
+
+from config import log_lines
+from pipeline.acceleration import load_for_serving
+from pipeline.engine import Engine, EngineOptions, GenerationError
+from pipeline.engine_events import Finished, GpuDone, Progress, Refused, Started, Worker
+from pipeline.faults import FaultPlan
+from pipeline.loader import resolve_device
+from pipeline.memory import MemoryGuard
+from pipeline.messages import StartupError, first_line
+from pipeline.requests import GenerationRequest, RequestError
+from pipeline.snapshot import enable_fault_tracebacks, install_snapshot_hooks, write_snapshot
+
+log = logging.getLogger("zimage.worker")
+
+ENGINE_STATE_KEYS = ("attention", "compiled", "serving", "text_encoder")  # what the front shows of an engine
+HEARTBEAT_S = 1.0  # how often the engine process tells the front its state: its sign of life too
+# Jobs one engine process holds at once: one on the GPU, the one before it still saving its image, and the next one
+# waiting for the GPU (the front sends it as soon as the GPU work before it ends).
+JOBS_AT_ONCE = 3
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """Everything an engine process (or a Serve replica) needs to build its engine; pickled to it, so plain values
+    only. app.py fills it from Settings (EngineOptions through app.engine_options)."""
+
+    model_dir: Path  # with replicas: the same path on every host (a shared or copied weights dir)
+    device: str  # auto | cuda | cpu (Ray sets a replica's CUDA_VISIBLE_DEVICES to its own GPU)
+    options: EngineOptions  # output_dir: shared with the front
+    crash_dir: Path
+    verify_weights: bool = False
+    compile_cache_dir: Path | None = None  # CUDA with compile on: kernels kept across restarts
+    # On CUDA, as pipeline.acceleration.load_for_serving applies them; the memory cap comes from
+    # options.gpu_memory_limit_bytes.
+    low_vram: bool = False
+    compile_delay_s: float = 10.0
+    plan_sizes: tuple[tuple[int, int], ...] = ()  # attention plans built after warm-up: the UI's sizes
+    log_level: str = "INFO"
+    faults: FaultPlan = FaultPlan()  # test-only failures, as app.py reads them from ZIMAGE_FAULT
+
+
+def build_engine(spec: EngineSpec, on_fatal) -> tuple[Engine, str]:
+    """The engine of `spec`, loaded, warmed up (so ready) and its background work started; and where its weights
+    came from."""
+    device = resolve_device(spec.device)
+    loaded = load_for_serving(spec.model_dir, device, verify=spec.verify_weights,
+                              compile_cache_dir=spec.compile_cache_dir if spec.options.compile_model else None,
+                              low_vram=spec.low_vram, gpu_memory_limit_gib=spec.options.gpu_memory_limit_bytes / 2**30)
+    spec.faults.at_start()
+    engine = Engine(loaded, spec.options, faults=spec.faults, on_fatal=on_fatal)
+    engine.warm_up()
+    engine.start_background_work(delay_s=spec.compile_delay_s)
+    engine.build_attention_plans(spec.plan_sizes)
+    return engine, loaded.source
+
+
+def engine_state(engine: Engine) -> dict[str, object]:
+    state = engine.state()
+    return {key: state[key] for key in ENGINE_STATE_KEYS}
+
+
+# -- what crosses the pipe, besides pipeline.engine_events (each sent as (ticket, event)) -----------------------------
+
+@dataclass(frozen=True)
+class Load:
+    """Front → standby: load `spec`'s engine and serve it, as engine process number `number`."""
+
+    spec: EngineSpec
+    number: int
+
+
+@dataclass(frozen=True)
+class Job:
+    """Front → engine: generate `request`. `received_at`: time.monotonic() at the request's arrival (one clock for
+    every process of the machine)."""
+
+    ticket: int
+    request: GenerationRequest
+    received_at: float | None
+    owner: str | None
+
+
+@dataclass(frozen=True)
+class StandingBy:
+    """Engine → front: the libraries are imported; Load may come."""
+
+    seconds: float  # the imports took this long
+
+
+@dataclass(frozen=True)
+class Retire:
+    """Front → engine: exit now (no job is out); the standby takes over. For the GPU-memory watermark."""
+
+
+@dataclass(frozen=True)
+class Ready:
+    """Engine → front: warmed up and serving."""
+
+    worker: Worker
+    memory_guard: MemoryGuard | None
+    device: str
+    source: str
+    seconds: float  # from Load to ready
+
+
+@dataclass(frozen=True)
+class StartFailed:
+    """Engine → front: the engine could not be built; `exit_code` as app.py's start would give it."""
+
+    message: str
+    exit_code: int
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    """Engine → front, every HEARTBEAT_S: the engine's state and its GPU's memory."""
+
+    state: dict[str, object]  # {} while the engine loads
+    gpu_memory: dict[str, int] | None  # free, total, allocated, reserved (bytes); None off the GPU
+
+
+@dataclass(frozen=True)
+class Fatal:
+    """Engine → front, just before the engine process ends after an error that leaves its GPU unusable."""
+
+    reason: str
+
+
+class _Pipe:
+    """The engine process's end of the pipe: sends from several threads, one at a time."""
+
+    def __init__(self, connection: Connection):
+        self.connection = connection
+        self._lock = threading.Lock()
+
+    def send(self, message: object) -> None:
+        with self._lock, contextlib.suppress(OSError):  # the front is gone: the receiving loop ends this process
+            self.connection.send(message)
+
+
+def _die_with_the_front() -> None:
+    """The kernel sends this process SIGKILL when the thread that started it ends (the front's, killed or not).
+    Linux's prctl has no wrapper in the standard library; elsewhere the closed pipe alone ends the process."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() == 1:  # the front died before the call above took effect
+        os._exit(0)
+
+
+def worker_main(connection: Connection) -> None:
+    """The engine process: a standby until Load comes, then the engine's process until its pipe closes.
+
+    SIGTERM and SIGINT are the front's to act on: `supervisorctl stop` signals the whole process group
+    (stopasgroup), and Ctrl-C the terminal's, and the front then lets the running job finish before it closes the
+    pipe; an engine process that died of the signal would lose that job."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _die_with_the_front()
+    started = time.perf_counter()
+    import pipeline.loader  # the model libraries, imported now: what makes a standby worth keeping
+
+    pipeline.loader.import_model_libraries()
+    pipe = _Pipe(connection)
+    pipe.send(StandingBy(time.perf_counter() - started))
+    try:
+        load = connection.recv()
+    except (EOFError, OSError):
+        os._exit(0)
+    log_lines.configure_logging(load.spec.log_level, prefix=f"engine={load.number} ")
+    enable_fault_tracebacks()
+    worker = Worker(id=f"engine-{load.number}", host=socket.gethostname(), pid=os.getpid())
+    started = time.perf_counter()
+    serving: list[Engine] = []  # the engine, once built: what the heartbeats tell of
+    threading.Thread(target=_heartbeats, args=(serving, pipe), name="heartbeat", daemon=True).start()
+
+    def on_fatal(error: BaseException, state: dict[str, object]) -> None:
+        pipe.send(Fatal(first_line(error)))
+        write_snapshot(load.spec.crash_dir, f"fatal in the engine process: {error}", state, error)
+        log.critical("engine process exiting after a fatal error exit=1")
+        logging.shutdown()
+        os._exit(1)
+
+    try:
+        engine, source = build_engine(load.spec, on_fatal)
+    except StartupError as error:
+        pipe.send(StartFailed(str(error), error.exit_code))
+        os._exit(error.exit_code)
+    except Exception as error:
+        log.exception("engine process failed to start")
+        pipe.send(StartFailed(f"the engine failed to start: {first_line(error)}", 1))
+        os._exit(1)
+    install_snapshot_hooks(load.spec.crash_dir, engine.state)
+    seconds = time.perf_counter() - started
+    log.info("engine process ready pid=%d device=%s source=%s seconds=%.1f", worker.pid, engine.device, source,
+             seconds)
+    pipe.send(Ready(worker, engine.memory_guard, str(engine.device), source, seconds))
+    serving.append(engine)
+    jobs = ThreadPoolExecutor(max_workers=JOBS_AT_ONCE, thread_name_prefix="job")
+    while True:
+        try:
+            job = connection.recv()
+        except (EOFError, OSError):
+            # The front has gone (stopped, or killed): an engine without it serves nobody.
+            logging.shutdown()
+            os._exit(0)
+        if isinstance(job, Retire):
+            log.info("engine process retiring: asked to make way for a fresh one")
+            logging.shutdown()
+            os._exit(0)
+        jobs.submit(_run, engine, worker, job, pipe)
+
+
+def _run(engine: Engine, worker: Worker, job: Job, pipe: _Pipe) -> None:
+    pipe.send((job.ticket, Started(worker)))
+
+    def progress(step: int, total: int) -> None:
+        pipe.send((job.ticket, Progress(step, total)))
+
+    try:
+        result = engine.generate(job.request, progress, job.received_at, job.owner,
+                                 on_gpu_done=lambda: pipe.send((job.ticket, GpuDone())))
+    except (RequestError, GenerationError) as error:
+        pipe.send((job.ticket, Refused(error)))
+        return
+    except Exception as error:  # the engine's own failure, already logged by it: the caller gets a plain error
+        pipe.send((job.ticket, Refused(GenerationError(f"The engine failed: {first_line(error)}"))))
+        return
+    pipe.send((job.ticket, Finished(request_id=result.request_id, path=result.path, request=result.request,
+                                    timings=result.timings, notices=result.notices,
+                                    gpu_peak_bytes=result.gpu_peak_bytes, worker=worker,
+                                    engine_state=engine_state(engine))))
+
+
+def _heartbeats(serving: list[Engine], pipe: _Pipe) -> None:
+    """A Heartbeat every HEARTBEAT_S from Load on: while loading, an empty one (a sign of life only)."""
+
+    while True:
+        if not serving:
+            pipe.send(Heartbeat({}, None))
+        else:
+            engine, gpu_memory = serving[0], None
+            try:
+                memory = engine.gpu_memory()
+                gpu_memory = None if memory is None else asdict(memory)
+            except RuntimeError:  # a poisoned context: the engine's own handler ends this process
+                pass
+            pipe.send(Heartbeat(engine_state(engine), gpu_memory))
+        time.sleep(HEARTBEAT_S)
