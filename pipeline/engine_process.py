@@ -55,10 +55,6 @@ class EngineRestarting(ServiceBusy):
     runs on the new engine process."""
 
 
-class EngineGaveUp(StartupError):
-    """Engine processes keep dying before they are ready."""
-
-
 @dataclass
 class _Child:
     """One engine process as the keeper knows it."""

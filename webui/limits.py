@@ -380,7 +380,7 @@ class GuardGradioCalls:
 def _ranges_for_starlette(scope) -> dict:
     """`scope` with its Range unit written so that Gradio's file route leaves the range to Starlette's FileResponse.
 
-    Gradio's file route answers a `Range: bytes=N-M` with a response of its own (gradio.route_utils.file_fetch): it
+    Gradio's file route answers a `Range: bytes=N-M` with a response of its own (Gradio 6.31's file_fetch): it
     copies every request header into the answer (a client's cookies and credentials come back in it), fails with a
     500 on a range it cannot split in two (`bytes=0-1-2`, or several ranges) and sends a byte for a backwards one.
     Every other Range header it leaves to FileResponse, which parses ranges in full: several at once, suffixes, 400
