@@ -318,14 +318,17 @@ class ProcessEngine(EngineElsewhere):
         process has gone, its children are no longer the service's to find. An engine process ignores SIGTERM (see
         pipeline.engine_worker): its pipe closing ends it, and SIGKILL what outstays that."""
         with self._changed:
-            self._closing = True
             children = [child for child in (self._active, self._standby) if child is not None]
+            # Found before the keeper is told to stop: its thread's end kills the engine processes it started
+            # (PR_SET_PDEATHSIG), and their children, orphaned, would be found no more.
+            processes = []
+            for child in children:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    engine_process = psutil.Process(child.process.pid)
+                    processes += [engine_process, *engine_process.children(recursive=True)]
+            self._closing = True
             self._changed.notify_all()
-        processes = []
         for child in children:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                engine_process = psutil.Process(child.process.pid)
-                processes += [engine_process, *engine_process.children(recursive=True)]
             child.connection.close()
         _, alive = psutil.wait_procs(processes, timeout=CLOSE_S)
         for process in alive:
