@@ -41,24 +41,26 @@ def configure_logging(level: str) -> None:
 
 
 def log_banner(settings: Settings) -> None:
-    import diffusers
     import torch
-    import transformers
 
     try:
         version = metadata.version("z-image-turbo-service")
     except metadata.PackageNotFoundError:
         version = "unknown (not installed: run scripts/setup.sh)"
     if torch.cuda.is_available():
-        gpu = f"{torch.cuda.get_device_name()!r} gpu_memory_gib={torch.cuda.mem_get_info()[1] / 2**30:.1f}"
+        # The device's properties, not its free memory: that would give this process a CUDA context (seconds, and
+        # GPU memory) that it does not need when the engine runs in a process of its own.
+        properties = torch.cuda.get_device_properties(0)
+        gpu = f"{properties.name!r} gpu_memory_gib={properties.total_memory / 2**30:.1f}"
     else:
         gpu = "none"
-    # seconds_since_process_start: the imports and CUDA's start, the first share of a start's account (the ready
-    # line gives the whole).
+    # seconds_since_process_start: the imports, the first share of a start's account (the ready line gives the
+    # whole). Versions from the installed metadata: importing diffusers and transformers here would cost seconds
+    # in a process that, with an engine process, never uses them.
     log.info("start version=%s pid=%d python=%s torch=%s diffusers=%s transformers=%s gradio=%s uvicorn=%s gpu=%s "
              "seconds_since_process_start=%.2f", version, os.getpid(), platform.python_version(), torch.__version__,
-             diffusers.__version__, transformers.__version__, metadata.version("gradio"), metadata.version("uvicorn"),
-             gpu, seconds_since_process_start())
+             metadata.version("diffusers"), metadata.version("transformers"), metadata.version("gradio"),
+             metadata.version("uvicorn"), gpu, seconds_since_process_start())
     for sentence in unlocked_libraries():
         log.warning("UNLOCKED: %s", sentence)
     log.info("settings %s", " ".join(f"{key}={value}" for key, value in settings.as_log_fields().items()))
@@ -95,13 +97,15 @@ def use_private_gradio_temp_dir(port: int) -> Path:
     return temp_dir
 
 
-def import_ui_in_background() -> threading.Thread:
+def import_ui_in_background(loads_here: bool) -> threading.Thread:
     """Gradio's import is seconds of pure Python. Run it while the weights load (file reads and copies to the GPU,
     which release the interpreter), so "ready" comes that much sooner after a restart. A failed import is not lost:
-    main's own import of the UI raises it again, with its traceback."""
-    from pipeline.loader import import_model_libraries
+    main's own import of the UI raises it again, with its traceback. `loads_here`: this process loads the weights
+    (no engine process, no replicas), and imports the model libraries first, in this thread."""
+    if loads_here:
+        from pipeline.loader import import_model_libraries
 
-    import_model_libraries()
+        import_model_libraries()
 
     def import_ui() -> None:
         with contextlib.suppress(Exception):
@@ -172,7 +176,15 @@ def engine_options(settings: Settings, model_name: str, on_gpu: bool):
         queue_timeout_s=settings.queue_timeout_s, compile_model=on_gpu and settings.compile,
         prompt_cache_size=settings.prompt_cache_size,
         gpu_memory_limit_bytes=settings.gpu_memory_limit_gib * 2**30 if on_gpu else 0,
+        lora_dir=adapter_folder(settings), lora_max_rank=settings.lora_max_rank,
     )
+
+
+def adapter_folder(settings: Settings) -> Path:
+    """--lora-dir, or the folder "loras" beside the weights (the demo model's too)."""
+    if settings.lora_dir:
+        return Path(settings.lora_dir).expanduser()
+    return (settings.demo_dir if settings.demo else settings.model_dir) / "loras"
 
 
 def start_engine(settings: Settings, faults, loaded, model_name: str, metrics):
@@ -208,8 +220,12 @@ def start_engine_process(settings: Settings, faults, metrics):
     """The engine in a child process that this one restarts when it dies (pipeline.engine_process), started and
     ready; the web side stays in this process."""
     from pipeline.engine_process import ProcessEngine
+    from pipeline.layouts import find_weights
 
     spec, model_name = engine_spec(settings, faults)
+    # Here first (headers only: milliseconds): weights that cannot load end the start before an engine process has
+    # spent seconds importing, well inside supervisord's startsecs, so its retries and FATAL tell the story.
+    find_weights(spec.model_dir)
     engine = ProcessEngine(spec, metrics=metrics)
     engine.start()
     return engine, f"{model_name} ({engine.source})"
@@ -255,14 +271,16 @@ def start_service(settings: Settings, read_ahead):
     faults = FaultPlan.from_env(os.environ)
     faults.at_start()
     use_private_gradio_temp_dir(settings.port)
-    ui_import = import_ui_in_background()
+    ui_import = import_ui_in_background(loads_here=settings.replicas == "0" and not settings.engine_process)
     metrics = ServiceMetrics()
     if settings.replicas != "0":
         ui_import.join()
         engine, model_label = start_replicas(settings, faults, metrics)
     elif settings.engine_process:
-        ui_import.join()
+        # Started before the UI's imports are done: the engine process imports its libraries and loads the weights
+        # in a process of its own, and a restart of the service waits for the two side by side, not in a row.
         engine, model_label = start_engine_process(settings, faults, metrics)
+        ui_import.join()
     else:
         loaded, model_name = load_model(settings, read_ahead)
         # The attention probe and the warm-up time GPU work: no import competing with them for the interpreter.

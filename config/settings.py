@@ -64,6 +64,10 @@ class Settings:
     low_vram: bool  # profile for 16 GB cards: text encoder streamed from CPU memory, VAE tiling above 1024 px
     gpu_memory_limit_gib: int  # cap on this process's GPU memory; 0 means the whole GPU
     prompt_cache_size: int  # how many prompts' embeddings are kept for reuse
+    # LoRA adapters: every *.safetensors in this folder, named by its stem, looked at again as requests come; ""
+    # for the folder "loras" beside the weights. No folder at start: no adapters (and no slots' memory or compile).
+    lora_dir: str
+    lora_max_rank: int  # the adapter slots' rank: one request's adapters' ranks together at most this; 0: off
     max_h: int  # largest height a request may ask for (pixels)
     max_w: int  # largest width a request may ask for (pixels)
     queue_size: int  # requests that may wait for the GPU; more are turned away as "busy"
@@ -118,6 +122,8 @@ class Settings:
             raise SettingsError(f"gpu_memory_limit_gib must be 0 (no cap) or more (got {self.gpu_memory_limit_gib}).")
         if self.prompt_cache_size < 0:
             raise SettingsError(f"prompt_cache_size must be 0 (off) or more (got {self.prompt_cache_size}).")
+        if self.lora_max_rank < 0:
+            raise SettingsError(f"lora_max_rank must be 0 (no adapters) or more (got {self.lora_max_rank}).")
         if self.queue_size < 1:
             raise SettingsError(f"queue_size must be at least 1 (got {self.queue_size}).")
         if self.replicas != "auto" and not (self.replicas.isdigit() and self.replicas.isascii()):
@@ -364,6 +370,13 @@ def build_arg_parser() -> argparse.ArgumentParser:
     add("--prompt-cache-size", type=int, metavar="N",
         help="prompts whose text embeddings are kept, so new seeds for the same prompt skip the text encoder "
         "(0: off)")
+    add("--lora-dir", metavar="DIR",
+        help="LoRA adapters: every *.safetensors here, named by its file's stem, read at start and again when the "
+        "folder changes (looked at as requests come); empty: the folder loras beside the weights. No such folder at "
+        "start: no adapters")
+    add("--lora-max-rank", type=int, metavar="R",
+        help="rank of the adapter slots: the ranks of one request's adapters together at most this (GPU memory: "
+        "about 6 MB per unit of rank for the full DiT in bf16); 0: adapters off")
     add("--max-h", type=int, metavar="PX", help="largest image height a request may ask for")
     add("--max-w", type=int, metavar="PX", help="largest image width a request may ask for")
     add("--queue-size", type=int, metavar="N", help="requests that may wait for the GPU before new ones are refused")

@@ -54,9 +54,10 @@ def use_compile_cache(cache_dir: Path) -> None:
     flash4.keep_kernels_in(cache_dir)
 
 
-def compiled_copy(pipe, backend: str = "inductor"):
+def compiled_copy(pipe, backend: str = "inductor", vae=None):
     """A second pipeline over the same weights whose DiT blocks and VAE decoder are compiled, while `pipe` stays
-    eager: the eager one serves requests while this one compiles and warms up in another thread.
+    eager: the eager one serves requests while this one compiles and warms up in another thread. `vae`: an already
+    compiled VAE to share instead (a second pipeline's, over another view of the DiT).
 
     Regional compilation, as diffusers' `compile_repeated_blocks` does it (one graph serves all the DiT's
     `_repeated_blocks`), but on shallow copies of the modules: that method compiles in place, which would send a
@@ -73,12 +74,19 @@ def compiled_copy(pipe, backend: str = "inductor"):
     use_fusable_rotary(pipe.transformer)
     repeated = set(pipe.transformer._repeated_blocks)
     transformer = _copy_compiling(pipe.transformer, lambda module: type(module).__name__ in repeated, options)
-    vae = _copy_compiling(pipe.vae, lambda module: module is pipe.vae.decoder, options)
-    scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
-    compiled = type(pipe)(scheduler=scheduler, vae=vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
-                          transformer=transformer)
-    compiled.set_progress_bar_config(disable=True)
-    return compiled
+    if vae is None:
+        vae = _copy_compiling(pipe.vae, lambda module: module is pipe.vae.decoder, options)
+    return pipeline_with(pipe, transformer=transformer, vae=vae)
+
+
+def pipeline_with(pipe, *, transformer=None, vae=None, scheduler=None):
+    """A pipeline of `pipe`'s components, `transformer` and `vae` in place of its own where given, with a scheduler
+    of its own (its shift and timesteps are per-request state) unless `scheduler` is given."""
+    scheduler = scheduler or type(pipe.scheduler).from_config(pipe.scheduler.config)
+    made = type(pipe)(scheduler=scheduler, vae=vae or pipe.vae, text_encoder=pipe.text_encoder,
+                      tokenizer=pipe.tokenizer, transformer=transformer or pipe.transformer)
+    made.set_progress_bar_config(disable=True)
+    return made
 
 
 def _copy_compiling(module: torch.nn.Module, pick: Callable[[torch.nn.Module], bool], options: dict[str, object]):

@@ -11,7 +11,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 
 from pipeline import acceleration, attention, memory
+from pipeline.adapters import Adapter, AdapterInfo, AdapterLibrary, AdapterSlots, linear_layers, lora_view
 from pipeline.faults import FaultPlan
 from pipeline.hangs import HangWatch
 from pipeline.loader import LoadedPipeline
@@ -28,7 +29,7 @@ from pipeline.memory import MemoryGuard
 from pipeline.messages import first_line
 from pipeline.metrics import ServiceMetrics
 from pipeline.output_dir import OutputDirCheck
-from pipeline.requests import GenerationRequest, Limits, RequestError, ValidRequest, validate
+from pipeline.requests import GenerationRequest, Limits, RequestError, ValidRequest, shown, validate
 from pipeline.serving import EngineStatus, GpuMemory, ServingEngine
 from pipeline.storage import RecentImages, a1111_parameters, save_png
 from pipeline.text_encoder import MAX_SEQUENCE_LENGTH, PromptEncoder
@@ -62,6 +63,7 @@ COMPILE_WARM_UP_SIZES = ((768, 512), (1024, 1024), (256, 256))
 # it back only a whole interval later, op after op: on an H100 an eager 1024² image served during a compile took
 # 2.6-3.5 s (encode 0.8-1.9 s) instead of 1.4 s.
 COMPILE_SWITCH_INTERVAL_S = 0.0002
+ADAPTER_RESCAN_S = 1.0  # the adapter folder is looked at again at most this often (when asked for its adapters)
 COMPILE_WARM_UP_PROMPTS = ("warm-up", "a warm-up prompt long enough to fill more than one block of thirty-two "
                            "tokens of the caption, so that the caption length is not taken for a constant", "small")
 
@@ -125,10 +127,20 @@ class Rendered:
     notices: list[str]
     denoise_peak_bytes: int = 0  # CUDA only: peak allocated while encoding and denoising (the DiT's activations)
     decode_peak_bytes: int = 0  # CUDA only: peak allocated while decoding (the VAE's activations)
+    adapters_ms: float = 0.0  # writing the request's adapters into the slots (0: they held them already, or none)
 
 
 def _warm_up_request(width: int, height: int | None = None, prompt: str = "warm-up") -> ValidRequest:
     return ValidRequest(prompt=prompt, width=width, height=height or width, steps=1, seed=0, shift=3.0)
+
+
+def _loras_field(valid: ValidRequest, load_ms: float) -> str:
+    """The request log line's adapters and the time writing them into the slots took (0: the slots held them):
+    " loras=name:0.8,other:-0.5 lora_load_ms=4.1", or nothing."""
+    if not valid.loras:
+        return ""
+    loras = ",".join(f"{choice.name}:{choice.scale:g}" for choice in valid.loras)
+    return f" loras={loras} lora_load_ms={load_ms:.1f}"
 
 
 def summarize_prompt(prompt: str, mode: str) -> str:
@@ -157,6 +169,8 @@ class EngineOptions:
     compile_model: bool  # compile a copy of the pipeline in the background (start_background_work)
     prompt_cache_size: int  # prompts whose embeddings are kept for reuse
     gpu_memory_limit_bytes: int  # 0: the whole GPU; else the memory guard plans within this cap
+    lora_dir: Path | None = None  # LoRA adapters (*.safetensors); None, or a folder missing at start: none served
+    lora_max_rank: int = 0  # the rank of the adapter slots: one request's adapters together (0: none served)
 
 
 class Engine(ServingEngine):
@@ -211,6 +225,62 @@ class Engine(ServingEngine):
         self._started = 0  # requests that reached the GPU
         self.queue_timeout_s = options.queue_timeout_s
         self._hangs = HangWatch(options.hang_timeout_s, self._on_hang)
+        self._adapters: AdapterLibrary | None = None
+        self._slots: AdapterSlots | None = None
+        self._lora_pipe = None  # the pipeline over the adapter slots' view of the DiT: eager, later compiled
+        self._adapters_lock = threading.Lock()
+        self._adapters_looked_at = float("-inf")
+        if options.lora_dir is not None and options.lora_max_rank > 0:
+            self._serve_adapters(options.lora_dir, options.lora_max_rank)
+
+    def _serve_adapters(self, folder: Path, rank: int) -> None:
+        """The adapter slots over the DiT, and the folder's adapters read, if the folder exists; otherwise the
+        service runs without adapters (the slots cost GPU memory and a compile of their own)."""
+        if not folder.is_dir():
+            log.info("adapters: off (no folder %s; create it and restart to serve LoRA adapters)", folder)
+            return
+        transformer = self._pipe.transformer
+        self._adapters = AdapterLibrary(folder, linear_layers(transformer), rank, self.dtype,
+                                        pin=self.gpu is not None)
+        self._adapters.refresh()
+        self._adapters_looked_at = time.monotonic()
+        view = lora_view(transformer, rank)
+        self._slots = AdapterSlots(view, rank)
+        self._lora_pipe = acceleration.pipeline_with(self._pipe, transformer=view, scheduler=self._pipe.scheduler)
+        log.info("adapters: folder=%s served=%d slot_rank=%d slot_mib=%.0f", folder, len(self._adapters.infos()),
+                 rank, self._slots.slot_bytes() / 2**20)
+
+    def adapters(self) -> list[AdapterInfo]:
+        """The adapters requests may name, the folder looked at again if ADAPTER_RESCAN_S has passed."""
+        if self._adapters is None:
+            return []
+        with self._adapters_lock:
+            if time.monotonic() - self._adapters_looked_at >= ADAPTER_RESCAN_S:
+                self._adapters.refresh()
+                self._adapters_looked_at = time.monotonic()
+            return self._adapters.infos()
+
+    def _chosen_adapters(self, valid: ValidRequest) -> list[tuple[Adapter, float]]:
+        """The adapters `valid` asks for, with their strengths, or RequestError naming the one that is not served or
+        the ranks that do not fit the slots (an adapter at strength 0 takes none: it changes nothing)."""
+        if not valid.loras:
+            return []
+        available = self.adapters()
+        if self._adapters is None:
+            raise RequestError("This server serves no LoRA adapters (its adapter folder did not exist at start); "
+                               "send the request without loras.", "loras")
+        chosen = []
+        for choice in valid.loras:
+            adapter = self._adapters.get(choice.name)
+            if adapter is None:
+                names = ", ".join(info.name for info in available) or "none"
+                raise RequestError(f"loras: no adapter is named {shown(choice.name)}; available: {names}.", "loras")
+            chosen.append((adapter, choice.scale))
+        rank = sum(adapter.info.rank for adapter, scale in chosen if scale)
+        if rank > self._slots.rank:
+            raise RequestError(f"loras: the adapters' ranks add up to {rank}; this server takes at most "
+                               f"{self._slots.rank} at once (--lora-max-rank). Use fewer adapters.", "loras")
+        return chosen
 
     def _on_hang(self, request_id: str, seconds: float) -> None:
         self.healthy = False
@@ -276,6 +346,8 @@ class Engine(ServingEngine):
 
     def _warm_up(self) -> None:
         self.attention_backend = attention.apply_backend(self._pipe.transformer, self._attention_choice, self.device)
+        if self._lora_pipe is not None:
+            attention.set_backend(self._lora_pipe.transformer, self.attention_backend, self.device)
         request = _warm_up_request(256)
         try:
             self._run(request, progress=None)
@@ -301,8 +373,9 @@ class Engine(ServingEngine):
 
     def _memory_probe_peaks(self, side: int) -> tuple[int, int]:
         # A prompt of its own: a cached one would skip the text encoder, whose streamed layers are the peak in the
-        # low-VRAM profile.
-        run = self._run(_warm_up_request(side, prompt=f"memory probe {side}"), progress=None)
+        # low-VRAM profile. Through the adapter slots where there are some: a request with adapters needs more.
+        run = self._run(_warm_up_request(side, prompt=f"memory probe {side}"), progress=None,
+                        on_slots=self._lora_pipe is not None)
         return run.denoise_peak_bytes, run.decode_peak_bytes
 
     def start_background_work(self, delay_s: float = 0.0) -> threading.Thread:
@@ -396,11 +469,17 @@ class Engine(ServingEngine):
         try:
             with whole_gpu:
                 compiled = acceleration.compiled_copy(self._pipe, backend=self.compile_backend)
-                for (width, height), prompt in zip(COMPILE_WARM_UP_SIZES, COMPILE_WARM_UP_PROMPTS, strict=True):
-                    request = _warm_up_request(width, height, prompt)
-                    with text_encoder:
-                        prompt_embeds, _ = self.encode_prompt(request.prompt)
-                    self._render(compiled, request, prompt_embeds, progress=None, track_memory=False)
+                # The adapter slots' pipeline too, its DiT a graph of its own: warmed up now, a request with
+                # adapters compiles nothing once the compiled path is live. Whatever the slots hold meanwhile (a
+                # request served eagerly writes them), the graph is the same.
+                compiled_lora = None if self._lora_pipe is None else acceleration.compiled_copy(
+                    self._lora_pipe, backend=self.compile_backend, vae=compiled.vae)
+                for pipe in filter(None, (compiled, compiled_lora)):
+                    for (width, height), prompt in zip(COMPILE_WARM_UP_SIZES, COMPILE_WARM_UP_PROMPTS, strict=True):
+                        request = _warm_up_request(width, height, prompt)
+                        with text_encoder:
+                            prompt_embeds, _ = self.encode_prompt(request.prompt)
+                        self._render(pipe, request, prompt_embeds, progress=None, track_memory=False)
         except Exception as error:
             self.compiled = "failed"
             log.warning("compilation failed; serving eagerly (%s: %s)", type(error).__name__, first_line(error),
@@ -410,6 +489,7 @@ class Engine(ServingEngine):
             sys.setswitchinterval(switch_interval)
         with self._lock:
             self._pipe = compiled
+            self._lora_pipe = compiled_lora or self._lora_pipe
             self.serving = "compiled"
         self.compiled = "on"
         log.info("compiled path live seconds=%.1f", time.perf_counter() - started)
@@ -426,6 +506,7 @@ class Engine(ServingEngine):
         # 1. Validate, and refuse a size the GPU has no memory for, before anything waits or runs.
         try:
             valid = validate(request, self.limits)
+            adapters = self._chosen_adapters(valid)
             if self.memory_guard is not None:
                 self.memory_guard.check(valid.width, valid.height)
         except RequestError as error:
@@ -436,7 +517,7 @@ class Engine(ServingEngine):
             self._active += 1
         outcome, stage_ms = "error", None
         try:
-            result = self._generate(request_id, valid, progress, received_at, owner, on_gpu_done)
+            result = self._generate(request_id, valid, adapters, progress, received_at, owner, on_gpu_done)
             outcome = "ok"
             stage_ms = result.timings.by_stage()
             return result
@@ -447,10 +528,10 @@ class Engine(ServingEngine):
             with self._idle:
                 self._active -= 1
                 self._idle.notify_all()
-            self._metrics.request_finished(outcome, stage_ms)
+            self._metrics.request_finished(outcome, stage_ms, [choice.name for choice in valid.loras])
 
-    def _generate(self, request_id: str, valid: ValidRequest, progress: ProgressCallback | None,
-                  received_at: float | None, owner: str | None,
+    def _generate(self, request_id: str, valid: ValidRequest, adapters: list[tuple[Adapter, float]],
+                  progress: ProgressCallback | None, received_at: float | None, owner: str | None,
                   on_gpu_done: Callable[[], None] | None) -> GenerationResult:
         started = time.perf_counter()
         prompt_summary = summarize_prompt(valid.prompt, self.log_prompts)
@@ -479,7 +560,7 @@ class Engine(ServingEngine):
             # 3-5. Encode, denoise, decode and check, on the GPU thread (_run, _render). A failure here is either
             #      the request's own (GenerationError, out of memory: the engine goes on) or the GPU's (poisoned).
             try:
-                run = self._on_gpu_thread(self._run, valid, progress, self._started)
+                run = self._on_gpu_thread(self._run, valid, progress, self._started, adapters)
             except GenerationError as error:
                 log.warning("request id=%s prompt=%s outcome=failed reason=%r", request_id, prompt_summary, str(error))
                 raise
@@ -507,7 +588,7 @@ class Engine(ServingEngine):
             on_gpu_done()
         save_started = time.perf_counter()
         stem = f"{time.strftime('%H%M%S')}-{request_id}-seed{valid.seed}"
-        parameters = self._parameters(request_id, valid) | ({"owner": owner} if owner else {})
+        parameters = self._parameters(request_id, valid, adapters) | ({"owner": owner} if owner else {})
         path = save_png(run.image, self.output_dir, stem, parameters, infotext=a1111_parameters(parameters))
         self._recent_images.add(path, parameters)
         save_ms = (time.perf_counter() - save_started) * 1000
@@ -517,11 +598,11 @@ class Engine(ServingEngine):
             self.served += 1
         self._answered.set()
         log.info(
-            "request id=%s prompt=%s size=%dx%d steps=%d seed=%d shift=%g wait_ms=%.0f encode_ms=%.0f "
+            "request id=%s prompt=%s size=%dx%d steps=%d seed=%d shift=%g%s wait_ms=%.0f encode_ms=%.0f "
             "denoise_ms=%.0f decode_ms=%.0f save_ms=%.0f total_ms=%.0f%s path=%s outcome=ok file=%s",
             request_id, prompt_summary, valid.width, valid.height, valid.steps,
-            valid.seed, valid.shift, waited_ms, timings.encode_ms, timings.denoise_ms, timings.decode_ms, save_ms,
-            total_ms, self._peak_memory_field(run), serving, path,
+            valid.seed, valid.shift, _loras_field(valid, run.adapters_ms), waited_ms, timings.encode_ms,
+            timings.denoise_ms, timings.decode_ms, save_ms, total_ms, self._peak_memory_field(run), serving, path,
         )
         return GenerationResult(request_id=request_id, image=run.image, path=path, request=valid, timings=timings,
                                 notices=tuple(run.notices),
@@ -541,8 +622,11 @@ class Engine(ServingEngine):
                      torch.cuda.memory_allocated(self.device) // 2**20,
                      torch.cuda.memory_reserved(self.device) // 2**20)
 
-    def _parameters(self, request_id: str, valid: ValidRequest) -> dict[str, object]:
-        return {**asdict(valid), "guidance_scale": GUIDANCE_SCALE, "model": self.model_name,
+    def _parameters(self, request_id: str, valid: ValidRequest,
+                    adapters: list[tuple[Adapter, float]]) -> dict[str, object]:
+        loras = [{"name": adapter.info.name, "scale": scale, "hash": adapter.info.short_hash}
+                 for adapter, scale in adapters]
+        return {**asdict(valid), "loras": loras, "guidance_scale": GUIDANCE_SCALE, "model": self.model_name,
                 "request_id": request_id, "scheduler": "FlowMatchEulerDiscrete"}
 
     def _sync(self) -> float:
@@ -577,13 +661,23 @@ class Engine(ServingEngine):
         torch.cuda.reset_peak_memory_stats(self.device)
         return peak
 
-    def _run(self, valid: ValidRequest, progress: ProgressCallback | None, request_number: int = 0) -> Rendered:
-        """One generation on the pipeline that serves now: encode the prompt, then render it."""
+    def _run(self, valid: ValidRequest, progress: ProgressCallback | None, request_number: int = 0,
+             adapters: Sequence[tuple[Adapter, float]] = (), on_slots: bool | None = None) -> Rendered:
+        """One generation on the pipeline that serves now, or (`on_slots`; by default when the request has
+        adapters at a strength other than 0) on the one over the adapter slots, which then hold them: encode the
+        prompt, then render."""
         self._peak_bytes_since_last_call()
         started = self._sync()
         prompt_embeds, notices = self.encode_prompt(valid.prompt)
         encoded = self._sync()
-        rendered = self._render(self._pipe, valid, prompt_embeds, progress, request_number)
+        # An adapter at strength 0 changes nothing: a request of only those runs as one without adapters.
+        active = [(adapter, scale) for adapter, scale in adapters if scale]
+        adapters_ms = 0.0
+        if active and self._slots.load(active):
+            adapters_ms = (self._sync() - encoded) * 1000
+        pipe = self._lora_pipe if (bool(active) if on_slots is None else on_slots) else self._pipe
+        rendered = self._render(pipe, valid, prompt_embeds, progress, request_number)
+        rendered.adapters_ms = adapters_ms
         rendered.stage_ms["encode_ms"] = (encoded - started) * 1000
         rendered.notices.extend(notices)
         return rendered

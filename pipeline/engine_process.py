@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 
 import psutil
 
+from pipeline.adapters import AdapterInfo
 from pipeline.engine import OUTPUT_DIR_UNUSABLE, GenerationError, GenerationResult, ServiceBusy, outcome_of
 from pipeline.engine_events import Finished, GpuDone, Progress, Refused, Started, Worker
 from pipeline.engine_worker import (ENGINE_STATE_KEYS, EngineSpec, Fatal, Heartbeat, Job, Load, Ready, Retire,
@@ -82,11 +83,16 @@ class _Child:
                 return False
 
 
+class _NeverStarted(Exception):
+    """The engine process ended before it began the job: the job never left the line, and is sent again."""
+
+
 @dataclass(frozen=True)
 class _Lost:
-    """The engine process holding a request ended: the request's own last event."""
+    """Engine process `engine`, which the request was sent to, ended: the request's last event from it."""
 
     reason: str
+    engine: int
 
 
 def _tell_supervisor(pid: int, how: str) -> None:
@@ -120,6 +126,7 @@ class ProcessEngine(EngineElsewhere):
         self._tickets = itertools.count(1)
         self._jobs: dict[int, queue.SimpleQueue] = {}
         self._running: dict[int, str] = {}  # ticket → what in_flight shows of it
+        self._taken: set[int] = set()  # tickets an engine process has begun (Started)
         self._heartbeat: Heartbeat | None = None
         self._device = "unknown"  # the engine process's, once one is ready
         self._load_seconds = 0.0  # the last engine process's, from Load to ready: the estimate of a restart
@@ -238,18 +245,20 @@ class ProcessEngine(EngineElsewhere):
             cause += f" error={child.start_failure.message!r}"
         with self._changed:
             held = f"{child.worker.id}/" if child.worker else None
-            lost = [ticket for ticket, where in self._running.items() if held and where.startswith(held)]
-            for ticket in lost:
-                self._jobs[ticket].put(_Lost(cause))
+            sent = [ticket for ticket, where in self._running.items() if held and where.startswith(held)]
+            for ticket in sent:
+                self._jobs[ticket].put(_Lost(cause, child.number))
+            lost = [ticket for ticket in sent if ticket in self._taken]  # the others wait for the next one
             self._heartbeat = None
             self._changed.notify_all()
         if child.retired and code == 0:
             log.info("engine process recycled number=%d pid=%d reason=%r", child.number, child.process.pid,
                      child.retired)
             return
-        log.warning("engine process exited number=%d pid=%d %s %s requests_lost=%d", child.number,
-                    child.process.pid, cause, "after it was ready" if child.worker else "before it was ready",
-                    len(lost))
+        log.warning("engine process exited number=%d pid=%d %s %s requests_lost=%d requests_waiting=%d",
+                    child.number, child.process.pid, cause,
+                    "after it was ready" if child.worker else "before it was ready", len(lost),
+                    len(sent) - len(lost))
         _tell_supervisor(child.process.pid, f"terminated by {signal.Signals(-code).name}" if code and code < 0
                          else f"exit status {code}")
 
@@ -277,6 +286,8 @@ class ProcessEngine(EngineElsewhere):
                     ticket, event = message
                     if ticket in self._jobs:
                         self._jobs[ticket].put(event)
+                        if isinstance(event, Started):
+                            self._taken.add(ticket)
                 elif isinstance(message, Heartbeat):
                     if child is self._active and message.state:  # not a loading engine's sign of life
                         self._heartbeat = message
@@ -386,6 +397,11 @@ class ProcessEngine(EngineElsewhere):
         """The status, for the front's crash snapshots; the prompts are the engine process's, in its own."""
         return asdict(self.status()) | {"recent_prompts": [], "engine_restarts": self.restarts}
 
+    def adapters(self) -> list[AdapterInfo]:
+        """As the engine process's latest heartbeat told them (it looks at the folder for each)."""
+        with self._changed:
+            return list(self._heartbeat.adapters) if self._heartbeat else []
+
     def gpu_memory(self) -> GpuMemory | None:
         with self._changed:
             memory = self._heartbeat.gpu_memory if self._heartbeat else None
@@ -412,24 +428,39 @@ class ProcessEngine(EngineElsewhere):
         arrived = received_at if received_at is not None else time.monotonic()
         ticket = next(self._tickets)
         events: queue.SimpleQueue = queue.SimpleQueue()
-        outcome, stage_ms = "error", None
+        outcome, stage_ms, adapters = "error", None, []
         with self._changed:
             self._jobs[ticket] = events
             self._running[ticket] = "waiting"
         try:
-            with self._changed:
-                if not self._changed.wait_for(self._ready, timeout=arrived + self.queue_timeout_s - time.monotonic()):
-                    waited = time.monotonic() - arrived
-                    log.info("request outcome=timeout reason=engine-restarting queued_s=%.1f limit_s=%s", waited,
-                             self.queue_timeout_s)
-                    raise ServiceBusy(f"The server is busy: your request waited {waited:.0f} s for the engine to "
-                                      f"restart (the limit is {self.queue_timeout_s:.0f} s). Try again in a moment.")
-                child = self._active
-                self._running[ticket] = f"{child.worker.id}/#{ticket}"
-            if not child.send(Job(ticket, request, received_at, owner)):
-                events.put(_Lost("its pipe closed"))
-            result = self._answer(events, progress, on_gpu_done)
+            while True:
+                with self._changed:
+                    if not self._changed.wait_for(self._ready,
+                                                  timeout=arrived + self.queue_timeout_s - time.monotonic()):
+                        waited = time.monotonic() - arrived
+                        log.info("request outcome=timeout reason=engine-restarting queued_s=%.1f limit_s=%s", waited,
+                                 self.queue_timeout_s)
+                        raise ServiceBusy(f"The server is busy: your request waited {waited:.0f} s for the engine "
+                                          f"to restart (the limit is {self.queue_timeout_s:.0f} s). Try again in a "
+                                          f"moment.")
+                    child = self._active
+                    self._running[ticket] = f"{child.worker.id}/#{ticket}"
+                if not child.send(Job(ticket, request, received_at, owner)):
+                    events.put(_Lost("its pipe closed", child.number))
+                try:
+                    result = self._answer(events, progress, on_gpu_done, child.number)
+                    break
+                except _NeverStarted:
+                    # Sent as the engine process died, before it took the job: the job was still waiting, and
+                    # waits on for the next one, as the line's other jobs do.
+                    with self._changed:
+                        self._running[ticket] = "waiting"
+                        self._changed.wait_for(lambda: child.ended,  # the keeper then starts the next one
+                                               timeout=max(0.0, arrived + self.queue_timeout_s - time.monotonic()))
+                    log.info("request ticket=%d never started on engine process %d; sent again once the next one "
+                             "is ready", ticket, child.number)
             outcome, stage_ms = "ok", result.timings.by_stage()
+            adapters = [choice.name for choice in result.request.loras]
             return result
         except BaseException as error:
             outcome = outcome_of(error)
@@ -437,10 +468,14 @@ class ProcessEngine(EngineElsewhere):
         finally:
             with self._changed:
                 del self._jobs[ticket], self._running[ticket]
+                self._taken.discard(ticket)
                 self._changed.notify_all()
-            self._metrics.request_finished(outcome, stage_ms)
+            self._metrics.request_finished(outcome, stage_ms, adapters)
 
-    def _answer(self, events: queue.SimpleQueue, progress, on_gpu_done) -> GenerationResult:
+    def _answer(self, events: queue.SimpleQueue, progress, on_gpu_done, engine: int) -> GenerationResult:
+        """Engine process `engine`'s answer; EngineRestarting if it died holding the job, _NeverStarted if it died
+        before it began it (everything an engine process sends reaches the front before its pipe's end does)."""
+        started = False
         while True:
             event = events.get()
             if isinstance(event, Progress):
@@ -451,12 +486,18 @@ class ProcessEngine(EngineElsewhere):
                     on_gpu_done()
             elif isinstance(event, Refused):
                 raise event.error
+            elif isinstance(event, Started):
+                started = True
             elif isinstance(event, _Lost):
+                if event.engine != engine:  # an engine process this job was sent to before, and never began it
+                    continue
+                if not started:
+                    raise _NeverStarted
                 raise EngineRestarting(f"The engine process stopped while making your image ({event.reason}); "
                                        f"nothing was saved. Try again: a new engine process is starting.")
             elif isinstance(event, Finished):
                 return self._received(event)
-            elif not isinstance(event, Started):
+            else:
                 raise GenerationError(f"The engine process sent {type(event).__name__} for a request.")
 
     def _received(self, finished: Finished) -> GenerationResult:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from config import log_lines
 from pipeline.acceleration import load_for_serving
+from pipeline.adapters import AdapterInfo
 from pipeline.engine import Engine, EngineOptions, GenerationError
 from pipeline.engine_events import Finished, GpuDone, Progress, Refused, Started, Worker
 from pipeline.faults import FaultPlan
@@ -139,6 +140,7 @@ class Heartbeat:
 
     state: dict[str, object]  # {} while the engine loads
     gpu_memory: dict[str, int] | None  # free, total, allocated, reserved (bytes); None off the GPU
+    adapters: tuple[AdapterInfo, ...] = ()  # the LoRA adapters requests may name (the folder is looked at each time)
 
 
 @dataclass(frozen=True)
@@ -266,5 +268,5 @@ def _heartbeats(serving: list[Engine], pipe: _Pipe) -> None:
                 gpu_memory = None if memory is None else asdict(memory)
             except RuntimeError:  # a poisoned context: the engine's own handler ends this process
                 pass
-            pipe.send(Heartbeat(engine_state(engine), gpu_memory))
+            pipe.send(Heartbeat(engine_state(engine), gpu_memory, tuple(engine.adapters())))
         time.sleep(HEARTBEAT_S)

@@ -6,7 +6,7 @@ and serves the registry as text at /metrics.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily
@@ -34,9 +34,17 @@ class ServiceMetrics:
                                         ["stage"], buckets=STAGE_BUCKETS, registry=self.registry)
         for stage in STAGES:
             self._stage_seconds.labels(stage)
+        # One label per adapter file of the server's folder: as many series as the operator put files there.
+        self._adapter_images = Counter("zimage_adapter_images", "Images made with each LoRA adapter, by its name",
+                                       ["adapter"], registry=self.registry)
 
-    def request_finished(self, outcome: str, stage_ms: dict[str, float] | None = None) -> None:
+    def request_finished(self, outcome: str, stage_ms: dict[str, float] | None = None,
+                         adapters: Iterable[str] = ()) -> None:
+        """One request's end; an image made (outcome ok) counts toward each adapter it was made with."""
         self._requests.labels(outcome).inc()
+        if outcome == "ok":
+            for name in adapters:
+                self._adapter_images.labels(name).inc()
         for stage, milliseconds in (stage_ms or {}).items():
             self._stage_seconds.labels(stage).observe(milliseconds / 1000)
 

@@ -17,6 +17,9 @@ SEED_LIMIT = 2**64  # torch.Generator.manual_seed takes any 64-bit value
 RANDOM_SEED_LIMIT = 2**32  # random seeds stay below 2**53 so they survive a round trip through JavaScript
 MAX_PROMPT_CHARS = 20_000
 MAX_IMAGES_PER_CALL = 4  # n of the OpenAI-style route: one turn on the GPU for up to this many images
+MAX_LORAS = 4  # LoRA adapters in one request
+MIN_LORA_SCALE, MAX_LORA_SCALE = -2.0, 2.0
+LORA_FIELDS = ("name", "scale")
 
 DEFAULT_SIZE = 1024
 DEFAULT_STEPS = 8
@@ -26,6 +29,10 @@ DEFAULT_SHIFT = 3.0
 # "WIDTHxHEIGHT", optionally followed by the UI table's aspect ratio "( 9:7 )"; nothing else, so that a typo is named
 # rather than half read. [0-9], not \d: \d takes every script's digits ("١٠٢٤"), which int() reads as 1024 too.
 _SIZE = re.compile(r"\s*([0-9]{1,5})\s*[x×]\s*([0-9]{1,5})\s*(?:\(\s*[0-9]+\s*:\s*[0-9]+\s*\))?\s*")
+
+# A1111's prompt syntax for an adapter, "<lora:name:0.8>" or "<lora:name>" (strength 1), as prompts copied from adapter
+# pages carry it. Taken out of the prompt the text encoder reads, as A1111 does.
+_LORA_TAG = re.compile(r"\s*<lora:([^:<>]*)(?::([^<>]*))?>", re.IGNORECASE)
 
 SHOWN_CHARS = 40  # enough of a value to recognise it in a message; a megabyte sent is not a megabyte echoed
 
@@ -64,16 +71,26 @@ class GenerationRequest:
     steps: object = DEFAULT_STEPS
     seed: object = None  # None or "random": draw one; the seed used comes back with the result
     shift: object = DEFAULT_SHIFT
+    loras: object = ()  # [{"name": ..., "scale": ...}, ...]: LoRA adapters of the server's folder, by name
+
+
+@dataclass(frozen=True)
+class LoraChoice:
+    """One adapter a request asks for, by its name in the server's adapter folder, at strength `scale`."""
+
+    name: str
+    scale: float
 
 
 @dataclass(frozen=True)
 class ValidRequest:
-    prompt: str
+    prompt: str  # without its <lora:…> tags: those are in `loras`
     width: int
     height: int
     steps: int
     seed: int
     shift: float
+    loras: tuple[LoraChoice, ...] = ()
 
 
 def _whole_number(name: str, value: object) -> int:
@@ -126,9 +143,83 @@ def checked_prompt(value: object) -> str:
     return prompt
 
 
+def _lora_scale(where: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or not MIN_LORA_SCALE <= value <= MAX_LORA_SCALE:
+        raise RequestError(f"{where} must be a number from {MIN_LORA_SCALE:g} to {MAX_LORA_SCALE:g} (got "
+                           f"{shown(value)}).", "loras")
+    return float(value)
+
+
+def _lora_name(where: str, value: object) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise RequestError(f"{where} must be an adapter's name (got {shown(value)}).", "loras")
+    return value.strip()
+
+
+def _listed_loras(value: object) -> list[LoraChoice]:
+    """The `loras` field: a list of {"name": ..., "scale": ...} (scale 1 when left out)."""
+    if value is None:
+        return []
+    if not isinstance(value, (list, tuple)):
+        raise RequestError(f"loras must be a list of {{\"name\": ..., \"scale\": ...}} (got {shown(value)}).",
+                           "loras")
+    if len(value) > MAX_LORAS:
+        raise RequestError(f"loras holds {len(value)} adapters; the limit is {MAX_LORAS}.", "loras")
+    choices = []
+    for index, item in enumerate(value):
+        if isinstance(item, LoraChoice):
+            item = {"name": item.name, "scale": item.scale}
+        if not isinstance(item, dict):
+            raise RequestError(f"loras[{index}] must be {{\"name\": ..., \"scale\": ...}} (got {shown(item)}).",
+                               "loras")
+        unknown = next((key for key in item if key not in LORA_FIELDS), None)
+        if unknown is not None:
+            raise RequestError(f"loras[{index}] has the unknown key {shown(unknown)}; it takes "
+                               f"{' and '.join(LORA_FIELDS)}.", "loras")
+        choices.append(LoraChoice(_lora_name(f"loras[{index}].name", item.get("name")),
+                                  _lora_scale(f"loras[{index}].scale", item.get("scale", 1.0))))
+    return choices
+
+
+def _tagged_loras(prompt: str) -> tuple[str, list[LoraChoice]]:
+    """The prompt without its <lora:name:scale> tags, and the adapters they name."""
+    choices = []
+    for match in _LORA_TAG.finditer(prompt):
+        where = f"the prompt's {shown(match[0].strip())}"
+        scale_text = (match[2] or "1").strip()
+        try:
+            scale = float(scale_text)
+        except ValueError:
+            scale = scale_text
+        choices.append(LoraChoice(_lora_name(f"the name in {where}", match[1]),
+                                  _lora_scale(f"the strength in {where}", scale)))
+    return _LORA_TAG.sub("", prompt).strip(), choices
+
+
+def checked_loras(value: object, prompt: str) -> tuple[str, tuple[LoraChoice, ...]]:
+    """The prompt without its <lora:…> tags, and the adapters the request asks for: those of `loras` then the
+    prompt's tags, each name once, at most MAX_LORAS. Whether each exists is the engine's to check."""
+    listed = _listed_loras(value)
+    prompt, tagged = _tagged_loras(prompt)
+    choices = listed + tagged
+    names = [choice.name for choice in choices]
+    duplicate = next((name for name in names if names.count(name) > 1), None)
+    if duplicate is not None:
+        raise RequestError(f"loras names the adapter {shown(duplicate)} twice (in the list or as a <lora:…> tag in "
+                           f"the prompt); give it once, at one strength.", "loras")
+    if len(choices) > MAX_LORAS:
+        raise RequestError(f"The request asks for {len(choices)} adapters (loras and the prompt's <lora:…> tags); "
+                           f"the limit is {MAX_LORAS}.", "loras")
+    if not prompt:
+        raise RequestError("prompt is empty once its <lora:…> tags are taken out: describe the image you want.",
+                           "prompt")
+    return prompt, tuple(choices)
+
+
 def validate(request: GenerationRequest, limits: Limits) -> ValidRequest:
     """Check every field; the first problem raises RequestError naming the field, the value and the fix."""
-    prompt = checked_prompt(request.prompt)
+    prompt, loras = checked_loras(request.loras, checked_prompt(request.prompt))
     width = _size("width", request.width, limits.max_w, "--max-w")
     height = _size("height", request.height, limits.max_h, "--max-h")
     steps = _whole_number("steps", request.steps)
@@ -142,7 +233,7 @@ def validate(request: GenerationRequest, limits: Limits) -> ValidRequest:
         raise RequestError(f"shift must be between {MIN_SHIFT} and {MAX_SHIFT} (got {shift}); "
                            f"the default is {DEFAULT_SHIFT}.", "shift")
     return ValidRequest(prompt=prompt, width=width, height=height, steps=steps, seed=_seed(request.seed),
-                        shift=float(shift))
+                        shift=float(shift), loras=loras)
 
 
 def parse_size(label: object, field: str = "size") -> tuple[int, int]:
@@ -155,7 +246,7 @@ def parse_size(label: object, field: str = "size") -> tuple[int, int]:
 
 
 def batch(prompt: object, size: object, n: object, seed: object, steps: object = None,
-          shift: object = None) -> list[GenerationRequest]:
+          shift: object = None, loras: object = None) -> list[GenerationRequest]:
     """`n` images of one prompt and `size` ("WIDTHxHEIGHT"), seeds `seed`, `seed`+1, ... (each drawn at random when
     seed is None or "random"); steps and shift take their defaults when None. Size, n and seeds are checked here,
     before the first image; each request's fields when the engine validates it."""
@@ -163,7 +254,7 @@ def batch(prompt: object, size: object, n: object, seed: object, steps: object =
     width, height = parse_size(size)
     return [GenerationRequest(prompt=prompt, width=width, height=height, seed=image_seed,
                               steps=DEFAULT_STEPS if steps is None else steps,
-                              shift=DEFAULT_SHIFT if shift is None else shift)
+                              shift=DEFAULT_SHIFT if shift is None else shift, loras=loras)
             for image_seed in seeds]
 
 

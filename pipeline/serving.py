@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Protocol
 
+from pipeline.adapters import AdapterInfo
 from pipeline.memory import MemoryGuard
 from pipeline.requests import GenerationRequest, Limits
 
@@ -75,6 +76,10 @@ class ServingEngine(Protocol):
         ...
 
     def output_dir_problem(self) -> str | None: ...
+
+    def adapters(self) -> list[AdapterInfo]:
+        """The LoRA adapters requests may name, by name (the engine looks at its folder again for this)."""
+        ...
 
     def history(self, limit: int, owner: str | None) -> list[tuple[Path, dict[str, object]]]: ...
 

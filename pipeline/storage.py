@@ -60,8 +60,14 @@ def a1111_parameters(parameters: dict[str, object]) -> str:
         "Size": f"{parameters['width']}x{parameters['height']}", "Model": parameters.get("model", ""),
         "Shift": parameters["shift"],
     }
+    # Adapters as A1111 writes them: their tags in the prompt, their hashes in a field of their own.
+    loras = parameters.get("loras") or []
+    prompt = " ".join([str(parameters["prompt"]), *(f"<lora:{lora['name']}:{lora['scale']:g}>" for lora in loras)])
+    hashes = ", ".join(f"{lora['name']}: {lora['hash']}" for lora in loras if lora.get("hash"))
+    if hashes:
+        fields["Lora hashes"] = hashes
     line = ", ".join(f"{key}: {_a1111_quote(str(value))}" for key, value in fields.items())
-    return f"{parameters['prompt']}\n{line}"
+    return f"{prompt}\n{line}"
 
 
 def _a1111_quote(value: str) -> str:

@@ -24,9 +24,10 @@ class ReplicaMetrics:
                       lambda: replica_counts()[0])
         metrics.gauge("zimage_replicas", "Replicas asked for", lambda: replica_counts()[1])
 
-    def request_finished(self, outcome: str, replica: str | None, stage_ms: dict[str, float] | None) -> None:
+    def request_finished(self, outcome: str, replica: str | None, stage_ms: dict[str, float] | None,
+                         adapters: list[str] | None = None) -> None:
         """`replica`: None when the request never reached one (refused at the front, or queue full)."""
-        self._service.request_finished(outcome, stage_ms)
+        self._service.request_finished(outcome, stage_ms, adapters or ())
         if replica is None:
             return
         self._requests.labels(replica, outcome).inc()

@@ -18,6 +18,7 @@ from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 
+from pipeline.adapters import AdapterInfo
 from pipeline.engine import GenerationError, GenerationRequest, GenerationResult, ServiceBusy, outcome_of
 from pipeline.engine_elsewhere import EngineElsewhere
 from pipeline.engine_events import Finished, Progress, Refused, Started, Worker
@@ -65,7 +66,9 @@ class RemoteEngine(EngineElsewhere):
         """`replicas`: how many were asked for; `memory_guard` and `engine_state`: one replica's, at start (the
         replicas of one deployment run on the same kind of device; the state stands for all until they answer)."""
         super().__init__(output_dir)
+        self._handle = handle
         self._stream = handle.options(stream=True)
+        self._adapters: tuple[float, list[AdapterInfo]] = (float("-inf"), [])  # (read at, what a replica said)
         self._app_name, self._deployment_name = app_name, deployment_name
         self.replicas = replicas
         self.parallel_jobs = replicas  # the front's queue lets one job through per replica: the rest wait there
@@ -129,6 +132,14 @@ class RemoteEngine(EngineElsewhere):
                             served=self.served, **engines, device=f"{total} Serve replicas", replicas_ready=ready,
                             replicas_total=total)
 
+    def adapters(self) -> list[AdapterInfo]:
+        """One replica's adapters (every replica reads the same folder), at most STATUS_TTL_S old."""
+        read_at, adapters = self._adapters
+        if time.monotonic() - read_at > STATUS_TTL_S:
+            adapters = self._handle.adapters.remote().result(timeout_s=STATUS_TTL_S)
+            self._adapters = (time.monotonic(), adapters)
+        return list(adapters)
+
     def gpu_memory(self) -> None:
         """The front holds no model, so it has no GPU memory to report (the replicas' GPUs are theirs, in their log
         lines)."""
@@ -159,10 +170,11 @@ class RemoteEngine(EngineElsewhere):
         ticket = next(self._tickets)
         with self._idle:
             self._running[ticket] = f"pending/#{ticket}"
-        outcome, stage_ms = "error", None
+        outcome, stage_ms, adapters = "error", None, []
         try:
             result = self._received(self._run(ticket, request, progress, arrived_at, owner), started)
             outcome, stage_ms = "ok", result.timings.by_stage()
+            adapters = [choice.name for choice in result.request.loras]
             return result
         except BaseException as error:
             outcome = "error" if isinstance(error, ReplicaLost) else outcome_of(error)  # a lost replica: a fault
@@ -172,7 +184,7 @@ class RemoteEngine(EngineElsewhere):
                 where = self._running.pop(ticket)
                 self._idle.notify_all()
             replica = None if where.startswith("pending/") else where.partition("/")[0]
-            self._metrics.request_finished(outcome, replica, stage_ms)
+            self._metrics.request_finished(outcome, replica, stage_ms, adapters)
 
     def _run(self, ticket: int, request: GenerationRequest, progress, arrived_at: float,
              owner: str | None) -> Finished:

@@ -76,6 +76,10 @@ class EngineReplica:
         the same kind of GPU) and which pipeline serves."""
         return {"memory_guard": self.engine.memory_guard, "engine_state": engine_state(self.engine)}
 
+    def adapters(self) -> list:
+        """The engine's LoRA adapters (pipeline.adapters.AdapterInfo), the folder looked at again."""
+        return self.engine.adapters()
+
     def check_health(self) -> None:
         """Serve calls this every health_check_period_s; raising marks the replica unhealthy and replaces it."""
         if not self.engine.healthy:

@@ -32,7 +32,7 @@ import traceback
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import psutil
@@ -60,6 +60,7 @@ MIXED_MAX_WORDS = 600  # past the text encoder's 512-token budget, where the eng
 RECOMPILE_MARKER = "Recompiling function"
 RECOMPILE_LIMIT_MARKER = "torch._dynamo hit config.recompile_limit"
 LIVE_MARKER = "compiled path live"
+ADAPTER_MIXED_REQUESTS = 20
 START_MARKER = " zimage.app start version="
 # With --replicas, Ray forwards a replica's log lines to the front's log a moment after the answer has left.
 LOG_LAG_S = 5.0
@@ -80,6 +81,7 @@ class Job:
     seed: int
     size: str  # "WxH"
     steps: int
+    loras: tuple[tuple[str, float], ...] = ()  # (adapter name, strength)
 
 
 class FreshRequests:
@@ -125,6 +127,8 @@ def openai_image(url: str, job: Job) -> dict[str, object]:
     (request sent → whole JSON received) and the payload's size. ServiceRefused or OSError when it fails."""
     body = {"prompt": job.prompt, "size": job.size, "seed": job.seed, "steps": job.steps, "n": 1,
             "response_format": "b64_json"}
+    if job.loras:
+        body["loras"] = [{"name": name, "scale": scale} for name, scale in job.loras]
     request = urllib.request.Request(f"{url}/v1/images/generations", data=json.dumps(body).encode(),
                                      headers={"content-type": "application/json"})
     started = time.perf_counter()
@@ -330,11 +334,62 @@ def measure_service(args: argparse.Namespace, fresh: FreshRequests, figures: dic
                                          args.log)
         figures.update(recompilations(args.log))
         note(f"recompiles after live: {figures['recompiles_after_live']}")
-        # 9. kill -9 of the engine process while one request runs and one waits.
+        # 9. LoRA adapters: none, one, two; switching between two; a mixed run; recompiles over it all.
+        if args.adapters:
+            figures["adapters"] = measure_adapters(url, args, fresh)
+            figures.update(recompilations(args.log))
+            note(f"adapters: {figures['adapters']['summary']}; recompiles after live: "
+                 f"{figures['recompiles_after_live']}")
+        # 10. kill -9 of the engine process while one request runs and one waits.
         if args.engine_kill_trials:
             figures["engine_kill"] = measure_engine_kills(url, args, fresh)
     finally:
         stop_service(service)
+
+
+def measure_adapters(url: str, args: argparse.Namespace, fresh: FreshRequests) -> dict[str, object]:
+    """With the adapters named A, B, C by --adapters (A and B of one rank): --requests requests in a row without
+    adapters, with A, and with A and C (the slots written once, then held); then A and B in turn (each request
+    writes the slots: the switch); then a mixed run of 20 over sizes and sets, the strengths changing too. Each
+    request's time through the OpenAI route, the engine's time to write the slots, its peak GPU memory."""
+    first, second, third = args.adapters
+    runs = {"none": (), "one": ((first, 0.8),), "two": ((first, 0.8), (third, 0.5))}
+    figures: dict[str, object] = {}
+    for name, loras in runs.items():
+        figures[name] = sequential_summary(with_adapter_fields(with_engine_times(
+            [openai_image(url, replace(fresh.job(args.size, args.steps), loras=loras)) for _ in range(args.requests)],
+            args.log), args.log))
+    switching = [((first, 0.8),), ((second, 0.8),)]
+    figures["switch"] = sequential_summary(with_adapter_fields(with_engine_times(
+        [openai_image(url, replace(fresh.job(args.size, args.steps), loras=switching[number % 2]))
+         for number in range(args.requests)], args.log), args.log))
+    sets = [(), ((first, 1.0),), ((second, 0.7),), ((first, 0.6), (second, 0.6)), ((first, -0.4),), (),
+            ((first, 0.5), (third, 1.2)), ((third, 0.9),)]
+    mixed = [replace(fresh.job(args.mixed_sizes[number % len(args.mixed_sizes)], args.mixed_steps),
+                     loras=sets[number % len(sets)]) for number in range(ADAPTER_MIXED_REQUESTS)]
+    figures["mixed"] = mixed_run(url, mixed, args.log)
+    none_ms = figures["none"]["client_ms_median"]
+    load_ms = [record["lora_load_ms"] for record in figures["switch"]["each"][1:]]  # the first may find them loaded
+    figures["switch_load_ms_median"] = statistics.median(load_ms)
+    peaks = {name: max(record["gpu_peak_allocated_mib"] or 0 for record in figures[name]["each"]) for name in runs}
+    figures["gpu_peak_allocated_mib"] = peaks
+    figures["summary"] = (f"none {none_ms} ms, one {figures['one']['client_ms_median']} ms "
+                          f"({(figures['one']['client_ms_median'] / none_ms - 1) * 100:+.1f} %), two "
+                          f"{figures['two']['client_ms_median']} ms, switching {figures['switch']['client_ms_median']} "
+                          f"ms (slots written in {figures['switch_load_ms_median']} ms), peak MiB {peaks}")
+    return figures
+
+
+def with_adapter_fields(records: list[dict[str, object]], log_path: Path) -> list[dict[str, object]]:
+    """Each record with the time its engine took to write the adapter slots (0: no adapters, or the slots held them
+    already) and its peak GPU memory (None off the GPU), from its log line."""
+    logged = logged_requests(log_path)
+    for record in records:
+        line = logged[record["seed"]]
+        record["lora_load_ms"] = float(line.get("lora_load_ms", 0))
+        peak = line.get("gpu_peak_allocated_mib")
+        record["gpu_peak_allocated_mib"] = int(peak) if peak is not None else None
+    return records
 
 
 def measure_engine_kills(url: str, args: argparse.Namespace, fresh: FreshRequests) -> dict[str, object]:
@@ -522,6 +577,14 @@ def table(figures: dict[str, object]) -> str:
         rows.append((f"mixed run, {part['requests']} requests", f"{part['wall_s']} s",
                      f"{len(part['sizes'])} sizes, {part['words_min']}–{part['words_max']} words, "
                      f"slowest {part['client_ms_max']} ms"))
+    if "adapters" in figures:
+        part = figures["adapters"]
+        for name, label in (("none", "no adapter"), ("one", "one adapter"), ("two", "two adapters"),
+                            ("switch", "two adapters in turn")):
+            rows.append((f"{label}, {part[name]['requests']} in a row", f"{part[name]['client_ms_median']} ms",
+                         f"engine {part[name]['engine_total_ms_median']} ms, peak "
+                         f"{part['gpu_peak_allocated_mib'].get(name, '-')} MiB"))
+        rows.append(("adapter slots written (switch)", f"{part['switch_load_ms_median']} ms", "median"))
     if "recompiles_after_live" in figures:
         rows.append(("recompiles after live", str(figures["recompiles_after_live"]),
                      f"recompile-limit hits {figures['recompile_limit_hits']}"))
@@ -561,6 +624,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--mixed-sizes", type=lambda text: text.split(","), default=",".join(MIXED_SIZES),
                         help="comma-separated WxH sizes the mixed run cycles through")
     parser.add_argument("--mixed-steps", type=int, default=2, help="steps of the mixed run's requests")
+    parser.add_argument("--adapters", type=lambda text: text.split(","), default=[],
+                        help="A,B,C: three LoRA adapters of the service's folder (A and B of one rank), for runs with "
+                        "none, A, A and C, A and B in turn, and a mixed run (none given: no adapter runs)")
     parser.add_argument("--kill-trials", type=int, default=0, help="kill -9 trials under supervisord (0: none)")
     parser.add_argument("--engine-kill-trials", type=int, default=0,
                         help="kill -9 of the engine process with a request running and one waiting (0: none)")
@@ -584,6 +650,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("requests", "concurrent_clients", "per_client"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.adapters and len(args.adapters) != 3:
+        parser.error("--adapters takes three names, A,B,C")
     fresh = FreshRequests()
     figures: dict[str, object] = {"app_args": args.app_args, "size": args.size, "steps": args.steps,
                                   "log": str(args.log)}

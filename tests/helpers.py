@@ -78,9 +78,11 @@ def http_status(url: str) -> int:
         return error.code
 
 
-def generate_over_http(url: str, prompt: str, size: str = "64x64", steps: int = 2) -> dict:
-    """One image through the OpenAI route, as b64_json: the parsed answer."""
-    body = json.dumps({"prompt": prompt, "size": size, "steps": steps, "response_format": "b64_json"}).encode()
+def generate_over_http(url: str, prompt: str, size: str = "64x64", steps: int = 2, **extensions) -> dict:
+    """One image through the OpenAI route, as b64_json: the parsed answer. `extensions`: the service's own fields
+    (seed, loras, ...)."""
+    body = json.dumps({"prompt": prompt, "size": size, "steps": steps, "response_format": "b64_json",
+                       **extensions}).encode()
     request = urllib.request.Request(f"{url}/v1/images/generations", data=body, method="POST",
                                      headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=120) as response:
@@ -185,6 +187,24 @@ def start_app(tmp_path: Path, *flags: str, env: dict[str, str] | None = None, op
         time.sleep(0.5)
     process.kill()
     raise AssertionError(f"app not ready in {START_TIMEOUT_S}s:\n{app.log()}")
+
+
+ADAPTER_STD = 0.2  # random adapters' weights: large enough to change the tiny model's image plainly
+
+
+def demo_model_with_adapters(root: Path, tiny_models, *names: str) -> Path:
+    """A copy of the tiny model where start_demo_app(root, ...) serves it from, with a random LoRA adapter for each
+    of `names` (rank 4, seeded by its position, key formats taken in turn) in its adapter folder."""
+    from pipeline.random_adapters import KeyFormat, write_random_adapter
+
+    demo_dir = root / "demo-model"
+    shutil.copytree(tiny_models[LayoutKind.SINGLE_FILE], demo_dir)
+    (demo_dir / "loras").mkdir()
+    formats = list(KeyFormat)
+    for number, name in enumerate(names):
+        write_random_adapter(demo_dir / "loras" / f"{name}.safetensors", formats[number % len(formats)], rank=4,
+                             seed=number + 1, std=ADAPTER_STD)
+    return demo_dir
 
 
 def start_demo_app(tmp_path: Path, tiny_models, *flags: str, env: dict[str, str] | None = None,

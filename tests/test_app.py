@@ -22,6 +22,6 @@ def test_matplotlib_where_installed_is_imported_during_the_start_not_by_the_firs
     record = tmp_path / "imported_by"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path / "site"), str(PROJECT_DIR)]),
                PYPLOT_IMPORTED_BY=str(record))
-    subprocess.run([sys.executable, "-c", "import app; app.import_ui_in_background().join()"],
+    subprocess.run([sys.executable, "-c", "import app; app.import_ui_in_background(loads_here=True).join()"],
                    cwd=PROJECT_DIR, env=env, check=True, timeout=300)
     assert record.read_text() == "import-ui"

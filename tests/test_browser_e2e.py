@@ -6,11 +6,14 @@ import os
 import re
 import shutil
 import signal
+import time
+import urllib.request
 
 import pytest
 
 from pipeline.storage import read_parameters
-from tests.helpers import ARTIFACTS_DIR, start_demo_app, stop_app
+from pipeline.random_adapters import KeyFormat, write_random_adapter
+from tests.helpers import ARTIFACTS_DIR, demo_model_with_adapters, start_demo_app, stop_app
 
 pytestmark = pytest.mark.e2e
 
@@ -23,7 +26,9 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
 
 @pytest.fixture(scope="module")
 def browser_app(tmp_path_factory, tiny_models):
-    app = start_demo_app(tmp_path_factory.mktemp("browser-app"), tiny_models, engine_process=True)
+    root = tmp_path_factory.mktemp("browser-app")
+    demo_model_with_adapters(root, tiny_models, "ink")
+    app = start_demo_app(root, tiny_models, engine_process=True)
     yield app
     stop_app(app)
 
@@ -233,3 +238,45 @@ def test_an_open_page_generates_again_after_the_engine_process_is_killed_without
     assert re.search(rf"engine process exited number=\d+ pid={killed} signal=SIGKILL", browser_app.log())
     newest = max(browser_app.output_dir.rglob("*.png"), key=lambda path: path.stat().st_mtime)
     assert read_parameters(newest)["prompt"] == "after the engine process died"
+
+
+def test_a_person_picks_an_adapter_and_its_strength_sees_it_in_the_result_and_reuses_it(chromium, browser_app):
+    page = chromium.new_context(viewport=VIEWPORT).new_page()
+    open_and_count_gallery(page, browser_app.url)
+    page.get_by_text("LoRA adapters").click()
+    page.locator("#adapters input").click()
+    page.get_by_role("option", name="ink").click()
+    page.get_by_text("Strength of ink").wait_for(state="visible", timeout=30_000)
+    strength = page.locator("#strength-0 input[type=number]")
+    strength.fill("0.6")
+    strength.press("Tab")
+    assert not page.locator("#strength-1").is_visible()  # one slider per chosen adapter
+    generate_in(page, "a heron in the reeds")
+    page.wait_for_function("() => document.querySelector('#timing').innerText.includes('LoRA')", timeout=60_000)
+    assert "ink 0.6" in page.locator("#timing").inner_text()
+    newest = max(_images(browser_app), key=lambda path: path.stat().st_mtime)
+    parameters = read_parameters(newest)
+    assert parameters["prompt"] == "a heron in the reeds"
+    assert [(lora["name"], lora["scale"]) for lora in parameters["loras"]] == [("ink", 0.6)]
+
+    # Reuse brings the adapter and its strength back, after the form was cleared of them.
+    page.locator("#adapters button[aria-label='Remove ink'], #adapters .token-remove").first.click()
+    page.get_by_text("Strength of ink").wait_for(state="hidden", timeout=30_000)
+    page.locator("#gallery img").first.click()
+    page.locator("#reuse").click()
+    page.get_by_text("Strength of ink").wait_for(state="visible", timeout=30_000)
+    assert float(strength.input_value()) == 0.6
+    _screenshot(page, "adapters")
+
+    # An adapter file added to the folder is offered once the page loads again: no restart.
+    write_random_adapter(browser_app.output_dir.parent / "demo-model" / "loras" / "grain.safetensors",
+                         KeyFormat.COMFYUI, rank=4, seed=9)
+    deadline = time.monotonic() + 30
+    while "grain" not in urllib.request.urlopen(f"{browser_app.url}/v1/loras", timeout=10).read().decode():
+        assert time.monotonic() < deadline, "the new adapter was never listed"
+        time.sleep(0.2)
+    open_and_count_gallery(page, browser_app.url)
+    page.get_by_text("LoRA adapters").click()
+    page.locator("#adapters input").click()
+    page.get_by_role("option", name="grain").wait_for(timeout=30_000)
+    page.context.close()

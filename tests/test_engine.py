@@ -2,6 +2,7 @@ import contextvars
 import logging
 import sys
 import threading
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -365,28 +366,39 @@ def test_the_memory_guard_refuses_a_size_that_cannot_fit_before_any_work(loaded_
 
 
 def test_compiled_engine_matches_eager_and_never_recompiles_once_live(loaded_tiny, tmp_path):
-    """One compile (minutes of CPU) for both checks: the compiled path's pixels, and no graph compiled after it
-    went live, for prompt lengths from one word to over the token budget and sizes of every shape."""
+    """One compile (minutes of CPU) for every check: the compiled path's pixels, with and without LoRA adapters,
+    and no graph compiled after it went live, for prompt lengths from one word to over the token budget, sizes of
+    every shape, and adapters switched between requests (none, A, B, A+B, A at another strength, none)."""
     from torch._dynamo.utils import counters
 
+    from pipeline.random_adapters import KeyFormat, write_random_adapter
+
+    folder = tmp_path / "loras"
+    write_random_adapter(folder / "a.safetensors", KeyFormat.KOHYA, rank=4, seed=1, std=0.2)
+    write_random_adapter(folder / "b.safetensors", KeyFormat.DIFFUSERS, rank=8, seed=2, std=0.2)
     request = GenerationRequest("a lighthouse at dusk", width=256, height=384, steps=2, seed=9)
-    eager = engine_with(loaded_tiny, tmp_path / "eager").generate(request)
-    engine = engine_with(loaded_tiny, tmp_path / "compiled", compile_model=True)
+    styled = replace(request, loras=[{"name": "a", "scale": 0.7}, {"name": "b", "scale": -0.4}])
+    eager_engine = engine_with(loaded_tiny, tmp_path / "eager", lora_dir=folder, lora_max_rank=16)
+    eager, eager_styled = eager_engine.generate(request), eager_engine.generate(styled)
+    engine = engine_with(loaded_tiny, tmp_path / "compiled", compile_model=True, lora_dir=folder, lora_max_rank=16)
     assert (engine.state()["compiled"], engine.state()["serving"]) == ("pending", "eager")
     engine.start_background_work().join()
     assert (engine.state()["compiled"], engine.state()["serving"]) == ("on", "compiled")
     graphs_when_live = counters["stats"]["unique_graphs"]
 
-    compiled = engine.generate(request)
-    difference = np.abs(np.asarray(compiled.image, dtype=int) - np.asarray(eager.image, dtype=int))
-    assert difference.max() <= 2  # compiler rounding only
+    for compiled, wanted in ((engine.generate(request), eager), (engine.generate(styled), eager_styled)):
+        difference = np.abs(np.asarray(compiled.image, dtype=int) - np.asarray(wanted.image, dtype=int))
+        assert difference.max() <= 2  # compiler rounding only
+    assert not np.array_equal(np.asarray(eager.image), np.asarray(eager_styled.image))
     # Not below the smallest warm-up (256²): on the CPU, each VAE convolution switches kernels under its own size
     # threshold, so tinier images compile again there (CUDA's convolutions have no such thresholds).
     sizes = [(1024, 1024), (512, 320), (320, 512), (576, 1024), (272, 256), (1024, 448)]
     words = [1, 3, 17, 60, 150, 700]  # 700 words is over the 512-token budget: the prompt is cut
-    for number, ((width, height), count) in enumerate(zip(sizes, words, strict=True)):
+    adapters = [[], [{"name": "a"}], [{"name": "b", "scale": 0.5}], [{"name": "a"}, {"name": "b"}],
+                [{"name": "a", "scale": -1.5}], []]
+    for number, ((width, height), count, loras) in enumerate(zip(sizes, words, adapters, strict=True)):
         engine.generate(GenerationRequest(" ".join(["lantern"] * count) + f" {number}", width=width, height=height,
-                                          steps=1, seed=number))
+                                          steps=1, seed=number, loras=loras))
     assert counters["stats"]["unique_graphs"] == graphs_when_live
     # The compiled pipeline is a copy: the loaded one (shared by every test here) stays eager.
     assert all(block._compiled_call_impl is None for block in loaded_tiny.pipe.transformer.layers)

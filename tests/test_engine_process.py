@@ -101,6 +101,33 @@ def test_a_killed_engine_fails_the_request_it_held_and_the_next_one_runs_on_its_
     assert engine.worker.id == "engine-2" and engine.status().restarting is None
 
 
+def test_a_job_sent_as_the_engine_dies_was_never_begun_and_runs_on_the_next_one(engine, caplog):
+    """Sent in the moment between an engine process's death and the front hearing of it: the job was waiting, not
+    running, and waits on for the next engine process instead of failing."""
+    frozen = psutil.Process(engine.worker.pid)
+    restarts = engine.restarts
+    frozen.suspend()  # it takes no job now, though its pipe accepts one
+    outcome = {}
+
+    def send():
+        try:
+            outcome["result"] = engine.generate(GenerationRequest(prompt="sent as it died", width=64, height=64,
+                                                                  steps=1))
+        except Exception as error:  # noqa: BLE001 (the test reads which)
+            outcome["error"] = error
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    wait_until(lambda: (engine.status().in_flight or "").startswith(f"{engine.worker.id}/"), 30,
+               "the job sent to the frozen engine process")
+    frozen.kill()
+    sender.join(timeout=60)
+    assert "error" not in outcome, outcome
+    assert outcome["result"].path.is_file() and engine.restarts == restarts + 1 and engine.worker.pid != frozen.pid
+    assert re.search(rf"engine process exited number=\d+ pid={frozen.pid} signal=SIGKILL after it was ready "
+                     rf"requests_lost=0 requests_waiting=1", caplog.text)
+
+
 def test_an_engine_that_cannot_start_is_a_startup_error_with_its_exit_code(tiny_models, tmp_path):
     engine = ProcessEngine(_spec(tmp_path / "no-such-model", tmp_path))
     with pytest.raises(StartupError) as failed:

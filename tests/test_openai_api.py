@@ -17,9 +17,12 @@ import openai
 import pytest
 from PIL import Image
 
+from pipeline.random_adapters import KeyFormat, write_random_adapter
 from pipeline.storage import PARAMETERS_KEY
 from tests.helpers import (
+    ADAPTER_STD,
     PROJECT_DIR,
+    demo_model_with_adapters,
     fill_the_queue,
     http_status,
     parse_samples,
@@ -37,7 +40,12 @@ BASIC = "Basic " + base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
 @pytest.fixture(scope="module")
 def app(tmp_path_factory, tiny_models):
     # A space and a '#' in every path the app uses: image links must carry them percent-encoded.
-    app = start_demo_app(tmp_path_factory.mktemp("openai app #"), tiny_models, "--auth", f"{USER}:{PASSWORD}")
+    root = tmp_path_factory.mktemp("openai app #")
+    # Adapters in the folder beside the weights, where the service looks by default.
+    demo_model_with_adapters(root, tiny_models, "ink wash")
+    write_random_adapter(root / "demo-model" / "loras" / "film.safetensors", KeyFormat.DIFFUSERS, rank=8, seed=2,
+                         std=ADAPTER_STD)
+    app = start_demo_app(root, tiny_models, "--auth", f"{USER}:{PASSWORD}")
     yield app
     stop_app(app)
 
@@ -406,3 +414,56 @@ def test_a_failed_generation_is_a_500_with_an_id_and_a_full_queue_a_503(tmp_path
     assert retry_after is not None and int(retry_after) > 0
     # A refusal, not a failure: no incident id, and a line an interval however many clients ask.
     assert "id" not in body and "images request refused as busy: The server is busy: the queue is full" in app.log()
+
+
+def _png_of(response) -> tuple[Image.Image, dict]:
+    image = Image.open(io.BytesIO(base64.b64decode(response.data[0].b64_json)))
+    return image, json.loads(image.text[PARAMETERS_KEY])
+
+
+def test_each_request_picks_its_adapters_by_name_through_the_openai_client(client, app):
+    listed = json.loads(get(f"{app.url}/v1/loras"))["data"]
+    assert [(entry["name"], entry["rank"], entry["layers"]) for entry in listed] == [("film", 8, 28),
+                                                                                      ("ink wash", 4, 28)]
+    hashes = {entry["name"]: entry["hash"] for entry in listed}
+    before = metric_samples(app)
+
+    def generate(prompt="a heron in reeds", loras=None):
+        return client.images.generate(prompt=prompt, size="256x256", extra_body={
+            "seed": 11, "steps": 2, **({"loras": loras} if loras is not None else {})})
+
+    plain, _ = _png_of(generate())
+    styled = generate(loras=[{"name": "ink wash", "scale": 0.8}, {"name": "film", "scale": -0.5}])
+    assert styled.data[0].model_extra["loras"] == [{"name": "ink wash", "scale": 0.8}, {"name": "film", "scale": -0.5}]
+    styled_image, parameters = _png_of(styled)
+    assert parameters["loras"] == [{"name": "ink wash", "scale": 0.8, "hash": hashes["ink wash"]},
+                                   {"name": "film", "scale": -0.5, "hash": hashes["film"]}]
+    assert "<lora:ink wash:0.8> <lora:film:-0.5>" in styled_image.text["parameters"]
+    assert styled_image.tobytes() != plain.tobytes()
+    # The prompt's A1111 tags ask for the same: the same pixels. And nothing of it stays for the next request.
+    tagged, _ = _png_of(generate("a heron in reeds <lora:ink wash:0.8> <lora:film:-0.5>"))
+    after, _ = _png_of(generate())
+    assert tagged.tobytes() == styled_image.tobytes() and after.tobytes() == plain.tobytes()
+    samples = metric_samples(app)
+    assert samples[("zimage_adapter_images_total", (("adapter", "ink wash"),))] - before.get(
+        ("zimage_adapter_images_total", (("adapter", "ink wash"),)), 0) == 2
+    assert "loras=ink wash:0.8,film:-0.5" in app.log()
+
+
+@pytest.mark.parametrize(("loras", "message"), [
+    ([{"name": "watercolour"}], "no adapter is named 'watercolour'; available: film, ink wash"),
+    ([{"name": "film", "scale": 3}], "scale must be a number from -2 to 2"),
+    ([{"name": "film", "strength": 1}], "unknown key 'strength'"),
+    ("film", "loras must be a list"),
+    ([{"name": "film"}] * 2, "names the adapter 'film' twice"),
+    ([{"name": f"x{index}"} for index in range(5)], "the limit is 4"),
+])
+def test_a_bad_adapter_request_is_a_400_naming_loras(client, loras, message):
+    with pytest.raises(openai.BadRequestError, match=message) as refused:
+        client.images.generate(prompt="a heron", size="128x128", extra_body={"loras": loras})
+    assert refused.value.body["param"] == "loras"
+
+
+def test_a_non_finite_adapter_strength_is_named_not_echoed(app):
+    status, body = post_raw(app, b'{"prompt": "a heron", "loras": [{"name": "film", "scale": NaN}]}')
+    assert status == 400 and body["error"]["param"] == "loras" and "NaN" in body["error"]["message"]

@@ -82,11 +82,24 @@ def test_largest_seed_is_accepted():
     ("shift", math.nan, "shift must be a number"),
     ("shift", math.inf, "shift must be a number"),
     ("shift", "3", "shift must be a number"),
+    ("loras", "a", "loras must be a list"),
+    ("loras", {"name": "a"}, "loras must be a list"),
+    ("loras", [{"name": f"a{index}"} for index in range(5)], "loras holds 5 adapters; the limit is 4"),
+    ("loras", ["a"], "loras\\[0\\] must be "),
+    ("loras", [{"name": "a", "weight": 1}], "loras\\[0\\] has the unknown key 'weight'"),
+    ("loras", [{"name": ""}], "loras\\[0\\].name must be an adapter's name"),
+    ("loras", [{"name": 7}], "loras\\[0\\].name must be an adapter's name"),
+    ("loras", [{"name": "a", "scale": 2.5}], "loras\\[0\\].scale must be a number from -2 to 2"),
+    ("loras", [{"name": "a", "scale": "1"}], "loras\\[0\\].scale must be a number"),
+    ("loras", [{"name": "a", "scale": math.nan}], "loras\\[0\\].scale must be a number"),
+    ("loras", [{"name": "a", "scale": True}], "loras\\[0\\].scale must be a number"),
+    ("loras", [{"name": "a"}, {"name": "a", "scale": 0.5}], "names the adapter 'a' twice"),
 ])
 def test_each_rule_rejects_with_a_message_naming_the_field(field, value, message):
     fields = {"prompt": "a cat", field: value}
-    with pytest.raises(RequestError, match=message):
+    with pytest.raises(RequestError, match=message) as refused:
         validate(GenerationRequest(**fields), LIMITS)
+    assert refused.value.field == field
 
 
 def test_tabs_and_newlines_are_plain_text():
@@ -147,3 +160,25 @@ def test_a_huge_number_is_echoed_cut_and_other_scripts_digits_are_not_sizes():
         assert len(str(refused.value)) < 200 and "…" in str(refused.value)
     with pytest.raises(RequestError, match="size must look like 1024x1024"):
         parse_size("١٠٢٤x64")
+
+
+def test_a1111_lora_tags_leave_the_prompt_and_join_the_listed_adapters():
+    valid = validate(GenerationRequest("<lora:ink:0.6>a fox <LORA:film grain> in snow <lora:neg:-1.5>",
+                                       loras=[{"name": "style", "scale": 0.8}], seed=1), LIMITS)
+    assert valid.prompt == "a fox in snow"
+    assert [(choice.name, choice.scale) for choice in valid.loras] == [("style", 0.8), ("ink", 0.6),
+                                                                       ("film grain", 1.0), ("neg", -1.5)]
+
+
+@pytest.mark.parametrize(("prompt", "loras", "message", "field"), [
+    ("a fox <lora:ink:strong>", None, "the strength in the prompt's '<lora:ink:strong>' must be a number", "loras"),
+    ("a fox <lora:ink:3>", None, "must be a number from -2 to 2", "loras"),
+    ("a fox <lora::1>", None, "the name in the prompt's '<lora::1>' must be an adapter's name", "loras"),
+    ("a fox <lora:ink:1>", [{"name": "ink"}], "names the adapter 'ink' twice", "loras"),
+    ("<lora:a><lora:b><lora:c>", [{"name": "d"}, {"name": "e"}], "asks for 5 adapters .* the limit is 4", "loras"),
+    ("  <lora:ink:0.5>  ", None, "prompt is empty once its <lora:…> tags are taken out", "prompt"),
+])
+def test_a_bad_lora_tag_is_refused_naming_it(prompt, loras, message, field):
+    with pytest.raises(RequestError, match=message) as refused:
+        validate(GenerationRequest(prompt, loras=loras), LIMITS)
+    assert refused.value.field == field

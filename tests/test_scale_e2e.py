@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 import psutil
 import pytest
 
-from tests.helpers import PROJECT_DIR, generate_over_http, start_demo_app
+from tests.helpers import PROJECT_DIR, demo_model_with_adapters, generate_over_http, start_demo_app
 
 pytestmark = pytest.mark.e2e
 
@@ -38,16 +38,21 @@ def test_two_replicas_serve_one_front_and_sigterm_leaves_no_process(tmp_path, ti
     partial = tmp_path / "outputs" / "2026-11-23" / ".a-save-killed-midway.tmp"  # by a front killed earlier
     partial.parent.mkdir(parents=True)
     partial.write_bytes(b"\x89PNG half")
+    demo_model_with_adapters(tmp_path, tiny_models, "ink")  # every replica reads the same adapter folder
     app = start_demo_app(tmp_path, tiny_models, "--replicas", "2", "--compile-delay", "0", own_process_group=True)
     assert not partial.exists() and "removed 1 partial image file(s)" in app.log()
     try:
         with urllib.request.urlopen(f"{app.url}/readyz", timeout=10) as response:
             ready = json.loads(response.read())
         assert ready["replicas_ready"] == 2 and ready["replicas_total"] == 2
-        # Four at once: the front's queue lets two through, one per replica.
+        with urllib.request.urlopen(f"{app.url}/v1/loras", timeout=10) as response:
+            assert [entry["name"] for entry in json.loads(response.read())["data"]] == ["ink"]
+        # Four at once: the front's queue lets two through, one per replica; each with the adapter.
         with ThreadPoolExecutor(4) as pool:
-            answers = list(pool.map(lambda n: generate_over_http(app.url, f"a fox number {n}"), range(4)))
+            answers = list(pool.map(lambda n: generate_over_http(app.url, f"a fox number {n}",
+                                                                 loras=[{"name": "ink", "scale": 0.5}]), range(4)))
         assert all(len(answer["data"]) == 1 and answer["data"][0]["b64_json"] for answer in answers)
+        assert all(answer["data"][0]["loras"] == [{"name": "ink", "scale": 0.5}] for answer in answers)
         assert len(list(app.output_dir.rglob("*.png"))) == 4
         # The front's own line, written before it answers: a replica's lines reach the log through Ray's
         # asynchronous stdout forwarding and may still be on their way.

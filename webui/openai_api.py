@@ -1,4 +1,4 @@
-"""OpenAI-compatible image routes: POST /v1/images/generations and GET /v1/models.
+"""OpenAI-compatible image routes: POST /v1/images/generations and GET /v1/models, and the service's GET /v1/loras.
 
 A request waits in the same admission line as the UI's (webui.admission), under the same queue limit, and the engine
 validates it as it does the UI's (webui.jobs.make_images, the UI's /images endpoint too): nothing here talks to the
@@ -21,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import quote
 
+import anyio
 import orjson
 from starlette.background import BackgroundTask
 from starlette.requests import Request
@@ -48,7 +49,7 @@ SIZE_PATTERN = re.compile(r"[0-9]{1,5}x[0-9]{1,5}")  # OpenAI's "WIDTHxHEIGHT"; 
 MAX_DIGITS = 30  # the longest whole number this route reads is a seed below 2**64: 20 digits
 # The fields this route reads: OpenAI's, then this service's own (sent by the openai client through extra_body).
 FIELDS = ("model", "prompt", "n", "size", "response_format", "output_format", "background", "stream", "seed",
-          "steps", "shift")
+          "steps", "shift", "loras")
 # Fields of OpenAI's images API taken but not acted on. They tune the picture (quality, style, moderation), name
 # the caller (user, and safety_identifier, which the client offers in its place), or apply to formats and streams
 # not served here (output_compression: JPEG and WebP; partial_images: streaming). The official client sends each
@@ -174,9 +175,13 @@ def _read_body(raw: bytes) -> tuple[list[object], str]:
                                                                              or value == "auto"),
                   "'auto' or WIDTHxHEIGHT, such as 1024x1024")
     n = _field(body, "n", _number, "a whole number")
+    loras = _field(body, "loras", lambda value: isinstance(value, list), 'a list of {"name": ..., "scale": ...}')
+    for index, item in enumerate(loras or []):
+        if isinstance(item, dict) and isinstance(item.get("scale"), _NotANumber):
+            raise ApiError(400, f"loras[{index}].scale must be a number; {item['scale'].what}.", "loras")
     inputs = [prompt, DEFAULT_SIZE if size in (None, "auto") else size, 1 if n is None else n,
               _field(body, "seed", lambda value: _number(value) or value == "random", "a whole number or 'random'"),
-              _field(body, "steps", _number, "a whole number"), _field(body, "shift", _number, "a number")]
+              _field(body, "steps", _number, "a whole number"), _field(body, "shift", _number, "a number"), loras]
     return inputs, response_format
 
 
@@ -239,7 +244,7 @@ def openai_routes(engine, line: AdmissionLine, public_url: str, started_at: floa
             path = Path(image["file"]).resolve()
             if not path.is_relative_to(output_root):
                 return _error_response(ApiError(500, "An image was saved outside the output folder."))
-            item = {"revised_prompt": None, "seed": image["seed"]}
+            item = {"revised_prompt": None, "seed": image["seed"], "loras": image["loras"]}
             if response_format == "b64_json":
                 item["b64_json"] = base64.b64encode(path.read_bytes()).decode()
             else:
@@ -263,6 +268,13 @@ def openai_routes(engine, line: AdmissionLine, public_url: str, started_at: floa
 
     async def models(_request: Request):
         return FastJSONResponse({"object": "list", "data": [the_model]})
+
+    async def loras(_request: Request):
+        """The LoRA adapters requests may name (the engine looks at its folder again for this)."""
+        adapters = await anyio.to_thread.run_sync(engine.adapters)
+        return FastJSONResponse({"object": "list", "data": [
+            {"name": info.name, "rank": info.rank, "size_bytes": info.size_bytes, "layers": info.layers,
+             "hash": info.short_hash} for info in adapters]})
 
     async def model(request: Request):
         """One model by its id, as clients check that the model they were configured with exists."""
@@ -288,6 +300,7 @@ def openai_routes(engine, line: AdmissionLine, public_url: str, started_at: floa
         return FileResponse(path, media_type="image/png")
 
     routes = [Route("/v1/images/generations", generations, methods=["POST"]), Route("/v1/models", models),
+              Route("/v1/loras", loras),
               Route("/v1/models/{model}", model),
               Route(IMAGE_ROUTE + "{name:path}", image_file, methods=["GET", "HEAD"])]
 

@@ -13,8 +13,11 @@ from pipeline.memory import GIB
 from pipeline.requests import (
     DEFAULT_SHIFT,
     DEFAULT_STEPS,
+    MAX_LORA_SCALE,
+    MAX_LORAS,
     MAX_SHIFT,
     MAX_STEPS,
+    MIN_LORA_SCALE,
     MIN_SHIFT,
     GenerationRequest,
     RequestError,
@@ -71,7 +74,27 @@ def _timing(result: GenerationResult) -> str:
     t = result.timings
     text = (f"**{t.total_ms / 1000:.2f} s** — text encode {t.encode_ms:.0f} ms · denoise {t.denoise_ms:.0f} ms · "
             f"decode {t.decode_ms:.0f} ms · save {t.save_ms:.0f} ms")
-    return "\n\n".join([text, *result.notices])
+    loras = [f"`{choice.name}` {choice.scale:g}" for choice in result.request.loras]
+    return "\n\n".join([text, *(["LoRA: " + " · ".join(loras)] if loras else []), *result.notices])
+
+
+def _chosen_loras(names: object, strengths: tuple[object, ...]) -> list[dict]:
+    """The form's adapters, each at the strength of its slider (the n-th chosen, the n-th slider)."""
+    if names is None:
+        return []
+    if not isinstance(names, list) or len(names) > MAX_LORAS:
+        raise RequestError(f"LoRA adapters must be a list of at most {MAX_LORAS} names (got {shown(names)}).",
+                           "loras")
+    return [{"name": name, "scale": strength} for name, strength in zip(names, strengths, strict=False)]
+
+
+def _strength_sliders(names: object, values: list[float] | None = None) -> list:
+    """One slider per chosen adapter, labelled with its name; the rest hidden."""
+    names = names if isinstance(names, list) else []
+    values = values or []
+    return [gr.Slider(visible=index < len(names), label=f"Strength of {names[index]}" if index < len(names) else
+                      "Strength", **({"value": values[index]} if index < len(values) else {}))
+            for index in range(MAX_LORAS)]
 
 
 def _uptime(seconds: float) -> str:
@@ -97,15 +120,18 @@ def build_ui(engine: ServingEngine, line: AdmissionLine, *, demo: bool, model_la
     gr.set_static_paths([engine.output_dir])
     first_category = next(iter(table))
 
-    async def generate(prompt, resolution, seed, random_seed, steps, shift, page, request: gr.Request,
-                       progress=gr.Progress()):
+    # One parameter per strength slider (MAX_LORAS of them): Gradio places gr.Request and gr.Progress by position.
+    async def generate(prompt, resolution, seed, random_seed, steps, shift, page, adapters, strength_1, strength_2,
+                       strength_3, strength_4, request: gr.Request, progress=gr.Progress()):
         page = _page(page)
         with reported_to_the_caller():
             if not isinstance(random_seed, bool):
                 raise RequestError(f"random_seed must be true or false (got {shown(random_seed)}).", "random_seed")
             width, height = parse_size(resolution, "resolution")
             generation = GenerationRequest(prompt=prompt, width=width, height=height, steps=steps,
-                                           seed=None if random_seed else seed, shift=shift)
+                                           seed=None if random_seed else seed, shift=shift,
+                                           loras=_chosen_loras(adapters, (strength_1, strength_2, strength_3,
+                                                                          strength_4)))
             first_told = []
 
             def told(ahead: int, seconds: float | None) -> None:
@@ -121,11 +147,12 @@ def build_ui(engine: ServingEngine, line: AdmissionLine, *, demo: bool, model_la
         return images, {**page, "images": images}, result.request.seed, _timing(result), str(result.path)
 
     async def images(prompt: str, size: str, n: int, seed: int | None, steps: int | None, shift: float | None,
-                     request: gr.Request) -> list[dict]:
+                     request: gr.Request, loras: list[dict] | None = None) -> list[dict]:
         """webui.jobs.make_images for API callers: what /generate shows as Markdown, as values a script can read
-        ("file": gradio_client would take a "path" key for a file to download and drop the rest)."""
+        ("file": gradio_client would take a "path" key for a file to download and drop the rest). `loras`:
+        [{"name": ..., "scale": ...}, ...], adapters of the server's folder."""
         with reported_to_the_caller():
-            return await make_images(line, engine, prompt, size, n, seed, steps, shift,
+            return await make_images(line, engine, prompt, size, n, seed, steps, shift, loras,
                                      received_at=received_at(request), owner=owner_of(request, None))
 
     def load_history(stored_browser_id, request: gr.Request):
@@ -135,7 +162,11 @@ def build_ui(engine: ServingEngine, line: AdmissionLine, *, demo: bool, model_la
             stored_browser_id) else new_browser_id()
         owned = engine.history(HISTORY_SIZE, owner_of(request, browser_id))
         images = [(str(path), _caption(parameters)) for path, parameters in owned]
-        return images, {"browser_id": browser_id, "images": images}, browser_id
+        return images, {"browser_id": browser_id, "images": images}, browser_id, _adapter_choices()
+
+    def _adapter_choices():
+        """The adapters served now, as the page opens (the folder may have changed since the page was built)."""
+        return gr.Dropdown(choices=[info.name for info in engine.adapters()])
 
     def status_line() -> str:
         """Queue, GPU memory, uptime and which pipeline serves: what a person wants to know before waiting."""
@@ -160,8 +191,11 @@ def build_ui(engine: ServingEngine, line: AdmissionLine, *, demo: bool, model_la
         if not isinstance(index, int) or not 0 <= index < len(images):
             raise gr.Error("Select an image in the gallery first.", title=INVALID, print_exception=False)
         parameters = read_parameters(Path(images[index][0]))
+        loras = parameters.get("loras") or []
+        names = [lora["name"] for lora in loras]
         return (parameters["prompt"], f"{parameters['width']}x{parameters['height']}", parameters["seed"], False,
-                parameters["steps"], parameters["shift"])
+                parameters["steps"], parameters["shift"], gr.Dropdown(value=names),
+                *_strength_sliders(names, [lora["scale"] for lora in loras]))
 
     def switch_category(category):
         choices = table.get(category, [])
@@ -193,6 +227,14 @@ def build_ui(engine: ServingEngine, line: AdmissionLine, *, demo: bool, model_la
                     random_seed = gr.Checkbox(value=True, label="Random seed")
                 steps = gr.Slider(1, MAX_STEPS, value=DEFAULT_STEPS, step=1, label="Steps")
                 shift = gr.Slider(MIN_SHIFT, MAX_SHIFT, value=DEFAULT_SHIFT, step=0.1, label="Time shift")
+                with gr.Accordion("LoRA adapters", open=False):
+                    adapters = gr.Dropdown([info.name for info in engine.adapters()], value=[], multiselect=True,
+                                           max_choices=MAX_LORAS, label="Adapters", elem_id="adapters",
+                                           info=f"Up to {MAX_LORAS}, from the server's adapter folder; or write "
+                                                f"<lora:name:0.8> in the prompt.")
+                    strengths = [gr.Slider(MIN_LORA_SCALE, MAX_LORA_SCALE, value=1.0, step=0.05, label="Strength",
+                                           visible=False, elem_id=f"strength-{index}")
+                                 for index in range(MAX_LORAS)]
                 run = gr.Button("Generate (Ctrl+Enter)", variant="primary", elem_id="generate")
                 gr.Examples([[example] for example in EXAMPLES], inputs=[prompt], label="Example prompts")
             with gr.Column(scale=1):
@@ -207,17 +249,19 @@ def build_ui(engine: ServingEngine, line: AdmissionLine, *, demo: bool, model_la
         selected = gr.State(None)
         category.change(switch_category, category, resolution, queue=False, api_visibility="private")
         gallery.select(remember_selection, None, selected, queue=False, api_visibility="private")
-        reuse.click(reuse_settings, [selected, page], [prompt, resolution, seed, random_seed, steps, shift],
-                    queue=False, api_visibility="private")
+        adapters.change(_strength_sliders, adapters, strengths, queue=False, api_visibility="private")
+        reuse.click(reuse_settings, [selected, page],
+                    [prompt, resolution, seed, random_seed, steps, shift, adapters, *strengths], queue=False,
+                    api_visibility="private")
         gr.Timer(STATUS_REFRESH_S).tick(status_line, None, status, queue=False, show_progress="hidden",
                                         api_visibility="private")
         blocks.load(None, js=CTRL_ENTER_JS)
-        blocks.load(load_history, inputs=stored_browser_id, outputs=[gallery, page, stored_browser_id],
+        blocks.load(load_history, inputs=stored_browser_id, outputs=[gallery, page, stored_browser_id, adapters],
                     queue=False, api_visibility="private")
         generated = gr.on(
             [run.click, prompt.submit],
             generate,
-            inputs=[prompt, resolution, seed, random_seed, steps, shift, page],
+            inputs=[prompt, resolution, seed, random_seed, steps, shift, page, adapters, *strengths],
             outputs=[gallery, page, seed_used, timing, png],
             api_name=API_NAME,
             # Raw values reach the handler, so the engine checks every field and names it in its message
