@@ -174,22 +174,23 @@ BAD_INPUT = [
     ({"random_seed": "yes"}, "random_seed must be true or false"),
     ({"random_seed": None}, "random_seed must be true or false"),
 ]
-# Values JSON cannot carry from gradio_client (NaN, infinities) or bytes that are not UTF-8: sent as raw HTTP.
-# Each holds every input the page sends: prompt, resolution, seed, random seed, steps, shift, the page's state, the
-# adapters and the four adapter strengths.
-ADAPTERS_UNSET = b", [], 1, 1, 1, 1]"
+# Values JSON cannot carry from gradio_client (NaN, infinities) or bytes that are not UTF-8: sent as raw HTTP. The
+# first ones in /generate's shape before it took adapters (prompt, resolution, seed, random seed, steps, shift and
+# the page's state), which callers written then still send; the adapter ones with every input.
 RAW_BAD_INPUT = [
-    (b'["a cat", "256x256", NaN, false, 2, 3.0, null' + ADAPTERS_UNSET, "seed must be a whole number"),
-    (b'["a cat", "256x256", 5, false, 2, NaN, null' + ADAPTERS_UNSET, "shift must be a number"),
-    (b'["a cat", "256x256", 5, false, 2, Infinity, null' + ADAPTERS_UNSET, "shift must be a number"),
-    (b'["a cat", "256x256", 5, false, 2, -Infinity, null' + ADAPTERS_UNSET, "shift must be a number"),
-    (b'["a cat", "256x256", 5, false, NaN, 3.0, null' + ADAPTERS_UNSET, "steps must be a whole number"),
-    (b'["a cat", "NaNxNaN", 5, false, 2, 3.0, null' + ADAPTERS_UNSET, "resolution must look like 1024x1024"),
+    (b'["a cat", "256x256", NaN, false, 2, 3.0, null]', "seed must be a whole number"),
+    (b'["a cat", "256x256", 5, false, 2, NaN, null]', "shift must be a number"),
+    (b'["a cat", "256x256", 5, false, 2, Infinity, null]', "shift must be a number"),
+    (b'["a cat", "256x256", 5, false, 2, -Infinity, null]', "shift must be a number"),
+    (b'["a cat", "256x256", 5, false, NaN, 3.0, null]', "steps must be a whole number"),
+    (b'["a cat", "NaNxNaN", 5, false, 2, 3.0, null]', "resolution must look like 1024x1024"),
     (b'["a cat", "256x256", 5, false, 2, 3.0, null, "ink", 1, 1, 1, 1]', "LoRA adapters must be a list"),
     (b'["a cat", "256x256", 5, false, 2, 3.0, null, ["ink"], NaN, 1, 1, 1]', "scale must be a number"),
     (b'["a cat", "256x256", 5, false, 2, 3.0, null, ["ink"], 1, 1, 1, 1]', "serves no LoRA adapters"),
-    (b'["a cat", "256x256"]', "data must hold 11 values, one for each input \\(prompt, resolution, seed"),
-    (b'["\xff\xfe not utf-8", "256x256", 5, false, 2, 3.0, null' + ADAPTERS_UNSET, "error parsing the body"),
+    (b'["a cat", "256x256", 5, false, 2, 3.0, null, ["ink"]]', "data must hold 6 values, .* or 11 with the "
+                                                                 "optional adapters, strength_1"),
+    (b'["a cat", "256x256"]', "data must hold 6 values, one for each input \\(prompt, resolution, seed"),
+    (b'["\xff\xfe not utf-8", "256x256", 5, false, 2, 3.0, null]', "error parsing the body"),
 ]
 
 

@@ -4,6 +4,8 @@ answered each with a 500 and a traceback; each is now a 400 naming the field, an
 from __future__ import annotations
 
 import json
+import re
+import urllib.request
 
 import pytest
 
@@ -77,3 +79,17 @@ def test_fewer_values_than_an_event_has_inputs_are_refused_naming_them(app, path
         body["fn_index"] = fn_index_of(app, body["fn_index"])
     error = _refused(app, path, body)
     assert error["param"] == "data" and names in error["message"] and "object at 0x" not in error["message"]
+
+
+@pytest.mark.parametrize("data", [["a kite", "64x64", 1, False, 1, 3.0], ["a kite", "64x64", 1, False, 1, 3.0, None]],
+                         ids=["api-values", "every-input"])
+def test_a_call_written_before_generate_took_adapters_still_makes_its_image(app, data):
+    """/generate gained the adapters and their strengths as its last inputs: a caller that sends the values it sent
+    before (the API's six, or every input then, the page's state too) gets its image, made without adapters."""
+    status, answer = post_json(app, "/gradio_api/call/generate", {"data": data})
+    assert status == 200, answer
+    event_id = json.loads(answer)["event_id"]
+    with urllib.request.urlopen(f"{app.url}/gradio_api/call/generate/{event_id}", timeout=60) as response:
+        events = response.read().decode()
+    assert "event: complete" in events, events
+    assert re.search(r"request id=\w+ prompt=.* size=64x64 steps=1 seed=1 shift=3 wait_ms", app.log())

@@ -3,7 +3,6 @@
 import importlib.util
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +13,7 @@ import torch
 
 from pipeline.layouts import DIT_FILE, LayoutKind, find_weights
 from pipeline.manifest import MANIFEST_NAME
-from tests.helpers import PROJECT_DIR, start_demo_app, stop_app
+from tests.helpers import PROJECT_DIR, demo_model_with_adapters, start_demo_app, stop_app
 from webui.resolutions import offered
 
 
@@ -144,11 +143,11 @@ def test_the_mixed_run_uses_sizes_the_ui_offers_and_prompts_from_one_word_past_t
 
 @pytest.mark.e2e
 def test_measure_service_times_a_user_from_start_to_kill_9_and_leaves_nothing_running(tmp_path, tiny_models):
-    demo_dir, supervisor_dir = tmp_path / "demo-model", tmp_path / "sv"
-    shutil.copytree(tiny_models[LayoutKind.SINGLE_FILE], demo_dir)
+    demo_dir, supervisor_dir = demo_model_with_adapters(tmp_path, tiny_models, "a", "b", "c"), tmp_path / "sv"
     figures_path = tmp_path / "service.json"
     result = _run("scripts/measure_service.py", "--requests", "2", "--concurrent-clients", "2", "--per-client", "1",
                   "--mixed", "6", "--mixed-sizes", "256x256,384x256,256x384", "--size", "256x256", "--steps", "2",
+                  "--adapters", "a,b,c",
                   "--kill-trials", "1", "--startsecs", "5", "--supervisor-dir", str(supervisor_dir),
                   "--log", str(tmp_path / "service.log"), "--json", str(figures_path),
                   "--", "--demo", "--demo-dir", str(demo_dir), "--output-dir", str(tmp_path / "outputs"))
@@ -159,12 +158,18 @@ def test_measure_service_times_a_user_from_start_to_kill_9_and_leaves_nothing_ru
     assert figures["ready_s"] > 0 and figures["compiled"] == "off"  # the CPU runs the model eagerly
     assert figures["compiled_live_s"] >= figures["ready_s"]
     assert figures["first_request_after_ready_s"] > 0 and figures["first_request_after_live_s"] > 0
-    kill = figures["kill"]
+    kill, adapters = figures["kill"], figures["adapters"]
+    adapter_runs = ("none", "one", "two", "switch", "mixed")
     requests = [figures["first_request_after_ready"], figures["first_request_after_live"],
                 *(request for part in ("openai", "gradio", "concurrent", "mixed") for request in figures[part]["each"]),
-                kill["trials"][0]["request"]]
+                *(request for run in adapter_runs for request in adapters[run]["each"]), kill["trials"][0]["request"]]
     # Each request found its own log line: the engine's total lies inside the client's time.
-    assert len(requests) == 1 + 1 + 2 + 2 + 2 + 6 + 1 == len({request["seed"] for request in requests})
+    assert len(requests) == 1 + 1 + 2 + 2 + 2 + 6 + 2 * 4 + 20 + 1 == len({request["seed"] for request in requests})
+    # Adapters as asked: the slots written once for a set held, each time for sets in turn.
+    assert [request["lora_load_ms"] > 0 for request in adapters["one"]["each"]] == [True, False]
+    assert all(request["lora_load_ms"] > 0 for request in adapters["switch"]["each"])
+    assert all(request["lora_load_ms"] == 0 for request in adapters["none"]["each"])
+    assert "adapter slots written (switch)" in result.stdout
     assert all(0 < request["engine_total_ms"] < request["client_ms"] for request in requests)
     assert {request["path"] for request in requests} == {"eager"}
     assert len(list((tmp_path / "outputs").rglob("*.png"))) == len(requests)

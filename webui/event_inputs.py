@@ -38,11 +38,13 @@ class Parameters:
 class Inputs:
     """An event's inputs, named for messages: all of them (what the page sends), and those an API call (call/NAME)
     may send instead, Gradio filling the others (a gr.State) itself. `queued`: the event runs through the queue,
-    so Gradio refuses it on run/ (404) whatever its inputs."""
+    so Gradio refuses it on run/ (404) whatever its inputs. `optional`: the values of its last inputs that a call
+    may leave out (inputs the event gained later: callers written before them keep working)."""
 
     names: tuple[str, ...]
     api_names: tuple[str, ...]
     queued: bool
+    optional: tuple[object, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -69,7 +71,9 @@ class PageEvents:
     fn_indices: dict[str, int] = field(default_factory=dict)
 
     @classmethod
-    def of(cls, blocks: gr.Blocks) -> PageEvents:
+    def of(cls, blocks: gr.Blocks, optional: dict[str, tuple[object, ...]] | None = None) -> PageEvents:
+        """`optional`: api name → the values of the event's last inputs that a call may leave out."""
+        optional = optional or {}
         endpoints = blocks.get_api_info(all_endpoints=True)["named_endpoints"]
         # A parameter without a name takes no keyword: Gradio fills it by position only.
         parameters = {name.lstrip("/"): Parameters(
@@ -86,7 +90,7 @@ class PageEvents:
         inputs = {index: Inputs(names=tuple(_input_name(block) for block in fn.inputs),
                                 api_names=parameters[fn.api_name].names if fn.api_name in parameters else
                                 tuple(_input_name(block) for block in fn.inputs if not block.skip_api),
-                                queued=fn.queue)
+                                queued=fn.queue, optional=tuple(optional.get(fn.api_name, ())))
                   for index, fn in events.items()}
         return cls(indices=frozenset(events),
                    small={index: fn.api_name for index, fn in events.items() if not fn.queue},
@@ -101,20 +105,39 @@ class PageEvents:
         (webui.limits.GuardGradioCalls checks both first)."""
         if fields is None:
             return None
-        name = path.rstrip("/").rpartition("/")[2]
         if path.startswith(CALL_BY_KEYWORD_PATH):
-            return self._keyword_problem(name, fields)
-        # As Gradio picks the event: call/NAME by its name; run/ by the body's fn_index, else by its name.
-        fn_index = self.fn_indices.get(name) if path.startswith(CALL_PATH) else fields.get("fn_index")
-        if fn_index is None and path != QUEUE_JOIN_PATH:
-            fn_index = self.fn_indices.get(name)
+            return self._keyword_problem(path.rstrip("/").rpartition("/")[2], fields)
+        fn_index = self._fn_index(path, fields)
         data = fields.get("data")
-        if not isinstance(fn_index, int) or fn_index not in self.inputs or not isinstance(data, list):
+        if fn_index is None or not isinstance(data, list):
             return None  # Gradio's own validation answers these
         if path.startswith(UI_EVENT_PATHS) and self.inputs[fn_index].queued:
             return None  # Gradio refuses a queued event on run/ (404) whatever it is sent
         return (self._count_problem(fn_index, data, api_call=path.startswith(CALL_PATH))
                 or self._example_problem(fn_index, data))
+
+    def completed(self, path: str, fields: dict | None) -> dict | None:
+        """`fields` with the values of the optional inputs added where its `data` left all of them out (the shape
+        callers sent before the event gained them), or None where it needs none. For a call problem() let through."""
+        fn_index = self._fn_index(path, fields) if fields is not None else None
+        data = fields.get("data") if fields is not None else None
+        if fn_index is None or not isinstance(data, list) or not self.inputs[fn_index].optional:
+            return None
+        inputs = self.inputs[fn_index]
+        if len(data) in self._shapes(inputs, path.startswith(CALL_PATH), without_optional=True):
+            return {**fields, "data": [*data, *inputs.optional]}
+        return None
+
+    def _fn_index(self, path: str, fields: dict) -> int | None:
+        """The page's event a positional call reaches, as Gradio picks it: call/NAME by its name; run/ by the body's
+        fn_index, else by its name. None for a call by keyword, or one naming no event of the page."""
+        if path.startswith(CALL_BY_KEYWORD_PATH):
+            return None
+        name = path.rstrip("/").rpartition("/")[2]
+        fn_index = self.fn_indices.get(name) if path.startswith(CALL_PATH) else fields.get("fn_index")
+        if fn_index is None and path != QUEUE_JOIN_PATH:
+            fn_index = self.fn_indices.get(name)
+        return fn_index if isinstance(fn_index, int) and fn_index in self.inputs else None
 
     def _keyword_problem(self, name: str, fields: dict) -> tuple[str, str] | None:
         parameters = self.parameters.get(name)
@@ -130,13 +153,25 @@ class PageEvents:
         return None
 
     def _count_problem(self, fn_index: int, data: list, api_call: bool) -> tuple[str, str] | None:
-        """Fewer values than inputs (Gradio ignores extra ones); an API call may send only those of the API."""
+        """Fewer values than inputs (Gradio ignores extra ones); an API call may send only those of the API; either
+        may leave out all of the optional ones at the end (completed() adds them), not some."""
         inputs = self.inputs[fn_index]
-        if len(data) >= len(inputs.names) or (api_call and len(data) == len(inputs.api_names)):
+        if len(data) >= len(inputs.names) or len(data) in self._shapes(inputs, api_call, without_optional=False) \
+                or len(data) in self._shapes(inputs, api_call, without_optional=True):
             return None
         names = inputs.api_names if api_call else inputs.names
-        return (f"data must hold {len(names)} values, one for each input ({', '.join(names)}); got {len(data)}.",
-                "data")
+        required = names[:len(names) - len(inputs.optional)]
+        optional = names[len(required):]
+        return (f"data must hold {len(required)} values, one for each input ({', '.join(required)})"
+                + (f", or {len(names)} with the optional {', '.join(optional)}" if optional else "")
+                + f"; got {len(data)}.", "data")
+
+    @staticmethod
+    def _shapes(inputs: Inputs, api_call: bool, without_optional: bool) -> set[int]:
+        """The lengths a call's data may have: every input (the page's), or an API call's, with or without the
+        optional ones."""
+        lengths = {len(inputs.names)} | ({len(inputs.api_names)} if api_call else set())
+        return {length - len(inputs.optional) for length in lengths} if without_optional else lengths
 
     def _example_problem(self, fn_index: int, data: list) -> tuple[str, str] | None:
         pick = self.example_picks.get(fn_index)

@@ -215,6 +215,7 @@ class GuardGradioCalls:
             named.append(path.removeprefix(HEARTBEAT_PATH))
         fields = {}
         parsed = None
+        client_receive = receive  # what the client sends after the body read here
         if scope["method"] == "POST":
             body, receive = await _read_whole(receive)
             parsed = _json_fields(body)
@@ -254,6 +255,8 @@ class GuardGradioCalls:
             message, param = problem
             await send_json(send, 400, openai_error(message, None, param))
             return
+        if scope["method"] == "POST" and (completed := self.page.completed(path, parsed)) is not None:
+            scope, receive = _with_body(scope, client_receive, json.dumps(completed).encode())
         if route.kind is Kind.QUEUED_EVENT:
             await self._join(scope, receive, send, fields)
         elif route.kind is Kind.STREAM:
@@ -426,6 +429,14 @@ async def _read_whole(receive):
         more = message.get("more_body", False)
     body = b"".join(chunks)
     return body, _replaying([{"type": "http.request", "body": body, "more_body": False}], receive)
+
+
+def _with_body(scope, receive, body: bytes):
+    """`scope` and `receive` of the same request with `body` in place of the one already read (`receive`: the
+    client's, past that body)."""
+    headers = [(name, value) for name, value in scope["headers"] if name != b"content-length"]
+    return ({**scope, "headers": [*headers, (b"content-length", str(len(body)).encode())]},
+            _replaying([{"type": "http.request", "body": body, "more_body": False}], receive))
 
 
 def _replaying(messages: list[dict], receive):

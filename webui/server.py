@@ -41,6 +41,7 @@ from webui.openai_api import openai_routes
 from webui.origin import RefuseCrossSite, is_loopback_name
 from webui.resolutions import offered_sizes
 from webui.streams import StreamPool
+from webui.ui import OPTIONAL_INPUTS
 
 log = logging.getLogger("zimage.webui")
 
@@ -156,7 +157,7 @@ def service_middleware(blocks: gr.Blocks, routes: list[Route], streams: StreamPo
         Middleware(RefuseCrossSite, own_hosts=own_hosts,
                    budgeted=lambda scope: UI_EVENTS.counts(scope) or PAGE_LOADS.counts(scope)),
         Middleware(LimitBodySize),
-        Middleware(GuardGradioCalls, streams=streams, page=PageEvents.of(blocks), budgets=(UI_EVENTS, PAGE_LOADS))]
+        Middleware(GuardGradioCalls, streams=streams, page=PageEvents.of(blocks, OPTIONAL_INPUTS), budgets=(UI_EVENTS, PAGE_LOADS))]
 
 
 def loopback_url(host: str, port: int, tls: bool = False) -> str:

@@ -37,6 +37,10 @@ HISTORY_SIZE = 12  # the owner's images from disk shown when a page opens, so a 
 SESSION_HISTORY_LIMIT = 48  # the gallery goes back to the browser whole after every image: keep it bounded
 API_NAME = "generate"  # the queue endpoint: gradio_client.Client(url).predict(..., api_name="/generate")
 IMAGES_API_NAME = "images"  # n images for the OpenAI-style route; through the same queue
+# The inputs /generate gained after its first release (the adapters and their strengths), with the values the page
+# sends when none is chosen: a call written before them, which sends 6 values (or 7 with the page's state), keeps
+# working (webui.event_inputs).
+OPTIONAL_INPUTS = {API_NAME: ([], *[1.0] * MAX_LORAS)}
 
 STATUS_REFRESH_S = 10
 # The official Space's kind of prompt, in both languages the text encoder reads.
