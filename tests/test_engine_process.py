@@ -37,14 +37,14 @@ from tests.helpers import (
     wait_until,
 )
 
-# A prompt the engine process stalls on (the "slow" fault: a step that never ends), so a test can kill the engine
-# process while it holds a request.
-STALLS = "a request that stalls at its first step"
+# A prompt the engine process stalls on (the "slow" fault: a step that never ends) after reporting its first step,
+# so a test can kill the engine process while it holds a request it has begun.
+STALLS = "a request that stalls at its second step"
 
 
 def _spec(model_dir, tmp_path, **overrides) -> EngineSpec:
     return EngineSpec(model_dir=model_dir, device="cpu", options=engine_options(tmp_path / "outputs", **overrides),
-                      crash_dir=tmp_path / "crash", faults=FaultPlan("slow", step=1, prompt=STALLS))
+                      crash_dir=tmp_path / "crash", faults=FaultPlan("slow", step=2, prompt=STALLS))
 
 
 def _engine_processes(parent: psutil.Process) -> list[psutil.Process]:
@@ -81,17 +81,19 @@ def test_it_serves_from_another_process_with_a_standby_beside_it(engine):
 def test_a_killed_engine_fails_the_request_it_held_and_the_next_one_runs_on_its_successor(engine):
     killed_pid = engine.worker.pid
     outcome = {}
+    begun = threading.Event()  # a step reported: the engine process holds the job, not merely its pipe
 
     def stalled():
         try:
-            engine.generate(GenerationRequest(prompt=STALLS, width=64, height=64, steps=2))
+            engine.generate(GenerationRequest(prompt=STALLS, width=64, height=64, steps=3),
+                            progress=lambda step, total: begun.set())
         except Exception as error:  # noqa: BLE001 (the test reads which)
             outcome["error"] = error
 
     holder = threading.Thread(target=stalled)
     holder.start()
-    wait_until(lambda: engine.running_jobs == 1 and engine.status().in_flight.startswith("engine-1/"), 30,
-               "the request on the engine process")
+    assert begun.wait(30), "the engine process never began the request"
+    assert engine.running_jobs == 1 and engine.status().in_flight.startswith("engine-1/")
     os.kill(killed_pid, signal.SIGKILL)
     holder.join(timeout=30)
     assert isinstance(outcome.get("error"), EngineRestarting) and "signal=SIGKILL" in str(outcome["error"])
