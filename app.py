@@ -332,7 +332,9 @@ def main(argv: list[str] | None = None) -> int:
                       ssl_certfile=settings.ssl_certfile, ssl_keyfile=settings.ssl_keyfile,
                       public_url=settings.public_url, trusted_proxies=settings.trusted_proxy,
                       compile_delay_s=settings.compile_delay_s,
-                      recycle=engine.recycle if settings.engine_process and settings.replicas == "0" else None)
+                      recycle=engine.recycle if settings.engine_process and settings.replicas == "0" else None,
+                      max_upload_bytes=settings.max_upload_mb * 10**6,
+                      max_upload_pixels=settings.max_upload_megapixels * 10**6)
     if settings.replicas != "0":
         import scale
 

@@ -68,6 +68,10 @@ class Settings:
     # for the folder "loras" beside the weights. No folder at start: no adapters (and no slots' memory or compile).
     lora_dir: str
     lora_max_rank: int  # the adapter slots' rank: one request's adapters' ranks together at most this; 0: off
+    max_upload_mb: int  # an edit's uploaded picture and mask: each at most this many megabytes
+    # ... and this many million pixels, read from the file's header before anything is decoded (a decompression
+    # bomb of a kilobyte can claim 50,000 × 50,000)
+    max_upload_megapixels: int
     max_h: int  # largest height a request may ask for (pixels)
     max_w: int  # largest width a request may ask for (pixels)
     queue_size: int  # requests that may wait for the GPU; more are turned away as "busy"
@@ -124,6 +128,9 @@ class Settings:
             raise SettingsError(f"prompt_cache_size must be 0 (off) or more (got {self.prompt_cache_size}).")
         if self.lora_max_rank < 0:
             raise SettingsError(f"lora_max_rank must be 0 (no adapters) or more (got {self.lora_max_rank}).")
+        for name in ("max_upload_mb", "max_upload_megapixels"):
+            if getattr(self, name) < 1:
+                raise SettingsError(f"{name} must be at least 1 (got {getattr(self, name)}).")
         if self.queue_size < 1:
             raise SettingsError(f"queue_size must be at least 1 (got {self.queue_size}).")
         if self.replicas != "auto" and not (self.replicas.isdigit() and self.replicas.isascii()):
@@ -377,6 +384,11 @@ def build_arg_parser() -> argparse.ArgumentParser:
     add("--lora-max-rank", type=int, metavar="R",
         help="rank of the adapter slots: the ranks of one request's adapters together at most this (GPU memory: "
         "about 6 MB per unit of rank for the full DiT in bf16); 0: adapters off")
+    add("--max-upload-mb", type=int, metavar="MB",
+        help="largest picture (and mask) an edit may upload, in megabytes")
+    add("--max-upload-megapixels", type=int, metavar="MP",
+        help="largest picture (and mask) an edit may upload, in millions of pixels, checked from the file's header "
+        "before it is decoded")
     add("--max-h", type=int, metavar="PX", help="largest image height a request may ask for")
     add("--max-w", type=int, metavar="PX", help="largest image width a request may ask for")
     add("--queue-size", type=int, metavar="N", help="requests that may wait for the GPU before new ones are refused")

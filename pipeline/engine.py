@@ -14,14 +14,23 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 
 from pipeline import acceleration, attention, memory
-from pipeline.adapters import Adapter, AdapterInfo, AdapterLibrary, AdapterSlots, linear_layers, lora_view
+from pipeline.adapters import (
+    Adapter,
+    AdapterInfo,
+    AdapterLibrary,
+    AdapterSlots,
+    linear_layers,
+    lora_view,
+)
+from pipeline.edits import EditLatents, edit_sigmas
 from pipeline.faults import FaultPlan
 from pipeline.hangs import HangWatch
 from pipeline.loader import LoadedPipeline
@@ -29,9 +38,17 @@ from pipeline.memory import MemoryGuard
 from pipeline.messages import first_line
 from pipeline.metrics import ServiceMetrics
 from pipeline.output_dir import OutputDirCheck
-from pipeline.requests import GenerationRequest, Limits, RequestError, ValidRequest, shown, validate
+from pipeline.requests import (
+    Edit,
+    GenerationRequest,
+    Limits,
+    RequestError,
+    ValidRequest,
+    shown,
+    validate,
+)
 from pipeline.serving import EngineStatus, GpuMemory, ServingEngine
-from pipeline.storage import RecentImages, a1111_parameters, save_png
+from pipeline.storage import RecentImages, a1111_parameters, save_image
 from pipeline.text_encoder import MAX_SEQUENCE_LENGTH, PromptEncoder
 
 log = logging.getLogger("zimage.engine")
@@ -134,6 +151,13 @@ def _warm_up_request(width: int, height: int | None = None, prompt: str = "warm-
     return ValidRequest(prompt=prompt, width=width, height=height or width, steps=1, seed=0, shift=3.0)
 
 
+def _probe_edit(side: int) -> Edit:
+    """A grey square picture with its left half to repaint, at full strength (every step runs)."""
+    mask = np.zeros((side, side), np.uint8)
+    mask[:, : side // 2] = 255
+    return Edit(image=np.full((side, side, 3), 128, np.uint8), mask=mask, strength=1.0, digest="probe")
+
+
 def _loras_field(valid: ValidRequest, load_ms: float) -> str:
     """The request log line's adapters and the time writing them into the slots took (0: the slots held them):
     " loras=name:0.8,other:-0.5 lora_load_ms=4.1", or nothing."""
@@ -141,6 +165,13 @@ def _loras_field(valid: ValidRequest, load_ms: float) -> str:
         return ""
     loras = ",".join(f"{choice.name}:{choice.scale:g}" for choice in valid.loras)
     return f" loras={loras} lora_load_ms={load_ms:.1f}"
+
+
+def _edit_field(valid: ValidRequest) -> str:
+    """" mode=inpaint strength=1 source=…" for an edit, " format=webp" for an image not saved as PNG; or nothing."""
+    edit = "" if valid.edit is None else (f" mode={valid.edit.mode} strength={valid.edit.strength:g} "
+                                          f"source={valid.edit.digest}")
+    return edit + ("" if valid.output_format == "png" else f" format={valid.output_format}")
 
 
 def summarize_prompt(prompt: str, mode: str) -> str:
@@ -374,8 +405,9 @@ class Engine(ServingEngine):
     def _memory_probe_peaks(self, side: int) -> tuple[int, int]:
         # A prompt of its own: a cached one would skip the text encoder, whose streamed layers are the peak in the
         # low-VRAM profile. Through the adapter slots where there are some: a request with adapters needs more.
-        run = self._run(_warm_up_request(side, prompt=f"memory probe {side}"), progress=None,
-                        on_slots=self._lora_pipe is not None)
+        # An inpainting edit: its VAE encode, before the denoise, counts in the guard too.
+        probe = replace(_warm_up_request(side, prompt=f"memory probe {side}"), edit=_probe_edit(side))
+        run = self._run(probe, progress=None, on_slots=self._lora_pipe is not None)
         return run.denoise_peak_bytes, run.decode_peak_bytes
 
     def start_background_work(self, delay_s: float = 0.0) -> threading.Thread:
@@ -589,7 +621,8 @@ class Engine(ServingEngine):
         save_started = time.perf_counter()
         stem = f"{time.strftime('%H%M%S')}-{request_id}-seed{valid.seed}"
         parameters = self._parameters(request_id, valid, adapters) | ({"owner": owner} if owner else {})
-        path = save_png(run.image, self.output_dir, stem, parameters, infotext=a1111_parameters(parameters))
+        path = save_image(run.image, self.output_dir, stem, parameters, infotext=a1111_parameters(parameters),
+                          output_format=valid.output_format, quality=valid.output_compression)
         self._recent_images.add(path, parameters)
         save_ms = (time.perf_counter() - save_started) * 1000
         total_ms = (time.perf_counter() - started) * 1000
@@ -598,10 +631,11 @@ class Engine(ServingEngine):
             self.served += 1
         self._answered.set()
         log.info(
-            "request id=%s prompt=%s size=%dx%d steps=%d seed=%d shift=%g%s wait_ms=%.0f encode_ms=%.0f "
+            "request id=%s prompt=%s size=%dx%d steps=%d seed=%d shift=%g%s%s wait_ms=%.0f encode_ms=%.0f "
             "denoise_ms=%.0f decode_ms=%.0f save_ms=%.0f total_ms=%.0f%s path=%s outcome=ok file=%s",
             request_id, prompt_summary, valid.width, valid.height, valid.steps,
-            valid.seed, valid.shift, _loras_field(valid, run.adapters_ms), waited_ms, timings.encode_ms,
+            valid.seed, valid.shift, _loras_field(valid, run.adapters_ms), _edit_field(valid), waited_ms,
+            timings.encode_ms,
             timings.denoise_ms, timings.decode_ms, save_ms, total_ms, self._peak_memory_field(run), serving, path,
         )
         return GenerationResult(request_id=request_id, image=run.image, path=path, request=valid, timings=timings,
@@ -626,7 +660,13 @@ class Engine(ServingEngine):
                     adapters: list[tuple[Adapter, float]]) -> dict[str, object]:
         loras = [{"name": adapter.info.name, "scale": scale, "hash": adapter.info.short_hash}
                  for adapter, scale in adapters]
-        return {**asdict(valid), "loras": loras, "guidance_scale": GUIDANCE_SCALE, "model": self.model_name,
+        # The picture and the file format are not settings to make the image again with: an edit names its
+        # picture by digest, and the format is the file's own.
+        chosen = {field.name: getattr(valid, field.name) for field in fields(valid)
+                  if field.name not in ("edit", "output_format", "output_compression")}
+        edit = {} if valid.edit is None else {"mode": valid.edit.mode, "strength": valid.edit.strength,
+                                              "source_sha256": valid.edit.digest}
+        return {**chosen, **edit, "loras": loras, "guidance_scale": GUIDANCE_SCALE, "model": self.model_name,
                 "request_id": request_id, "scheduler": "FlowMatchEulerDiscrete"}
 
     def _sync(self) -> float:
@@ -686,23 +726,39 @@ class Engine(ServingEngine):
     def _render(self, pipe, valid: ValidRequest, prompt_embeds: list[torch.Tensor],
                 progress: ProgressCallback | None, request_number: int = 0, track_memory: bool = True) -> Rendered:
         """Denoise → decode → check: the prompt's embeddings to an image on `pipe` (eager, or the compiled copy)."""
-        # 1. Denoise. The scheduler's shift is per request; each pipeline runs one request at a time.
+        # 1. Denoise. The scheduler's shift is per request; each pipeline runs one request at a time. An edit
+        #    encodes its picture first and runs the last `strength` part of the schedule (pipeline/edits.py).
         started = self._sync()
         pipe.scheduler.set_shift(valid.shift)
         generator = torch.Generator(device=self.device).manual_seed(valid.seed)
+        sigmas, edit = None, None
+        if valid.edit is not None:
+            edit = EditLatents(pipe, valid.edit, valid.width, valid.height, generator, self.device)
+            sigmas = edit_sigmas(valid.steps, valid.edit.strength)
+        steps = valid.steps if sigmas is None else len(sigmas)
 
         def on_step_end(_pipe, step, _timestep, tensors):
-            replaced = (self._faults.at_step(step + 1, request_number, valid.prompt, tensors["latents"])
+            latents = tensors["latents"]
+            if edit is not None and edit.repaint is not None:
+                latents = edit.keep_unmasked(latents, pipe.scheduler.sigmas[step + 1])
+            replaced = (self._faults.at_step(step + 1, request_number, valid.prompt, latents)
                         if request_number else None)
             if progress is not None:
-                progress(step + 1, valid.steps)
-            return {} if replaced is None else {"latents": replaced}
+                progress(step + 1, steps)
+            return {"latents": latents if replaced is None else replaced}
 
-        latents = pipe(
-            prompt_embeds=prompt_embeds, height=valid.height, width=valid.width,
-            num_inference_steps=valid.steps, guidance_scale=GUIDANCE_SCALE, generator=generator,
-            output_type="latent", callback_on_step_end=on_step_end,
-        ).images
+        if steps == 0:  # an edit at strength 0: the picture as the VAE gives it back
+            latents = edit.picture
+        else:
+            start = None
+            if edit is not None:
+                pipe.scheduler.set_timesteps(sigmas=sigmas, device=self.device)
+                start = edit.at(pipe.scheduler.sigmas[0])
+            latents = pipe(
+                prompt_embeds=prompt_embeds, height=valid.height, width=valid.width,
+                num_inference_steps=steps, sigmas=sigmas, latents=start, guidance_scale=GUIDANCE_SCALE,
+                generator=generator, output_type="latent", callback_on_step_end=on_step_end,
+            ).images
         denoised = self._sync()
         denoise_peak = self._peak_bytes_since_last_call(track_memory)
 

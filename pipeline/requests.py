@@ -3,11 +3,17 @@ the one place a size string, a batch of n and its seeds, and every field are rea
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import re
 import secrets
 import unicodedata
 from dataclasses import dataclass
+
+import numpy as np
+
+from pipeline.storage import JPEG_PROMPT_BYTES, OUTPUT_FORMATS
 
 SIZE_MULTIPLE = 16  # VAE factor 8 × DiT patch 2
 MIN_SIZE = 64
@@ -20,6 +26,9 @@ MAX_IMAGES_PER_CALL = 4  # n of the OpenAI-style route: one turn on the GPU for 
 MAX_LORAS = 4  # LoRA adapters in one request
 MIN_LORA_SCALE, MAX_LORA_SCALE = -2.0, 2.0
 LORA_FIELDS = ("name", "scale")
+DEFAULT_STRENGTH = 0.6  # image-to-image: the composition kept, the detail drawn anew (diffusers' default too)
+INPAINT_STRENGTH = 1.0  # inpainting: the masked region drawn anew, whatever was there (diffusers' default)
+MAX_COMPRESSION = 100
 
 DEFAULT_SIZE = 1024
 DEFAULT_STEPS = 8
@@ -72,6 +81,25 @@ class GenerationRequest:
     seed: object = None  # None or "random": draw one; the seed used comes back with the result
     shift: object = DEFAULT_SHIFT
     loras: object = ()  # [{"name": ..., "scale": ...}, ...]: LoRA adapters of the server's folder, by name
+    image: object = None  # an edit's picture: RGB uint8 (height, width, 3), as pipeline.uploads reads it
+    mask: object = None  # inpainting: uint8 (height, width) of the picture's size, 255 where to repaint
+    strength: object = None  # an edit's, 0 to 1; None: DEFAULT_STRENGTH, or INPAINT_STRENGTH with a mask
+    output_format: object = "png"
+    output_compression: object = None  # jpeg and webp: 0-100, None for the default quality; png: not used
+
+
+@dataclass(frozen=True, eq=False)
+class Edit:
+    """The picture an edit starts from, and what of it to repaint."""
+
+    image: np.ndarray  # RGB uint8 (height, width, 3), as uploaded (the engine resizes it to the request's size)
+    mask: np.ndarray | None  # uint8 (height, width), 255 where to repaint; None: all of it (image-to-image)
+    strength: float  # 0: the picture as it is (through the VAE); 1: its content is drawn anew
+    digest: str  # the uploaded pixels' short SHA-256: which picture, in the saved image's parameters
+
+    @property
+    def mode(self) -> str:
+        return "inpaint" if self.mask is not None else "image"
 
 
 @dataclass(frozen=True)
@@ -91,6 +119,9 @@ class ValidRequest:
     seed: int
     shift: float
     loras: tuple[LoraChoice, ...] = ()
+    edit: Edit | None = None  # None: text-to-image
+    output_format: str = "png"
+    output_compression: int | None = None
 
 
 def _whole_number(name: str, value: object) -> int:
@@ -217,11 +248,66 @@ def checked_loras(value: object, prompt: str) -> tuple[str, tuple[LoraChoice, ..
     return prompt, tuple(choices)
 
 
+def _edit(request: GenerationRequest) -> Edit | None:
+    """The request's picture, mask and strength, checked; None for text-to-image."""
+    image, mask = request.image, request.mask
+    if image is None:
+        if mask is not None or request.strength is not None:
+            raise RequestError(f"{'mask' if mask is not None else 'strength'} belongs to an edit; send the image "
+                               f"to edit too.", "image")
+        return None
+    if not (isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
+            and 0 not in image.shape):
+        raise RequestError("image must be an RGB picture.", "image")
+    if mask is not None and not (isinstance(mask, np.ndarray) and mask.dtype == np.uint8
+                                 and mask.shape == image.shape[:2]):
+        raise RequestError(f"mask must be a greyscale picture of the image's size, {image.shape[1]}×"
+                           f"{image.shape[0]}.", "mask")
+    strength = request.strength
+    if strength is None:
+        strength = INPAINT_STRENGTH if mask is not None else DEFAULT_STRENGTH
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 <= strength <= 1:
+        raise RequestError(f"strength must be a number from 0 to 1 (got {shown(strength)}): how much of the "
+                           f"picture is drawn anew.", "strength")
+    digest = hashlib.sha256(image.tobytes()).hexdigest()[:10]
+    return Edit(image=image, mask=mask, strength=float(strength), digest=digest)
+
+
+def edit_size(width: int, height: int, limits: Limits) -> tuple[int, int]:
+    """The size an edit of a `width`×`height` picture is made at when none is asked for: the picture's aspect, at
+    most the default image's pixel count and the server's limits, in whole 16-pixel steps."""
+    scale = min(1.0, math.sqrt(DEFAULT_SIZE * DEFAULT_SIZE / (width * height)), limits.max_w / width,
+                limits.max_h / height)
+    # Rounded before the floor: 3000 × (1024 / 3000) is 1023.99… in floating point.
+    sides = (int(round(side * scale, 6)) // SIZE_MULTIPLE * SIZE_MULTIPLE for side in (width, height))
+    return tuple(max(MIN_SIZE, side) for side in sides)
+
+
+def _output(request: GenerationRequest, prompt: str) -> tuple[str, int | None]:
+    if request.output_format not in OUTPUT_FORMATS:
+        raise RequestError(f"output_format must be one of {', '.join(OUTPUT_FORMATS)} (got "
+                           f"{shown(request.output_format)}).", "output_format")
+    if request.output_format == "jpeg" and len(json.dumps(prompt, ensure_ascii=False).encode()) > JPEG_PROMPT_BYTES:
+        raise RequestError("output_format jpeg cannot carry a prompt this long in its metadata (a JPEG holds 64 KB "
+                           "of it); ask for png or webp.", "output_format")
+    compression = request.output_compression
+    if compression is not None:
+        compression = _whole_number("output_compression", compression)
+        if not 0 <= compression <= MAX_COMPRESSION:
+            raise RequestError(f"output_compression must be from 0 to {MAX_COMPRESSION} (got {compression}).",
+                               "output_compression")
+    return request.output_format, compression
+
+
 def validate(request: GenerationRequest, limits: Limits) -> ValidRequest:
     """Check every field; the first problem raises RequestError naming the field, the value and the fix."""
     prompt, loras = checked_loras(request.loras, checked_prompt(request.prompt))
-    width = _size("width", request.width, limits.max_w, "--max-w")
-    height = _size("height", request.height, limits.max_h, "--max-h")
+    edit = _edit(request)
+    width, height = request.width, request.height
+    if edit is not None and width is None and height is None:
+        width, height = edit_size(edit.image.shape[1], edit.image.shape[0], limits)
+    width = _size("width", width, limits.max_w, "--max-w")
+    height = _size("height", height, limits.max_h, "--max-h")
     steps = _whole_number("steps", request.steps)
     if not 1 <= steps <= MAX_STEPS:
         raise RequestError(f"steps must be between 1 and {MAX_STEPS} (got {shown(steps)}); Turbo is made for "
@@ -232,8 +318,10 @@ def validate(request: GenerationRequest, limits: Limits) -> ValidRequest:
     if not MIN_SHIFT <= shift <= MAX_SHIFT:
         raise RequestError(f"shift must be between {MIN_SHIFT} and {MAX_SHIFT} (got {shift}); "
                            f"the default is {DEFAULT_SHIFT}.", "shift")
+    output_format, compression = _output(request, prompt)
     return ValidRequest(prompt=prompt, width=width, height=height, steps=steps, seed=_seed(request.seed),
-                        shift=float(shift), loras=loras)
+                        shift=float(shift), loras=loras, edit=edit, output_format=output_format,
+                        output_compression=compression)
 
 
 def parse_size(label: object, field: str = "size") -> tuple[int, int]:
@@ -247,11 +335,12 @@ def parse_size(label: object, field: str = "size") -> tuple[int, int]:
 
 def batch(prompt: object, size: object, n: object, seed: object, steps: object = None,
           shift: object = None, loras: object = None) -> list[GenerationRequest]:
-    """`n` images of one prompt and `size` ("WIDTHxHEIGHT"), seeds `seed`, `seed`+1, ... (each drawn at random when
-    seed is None or "random"); steps and shift take their defaults when None. Size, n and seeds are checked here,
-    before the first image; each request's fields when the engine validates it."""
+    """`n` images of one prompt and `size` ("WIDTHxHEIGHT"; None: an edit's, from its picture), seeds `seed`,
+    `seed`+1, ... (each drawn at random when seed is None or "random"); steps and shift take their defaults when
+    None. Size, n and seeds are checked here, before the first image; each request's fields when the engine
+    validates it."""
     seeds = batch_seeds(seed, n)
-    width, height = parse_size(size)
+    width, height = (None, None) if size is None else parse_size(size)
     return [GenerationRequest(prompt=prompt, width=width, height=height, seed=image_seed,
                               steps=DEFAULT_STEPS if steps is None else steps,
                               shift=DEFAULT_SHIFT if shift is None else shift, loras=loras)

@@ -37,7 +37,7 @@ from pipeline.engine import Engine
 from pipeline.loader import LoadedPipeline, load_pipeline
 from pipeline.random_model import FULL_SIZE, build_components
 from pipeline.requests import GenerationRequest
-from pipeline.storage import save_png
+from pipeline.storage import save_image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from app import engine_options  # noqa: E402
@@ -129,7 +129,7 @@ def stage_table(stock: Stock, width: int, height: int, runs: int, encode_length:
     denoise_ms, latents = sync_ms(lambda: stock.latents(embeds, width, height), runs)
     decode_ms, image = sync_ms(lambda: stock.decode_to_pil(latents), runs)
     with tempfile.TemporaryDirectory() as folder:
-        png_ms, _ = sync_ms(lambda: save_png(image, Path(folder), "bench", {"seed": SEED}), runs)
+        png_ms, _ = sync_ms(lambda: save_image(image, Path(folder), "bench", {"seed": SEED}), runs)
     return {"text_encode_ms": encode_ms, "dit_step_ms": round(denoise_ms / STEPS, 1), "denoise_ms": denoise_ms,
             "vae_decode_to_pil_ms": decode_ms, "png_save_ms": png_ms}
 

@@ -61,6 +61,7 @@ RECOMPILE_MARKER = "Recompiling function"
 RECOMPILE_LIMIT_MARKER = "torch._dynamo hit config.recompile_limit"
 LIVE_MARKER = "compiled path live"
 ADAPTER_MIXED_REQUESTS = 20
+EDIT_MIXED_REQUESTS = 12
 START_MARKER = " zimage.app start version="
 # With --replicas, Ray forwards a replica's log lines to the front's log a moment after the answer has left.
 LOG_LAG_S = 5.0
@@ -82,6 +83,8 @@ class Job:
     size: str  # "WxH"
     steps: int
     loras: tuple[tuple[str, float], ...] = ()  # (adapter name, strength)
+    edit: str = ""  # "": text-to-image; "image" or "inpaint": through /v1/images/edits
+    strength: float | None = None  # an edit's (None: the service's default)
 
 
 class FreshRequests:
@@ -143,6 +146,66 @@ def openai_image(url: str, job: Job) -> dict[str, object]:
         raise RuntimeError(f"seed {job.seed}: the answer is not this request's PNG (seed {image['seed']})")
     return {**_describe(job), "client_ms": round(client_ms, 1), "b64_bytes": len(image["b64_json"]),
             "png_bytes": len(png)}
+
+
+def picture_png(width: int, height: int) -> bytes:
+    """A photo-like picture to edit: smooth gradients, a few shapes and a little grain, as a PNG."""
+    import io
+
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    pixels = np.stack([x / width * 200 + 30, y / height * 180 + 40, (x + y) / (width + height) * 120 + 60], -1)
+    pixels += np.random.default_rng(0).normal(0, 4, pixels.shape)
+    picture = Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(picture)
+    draw.ellipse((width // 5, height // 5, width // 2, height // 2), fill=(220, 60, 40))
+    draw.rectangle((width // 2, height // 2, width * 4 // 5, height * 9 // 10), fill=(40, 90, 160))
+    buffer = io.BytesIO()
+    picture.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def mask_png(width: int, height: int) -> bytes:
+    """OpenAI's mask: transparent (to repaint) over the left half, opaque elsewhere."""
+    import io
+
+    from PIL import Image
+
+    mask = Image.new("RGBA", (width, height), (0, 0, 0, 255))
+    mask.paste((0, 0, 0, 0), (0, 0, width // 2, height))
+    buffer = io.BytesIO()
+    mask.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def openai_edit(url: str, job: Job) -> dict[str, object]:
+    """One edit through POST /v1/images/edits (multipart, as OpenAI's client sends it) of a picture of the job's
+    size, with a mask for "inpaint": the client time and the payload's size."""
+    import httpx
+
+    width, height = map(int, job.size.split("x"))
+    files = {"image": ("picture.png", picture_png(width, height), "image/png")}
+    if job.edit == "inpaint":
+        files["mask"] = ("mask.png", mask_png(width, height), "image/png")
+    fields = {"prompt": job.prompt, "size": job.size, "seed": str(job.seed), "steps": str(job.steps),
+              "response_format": "b64_json", **({"strength": str(job.strength)} if job.strength is not None else {})}
+    started = time.perf_counter()
+    response = httpx.post(f"{url}/v1/images/edits", data=fields, files=files, timeout=REQUEST_TIMEOUT_S)
+    client_ms = (time.perf_counter() - started) * 1000
+    if response.status_code != 200:
+        raise ServiceRefused(response.status_code, response.text)
+    image = response.json()["data"][0]
+    png = base64.b64decode(image["b64_json"])
+    if not png.startswith(PNG_SIGNATURE) or image["seed"] != job.seed:
+        raise RuntimeError(f"seed {job.seed}: the answer is not this edit's PNG (seed {image['seed']})")
+    return {**_describe(job), "client_ms": round(client_ms, 1), "b64_bytes": len(image["b64_json"]),
+            "png_bytes": len(png)}
+
+
+def any_image(url: str, job: Job) -> dict[str, object]:
+    return openai_edit(url, job) if job.edit else openai_image(url, job)
 
 
 def gradio_image(client, job: Job) -> dict[str, object]:
@@ -340,11 +403,87 @@ def measure_service(args: argparse.Namespace, fresh: FreshRequests, figures: dic
             figures.update(recompilations(args.log))
             note(f"adapters: {figures['adapters']['summary']}; recompiles after live: "
                  f"{figures['recompiles_after_live']}")
-        # 10. kill -9 of the engine process while one request runs and one waits.
+        # 10. Edits: image-to-image and inpainting, a mixed run with text-to-image, the output formats' bytes.
+        if args.edits:
+            figures["edits"] = measure_edits(url, args, fresh)
+            figures.update(recompilations(args.log))
+            note(f"edits: image-to-image {figures['edits']['image_0.6']['client_ms_median']} ms, inpainting "
+                 f"{figures['edits']['inpaint']['client_ms_median']} ms; recompiles after live: "
+                 f"{figures['recompiles_after_live']}")
+        # 11. Hostile uploads: decompression bombs and oversized files, refused; the memory they leave.
+        if args.upload_trials:
+            figures["uploads"] = measure_uploads(url, service.pid, args.upload_trials)
+            note(f"uploads: {figures['uploads']}")
+        # 12. kill -9 of the engine process while one request runs and one waits.
         if args.engine_kill_trials:
             figures["engine_kill"] = measure_engine_kills(url, args, fresh)
     finally:
         stop_service(service)
+
+
+def measure_edits(url: str, args: argparse.Namespace, fresh: FreshRequests) -> dict[str, object]:
+    """--requests image-to-image edits at strength 0.6 and as many inpaintings (the left half), each a new prompt
+    on a picture of --size; then a mixed run of text-to-image, image-to-image and inpainting over the mixed sizes;
+    and the bytes of one --size image as PNG, JPEG 90 and WebP 90."""
+    figures: dict[str, object] = {}
+    for name, edit, strength in (("image_0.6", "image", 0.6), ("inpaint", "inpaint", None)):
+        figures[name] = sequential_summary(with_engine_times(
+            [openai_edit(url, replace(fresh.job(args.size, args.steps), edit=edit, strength=strength))
+             for _ in range(args.requests)], args.log))
+    kinds = [("", None), ("image", 0.6), ("inpaint", None), ("image", 0.3)]
+    mixed = [replace(fresh.job(args.mixed_sizes[number % len(args.mixed_sizes)], args.mixed_steps),
+                     edit=kinds[number % len(kinds)][0], strength=kinds[number % len(kinds)][1])
+             for number in range(EDIT_MIXED_REQUESTS)]
+    started = time.perf_counter()
+    figures["mixed"] = {"each": with_engine_times([any_image(url, job) for job in mixed], args.log),
+                        "wall_s": round(time.perf_counter() - started, 2)}
+    figures["bytes"] = {}
+    job = fresh.job(args.size, args.steps)
+    for output_format in ("png", "jpeg", "webp"):
+        body = {"prompt": job.prompt, "size": job.size, "seed": job.seed, "steps": job.steps,
+                "response_format": "b64_json", "output_format": output_format, "output_compression": 90}
+        request = urllib.request.Request(f"{url}/v1/images/generations", data=json.dumps(body).encode(),
+                                         headers={"content-type": "application/json"})
+        with urllib.request.urlopen(request, timeout=REQUEST_TIMEOUT_S) as response:
+            figures["bytes"][output_format] = len(base64.b64decode(json.load(response)["data"][0]["b64_json"]))
+    return figures
+
+
+def measure_uploads(url: str, service_pid: int, trials: int) -> dict[str, object]:
+    """Hostile uploads against the edit route: `trials` times a PNG of a few hundred bytes whose header claims
+    50,000 × 50,000 pixels, and `trials` times an upload one byte over 20 MB; the time each takes to be refused
+    (median) and the service's resident memory before and after (the front's process, and its children)."""
+    import struct
+    import zlib
+
+    import httpx
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    bomb = (PNG_SIGNATURE + chunk(b"IHDR", struct.pack(">IIBBBBB", 50_000, 50_000, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\0" * 1000)) + chunk(b"IEND", b""))
+    oversized = PNG_SIGNATURE + b"\0" * (20 * 10**6 + 1 - len(PNG_SIGNATURE))
+    service = psutil.Process(service_pid)
+
+    def resident_mib() -> float:
+        processes = [service, *service.children(recursive=True)]
+        return round(sum(process.memory_info().rss for process in processes) / 2**20, 1)
+
+    figures: dict[str, object] = {"rss_mib_before": resident_mib()}
+    with httpx.Client(timeout=60) as client:
+        for name, data in (("bomb", bomb), ("over_20_mb", oversized)):
+            seconds, statuses = [], collections.Counter()
+            for _ in range(trials):
+                started = time.perf_counter()
+                response = client.post(f"{url}/v1/images/edits", data={"prompt": "x"},
+                                       files={"image": ("p.png", data, "image/png")})
+                seconds.append(time.perf_counter() - started)
+                statuses[response.status_code] += 1
+            figures[name] = {"refused_ms_median": round(statistics.median(seconds) * 1000, 1),
+                             "refused_ms_max": round(max(seconds) * 1000, 1), "statuses": dict(statuses)}
+    figures["rss_mib_after"] = resident_mib()
+    return figures
 
 
 def measure_adapters(url: str, args: argparse.Namespace, fresh: FreshRequests) -> dict[str, object]:
@@ -585,6 +724,21 @@ def table(figures: dict[str, object]) -> str:
                          f"engine {part[name]['engine_total_ms_median']} ms, peak "
                          f"{part['gpu_peak_allocated_mib'].get(name, '-')} MiB"))
         rows.append(("adapter slots written (switch)", f"{part['switch_load_ms_median']} ms", "median"))
+    if "edits" in figures:
+        part = figures["edits"]
+        for name, label in (("image_0.6", "image-to-image at 0.6"), ("inpaint", "inpainting")):
+            rows.append((f"{label}, {part[name]['requests']} in a row", f"{part[name]['client_ms_median']} ms",
+                         f"engine {part[name]['engine_total_ms_median']} ms, overhead "
+                         f"{part[name]['overhead_ms_median']} ms"))
+        rows.append(("one image as PNG / JPEG 90 / WebP 90", " / ".join(str(part["bytes"][name]) for name in
+                                                                         ("png", "jpeg", "webp")), "bytes"))
+    if "uploads" in figures:
+        part = figures["uploads"]
+        for name, label in (("bomb", "50,000² bomb refused"), ("over_20_mb", "20 MB + 1 upload refused")):
+            rows.append((label, f"{part[name]['refused_ms_median']} ms",
+                         f"max {part[name]['refused_ms_max']} ms, statuses {part[name]['statuses']}"))
+        rows.append(("resident memory before → after", f"{part['rss_mib_before']} → {part['rss_mib_after']} MiB",
+                     "the service's processes"))
     if "recompiles_after_live" in figures:
         rows.append(("recompiles after live", str(figures["recompiles_after_live"]),
                      f"recompile-limit hits {figures['recompile_limit_hits']}"))
@@ -627,6 +781,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--adapters", type=lambda text: text.split(","), default=[],
                         help="A,B,C: three LoRA adapters of the service's folder (A and B of one rank), for runs with "
                         "none, A, A and C, A and B in turn, and a mixed run (none given: no adapter runs)")
+    parser.add_argument("--edits", action="store_true",
+                        help="measure image-to-image (strength 0.6) and inpainting through /v1/images/edits, a mixed "
+                        "run with text-to-image, and one image's bytes as PNG, JPEG 90 and WebP 90")
+    parser.add_argument("--upload-trials", type=int, default=0,
+                        help="send this many decompression bombs and as many uploads over 20 MB to the edit route: "
+                        "how long each takes to be refused, the service's memory before and after (0: none)")
     parser.add_argument("--kill-trials", type=int, default=0, help="kill -9 trials under supervisord (0: none)")
     parser.add_argument("--engine-kill-trials", type=int, default=0,
                         help="kill -9 of the engine process with a request running and one waiting (0: none)")

@@ -119,6 +119,25 @@ def raw_exchange(app: RunningApp, request: bytes, timeout: float = 30) -> tuple[
         return read_response(sock)
 
 
+def multipart_body(fields: dict[str, str], files: list[tuple[str, str, bytes]],
+                   boundary: str = "zimage-test-boundary") -> tuple[bytes, str]:
+    """A multipart/form-data body of text `fields` and `files` (field name, file name, bytes), and its
+    Content-Type, written out here so that a test controls every byte a client library would choose."""
+    parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode()
+             for name, value in fields.items()]
+    parts += [f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; filename="{filename}"\r\n'
+              f'Content-Type: application/octet-stream\r\n\r\n'.encode() + data + b"\r\n"
+              for name, filename, data in files]
+    return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+def post_request(path: str, body: bytes, content_type: str, *headers: str) -> bytes:
+    """A POST of `body` to `path` as raw bytes, for raw_exchange; `headers`: more lines, such as "Origin: ..."."""
+    head = "".join(f"{line}\r\n" for line in headers)
+    return (f"POST {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Type: {content_type}\r\n"
+            f"Content-Length: {len(body)}\r\n{head}\r\n").encode() + body
+
+
 def get_request(path: str) -> bytes:
     """A GET of `path` as raw bytes, for raw_exchange."""
     return f"GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n".encode()

@@ -368,7 +368,7 @@ def test_the_memory_guard_refuses_a_size_that_cannot_fit_before_any_work(loaded_
 def test_compiled_engine_matches_eager_and_never_recompiles_once_live(loaded_tiny, tmp_path):
     """One compile (minutes of CPU) for every check: the compiled path's pixels, with and without LoRA adapters,
     and no graph compiled after it went live, for prompt lengths from one word to over the token budget, sizes of
-    every shape, and adapters switched between requests (none, A, B, A+B, A at another strength, none)."""
+    every shape, adapters switched between requests (none, A, B, A+B, A at another strength, none), and edits."""
     from torch._dynamo.utils import counters
 
     from pipeline.random_adapters import KeyFormat, write_random_adapter
@@ -399,6 +399,17 @@ def test_compiled_engine_matches_eager_and_never_recompiles_once_live(loaded_tin
     for number, ((width, height), count, loras) in enumerate(zip(sizes, words, adapters, strict=True)):
         engine.generate(GenerationRequest(" ".join(["lantern"] * count) + f" {number}", width=width, height=height,
                                           steps=1, seed=number, loras=loras))
+    # Edits run the same DiT and decoder graphs: image-to-image, inpainting, and inpainting with an adapter.
+    picture = np.random.default_rng(0).integers(0, 256, (384, 256, 3), dtype=np.uint8)
+    mask = np.zeros((384, 256), np.uint8)
+    mask[:, :128] = 255
+    edit = replace(request, image=picture, strength=0.5, steps=4)
+    eager_edit = eager_engine.generate(edit)
+    for edited in (edit, replace(edit, mask=mask, strength=None), replace(edit, mask=mask, loras=[{"name": "a"}])):
+        compiled = engine.generate(edited)
+        if edited is edit:
+            difference = np.abs(np.asarray(compiled.image, dtype=int) - np.asarray(eager_edit.image, dtype=int))
+            assert difference.max() <= 2
     assert counters["stats"]["unique_graphs"] == graphs_when_live
     # The compiled pipeline is a copy: the loaded one (shared by every test here) stays eager.
     assert all(block._compiled_call_impl is None for block in loaded_tiny.pipe.transformer.layers)

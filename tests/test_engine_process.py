@@ -4,6 +4,8 @@ throughout; kill -9 of the front leaving no engine behind."""
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import os
 import re
@@ -18,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import psutil
 import pytest
+from PIL import Image
 
 from pipeline.engine_process import EngineRestarting, ProcessEngine
 from pipeline.engine_worker import EngineSpec
@@ -30,8 +33,11 @@ from tests.helpers import (
     PROJECT_DIR,
     engine_options,
     http_status,
+    multipart_body,
     parse_samples,
     post_json,
+    post_request,
+    raw_exchange,
     start_demo_app,
     stop_app,
     wait_until,
@@ -194,6 +200,22 @@ def app(tmp_path_factory, tiny_models):
 def _restarts(app) -> float:
     return parse_samples(urllib.request.urlopen(f"{app.url}/metrics").read().decode())[
         ("zimage_engine_restarts_total", ())]
+
+
+def test_an_edit_and_a_jpeg_pass_through_the_engine_process(app):
+    """The picture and mask travel to the engine process with the request; the JPEG comes back from it."""
+    picture, mask = io.BytesIO(), io.BytesIO()
+    Image.linear_gradient("L").convert("RGB").resize((64, 64)).save(picture, "PNG")
+    transparent_left = Image.new("RGBA", (64, 64), (0, 0, 0, 255))
+    transparent_left.paste((0, 0, 0, 0), (0, 0, 32, 64))
+    transparent_left.save(mask, "PNG")
+    body, content_type = multipart_body({"prompt": "a door", "steps": "1", "output_format": "jpeg"},
+                                        [("image", "p.png", picture.getvalue()), ("mask", "m.png", mask.getvalue())])
+    status, _, answer = raw_exchange(app, post_request("/v1/images/edits", body, content_type))
+    assert status == 200, answer
+    jpeg = base64.b64decode(json.loads(answer)["data"][0]["b64_json"])
+    assert jpeg.startswith(b"\xff\xd8\xff") and Image.open(io.BytesIO(jpeg)).size == (64, 64)
+    assert "mode=inpaint strength=1" in app.log()
 
 
 def test_kill_9_of_the_engine_costs_the_running_request_only(app):

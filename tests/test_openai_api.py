@@ -25,7 +25,9 @@ from tests.helpers import (
     demo_model_with_adapters,
     fill_the_queue,
     http_status,
+    multipart_body,
     parse_samples,
+    post_request,
     raw_exchange,
     start_demo_app,
     stop_app,
@@ -184,7 +186,10 @@ def test_models_lists_the_one_model_and_finds_it_by_id(client):
     ({"prompt": "x", "extra_body": {"steps": 99}}, "steps must be between 1 and 50", "steps"),
     ({"prompt": "x", "model": "dall-e-3"}, "model must be 'z-image-turbo'", "model"),
     ({"prompt": "x", "response_format": "png"}, "response_format must be one of", "response_format"),
-    ({"prompt": "x", "extra_body": {"output_format": "webp"}}, "output_format must be 'png'", "output_format"),
+    ({"prompt": "x", "extra_body": {"output_format": "gif"}}, "output_format must be one of png, jpeg, webp",
+     "output_format"),
+    ({"prompt": "x", "extra_body": {"output_format": "jpeg", "output_compression": 101}},
+     "output_compression must be from 0 to 100", "output_compression"),
     ({"prompt": "x", "extra_body": {"stream": True}}, "stream must be false", "stream"),
     ({"prompt": "x", "extra_body": {"step": 4}}, "Unknown parameter: 'step'", "step"),
     ({"prompt": "x", "extra_body": {"background": "transparent"}}, "no transparency", "background"),
@@ -258,8 +263,7 @@ def test_fields_openai_defines_but_this_service_does_not_use_are_accepted(client
     response = client.images.generate(prompt="a quiet harbour", size="64x64", quality="hd", style="vivid",
                                       user="someone", extra_body={"steps": 1, "background": "opaque",
                                                                   "safety_identifier": "hashed-user-7",
-                                                                  "moderation": "low", "output_format": "png",
-                                                                  "output_compression": 80})
+                                                                  "moderation": "low", "partial_images": 0})
     assert len(response.data) == 1
 
 
@@ -299,7 +303,8 @@ def test_a_byte_order_mark_before_the_json_is_dropped(app):
     ("GET", "/v1/images/generations", 405, "POST"),
     ("DELETE", "/v1/models", 405, "GET, HEAD"),
     ("POST", "/v1/models/z-image-turbo", 405, "GET, HEAD"),
-    ("GET", "/v1/images/edits", 404, None),
+    ("GET", "/v1/images/edits", 405, "POST"),
+    ("POST", "/v1/images/variations", 404, None),
     ("POST", "/v1/chat/completions", 404, None),
 ])
 def test_unknown_paths_and_methods_under_v1_answer_in_openai_shape(app, method, path, status, allow):
@@ -467,3 +472,153 @@ def test_a_bad_adapter_request_is_a_400_naming_loras(client, loras, message):
 def test_a_non_finite_adapter_strength_is_named_not_echoed(app):
     status, body = post_raw(app, b'{"prompt": "a heron", "loras": [{"name": "film", "scale": NaN}]}')
     assert status == 400 and body["error"]["param"] == "loras" and "NaN" in body["error"]["message"]
+
+
+# -- JPEG and WebP out; edits ------------------------------------------------------------------------------------
+
+def _png(picture: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    picture.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def _picture(width: int = 128, height: int = 128) -> Image.Image:
+    gradient = Image.linear_gradient("L").resize((width, height))
+    return Image.merge("RGB", (gradient, gradient.rotate(90), Image.new("L", (width, height), 90)))
+
+
+def _mask_left_half(width: int = 128, height: int = 128) -> bytes:
+    """OpenAI's mask: transparent where the picture is to be repainted (the left half), opaque elsewhere."""
+    mask = Image.new("RGBA", (width, height), (0, 0, 0, 255))
+    mask.paste((0, 0, 0, 0), (0, 0, width // 2, height))
+    return _png(mask)
+
+
+@pytest.mark.parametrize("output_format, magic, mime", [("jpeg", b"\xff\xd8\xff", "image/jpeg"),
+                                                        ("webp", b"RIFF", "image/webp")])
+def test_jpeg_and_webp_come_back_smaller_with_their_parameters_where_a1111_puts_them(client, app, output_format,
+                                                                                   magic, mime):
+    from sd_parsers import ParserManager
+
+    png = client.images.generate(prompt="a field of poppies", size="256x256", response_format="b64_json",
+                                 extra_body={"steps": 2, "seed": 31}).data[0]
+    response = client.images.generate(prompt="a field of poppies", size="256x256", response_format="b64_json",
+                                      extra_body={"steps": 2, "seed": 31, "output_format": output_format,
+                                                  "output_compression": 80})
+    data = base64.b64decode(response.data[0].b64_json)
+    assert data.startswith(magic) and len(data) < len(base64.b64decode(png.b64_json)) / 2
+    assert response.output_format == output_format
+    (saved,) = [path for path in app.output_dir.rglob("*-seed31.*") if path.read_bytes() == data]
+    (sampler,) = ParserManager().parse(saved).samplers
+    assert [prompt.value for prompt in sampler.prompts] == ["a field of poppies"]
+    assert sampler.parameters["seed"] == "31"
+    (linked,) = client.images.generate(prompt="a field of poppies", size="64x64", response_format="url",
+                                       extra_body={"steps": 1, "output_format": output_format}).data
+    status, headers, body = raw_exchange(app, _get_head(urlsplit(linked.url).path))
+    assert status == 200 and headers["content-type"] == mime and body.startswith(magic)
+
+
+def test_the_openai_client_edits_a_picture_and_repaints_a_masked_region(client, app):
+    edited = client.images.edit(image=("photo.png", _png(_picture())), prompt="the same scene in autumn",
+                                size="128x128", response_format="b64_json",
+                                extra_body={"strength": 0.5, "steps": 4, "seed": 12})
+    result = Image.open(io.BytesIO(base64.b64decode(edited.data[0].b64_json)))
+    parameters = json.loads(result.text[PARAMETERS_KEY])
+    assert result.size == (128, 128) and (parameters["mode"], parameters["strength"]) == ("image", 0.5)
+    inpainted = client.images.edit(image=("photo.png", _png(_picture())), mask=("mask.png", _mask_left_half()),
+                                   prompt="a red door", response_format="b64_json", extra_body={"steps": 2})
+    result = Image.open(io.BytesIO(base64.b64decode(inpainted.data[0].b64_json)))
+    parameters = json.loads(result.text[PARAMETERS_KEY])
+    # No size: the picture's own.
+    assert result.size == (128, 128) and (parameters["mode"], parameters["strength"]) == ("inpaint", 1.0)
+    assert f"mode=inpaint strength=1 source={parameters['source_sha256']}" in app.log()
+
+
+def test_an_edit_without_a_size_keeps_the_pictures_aspect_and_answers_in_the_format_asked(client):
+    edited = client.images.edit(image=("wide.jpg", _png(_picture(200, 100))), prompt="a wide view",
+                                response_format="b64_json",
+                                extra_body={"steps": 1, "output_format": "webp", "output_compression": 60})
+    result = Image.open(io.BytesIO(base64.b64decode(edited.data[0].b64_json)))
+    assert (result.format, result.size) == ("WEBP", (192, 96))
+
+
+@pytest.fixture(scope="module")
+def upload_app(tmp_path_factory, tiny_models):
+    """An app with a 1 MB upload limit, whose temporary folder is its own: an upload must never land there."""
+    root = tmp_path_factory.mktemp("upload app")
+    (root / "tmp").mkdir()
+    app = start_demo_app(root, tiny_models, "--max-upload-mb", "1", env={"TMPDIR": str(root / "tmp")})
+    app.temp_dir = root / "tmp"
+    yield app
+    stop_app(app)
+
+
+def _bomb() -> bytes:
+    """A PNG of a few hundred bytes whose header claims 50,000 × 50,000 pixels (7.5 GB as RGB)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    rows = zlib.compress(b"\0" * 1000)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 50_000, 50_000, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", rows) + chunk(b"IEND", b""))
+
+
+def _edit(app, files, fields=None, *headers: str) -> tuple[int, dict, float]:
+    body, content_type = multipart_body({"prompt": "a quiet lake", "steps": "1", "size": "64x64", **(fields or {})},
+                                        files)
+    started = time.perf_counter()
+    status, answer_headers, answer = raw_exchange(app, post_request("/v1/images/edits", body, content_type, *headers))
+    return status, json.loads(answer) if answer else {}, time.perf_counter() - started
+
+
+def _gif() -> bytes:
+    buffer = io.BytesIO()
+    _picture(64, 64).save(buffer, "GIF")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("files, fields, param, words", [
+    ([("image", "bomb.png", _bomb())], {}, "image", "pixels"),
+    ([("image", "cat.png", _gif())], {}, "image", "PNG, JPEG or WebP"),
+    ([("image", "cut.png", _png(_picture())[:-300])], {}, "image", ""),
+    ([("image", "noise.png", b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 40)], {}, "image", ""),
+    ([("image", "big.png", b"\x89PNG\r\n\x1a\n" + b"\0" * 1_000_001)], {}, "image", "MB"),
+    ([("image", "a.png", _png(_picture())), ("mask", "m.png", _mask_left_half(64, 64))], {}, "mask", "128"),
+    ([("image", "a.png", _png(_picture())), ("mask", "m.png", _png(_picture()))], {}, "mask", "transparent"),
+    ([("image", "a.png", _png(_picture())), ("image", "b.png", _png(_picture()))], {}, "image", "one"),
+    ([], {}, "image", "Missing required parameter"),
+    ([("image", "a.png", _png(_picture()))], {"strength": "1.5"}, "strength", "from 0 to 1"),
+    ([("image", "a.png", _png(_picture()))], {"strength": "lots"}, "strength", "number"),
+    ([("image", "a.png", _png(_picture()))], {"loras": "[{"}, "loras", "JSON"),
+    ([("image", "a.png", _png(_picture()))], {"colour": "red"}, "colour", "Unknown parameter"),
+])
+def test_a_bad_upload_or_field_is_a_400_naming_it_and_nothing_else_changes(upload_app, files, fields, param, words):
+    saved_before = sorted(upload_app.output_dir.rglob("*.*"))
+    status, answer, seconds = _edit(upload_app, files, fields)
+    assert status == 400, answer
+    assert answer["error"]["param"] == param and words in answer["error"]["message"]
+    assert seconds < 5  # the bomb among them: refused from its header, never decoded
+    assert sorted(upload_app.output_dir.rglob("*.*")) == saved_before
+    assert http_status(f"{upload_app.url}/readyz") == 200
+
+
+def test_uploads_are_read_in_memory_and_a_body_over_the_limit_is_a_413(upload_app):
+    status, answer, _ = _edit(upload_app, [("image", "a.png", _png(_picture(64, 64)))])
+    assert status == 200 and len(answer["data"]) == 1
+    # Two uploads of 1 MB and the fields' MiB: anything larger is refused from its Content-Length, before its body.
+    head = post_request("/v1/images/edits", b"", "multipart/form-data; boundary=b").replace(
+        b"Content-Length: 0", f"Content-Length: {2 * 10**6 + 2**20 + 1}".encode())
+    assert raw_exchange(upload_app, head)[0] == 413
+    assert list(upload_app.temp_dir.iterdir()) == []  # nothing spooled to the temporary folder
+
+
+def test_an_edit_that_is_not_a_form_is_a_415_and_a_cross_site_form_a_403(upload_app):
+    status, _, answer = raw_exchange(upload_app, post_request("/v1/images/edits", b'{"prompt": "x"}',
+                                                               "application/json"))
+    assert status == 415 and "multipart/form-data" in json.loads(answer)["error"]["message"]
+    status, _, _ = _edit(upload_app, [("image", "a.png", _png(_picture(64, 64)))], {},
+                         "Origin: https://evil.example")
+    assert status == 403

@@ -147,7 +147,7 @@ def test_measure_service_times_a_user_from_start_to_kill_9_and_leaves_nothing_ru
     figures_path = tmp_path / "service.json"
     result = _run("scripts/measure_service.py", "--requests", "2", "--concurrent-clients", "2", "--per-client", "1",
                   "--mixed", "6", "--mixed-sizes", "256x256,384x256,256x384", "--size", "256x256", "--steps", "2",
-                  "--adapters", "a,b,c",
+                  "--adapters", "a,b,c", "--edits", "--upload-trials", "2",
                   "--kill-trials", "1", "--startsecs", "5", "--supervisor-dir", str(supervisor_dir),
                   "--log", str(tmp_path / "service.log"), "--json", str(figures_path),
                   "--", "--demo", "--demo-dir", str(demo_dir), "--output-dir", str(tmp_path / "outputs"))
@@ -172,7 +172,17 @@ def test_measure_service_times_a_user_from_start_to_kill_9_and_leaves_nothing_ru
     assert "adapter slots written (switch)" in result.stdout
     assert all(0 < request["engine_total_ms"] < request["client_ms"] for request in requests)
     assert {request["path"] for request in requests} == {"eager"}
-    assert len(list((tmp_path / "outputs").rglob("*.png"))) == len(requests)
+    edits = figures["edits"]
+    edited = [*edits["image_0.6"]["each"], *edits["inpaint"]["each"], *edits["mixed"]["each"]]
+    assert len(edited) == 2 + 2 + 12 == len({request["seed"] for request in edited})
+    assert all(0 < request["engine_total_ms"] < request["client_ms"] for request in edited)
+    # One image more as PNG, and as JPEG and WebP: each smaller than the PNG.
+    assert len(list((tmp_path / "outputs").rglob("*.png"))) == len(requests) + len(edited) + 1
+    assert len(list((tmp_path / "outputs").rglob("*.jpg"))) == len(list((tmp_path / "outputs").rglob("*.webp"))) == 1
+    assert edits["bytes"]["jpeg"] < edits["bytes"]["png"] and edits["bytes"]["webp"] < edits["bytes"]["png"]
+    uploads = figures["uploads"]
+    assert uploads["bomb"]["statuses"] == uploads["over_20_mb"]["statuses"] == {"400": 2}
+    assert "50,000² bomb refused" in result.stdout
     assert figures["openai"]["b64_bytes_median"] > figures["openai"]["png_bytes_median"] > 0
     assert figures["concurrent"]["ok"] == 2 and figures["concurrent"]["errors"] == {}
     assert figures["mixed"]["words_min"] == 1 and figures["mixed"]["words_max"] == 600

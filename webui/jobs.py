@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import functools
 from collections.abc import Callable
+from dataclasses import replace
 
 import anyio
 
@@ -45,12 +46,14 @@ async def run_in_line(line: AdmissionLine, engine, generations: list[GenerationR
 
 async def make_images(line: AdmissionLine, engine, prompt: object, size: object, n: object, seed: object,
                       steps: object, shift: object, loras: object = None, *, received_at: float | None,
-                      owner: str | None) -> list[dict]:
-    """`n` images of `size` ("WIDTHxHEIGHT") in one turn on the GPU, as pipeline.requests.batch reads them. Each:
-    the saved PNG's path ("file"), its seed, its request id, its stage timings in milliseconds and any notices (a
-    prompt cut to the token budget). RequestError names a bad field."""
-    results = await run_in_line(line, engine, list(batch(prompt, size, n, seed, steps, shift, loras)),
-                                received_at=received_at, owner=owner)
+                      owner: str | None, **options: object) -> list[dict]:
+    """`n` images of `size` ("WIDTHxHEIGHT"; None for an edit: the picture's) in one turn on the GPU, as
+    pipeline.requests.batch reads them. `options`: the other fields of GenerationRequest (an edit's picture, mask
+    and strength; the output format and compression). Each image: the saved file's path ("file"), its seed, its
+    request id, its stage timings in milliseconds and any notices (a prompt cut to the token budget). RequestError
+    names a bad field."""
+    generations = [replace(generation, **options) for generation in batch(prompt, size, n, seed, steps, shift, loras)]
+    results = await run_in_line(line, engine, generations, received_at=received_at, owner=owner)
     return [{"file": str(result.path), "seed": result.request.seed, "id": result.request_id,
              "loras": [{"name": choice.name, "scale": choice.scale} for choice in result.request.loras],
              "timings_ms": {stage: round(ms, 1) for stage, ms in result.timings.by_stage().items()},

@@ -8,8 +8,11 @@ import asyncio
 import json
 import time
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from urllib.parse import parse_qs
+
+from starlette.routing import Match, Route
 
 from pipeline.requests import shown
 from webui.asgi_errors import openai_error, send_json
@@ -44,14 +47,17 @@ class LimitBodySize:
     of the body is read; a chunked body is counted as it streams in and refused the moment it passes the limit.
     """
 
-    def __init__(self, app, limit: int = MAX_BODY_BYTES):
+    def __init__(self, app, limit: int = MAX_BODY_BYTES, larger: Sequence[tuple[Route, int]] = ()):
+        """`larger`: routes with a limit of their own (those that take uploads)."""
         self.app = app
         self.limit = limit
+        self.larger = larger
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit = next((own for route, own in self.larger if route.matches(scope)[0] == Match.FULL), self.limit)
         headers = dict(scope["headers"])
         # uvicorn's parser has already refused a Content-Length that is not a plain number.
         declared = headers.get(b"content-length")
@@ -61,8 +67,8 @@ class LimitBodySize:
             await send_json(send, 400, openai_error("The request has both Content-Length and Transfer-Encoding; "
                                                     "send one.", None), headers=((b"connection", b"close"),))
             return
-        if declared is not None and int(declared) > self.limit:
-            await self._refuse(send)
+        if declared is not None and int(declared) > limit:
+            await self._refuse(send, limit)
             return
         received = 0
         over = started = False
@@ -72,7 +78,7 @@ class LimitBodySize:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.limit:
+                if received > limit:
                     over = True
                     raise BodyTooLarge
             return message
@@ -91,12 +97,12 @@ class LimitBodySize:
             if not over:
                 raise
         if over and not started:
-            await self._refuse(send)
+            await self._refuse(send, limit)
 
-    async def _refuse(self, send) -> None:
+    async def _refuse(self, send, limit: int) -> None:
         # OpenAI's error shape on every route: what /v1 clients parse, and short, readable JSON everywhere else.
         # connection: close, so the server stops reading a body it will not use.
-        await send_json(send, 413, openai_error(f"The request body is over the limit of {self.limit} bytes.",
+        await send_json(send, 413, openai_error(f"The request body is over the limit of {limit} bytes.",
                                                 "request_too_large"), headers=((b"connection", b"close"),))
 
 

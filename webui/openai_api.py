@@ -1,4 +1,5 @@
-"""OpenAI-compatible image routes: POST /v1/images/generations and GET /v1/models, and the service's GET /v1/loras.
+"""OpenAI-compatible image routes: POST /v1/images/generations and /v1/images/edits, GET /v1/models, and the
+service's GET /v1/loras.
 
 A request waits in the same admission line as the UI's (webui.admission), under the same queue limit, and the engine
 validates it as it does the UI's (webui.jobs.make_images, the UI's /images endpoint too): nothing here talks to the
@@ -32,11 +33,14 @@ from config.log_lines import Occasional
 from pipeline.metrics import ServiceMetrics
 from pipeline.engine import GenerationError, ServiceBusy
 from pipeline.requests import RequestError, checked_prompt, shown
+from pipeline.storage import OUTPUT_FORMATS
+from pipeline.uploads import read_image, read_mask
 from webui.admission import AdmissionLine
 from webui.arrival import received_at
 from webui.asgi_errors import openai_error
 from webui.auth import IMAGE_ROUTE, USER_KEY, LinkSigner
 from webui.jobs import make_images
+from webui.multipart import FormError, boundary_of, read_form
 from webui.owners import owner_for
 
 log = logging.getLogger("zimage.openai")
@@ -48,16 +52,20 @@ DEFAULT_SIZE = "1024x1024"
 SIZE_PATTERN = re.compile(r"[0-9]{1,5}x[0-9]{1,5}")  # OpenAI's "WIDTHxHEIGHT"; five digits is past any size served
 MAX_DIGITS = 30  # the longest whole number this route reads is a seed below 2**64: 20 digits
 # The fields this route reads: OpenAI's, then this service's own (sent by the openai client through extra_body).
-FIELDS = ("model", "prompt", "n", "size", "response_format", "output_format", "background", "stream", "seed",
-          "steps", "shift", "loras")
-# Fields of OpenAI's images API taken but not acted on. They tune the picture (quality, style, moderation), name
-# the caller (user, and safety_identifier, which the client offers in its place), or apply to formats and streams
-# not served here (output_compression: JPEG and WebP; partial_images: streaming). The official client sends each
-# one its caller passes, so refusing them would break working code for no gain; none changes the shape of the
-# answer. Any other key gets a 400, as OpenAI itself answers "Unknown parameter", so that a typo such as "step" is
-# not silently dropped.
-IGNORED_FIELDS = ("quality", "style", "user", "safety_identifier", "moderation", "output_compression",
-                  "partial_images")
+FIELDS = ("model", "prompt", "n", "size", "response_format", "output_format", "output_compression", "background",
+          "stream", "seed", "steps", "shift", "loras")
+# An edit's form: the same, its picture and mask (files), and its strength. OpenAI's client sends a list of
+# pictures as "image[]"; one is edited here.
+EDIT_FIELDS = (*FIELDS, "image", "image[]", "mask", "strength")
+# Fields of OpenAI's images API taken but not acted on. They tune the picture (quality, style, moderation,
+# input_fidelity), name the caller (user, and safety_identifier, which the client offers in its place), or apply to
+# streams (partial_images). The official client sends each one its caller passes, so refusing them would break
+# working code for no gain; none changes the shape of the answer. Any other key gets a 400, as OpenAI itself answers
+# "Unknown parameter", so that a typo such as "step" is not silently dropped.
+IGNORED_FIELDS = ("quality", "style", "user", "safety_identifier", "moderation", "partial_images", "input_fidelity")
+MEDIA_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".webp": "image/webp"}  # the files the engine saves
+UPLOAD_ROUTES = ("/v1/images/edits",)  # routes whose bodies carry pictures: webui.server gives them a larger limit
+UPLOADS_AT_ONCE = 4  # edits' bodies read and decoded at once (each up to two uploads): what bounds their memory
 PARAMETER_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")  # what may be echoed as an unknown key's `param`
 BUSY_RETRY_AFTER_S = 2  # a full queue drains at about an image a second; clients honour Retry-After
 UNMATCHED_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")  # OPTIONS stays Gradio's CORS preflight
@@ -152,9 +160,14 @@ def _field(body: dict, name: str, accepted: Callable[[object], bool], expected: 
     return value
 
 
-def _read_body(raw: bytes) -> tuple[list[object], str]:
-    """The Gradio call's inputs and the response format, from the JSON body; ApiError(400) names a bad field."""
-    body = _parse(raw)
+def _read_body(raw: bytes) -> tuple[list[object], str, dict[str, object]]:
+    """make_images' inputs, the response format and the output's, from the JSON body; ApiError(400) names a bad
+    field."""
+    return _read_fields(_parse(raw))
+
+
+def _read_fields(body: dict) -> tuple[list[object], str, dict[str, object]]:
+    """As _read_body, from the body's fields (an edit's form, read as JSON would have typed it)."""
     if body.get("prompt") is None:
         raise ApiError(400, "Missing required parameter: 'prompt'.", "prompt", "missing_required_parameter")
     _field(body, "prompt", lambda value: isinstance(value, str), "text")
@@ -165,7 +178,9 @@ def _read_body(raw: bytes) -> tuple[list[object], str]:
     except RequestError as error:
         raise ApiError(400, str(error), "prompt") from None
     _field(body, "model", lambda value: value == MODEL_ID, f"{MODEL_ID!r}, the one model served here")
-    _field(body, "output_format", lambda value: value == "png", "'png': the images are PNG")
+    output = {"output_format": _field(body, "output_format", lambda value: value in OUTPUT_FORMATS,
+                                      f"one of {', '.join(OUTPUT_FORMATS)}") or "png",
+              "output_compression": _field(body, "output_compression", _number, "a whole number from 0 to 100")}
     _field(body, "background", lambda value: value in ("auto", "opaque"),
            "'auto' or 'opaque': the images have no transparency")
     _field(body, "stream", lambda value: value is False, "false: the images come back whole, in one response")
@@ -182,13 +197,66 @@ def _read_body(raw: bytes) -> tuple[list[object], str]:
     inputs = [prompt, DEFAULT_SIZE if size in (None, "auto") else size, 1 if n is None else n,
               _field(body, "seed", lambda value: _number(value) or value == "random", "a whole number or 'random'"),
               _field(body, "steps", _number, "a whole number"), _field(body, "shift", _number, "a number"), loras]
-    return inputs, response_format
+    return inputs, response_format, output
+
+
+_FORM_NUMBER = re.compile(r"-?[0-9]+(?:\.[0-9]*)?(?:[eE][-+]?[0-9]+)?")
+_FORM_NUMBER_FIELDS = ("n", "seed", "steps", "shift", "strength", "output_compression")
+
+
+def _form_value(name: str, text: str) -> object:
+    """A form field's text as the JSON route would have it typed: numbers, false and true, the loras list. Text
+    that is none of these stays text, for the field check to name."""
+    if name in _FORM_NUMBER_FIELDS and _FORM_NUMBER.fullmatch(text.strip()):
+        number = text.strip()
+        return _whole(number) if number.lstrip("-").isdigit() else _real(number)
+    if name == "stream" and text in ("true", "false"):
+        return text == "true"
+    if name == "loras":
+        try:
+            return json.loads(text, parse_constant=_NotANumber)
+        except (ValueError, RecursionError):
+            raise ApiError(400, 'loras must be JSON text: [{"name": ..., "scale": ...}].', "loras") from None
+    return text
+
+
+def _read_edit_form(body: bytes, boundary: bytes) -> tuple[dict[str, object], dict[str, bytes]]:
+    """The edit's fields, typed as the JSON route's are, and its files (image, mask); ApiError(400) names a bad
+    one."""
+    try:
+        parts = read_form(body, boundary)
+    except FormError as error:
+        raise ApiError(400, str(error)) from None
+    fields: dict[str, object] = {}
+    files: dict[str, bytes] = {}
+    for part in parts:
+        name = "image" if part.name == "image[]" else part.name
+        if name not in EDIT_FIELDS and name not in IGNORED_FIELDS:
+            raise ApiError(400, f"Unknown parameter: {shown(part.name)}.",
+                           part.name if PARAMETER_NAME.fullmatch(part.name) else None, "unknown_parameter")
+        if name in ("image", "mask"):
+            if name in files:
+                raise ApiError(400, f"Send one {name}: this service edits one picture at a time.", name)
+            files[name] = bytes(part.data)
+            continue
+        if name in fields:
+            raise ApiError(400, f"{name} is given twice; send it once.", name)
+        try:
+            fields[name] = _form_value(name, part.text())
+        except FormError as error:
+            raise ApiError(400, str(error), name) from None
+    if "image" not in files:
+        raise ApiError(400, "Missing required parameter: 'image' (the picture to edit, as a file).", "image",
+                       "missing_required_parameter")
+    return fields, files
 
 
 def openai_routes(engine, line: AdmissionLine, public_url: str, started_at: float, deliveries,
-                  metrics: ServiceMetrics, links: LinkSigner | None = None) -> list[Route]:
+                  metrics: ServiceMetrics, links: LinkSigner | None = None, *, max_upload_bytes: int,
+                  max_upload_pixels: int) -> list[Route]:
     """`engine` makes the images, in `line`. `public_url`: the base of the image URLs it returns (configured, never
-    taken from the request's Host header, which any client can forge).
+    taken from the request's Host header, which any client can forge). An edit's uploads are each at most
+    `max_upload_bytes` and `max_upload_pixels`.
     `deliveries` counts each generation request from its arrival until its answer has been sent (Starlette runs a
     response's background task after the last byte), so a shutdown can wait for it. A request refused here, before
     the queue, is counted in `metrics` and logged as the engine does its own refusals. `links`: with credentials
@@ -199,17 +267,26 @@ def openai_routes(engine, line: AdmissionLine, public_url: str, started_at: floa
     # loop (any loopback client, without --auth) would otherwise rotate the log within minutes.
     refused = Occasional(log, level=logging.INFO, times=REFUSALS_LOGGED_PER_INTERVAL)
 
-    async def generations(request: Request):
-        deliveries.begin()
-        try:
-            response = await _generations(request)
-        except BaseException:
-            deliveries.end()
-            raise
-        response.background = BackgroundTask(deliveries.end)
-        return response
+    uploads = anyio.Semaphore(UPLOADS_AT_ONCE)
 
-    async def _generations(request: Request):
+    def delivered(route):
+        async def counted(request: Request):
+            deliveries.begin()
+            try:
+                response = await route(request)
+            except BaseException:
+                deliveries.end()
+                raise
+            response.background = BackgroundTask(deliveries.end)
+            return response
+        return counted
+
+    def refusal(error: ApiError) -> FastJSONResponse:
+        refused("images request refused status=%d param=%s reason=%r", error.status, error.param, error.message)
+        metrics.request_finished("rejected")
+        return _error_response(error)
+
+    async def generations(request: Request):
         # Only JSON: a text/plain or form body is what a cross-site HTML form, or fetch without a preflight, can
         # send; refusing it before the body is read keeps such requests from ever reaching the queue.
         content_type = request.headers.get("content-type", "")
@@ -217,15 +294,52 @@ def openai_routes(engine, line: AdmissionLine, public_url: str, started_at: floa
             if not _is_json(content_type):
                 raise ApiError(415, f"Send the body as JSON, with Content-Type: application/json "
                                     f"(got {shown(content_type)}).")
-            inputs, response_format = _read_body(await request.body())
+            inputs, response_format, output = _read_body(await request.body())
         except ApiError as error:
-            refused("images request refused status=%d param=%s reason=%r", error.status, error.param, error.message)
-            metrics.request_finished("rejected")
-            return _error_response(error)
+            return refusal(error)
+        return await _images(request, inputs, response_format, output)
+
+    async def edits(request: Request):
+        """OpenAI's edit: a multipart form with the picture ("image"), optionally a mask whose transparent pixels
+        mark what to repaint, and the generation's fields (strength too). Cross-site forms are refused before this
+        (webui.origin)."""
+        content_type = request.headers.get("content-type", "")
+        try:
+            boundary = boundary_of(content_type)
+            if boundary is None:
+                raise ApiError(415, f"Send the edit as multipart/form-data, with the picture in the field image "
+                                    f"(got {shown(content_type)}).")
+            if uploads.value == 0:
+                raise ApiError(503, "The server is busy reading other uploads; try again in a moment.", code="busy")
+            async with uploads:
+                fields, files = _read_edit_form(await request.body(), boundary)
+                inputs, response_format, output = _read_fields(fields)
+                picture = await anyio.to_thread.run_sync(_read_upload, files, "image", None)
+                mask = None
+                if "mask" in files:
+                    mask = await anyio.to_thread.run_sync(_read_upload, files, "mask",
+                                                          (picture.shape[1], picture.shape[0]))
+        except ApiError as error:
+            return refusal(error)
+        if fields.get("size") in (None, "auto"):
+            inputs[1] = None  # the picture's own size (pipeline.requests.edit_size)
+        return await _images(request, inputs, response_format,
+                             {**output, "image": picture, "mask": mask, "strength": fields.get("strength")})
+
+    def _read_upload(files: dict[str, bytes], name: str, size: tuple[int, int] | None):
+        try:
+            if size is None:
+                return read_image(files[name], name, max_bytes=max_upload_bytes, max_pixels=max_upload_pixels)
+            return read_mask(files[name], name, size, max_bytes=max_upload_bytes, max_pixels=max_upload_pixels)
+        except RequestError as error:
+            raise ApiError(400, str(error), error.field) from None
+
+    async def _images(request: Request, inputs: list[object], response_format: str,
+                      options: dict[str, object]) -> FastJSONResponse:
         joined = time.perf_counter()
         try:
             images = await make_images(line, engine, *inputs, received_at=received_at(request),
-                                       owner=owner_for(getattr(request.state, USER_KEY, None), None))
+                                       owner=owner_for(getattr(request.state, USER_KEY, None), None), **options)
         except RequestError as error:
             return _error_response(ApiError(400, str(error), PARAM_BY_FIELD.get(error.field, error.field)))
         except ServiceBusy as error:
@@ -256,7 +370,8 @@ def openai_routes(engine, line: AdmissionLine, public_url: str, started_at: floa
                     item["url"] += "?" + links.query(f"{IMAGE_ROUTE}{name}")
             data.append(item)
         # The engine's id of each image, as the log's request lines name them: what a caller quotes to the operator.
-        response = FastJSONResponse({"created": int(time.time()), "data": data},
+        response = FastJSONResponse({"created": int(time.time()), "output_format": options["output_format"],
+                                     "data": data},
                                     headers={"x-request-id": ",".join(image["id"] for image in images)})
         # The HTTP side of the request's time, beside the engine's own line: the queue (with the engine's run in it)
         # and building the answer (reading, encoding, serializing the images).
@@ -285,21 +400,22 @@ def openai_routes(engine, line: AdmissionLine, public_url: str, started_at: floa
 
     async def image_file(request: Request):
         """A saved image, by its path under the output dir (what the links of url-format answers name); Starlette's
-        FileResponse serves ranges of it too. Nothing but a PNG the engine saved there: no other file, no partial
+        FileResponse serves ranges of it too. Nothing but an image the engine saved there: no other file, no partial
         write (those end in .tmp), no path out of the dir."""
         name = request.path_params["name"]
         path = output_root / name
         try:
             # An absolute name would replace the output dir in the join: a client could confirm where it is.
-            saved = (not name.startswith("/") and path.suffix == ".png" and path.resolve().is_relative_to(output_root)
-                     and path.is_file())
+            saved = (not name.startswith("/") and path.suffix in MEDIA_TYPES
+                     and path.resolve().is_relative_to(output_root) and path.is_file())
         except (ValueError, OSError):  # a NUL byte, a name too long for the file system: no such image either
             saved = False
         if not saved:
             return _error_response(ApiError(404, f"No image {shown(name)} is saved here.", code="image_not_found"))
-        return FileResponse(path, media_type="image/png")
+        return FileResponse(path, media_type=MEDIA_TYPES[path.suffix])
 
-    routes = [Route("/v1/images/generations", generations, methods=["POST"]), Route("/v1/models", models),
+    routes = [Route("/v1/images/generations", delivered(generations), methods=["POST"]),
+              Route(UPLOAD_ROUTES[0], delivered(edits), methods=["POST"]), Route("/v1/models", models),
               Route("/v1/loras", loras),
               Route("/v1/models/{model}", model),
               Route(IMAGE_ROUTE + "{name:path}", image_file, methods=["GET", "HEAD"])]

@@ -36,8 +36,8 @@ from webui.gradio_surface import (
     mounted_gradio_app,
     unlisted_routes,
 )
-from webui.limits import PAGE_LOADS, SESSIONS_KEPT, UI_EVENTS, GuardGradioCalls, LimitBodySize
-from webui.openai_api import openai_routes
+from webui.limits import MAX_BODY_BYTES, PAGE_LOADS, SESSIONS_KEPT, UI_EVENTS, GuardGradioCalls, LimitBodySize
+from webui.openai_api import UPLOAD_ROUTES, openai_routes
 from webui.origin import RefuseCrossSite, is_loopback_name
 from webui.resolutions import offered_sizes
 from webui.streams import StreamPool
@@ -148,15 +148,17 @@ MIDDLEWARE_ORDER = (
 
 
 def service_middleware(blocks: gr.Blocks, routes: list[Route], streams: StreamPool, *, credentials: dict[str, str],
-                       links: LinkSigner | None, own_hosts: frozenset[str] | None) -> list[Middleware]:
-    """The middleware, outermost first, in MIDDLEWARE_ORDER (RequireCredentials only with `credentials`)."""
+                       links: LinkSigner | None, own_hosts: frozenset[str] | None,
+                       larger_bodies: list[tuple[Route, int]] = ()) -> list[Middleware]:
+    """The middleware, outermost first, in MIDDLEWARE_ORDER (RequireCredentials only with `credentials`).
+    `larger_bodies`: routes whose bodies may be larger than MAX_BODY_BYTES, each with its own limit."""
     return [
         Middleware(AnswerUnhandledErrors, unknown_endpoint=UNKNOWN_ENDPOINT),
         *([Middleware(RequireCredentials, credentials=credentials, links=links)] if credentials else []),
         Middleware(ClassifyGradioRoutes, own_routes=routes),
         Middleware(RefuseCrossSite, own_hosts=own_hosts,
                    budgeted=lambda scope: UI_EVENTS.counts(scope) or PAGE_LOADS.counts(scope)),
-        Middleware(LimitBodySize),
+        Middleware(LimitBodySize, larger=larger_bodies),
         Middleware(GuardGradioCalls, streams=streams, page=PageEvents.of(blocks, OPTIONAL_INPUTS), budgets=(UI_EVENTS, PAGE_LOADS))]
 
 
@@ -208,7 +210,7 @@ def serve(blocks: gr.Blocks, engine: ServingEngine, line: AdmissionLine, *, host
           shutdown_grace_s: float, metrics: ServiceMetrics, credentials: dict[str, str], max_connections: int,
           header_timeout_s: float, send_timeout_s: float, ssl_certfile: str = "", ssl_keyfile: str = "",
           public_url: str = "", trusted_proxies: str = "", compile_delay_s: float = 0.0,
-          recycle: Callable[[str], bool] | None = None) -> int:
+          recycle: Callable[[str], bool] | None = None, max_upload_bytes: int, max_upload_pixels: int) -> int:
     """Serve until SIGTERM or SIGINT, then shut down in order; returns the exit code (0: asked to stop).
 
     `recycle(reason)`: replaces the engine's process, to give its GPU memory back; SIGUSR2 (the watchdog's GPU-memory
@@ -247,11 +249,14 @@ def serve(blocks: gr.Blocks, engine: ServingEngine, line: AdmissionLine, *, host
                          loopback=LOOPBACK)
     routes = [*health_routes(engine, streams), metrics_route(metrics, engine, line, streams),
               *openai_routes(engine, line, public_url or local_url, started_at=time.time(),
-                             deliveries=deliveries, metrics=metrics, links=links)]
+                             deliveries=deliveries, metrics=metrics, links=links, max_upload_bytes=max_upload_bytes,
+                             max_upload_pixels=max_upload_pixels)]
     # Bound to loopback, only loopback names and --public-url's host are this server's (see webui.origin).
     own_hosts = (frozenset(filter(None, [urlsplit(public_url).hostname])) if is_loopback_name(host.lower()) else None)
+    # An edit's body holds its picture and its mask, each up to the upload limit, beside its text fields.
+    uploads = [(route, 2 * max_upload_bytes + MAX_BODY_BYTES) for route in routes if route.path in UPLOAD_ROUTES]
     middleware = service_middleware(blocks, routes, streams, credentials=credentials, links=links,
-                                    own_hosts=own_hosts)
+                                    own_hosts=own_hosts, larger_bodies=uploads)
     app = build_app(blocks, routes, middleware, root_path=public_url)
     if unlisted := unlisted_routes(mounted_gradio_app(app)):
         log.warning("gradio serves routes webui.gradio_surface does not list; they are closed (404) until it does: "

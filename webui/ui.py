@@ -151,13 +151,16 @@ def build_ui(engine: ServingEngine, line: AdmissionLine, *, demo: bool, model_la
         return images, {**page, "images": images}, result.request.seed, _timing(result), str(result.path)
 
     async def images(prompt: str, size: str, n: int, seed: int | None, steps: int | None, shift: float | None,
-                     request: gr.Request, loras: list[dict] | None = None) -> list[dict]:
+                     request: gr.Request, loras: list[dict] | None = None, output_format: str = "png",
+                     output_compression: int | None = None) -> list[dict]:
         """webui.jobs.make_images for API callers: what /generate shows as Markdown, as values a script can read
         ("file": gradio_client would take a "path" key for a file to download and drop the rest). `loras`:
-        [{"name": ..., "scale": ...}, ...], adapters of the server's folder."""
+        [{"name": ..., "scale": ...}, ...], adapters of the server's folder. `output_format`: png, jpeg or webp,
+        `output_compression` 0-100 for the last two (OpenAI's fields)."""
         with reported_to_the_caller():
             return await make_images(line, engine, prompt, size, n, seed, steps, shift, loras,
-                                     received_at=received_at(request), owner=owner_of(request, None))
+                                     received_at=received_at(request), owner=owner_of(request, None),
+                                     output_format=output_format, output_compression=output_compression)
 
     def load_history(stored_browser_id, request: gr.Request):
         """A page opens: its browser's id (a new one on its first visit, kept in localStorage) and the owner's
