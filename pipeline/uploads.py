@@ -35,14 +35,14 @@ def _format(data: bytes) -> str | None:
     return None
 
 
-def _decoded(data: bytes, field: str, max_bytes: int, max_pixels: int) -> Image.Image:
+def _decoded(data: bytes | memoryview, field: str, max_bytes: int, max_pixels: int) -> Image.Image:
     """The upload's first frame, decoded and upright, once its size, format and pixel count are known to be fine."""
     if not data:
         raise RequestError(f"{field} is empty: send a {ACCEPTED} picture.", field)
     if len(data) > max_bytes:
         raise RequestError(f"{field} is larger than the limit of {max_bytes / MB:g} MB ({len(data):,} bytes); "
                            f"send a smaller picture.", field)
-    kind = _format(data)
+    kind = _format(bytes(data[:12]))  # a memoryview (webui.multipart's parts) has no startswith
     if kind is None:
         raise RequestError(f"{field} must be a {ACCEPTED} picture; this file's content is none of those.", field)
     unreadable = RequestError(f"{field} could not be read as a {_SHOWN_FORMATS[kind]}: the file is damaged or cut "
@@ -87,7 +87,7 @@ def _has_alpha(image: Image.Image) -> bool:
     return "A" in image.getbands() or "transparency" in image.info
 
 
-def read_image(data: bytes, field: str, *, max_bytes: int, max_pixels: int) -> np.ndarray:
+def read_image(data: bytes | memoryview, field: str, *, max_bytes: int, max_pixels: int) -> np.ndarray:
     """RGB uint8 array (height, width, 3) of an uploaded PNG, JPEG or WebP (an animation's first frame), upright,
     with any transparency shown over white; RequestError naming `field` for anything else."""
     image = _eight_bit(_decoded(data, field, max_bytes, max_pixels))
@@ -100,7 +100,8 @@ def read_image(data: bytes, field: str, *, max_bytes: int, max_pixels: int) -> n
     return np.asarray(picture)
 
 
-def read_mask(data: bytes, field: str, size: tuple[int, int], *, max_bytes: int, max_pixels: int) -> np.ndarray:
+def read_mask(data: bytes | memoryview, field: str, size: tuple[int, int], *, max_bytes: int,
+              max_pixels: int) -> np.ndarray:
     """uint8 array (height, width): 255 where the image is to be repainted, 0 where it is kept. As OpenAI's
     images/edits reads a mask, its fully transparent pixels (alpha 0) are those to repaint; `size` is the (width,
     height) of the image it belongs to, which the mask must match once upright."""

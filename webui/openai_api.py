@@ -220,7 +220,7 @@ def _form_value(name: str, text: str) -> object:
     return text
 
 
-def _read_edit_form(body: bytes, boundary: bytes) -> tuple[dict[str, object], dict[str, bytes]]:
+def _read_edit_form(body: bytes, boundary: bytes) -> tuple[dict[str, object], dict[str, memoryview | bytes]]:
     """The edit's fields, typed as the JSON route's are, and its files (image, mask); ApiError(400) names a bad
     one."""
     try:
@@ -228,7 +228,7 @@ def _read_edit_form(body: bytes, boundary: bytes) -> tuple[dict[str, object], di
     except FormError as error:
         raise ApiError(400, str(error)) from None
     fields: dict[str, object] = {}
-    files: dict[str, bytes] = {}
+    files: dict[str, memoryview | bytes] = {}
     for part in parts:
         name = "image" if part.name == "image[]" else part.name
         if name not in EDIT_FIELDS and name not in IGNORED_FIELDS:
@@ -237,7 +237,7 @@ def _read_edit_form(body: bytes, boundary: bytes) -> tuple[dict[str, object], di
         if name in ("image", "mask"):
             if name in files:
                 raise ApiError(400, f"Send one {name}: this service edits one picture at a time.", name)
-            files[name] = bytes(part.data)
+            files[name] = part.data
             continue
         if name in fields:
             raise ApiError(400, f"{name} is given twice; send it once.", name)
@@ -326,7 +326,7 @@ def openai_routes(engine, line: AdmissionLine, public_url: str, started_at: floa
         return await _images(request, inputs, response_format,
                              {**output, "image": picture, "mask": mask, "strength": fields.get("strength")})
 
-    def _read_upload(files: dict[str, bytes], name: str, size: tuple[int, int] | None):
+    def _read_upload(files: dict[str, memoryview | bytes], name: str, size: tuple[int, int] | None):
         try:
             if size is None:
                 return read_image(files[name], name, max_bytes=max_upload_bytes, max_pixels=max_upload_pixels)
