@@ -11,6 +11,7 @@ Nothing is written to disk. What comes out is upright (EXIF orientation applied)
 from __future__ import annotations
 
 import io
+import warnings
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -22,6 +23,11 @@ MEGAPIXEL = 10**6
 ACCEPTED = "PNG, JPEG or WebP"
 
 _SHOWN_FORMATS = {"PNG": "PNG", "JPEG": "JPEG", "WEBP": "WebP"}  # Pillow's format names, as messages write them
+
+# Pillow warns on stderr (so in the service's log) when a header claims more pixels than its own limit, before the
+# check here, a far lower limit, refuses the file: each client's choice of size would add a line. Pillow's error for
+# the largest claims still comes, and is read below.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
 def _format(data: bytes) -> str | None:
