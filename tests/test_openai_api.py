@@ -22,6 +22,7 @@ from pipeline.storage import PARAMETERS_KEY
 from tests.helpers import (
     ADAPTER_STD,
     PROJECT_DIR,
+    connect,
     demo_model_with_adapters,
     fill_the_queue,
     http_status,
@@ -31,6 +32,7 @@ from tests.helpers import (
     raw_exchange,
     start_demo_app,
     stop_app,
+    wait_until,
 )
 
 pytestmark = pytest.mark.e2e
@@ -622,3 +624,24 @@ def test_an_edit_that_is_not_a_form_is_a_415_and_a_cross_site_form_a_403(upload_
     status, _, _ = _edit(upload_app, [("image", "a.png", _png(_picture(64, 64)))], {},
                          "Origin: https://evil.example")
     assert status == 403
+
+
+def test_edits_past_the_ones_being_read_are_a_503_busy_until_those_end(upload_app):
+    """Four clients send the head of an edit and only part of its body: their reads hold the four places, so a fifth
+    edit is told to come back (Retry-After), and once they hang up, edits are read again."""
+    body, content_type = multipart_body({"prompt": "x"}, [("image", "a.png", _png(_picture(64, 64)))])
+    slow = []
+    for _ in range(4):
+        sock = connect(upload_app)
+        sock.sendall(post_request("/v1/images/edits", body, content_type)[:-100])  # the body's last bytes never come
+        slow.append(sock)
+    probe, probe_type = multipart_body({"prompt": "x"}, [])  # no image: a 400 whenever it is read
+    deadline = time.monotonic() + 10
+    while (answer := raw_exchange(upload_app, post_request("/v1/images/edits", probe, probe_type)))[0] != 503:
+        assert answer[0] == 400 and time.monotonic() < deadline, answer
+    status, headers, answer = answer
+    assert json.loads(answer)["error"]["code"] == "busy" and headers["retry-after"] == "2"
+    for sock in slow:
+        sock.close()
+    wait_until(lambda: raw_exchange(upload_app, post_request("/v1/images/edits", probe, probe_type))[0] == 400, 10,
+               "the places given back")

@@ -283,8 +283,9 @@ def openai_routes(engine, line: AdmissionLine, public_url: str, started_at: floa
 
     def refusal(error: ApiError) -> FastJSONResponse:
         refused("images request refused status=%d param=%s reason=%r", error.status, error.param, error.message)
-        metrics.request_finished("rejected")
-        return _error_response(error)
+        busy = error.code == "busy"
+        metrics.request_finished("busy" if busy else "rejected")
+        return _error_response(error, headers={"retry-after": str(BUSY_RETRY_AFTER_S)} if busy else None)
 
     async def generations(request: Request):
         # Only JSON: a text/plain or form body is what a cross-site HTML form, or fetch without a preflight, can
