@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 import numpy as np
 import pytest
 from gradio_client import Client
+from gradio_client.exceptions import AppError
 from PIL import Image
 
 from pipeline.layouts import LayoutKind
@@ -243,6 +244,13 @@ def test_the_images_endpoint_gives_a_script_the_timings_as_values(demo_app, clie
     line = next(line for line in demo_app.log().splitlines() if f"id={image['id']}" in line and "outcome=ok" in line)
     # The log rounds to whole milliseconds, the record to tenths: they agree to within those roundings.
     assert abs(float(re.search(r" total_ms=(\d+)", line)[1]) - timings["total"]) <= 0.55
+
+
+def test_the_images_endpoint_saves_webp_or_jpeg_when_asked(client):
+    [image] = client.predict("a kite over the dunes", "64x64", 1, 9, 1, None, None, "webp", 70, api_name="/images")
+    assert image["file"].endswith(".webp") and Path(image["file"]).read_bytes()[8:12] == b"WEBP"
+    with pytest.raises(AppError, match="output_format must be one of png, jpeg, webp"):
+        client.predict("a kite", "64x64", 1, 9, 1, None, None, "gif", None, api_name="/images")
 
 
 def test_server_keeps_serving_after_bad_input(client):
