@@ -319,11 +319,15 @@ def main(argv: list[str] | None = None) -> int:
         return error.exit_code
 
     from webui.admission import AdmissionLine
+    from webui.editor_uploads import UploadFolder
+    from webui.gradio_surface import upload_folder
     from webui.server import serve
     from webui.ui import build_ui
 
     line = AdmissionLine(capacity=settings.queue_size, parallel=engine.parallel_jobs, metrics=metrics)
-    blocks = build_ui(engine, line, demo=settings.demo, model_label=model_label, max_w=settings.max_w,
+    uploads = UploadFolder(upload_folder(), max_bytes=settings.max_upload_mb * 10**6,
+                           max_pixels=settings.max_upload_megapixels * 10**6)
+    blocks = build_ui(engine, line, uploads, demo=settings.demo, model_label=model_label, max_w=settings.max_w,
                       max_h=settings.max_h)
     exit_code = serve(blocks, engine, line, host=settings.host, port=settings.port,
                       shutdown_grace_s=settings.shutdown_grace_s, metrics=metrics,
@@ -333,8 +337,7 @@ def main(argv: list[str] | None = None) -> int:
                       public_url=settings.public_url, trusted_proxies=settings.trusted_proxy,
                       compile_delay_s=settings.compile_delay_s,
                       recycle=engine.recycle if settings.engine_process and settings.replicas == "0" else None,
-                      max_upload_bytes=settings.max_upload_mb * 10**6,
-                      max_upload_pixels=settings.max_upload_megapixels * 10**6)
+                      uploads=uploads)
     if settings.replicas != "0":
         import scale
 

@@ -30,7 +30,7 @@ _SHOWN_FORMATS = {"PNG": "PNG", "JPEG": "JPEG", "WEBP": "WebP"}  # Pillow's form
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
-def _format(data: bytes) -> str | None:
+def picture_format(data: bytes) -> str | None:
     """Pillow's name of the format the file's first bytes announce, or None for any other."""
     if data.startswith(b"\x89PNG\r\n\x1a\n"):
         return "PNG"
@@ -48,7 +48,7 @@ def _decoded(data: bytes | memoryview, field: str, max_bytes: int, max_pixels: i
     if len(data) > max_bytes:
         raise RequestError(f"{field} is larger than the limit of {max_bytes / MB:g} MB ({len(data):,} bytes); "
                            f"send a smaller picture.", field)
-    kind = _format(bytes(data[:12]))  # a memoryview (webui.multipart's parts) has no startswith
+    kind = picture_format(bytes(data[:12]))  # a memoryview (webui.multipart's parts) has no startswith
     if kind is None:
         raise RequestError(f"{field} must be a {ACCEPTED} picture; this file's content is none of those.", field)
     unreadable = RequestError(f"{field} could not be read as a {_SHOWN_FORMATS[kind]}: the file is damaged or cut "
@@ -124,3 +124,16 @@ def read_mask(data: bytes | memoryview, field: str, size: tuple[int, int], *, ma
         raise RequestError(f"{field} has no fully transparent pixel, so nothing would be repainted: make the "
                            f"pixels to change transparent (alpha 0).", field)
     return repaint
+
+
+def read_painted(data: bytes | memoryview, field: str, size: tuple[int, int], *, max_bytes: int,
+                 max_pixels: int) -> np.ndarray:
+    """uint8 array (height, width): 255 where a brush layer (the page's image editor's) is painted, any opacity,
+    0 where it is clear; `size` is the (width, height) of the picture it was painted over, which it must match."""
+    image = _eight_bit(_decoded(data, field, max_bytes, max_pixels))
+    if image.size != tuple(size):
+        raise RequestError(f"{field} is {image.width}×{image.height} but the picture is {size[0]}×{size[1]}: paint "
+                           f"over the picture itself.", field)
+    if not _has_alpha(image):
+        return np.full((image.height, image.width), 255, np.uint8)  # an opaque layer covers all of it
+    return np.where(np.asarray(image.convert("RGBA").getchannel("A")) > 0, 255, 0).astype(np.uint8)

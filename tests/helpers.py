@@ -11,12 +11,14 @@ import resource
 import shutil
 import socket
 import ssl
+import struct
 import subprocess
 import sys
 import threading
 import time
 import urllib.error
 import urllib.request
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -353,3 +355,23 @@ def assert_holds_the_built_weights(pipe, names=("transformer", "text_encoder", "
         assert ours.keys() == theirs.keys()
         for key in theirs:
             torch.testing.assert_close(ours[key], theirs[key].float(), rtol=0, atol=0, msg=f"{name}.{key}")
+
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def hand_made_png(width: int, height: int, bit_depth: int, colour_type: int, rows: bytes, *extra: bytes) -> bytes:
+    """A PNG written chunk by chunk, for what Pillow will not write (16-bit RGB, a lying header); `rows` are the
+    scanlines, each with its filter byte. `extra` chunks go between IHDR and IDAT."""
+    header = struct.pack(">IIBBBBB", width, height, bit_depth, colour_type, 0, 0, 0)
+    return (PNG_SIGNATURE + chunk(b"IHDR", header) + b"".join(extra) + chunk(b"IDAT", zlib.compress(rows))
+            + chunk(b"IEND", b""))
+
+
+def bomb(width: int = 50_000, height: int = 50_000) -> bytes:
+    """A real, valid-looking PNG of well under a kilobyte whose header claims width × height RGB pixels."""
+    return hand_made_png(width, height, 8, 2, b"\0" * 1000)

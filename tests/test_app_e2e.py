@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 import pytest
-from gradio_client import Client
+from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image
 
@@ -115,9 +115,10 @@ def test_files_others_leave_in_the_shared_gradio_folder_are_not_served(demo_app,
     temp_dir = PROJECT_DIR / ".cache" / "gradio-temp" / str(urlsplit(demo_app.url).port)
     assert f"gradio temp dir {temp_dir} (mode 700, emptied)" in demo_app.log()
     assert stat.S_IMODE(temp_dir.stat().st_mode) == 0o700
+    # Its own temp dir holds only what the page's image editor uploads, never served back (webui.editor_uploads).
     mine = temp_dir / "mine.txt"
     mine.write_text("this instance's own")
-    assert http_status(f"{demo_app.url}/gradio_api/file={mine}") == 200
+    assert http_status(f"{demo_app.url}/gradio_api/file={mine}") == 404
 
 
 def test_random_seed_is_returned_and_reproduces_the_image(client):
@@ -251,6 +252,37 @@ def test_the_images_endpoint_saves_webp_or_jpeg_when_asked(client):
     assert image["file"].endswith(".webp") and Path(image["file"]).read_bytes()[8:12] == b"WEBP"
     with pytest.raises(AppError, match="output_format must be one of png, jpeg, webp"):
         client.predict("a kite", "64x64", 1, 9, 1, None, None, "gif", None, api_name="/images")
+
+
+def test_the_images_endpoint_edits_an_uploaded_picture_and_inpaints_where_the_mask_is_clear(demo_app, client,
+                                                                                            tmp_path):
+    picture, mask = tmp_path / "picture.png", tmp_path / "mask.png"
+    Image.new("RGB", (96, 64), (30, 90, 200)).save(picture)
+    clear = Image.new("RGBA", (96, 64), (0, 0, 0, 255))
+    clear.paste((0, 0, 0, 0), (0, 0, 48, 64))
+    clear.save(mask)
+    [edited] = client.predict("a boat on the lake", None, 1, 4, 2, None, None, "png", None, handle_file(picture),
+                              None, 0.4, api_name="/images")
+    parameters = read_parameters(Path(edited["file"]))
+    assert (parameters["mode"], parameters["strength"]) == ("image", 0.4)
+    assert (parameters["width"], parameters["height"]) == (96, 64)  # the picture's own size
+    [painted] = client.predict("a boat on the lake", None, 1, 4, 2, None, None, "png", None, handle_file(picture),
+                               handle_file(mask), None, api_name="/images")
+    assert read_parameters(Path(painted["file"]))["mode"] == "inpaint"
+    with pytest.raises(AppError, match="mask is 8×8 but the image is 96×64"):
+        client.predict("a boat", None, 1, 4, 2, None, None, "png", None, handle_file(picture),
+                       handle_file(_small_png(tmp_path)), None, api_name="/images")
+    with pytest.raises(AppError, match="strength belongs to an edit"):
+        client.predict("a boat", "64x64", 1, 4, 2, None, None, "png", None, None, None, 0.5, api_name="/images")
+    # Every file gradio_client uploaded was read once and deleted, the refused ones too.
+    temp_dir = PROJECT_DIR / ".cache" / "gradio-temp" / str(urlsplit(demo_app.url).port)
+    assert not [path for path in temp_dir.rglob("*") if path.is_file()]
+
+
+def _small_png(folder: Path) -> Path:
+    path = folder / "small.png"
+    Image.new("RGBA", (8, 8), (0, 0, 0, 0)).save(path)
+    return path
 
 
 def test_server_keeps_serving_after_bad_input(client):

@@ -5,20 +5,25 @@ Range and Cookie headers go out exactly as written), and the helper that cuts ec
 from __future__ import annotations
 
 import asyncio
+import io
 import json
+import os
 import re
 import select
 import socket
 import threading
 import time
-from urllib.parse import urlsplit
+from pathlib import Path
+from urllib.parse import quote, urlsplit
 
 import psutil
 import pytest
 from gradio_client import Client
+from PIL import Image
 
 from pipeline.requests import MAX_PROMPT_CHARS
 from tests.helpers import (
+    PROJECT_DIR,
     connect,
     fn_index_of,
     get_request,
@@ -175,17 +180,47 @@ def test_the_longest_prompt_the_ui_can_send_is_far_under_the_limit(app):
     assert seed_used == 3
 
 
-@pytest.mark.parametrize("content", ["A" * 1000, ""])
-def test_uploads_are_refused_since_no_component_takes_a_file(app, content):
-    # Gradio's own route refused the first (413, the size limit) but stored the second, an empty file
+def _upload(app, filename: str, content: bytes) -> tuple[int, bytes]:
     boundary = "zimage-test-boundary"
-    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"x.html\"\r\n"
-            f"Content-Type: application/octet-stream\r\n\r\n{content}\r\n--{boundary}--\r\n").encode()
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"{filename}\"\r\n"
+            f"Content-Type: application/octet-stream\r\n\r\n").encode() + content + f"\r\n--{boundary}--\r\n".encode()
     status, _, answer = raw_exchange(app, f"POST /gradio_api/upload HTTP/1.1\r\nHost: localhost\r\n"
                                           f"Connection: close\r\nContent-Type: multipart/form-data; boundary={boundary}"
                                           f"\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
-    assert status == 404, answer[:200]
+    return status, answer
+
+
+def _uploaded_files(app) -> list:
+    folder = re.search(r"gradio temp dir (\S+) \(mode 700", app.log())[1]
+    return [path for path in Path(folder).rglob("*") if path.is_file()]
+
+
+@pytest.mark.parametrize("content", [b"A" * 1000, b"", b"<html><script>alert(1)</script></html>"])
+def test_an_upload_that_is_not_a_picture_is_refused_and_nothing_is_stored(app, content):
+    # The upload route is open for the image editor's pictures only: Gradio's own route stored an empty file, and
+    # would store anything else it is sent.
+    before = _uploaded_files(app)
+    status, answer = _upload(app, "x.html", content)
+    assert status == 400, answer[:200]
+    error = json.loads(answer)["error"]
+    assert error["param"] == "files" and "Upload refused" in error["message"]
+    assert _uploaded_files(app) == before
     assert http_status(f"{app.url}/readyz") == 200
+
+
+def test_an_uploaded_picture_is_stored_privately_and_never_served_back(app):
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), "red").save(buffer, "PNG")
+    status, answer = _upload(app, "picture.png", buffer.getvalue())
+    assert status == 200, answer[:200]
+    [stored] = json.loads(answer)
+    assert Path(stored).read_bytes() == buffer.getvalue()
+    relative = os.path.relpath(stored, PROJECT_DIR)  # the app's working directory
+    for spelling in (stored, stored.replace("/", "//"), f"{Path(stored).parent}/../{Path(stored).parent.name}/"
+                     f"{Path(stored).name}", quote(stored, safe=""), relative):
+        status, _, _ = raw_exchange(app, f"GET /gradio_api/file={spelling} HTTP/1.1\r\nHost: localhost\r\n"
+                                         f"Connection: close\r\n\r\n".encode())
+        assert status == 404, spelling
 
 
 FLOOD = 200  # requests sent at once, pipelined on one connection: past any budget, however slowly they are served

@@ -11,11 +11,11 @@ from PIL import Image
 
 from pipeline.requests import RequestError
 from pipeline.uploads import read_image, read_mask
+from tests.helpers import PNG_SIGNATURE, bomb, chunk, hand_made_png
 
 MAX_BYTES = 20 * 10**6
 MAX_PIXELS = 50 * 10**6
 LIMITS = {"max_bytes": MAX_BYTES, "max_pixels": MAX_PIXELS}
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 ORIENTATION = 0x0112  # EXIF's tag; 6: the stored picture is to be turned 90° clockwise to stand upright
 
 
@@ -24,22 +24,6 @@ def encoded(image: Image.Image, fmt: str, **options) -> bytes:
     image.save(buffer, fmt, **options)
     return buffer.getvalue()
 
-
-def chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-
-def hand_made_png(width: int, height: int, bit_depth: int, colour_type: int, rows: bytes, *extra: bytes) -> bytes:
-    """A PNG written chunk by chunk, for what Pillow will not write (16-bit RGB, a lying header); `rows` are the
-    scanlines, each with its filter byte. `extra` chunks go between IHDR and IDAT."""
-    header = struct.pack(">IIBBBBB", width, height, bit_depth, colour_type, 0, 0, 0)
-    return (PNG_SIGNATURE + chunk(b"IHDR", header) + b"".join(extra) + chunk(b"IDAT", zlib.compress(rows))
-            + chunk(b"IEND", b""))
-
-
-def bomb(width: int = 50_000, height: int = 50_000) -> bytes:
-    """A real, valid-looking PNG of well under a kilobyte whose header claims width × height RGB pixels."""
-    return hand_made_png(width, height, 8, 2, b"\0" * 1000)
 
 
 def refused(call, field: str, *phrases: str) -> RequestError:

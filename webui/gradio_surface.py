@@ -13,10 +13,13 @@ Read from Gradio 6.31.0 (gradio.routes.App.create_app and mount_gradio_app), Fas
 from __future__ import annotations
 
 import enum
+import os
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from gradio.route_utils import FnIndexInferError
+from gradio.utils import get_upload_folder
 from starlette.routing import BaseRoute, Match, Mount, compile_path
 
 from pipeline.requests import shown
@@ -29,6 +32,7 @@ HEARTBEAT_PATH = "/gradio_api/heartbeat/"
 QUEUE_JOIN_PATH = "/gradio_api/queue/join"
 QUEUE_DATA_PATH = "/gradio_api/queue/data"
 CALL_PATH = "/gradio_api/call/"
+UPLOAD_PATH = "/gradio_api/upload"
 CALL_BY_KEYWORD_PATH = "/gradio_api/call/v2/"  # call/ with the inputs by name: the page's "Use via API" shows it
 UI_EVENT_PATHS = ("/gradio_api/run/", "/gradio_api/api/")  # the events that skip the queue (api/ is run/'s alias)
 # Headers Gradio builds the page's own URLs from (gradio.route_utils.get_request_origin): the page's root in /config
@@ -46,7 +50,8 @@ class Kind(enum.Enum):
     SMALL_EVENT = "small event"  # a page event that skips the queue: the UI-event budget counts them
     QUEUED_EVENT = "queued event"  # joins the queue: the new-session budget counts those that open a session
     STREAM = "event stream"  # held open for as long as the session or the event lives: the stream pool counts them
-    FILE = "file"  # a file Gradio serves from its temp dir: the gallery's images
+    FILE = "file"  # a file Gradio serves: the gallery's images (from the output folder), never an upload
+    UPLOAD = "upload"  # the page's image editor sends its picture and brush layers here (webui.editor_uploads)
     CLOSED = "closed"  # 404: nothing of the service needs it (`why`)
 
 
@@ -71,6 +76,7 @@ _UNUSED_MEDIA = "streams media components' output: the UI has none"
 _URL_FETCHER = ("fetches any http(s) URL it is given from this server and streams the answer back: an open proxy "
                 "(the service's files are all its own)")
 _NO_FILES_IN = "takes files: no part of the UI does"
+_UPLOADED = "serves back what clients uploaded: an upload is read once, by its edit, and deleted"
 _NO_EDITING = "Gradio's in-browser app editor: not part of a deployed service"
 
 # In Gradio's order: where two rows match a path, the first decides, as Starlette's router does.
@@ -151,7 +157,7 @@ ROUTES: tuple[GradioRoute, ...] = (
     _row("/gradio_api/queue/status", "GET", Kind.STATUS),
     _row("/gradio_api/upload_progress", "GET", Kind.CLOSED, "kept every upload id it was asked about, in memory, "
                                                             "for good"),
-    _row("/gradio_api/upload", "POST", Kind.CLOSED, _NO_FILES_IN + " (it stored empty files)"),
+    _row("/gradio_api/upload", "POST", Kind.UPLOAD),
     _row("/gradio_api/startup-events", "GET", Kind.CLOSED, "starts the queue for Gradio's launch(); the service's "
                                                            "own server starts it at its start"),
     _row("/gradio_api/theme.css", "GET", Kind.STATIC),
@@ -186,25 +192,37 @@ def classify(path: str, method: str) -> tuple[GradioRoute | None, dict[str, str]
     return partial if partial is not None else (None, {})
 
 
-def refusal(route: GradioRoute | None, parameters: dict[str, str]) -> str | None:
-    """Why a request that reached `route` (None: no row) is not served; None when it is."""
+def upload_folder() -> Path:
+    """Where Gradio's upload route writes files: its temp dir (GRADIO_TEMP_DIR, which app.py makes private)."""
+    return Path(get_upload_folder())
+
+
+def refusal(route: GradioRoute | None, parameters: dict[str, str], uploads: Path | None = None) -> str | None:
+    """Why a request that reached `route` (None: no row) is not served; None when it is. `uploads`: the folder of
+    uploads, which the file route never serves from."""
     if route is None:
         return "no route of this service"
     if route.kind is Kind.CLOSED:
         return route.why
-    if route.kind is Kind.FILE and _URL_LIKE.match(parameters.get("path_or_url", "")):
-        return _URL_FETCHER
+    if route.kind is Kind.FILE:
+        asked = parameters.get("path_or_url", "")
+        if _URL_LIKE.match(asked):
+            return _URL_FETCHER
+        # As Gradio reads the argument: a path, relative ones from the working directory, links followed.
+        if uploads is not None and "\x00" not in asked and Path(os.path.realpath(asked)).is_relative_to(
+                os.path.realpath(uploads)):
+            return _UPLOADED
     return None
 
 
 class ClassifyGradioRoutes:
     """ASGI middleware that tags each request once: its arrival time (webui.arrival), and, when none of the
     service's own routes (`own_routes`) takes it, its row of ROUTES (ROUTE_KEY), which the middleware inside reads;
-    a closed row, a file route given a URL, or a path no row matches gets 404 (see the module's docstring). The
-    headers of URL_HEADERS are taken out of every request."""
+    a closed row, a file route given a URL or a path in `uploads`, or a path no row matches gets 404 (see the
+    module's docstring). The headers of URL_HEADERS are taken out of every request."""
 
-    def __init__(self, app, own_routes: list[BaseRoute]):
-        self.app, self.own_routes = app, own_routes
+    def __init__(self, app, own_routes: list[BaseRoute], uploads: Path | None = None):
+        self.app, self.own_routes, self.uploads = app, own_routes, uploads
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -218,7 +236,7 @@ class ClassifyGradioRoutes:
             await self.app(scope, receive, send)
             return
         route, parameters = classify(scope["path"], scope["method"])
-        if refusal(route, parameters) is not None:
+        if refusal(route, parameters, self.uploads) is not None:
             await send_json(send, 404, openai_error(f"Not found: {shown(scope['path'])} is no route of this "
                                                     f"service.", None, status=404))
             return
@@ -275,6 +293,12 @@ def keep_more_sessions(blocks, sessions: int) -> None:
     """Gradio's cache of sessions' undelivered messages holds 2,000 and has no setting (webui.limits.SESSIONS_KEPT
     says why it must hold more): `Queue.pending_messages_per_session`, an LRUCache, in Gradio 6.31."""
     blocks._queue.pending_messages_per_session.max_size = sessions
+
+
+def forget_upload(blocks, name: str) -> None:
+    """Gradio keeps the path of every upload (`Blocks.upload_file_set`, in Gradio 6.31) for good unless its own
+    cache sweep deletes the file: an upload the service deleted is taken out, so the set does not grow forever."""
+    blocks.upload_file_set.discard(name)
 
 
 def page_events(blocks) -> dict[int, object]:

@@ -8,7 +8,7 @@ import asyncio
 import json
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from urllib.parse import parse_qs
 
@@ -133,6 +133,10 @@ UI_EVENTS = Rated("the page's events", per_s=20.0, burst=60, kind=Kind.SMALL_EVE
 # steps, 2 cores) from 0.29 s to 3.0 s; limited, to 0.95 s, what as many looping on /healthz cost (1.1 s). A page
 # load takes one or two, a gradio_client Client two (it reads the 429 as "too many requests").
 PAGE_LOADS = Rated("pages and API descriptions", per_s=20.0, burst=60, kind=Kind.PAGE)
+# The page's image editor uploads its picture, its brush layer and their composite when Edit is clicked, and the
+# last two again after each brush stroke: a person painting sends a few a second. Each is up to the upload limit and
+# written to disk by Gradio, where webui.editor_uploads bounds the room they take.
+UPLOADS = Rated("uploads", per_s=10.0, burst=60, kind=Kind.UPLOAD)
 
 
 class TokenBucket:
@@ -189,12 +193,17 @@ class GuardGradioCalls:
       webui.streams.StreamPool: a stream for which it has no place gets 503, and so does a join while it could not
       give the join's result a stream. Joins let in and results delivered are told to the pool; both go
       uncompressed, so that it can read them;
-    - the file route's Range headers are left to Starlette (_ranges_for_starlette).
+    - the file route's Range headers are left to Starlette (_ranges_for_starlette);
+    - an upload gets 503 while `upload_room()` says why there is no room for it, and 400 when
+      `upload_problem(content_type, body)` says why its body is not one to store (both None: it is let in).
     Runs inside LimitBodySize, which bounds the body it reads."""
 
     def __init__(self, app, streams: StreamPool, page: PageEvents, budgets: tuple[Rated, ...] = (UI_EVENTS,
-                                                                                                  PAGE_LOADS)):
+                                                                                                  PAGE_LOADS),
+                 upload_room: Callable[[], str | None] = lambda: "no part of the page takes uploads",
+                 upload_problem: Callable[[str, bytes], str | None] = lambda _type, _body: None):
         self.app, self.streams, self.page = app, streams, page
+        self.upload_room, self.upload_problem = upload_room, upload_problem
         self.budgets = {rated.kind: (rated, TokenBucket(rated.per_s, rated.burst)) for rated in budgets}
         self.small_names = frozenset(page.small.values())
         self.new_sessions = TokenBucket(NEW_SESSIONS_PER_S, NEW_SESSION_BURST)
@@ -211,6 +220,9 @@ class GuardGradioCalls:
             return
         if route.kind is Kind.FILE:
             await self.app(_ranges_for_starlette(scope), receive, send)
+            return
+        if route.kind is Kind.UPLOAD:
+            await self._upload(scope, receive, send)
             return
         if route.kind not in NAMES_A_SESSION:
             await self.app(scope, receive, send)
@@ -269,6 +281,18 @@ class GuardGradioCalls:
             await self._stream(scope, receive, send)
         else:
             await self.app(scope, receive, send)
+
+    async def _upload(self, scope, receive, send) -> None:
+        if (full := self.upload_room()) is not None:
+            await send_json(send, 503, openai_error(f"No room for an upload now: {full}.", "busy"),
+                            headers=((b"retry-after", b"60"),))
+            return
+        body, receive = await _read_whole(receive)
+        content_type = dict(scope["headers"]).get(b"content-type", b"").decode("latin-1")
+        if (problem := self.upload_problem(content_type, body)) is not None:
+            await send_json(send, 400, openai_error(f"Upload refused: {problem}.", None, "files"))
+            return
+        await self.app(scope, receive, send)
 
     async def _join(self, scope, receive, send, fields: dict) -> None:
         """A join into the queue (let in only while its result could have a stream); one let in is told to the pool

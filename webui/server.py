@@ -27,16 +27,27 @@ from webui.admission import AdmissionLine
 from webui.asgi_errors import AnswerUnhandledErrors
 from webui.auth import LOOPBACK, LinkSigner, RequireCredentials
 from webui.connections import guarded_protocol
+from webui.editor_uploads import UploadFolder
 from webui.event_inputs import PageEvents
 from webui.gradio_surface import (
     GRADIO_APP_KWARGS,
     UNKNOWN_ENDPOINT,
+    UPLOAD_PATH,
     ClassifyGradioRoutes,
+    forget_upload,
     keep_more_sessions,
     mounted_gradio_app,
     unlisted_routes,
 )
-from webui.limits import MAX_BODY_BYTES, PAGE_LOADS, SESSIONS_KEPT, UI_EVENTS, GuardGradioCalls, LimitBodySize
+from webui.limits import (
+    MAX_BODY_BYTES,
+    PAGE_LOADS,
+    SESSIONS_KEPT,
+    UI_EVENTS,
+    UPLOADS,
+    GuardGradioCalls,
+    LimitBodySize,
+)
 from webui.openai_api import UPLOAD_ROUTES, openai_routes
 from webui.origin import RefuseCrossSite, is_loopback_name
 from webui.resolutions import offered_sizes
@@ -149,17 +160,27 @@ MIDDLEWARE_ORDER = (
 
 def service_middleware(blocks: gr.Blocks, routes: list[Route], streams: StreamPool, *, credentials: dict[str, str],
                        links: LinkSigner | None, own_hosts: frozenset[str] | None,
-                       larger_bodies: list[tuple[Route, int]] = ()) -> list[Middleware]:
+                       larger_bodies: list[tuple[Route, int]] = (),
+                       uploads: UploadFolder | None = None) -> list[Middleware]:
     """The middleware, outermost first, in MIDDLEWARE_ORDER (RequireCredentials only with `credentials`).
-    `larger_bodies`: routes whose bodies may be larger than MAX_BODY_BYTES, each with its own limit."""
+    `larger_bodies`: routes whose bodies may be larger than MAX_BODY_BYTES, each with its own limit. `uploads`: the
+    folder of the image editor's uploads, never served back and kept within its room."""
+    budgets = (UI_EVENTS, PAGE_LOADS, UPLOADS)
+    room = lambda: uploads.room_problem(lambda name: forget_upload(blocks, name))  # noqa: E731
     return [
         Middleware(AnswerUnhandledErrors, unknown_endpoint=UNKNOWN_ENDPOINT),
         *([Middleware(RequireCredentials, credentials=credentials, links=links)] if credentials else []),
-        Middleware(ClassifyGradioRoutes, own_routes=routes),
+        Middleware(ClassifyGradioRoutes, own_routes=routes, uploads=uploads.folder if uploads else None),
         Middleware(RefuseCrossSite, own_hosts=own_hosts,
-                   budgeted=lambda scope: UI_EVENTS.counts(scope) or PAGE_LOADS.counts(scope)),
+                   budgeted=lambda scope: any(rated.counts(scope) for rated in budgets)),
         Middleware(LimitBodySize, larger=larger_bodies),
-        Middleware(GuardGradioCalls, streams=streams, page=PageEvents.of(blocks, OPTIONAL_INPUTS), budgets=(UI_EVENTS, PAGE_LOADS))]
+        Middleware(GuardGradioCalls, streams=streams, page=PageEvents.of(blocks, OPTIONAL_INPUTS), budgets=budgets,
+                   **({"upload_room": room, "upload_problem": uploads.body_problem} if uploads else {}))]
+
+
+async def _never_called(_request):
+    """The endpoint of a Route that only matches paths (LimitBodySize's): Gradio's route answers them."""
+    raise NotImplementedError
 
 
 def loopback_url(host: str, port: int, tls: bool = False) -> str:
@@ -172,15 +193,16 @@ def loopback_url(host: str, port: int, tls: bool = False) -> str:
     return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
 
 
-def build_app(blocks: gr.Blocks, routes: list[Route], middleware: list[Middleware], root_path: str) -> FastAPI:
+def build_app(blocks: gr.Blocks, routes: list[Route], middleware: list[Middleware], root_path: str,
+              max_file_size: int = 0) -> FastAPI:
     """The service's app: its own routes, then Gradio's UI mounted at the root, all inside the service's middleware
-    (outermost first). `root_path`: where the page's own URLs point; "" for the address each request came to."""
+    (outermost first). `root_path`: where the page's own URLs point; "" for the address each request came to.
+    `max_file_size`: the largest file Gradio's upload route takes (0: none)."""
     app = FastAPI(routes=routes, middleware=middleware, openapi_url=None, docs_url=None, redoc_url=None)
     # show_error: Gradio's own input errors ("didn't receive enough input values") reach the caller; the UI's
     # handler turns everything else into a message of its own, so no internal detail leaks through it.
-    # max_file_size=0: no component takes a file, so any way Gradio takes one refuses it instead of storing what
-    # anyone sends in its temp dir. run_history off: the gallery keeps the service's own, per browser.
-    return gr.mount_gradio_app(app, blocks, path="/", show_error=True, max_file_size=0, ssr_mode=False,
+    # run_history off: the gallery keeps the service's own, per browser.
+    return gr.mount_gradio_app(app, blocks, path="/", show_error=True, max_file_size=max_file_size, ssr_mode=False,
                                run_history=False, footer_links=["api", "gradio", "settings"],
                                root_path=root_path or None, app_kwargs=GRADIO_APP_KWARGS)
 
@@ -210,7 +232,7 @@ def serve(blocks: gr.Blocks, engine: ServingEngine, line: AdmissionLine, *, host
           shutdown_grace_s: float, metrics: ServiceMetrics, credentials: dict[str, str], max_connections: int,
           header_timeout_s: float, send_timeout_s: float, ssl_certfile: str = "", ssl_keyfile: str = "",
           public_url: str = "", trusted_proxies: str = "", compile_delay_s: float = 0.0,
-          recycle: Callable[[str], bool] | None = None, max_upload_bytes: int, max_upload_pixels: int) -> int:
+          recycle: Callable[[str], bool] | None = None, uploads: UploadFolder) -> int:
     """Serve until SIGTERM or SIGINT, then shut down in order; returns the exit code (0: asked to stop).
 
     `recycle(reason)`: replaces the engine's process, to give its GPU memory back; SIGUSR2 (the watchdog's GPU-memory
@@ -218,7 +240,8 @@ def serve(blocks: gr.Blocks, engine: ServingEngine, line: AdmissionLine, *, host
 
     Every image request waits in `line`, the UI's events (through Gradio's queue, which hands them on at once), API
     calls and the OpenAI route alike; `api_open=False` closes the REST routes that would skip Gradio's queue. With
-    `credentials`, every route but the health checks needs them.
+    `credentials`, every route but the health checks needs them. `uploads`: where the page's image editor's
+    files go, and the size limits of every upload, the OpenAI route's too.
     """
     stop = threading.Event()
     received: list[str] = []
@@ -249,15 +272,17 @@ def serve(blocks: gr.Blocks, engine: ServingEngine, line: AdmissionLine, *, host
                          loopback=LOOPBACK)
     routes = [*health_routes(engine, streams), metrics_route(metrics, engine, line, streams),
               *openai_routes(engine, line, public_url or local_url, started_at=time.time(),
-                             deliveries=deliveries, metrics=metrics, links=links, max_upload_bytes=max_upload_bytes,
-                             max_upload_pixels=max_upload_pixels)]
+                             deliveries=deliveries, metrics=metrics, links=links, max_upload_bytes=uploads.max_bytes,
+                             max_upload_pixels=uploads.max_pixels)]
     # Bound to loopback, only loopback names and --public-url's host are this server's (see webui.origin).
     own_hosts = (frozenset(filter(None, [urlsplit(public_url).hostname])) if is_loopback_name(host.lower()) else None)
-    # An edit's body holds its picture and its mask, each up to the upload limit, beside its text fields.
-    uploads = [(route, 2 * max_upload_bytes + MAX_BODY_BYTES) for route in routes if route.path in UPLOAD_ROUTES]
+    # An edit's body holds its picture and its mask, each up to the upload limit, beside its text fields; the page's
+    # image editor sends one file a request.
+    larger = [*((route, 2 * uploads.max_bytes + MAX_BODY_BYTES) for route in routes if route.path in UPLOAD_ROUTES),
+              (Route(UPLOAD_PATH, _never_called, methods=["POST"]), uploads.max_bytes + MAX_BODY_BYTES)]
     middleware = service_middleware(blocks, routes, streams, credentials=credentials, links=links,
-                                    own_hosts=own_hosts, larger_bodies=uploads)
-    app = build_app(blocks, routes, middleware, root_path=public_url)
+                                    own_hosts=own_hosts, larger_bodies=larger, uploads=uploads)
+    app = build_app(blocks, routes, middleware, root_path=public_url, max_file_size=uploads.max_bytes)
     if unlisted := unlisted_routes(mounted_gradio_app(app)):
         log.warning("gradio serves routes webui.gradio_surface does not list; they are closed (404) until it does: "
                     "%s", ", ".join(unlisted))

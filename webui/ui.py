@@ -6,13 +6,16 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+import anyio
 import gradio as gr
+from gradio.data_classes import FileData
 
 from pipeline.engine import GenerationResult
 from pipeline.memory import GIB
 from pipeline.requests import (
     DEFAULT_SHIFT,
     DEFAULT_STEPS,
+    DEFAULT_STRENGTH,
     MAX_LORA_SCALE,
     MAX_LORAS,
     MAX_SHIFT,
@@ -28,7 +31,9 @@ from pipeline.serving import ServingEngine
 from pipeline.storage import read_parameters
 from webui.admission import AdmissionLine
 from webui.arrival import received_at
+from webui.editor_uploads import DECODES_AT_ONCE, UploadFolder
 from webui.errors import INVALID, reported_to_the_caller
+from webui.gradio_surface import forget_upload
 from webui.jobs import make_images, place_in_line, run_in_line
 from webui.owners import BROWSER_ID, BROWSER_STORAGE_KEY, BROWSER_STORAGE_SECRET, new_browser_id, owner_of
 from webui.resolutions import left_out, offered
@@ -113,8 +118,9 @@ def _page(state: object) -> dict:
     return {"browser_id": None, "images": []}
 
 
-def build_ui(engine: ServingEngine, line: AdmissionLine, *, demo: bool, model_label: str, max_w: int,
-             max_h: int) -> gr.Blocks:
+def build_ui(engine: ServingEngine, line: AdmissionLine, uploads: UploadFolder, *, demo: bool, model_label: str,
+             max_w: int, max_h: int) -> gr.Blocks:
+    """The page. `uploads`: where its image editor's files arrive (Gradio's upload route), read by the edit event."""
     guard = engine.memory_guard
     fits = guard.fits if guard is not None else None
     table = offered(max_w, max_h, fits)
@@ -124,18 +130,40 @@ def build_ui(engine: ServingEngine, line: AdmissionLine, *, demo: bool, model_la
     gr.set_static_paths([engine.output_dir])
     first_category = next(iter(table))
 
+    decodes = anyio.Semaphore(DECODES_AT_ONCE)
+
     # One parameter per strength slider (MAX_LORAS of them): Gradio places gr.Request and gr.Progress by position.
     async def generate(prompt, resolution, seed, random_seed, steps, shift, page, adapters, strength_1, strength_2,
                        strength_3, strength_4, request: gr.Request, progress=gr.Progress()):
+        with reported_to_the_caller():
+            width, height = parse_size(resolution, "resolution")
+            generation = _form_request(prompt, seed, random_seed, steps, shift, adapters,
+                                       (strength_1, strength_2, strength_3, strength_4), width=width, height=height)
+        return await _in_line(generation, page, request, progress)
+
+    async def edit(picture, strength, prompt, seed, random_seed, steps, shift, page, adapters, strength_1,
+                   strength_2, strength_3, strength_4, request: gr.Request, progress=gr.Progress()):
+        """The image editor's picture, at its own size, repainted where its brush layer is painted (everywhere
+        when it is not), with the form's prompt and settings."""
+        with reported_to_the_caller():
+            async with decodes:
+                read = await anyio.to_thread.run_sync(uploads.read, picture,
+                                                      lambda name: forget_upload(blocks, name))
+            generation = _form_request(prompt, seed, random_seed, steps, shift, adapters,
+                                       (strength_1, strength_2, strength_3, strength_4), width=None, height=None,
+                                       image=read.image, mask=read.mask, strength=strength)
+        return await _in_line(generation, page, request, progress)
+
+    def _form_request(prompt, seed, random_seed, steps, shift, adapters, strengths, **fields) -> GenerationRequest:
+        if not isinstance(random_seed, bool):
+            raise RequestError(f"random_seed must be true or false (got {shown(random_seed)}).", "random_seed")
+        return GenerationRequest(prompt=prompt, steps=steps, seed=None if random_seed else seed, shift=shift,
+                                 loras=_chosen_loras(adapters, strengths), **fields)
+
+    async def _in_line(generation: GenerationRequest, page, request: gr.Request, progress: gr.Progress):
+        """`generation` through the admission line, its place and progress shown; the page's outputs."""
         page = _page(page)
         with reported_to_the_caller():
-            if not isinstance(random_seed, bool):
-                raise RequestError(f"random_seed must be true or false (got {shown(random_seed)}).", "random_seed")
-            width, height = parse_size(resolution, "resolution")
-            generation = GenerationRequest(prompt=prompt, width=width, height=height, steps=steps,
-                                           seed=None if random_seed else seed, shift=shift,
-                                           loras=_chosen_loras(adapters, (strength_1, strength_2, strength_3,
-                                                                          strength_4)))
             first_told = []
 
             def told(ahead: int, seconds: float | None) -> None:
@@ -150,17 +178,29 @@ def build_ui(engine: ServingEngine, line: AdmissionLine, *, demo: bool, model_la
         images = [(str(result.path), _caption(asdict(result.request))), *page["images"]][:SESSION_HISTORY_LIMIT]
         return images, {**page, "images": images}, result.request.seed, _timing(result), str(result.path)
 
-    async def images(prompt: str, size: str, n: int, seed: int | None, steps: int | None, shift: float | None,
-                     request: gr.Request, loras: list[dict] | None = None, output_format: str = "png",
-                     output_compression: int | None = None) -> list[dict]:
+    async def images(prompt: str, size: str | None, n: int, seed: int | None, steps: int | None,
+                     shift: float | None, request: gr.Request, loras: list[dict] | None = None,
+                     output_format: str = "png", output_compression: int | None = None, image: FileData | None = None,
+                     mask: FileData | None = None, strength: float | None = None) -> list[dict]:
         """webui.jobs.make_images for API callers: what /generate shows as Markdown, as values a script can read
         ("file": gradio_client would take a "path" key for a file to download and drop the rest). `loras`:
         [{"name": ..., "scale": ...}, ...], adapters of the server's folder. `output_format`: png, jpeg or webp,
-        `output_compression` 0-100 for the last two (OpenAI's fields)."""
+        `output_compression` 0-100 for the last two (OpenAI's fields). An edit: `image` (handle_file(...)), and for
+        inpainting `mask`, transparent where to repaint; `strength` 0-1; `size` None for the picture's own."""
         with reported_to_the_caller():
+            edit = {}
+            if image is not None or mask is not None:
+                if image is None:
+                    raise RequestError("mask belongs to an edit; send the image to edit too.", "image")
+                async with decodes:
+                    read = await anyio.to_thread.run_sync(uploads.read_files, image, mask,
+                                                          lambda name: forget_upload(blocks, name))
+                edit = {"image": read.image, "mask": read.mask}
+            if strength is not None:
+                edit["strength"] = strength
             return await make_images(line, engine, prompt, size, n, seed, steps, shift, loras,
                                      received_at=received_at(request), owner=owner_of(request, None),
-                                     output_format=output_format, output_compression=output_compression)
+                                     output_format=output_format, output_compression=output_compression, **edit)
 
     def load_history(stored_browser_id, request: gr.Request):
         """A page opens: its browser's id (a new one on its first visit, kept in localStorage) and the owner's
@@ -200,9 +240,19 @@ def build_ui(engine: ServingEngine, line: AdmissionLine, *, demo: bool, model_la
         parameters = read_parameters(Path(images[index][0]))
         loras = parameters.get("loras") or []
         names = [lora["name"] for lora in loras]
+        edited = parameters.get("strength")  # an edit's: its picture is not kept, its strength is
         return (parameters["prompt"], f"{parameters['width']}x{parameters['height']}", parameters["seed"], False,
                 parameters["steps"], parameters["shift"], gr.Dropdown(value=names),
-                *_strength_sliders(names, [lora["scale"] for lora in loras]))
+                *_strength_sliders(names, [lora["scale"] for lora in loras]),
+                gr.Slider(value=edited) if edited is not None else gr.Slider())
+
+    def edit_selected(index, page):
+        """The selected image into the image editor, the edit mode opened."""
+        images = _page(page)["images"]
+        if not isinstance(index, int) or not 0 <= index < len(images):
+            raise gr.Error("Select an image in the gallery first.", title=INVALID, print_exception=False)
+        return gr.ImageEditor(value={"background": images[index][0], "layers": [], "composite": None}), \
+            gr.Accordion(open=True)
 
     def switch_category(category):
         choices = table.get(category, [])
@@ -243,12 +293,28 @@ def build_ui(engine: ServingEngine, line: AdmissionLine, *, demo: bool, model_la
                                            visible=False, elem_id=f"strength-{index}")
                                  for index in range(MAX_LORAS)]
                 run = gr.Button("Generate (Ctrl+Enter)", variant="primary", elem_id="generate")
+                with gr.Accordion("Edit an image", open=False, elem_id="edit-mode") as edit_mode:
+                    gr.Markdown("Upload or paste a picture (or pick one in the gallery and click “Edit this "
+                                "image”), paint over what should change — or nothing, to redraw all of it — and "
+                                "click Edit. The prompt and settings above apply; the result has the picture's "
+                                "shape.")
+                    editor = gr.ImageEditor(label="Picture to edit", sources=["upload", "clipboard"], layers=False,
+                                            transforms=(), format="png", elem_id="editor",
+                                            brush=gr.Brush(colors=["#ffffff"], color_mode="fixed"),
+                                            eraser=gr.Eraser())
+                    edit_strength = gr.Slider(0, 1, value=DEFAULT_STRENGTH, step=0.05, label="Strength",
+                                              elem_id="edit-strength",
+                                              info="How much is drawn anew: 0 keeps the picture, 1 draws it from "
+                                                   "scratch (only where you painted, if you did).")
+                    edit_button = gr.Button("Edit", variant="primary", elem_id="edit")
                 gr.Examples([[example] for example in EXAMPLES], inputs=[prompt], label="Example prompts")
             with gr.Column(scale=1):
                 status = gr.Markdown(status_line, elem_id="status")
                 gallery = gr.Gallery(label="Images (newest first)", columns=2, height=560, format="png",
                                      buttons=["download", "fullscreen"], elem_id="gallery")
-                reuse = gr.Button("Reuse the selected image's settings", size="sm", elem_id="reuse")
+                with gr.Row():
+                    reuse = gr.Button("Reuse the selected image's settings", size="sm", elem_id="reuse")
+                    edit_this = gr.Button("Edit this image", size="sm", elem_id="edit-selected")
                 seed_used = gr.Number(label="Seed used", precision=0, interactive=False, visible=False,
                                       elem_id="seed-used")
                 timing = gr.Markdown(label="Timing", elem_id="timing")
@@ -258,8 +324,9 @@ def build_ui(engine: ServingEngine, line: AdmissionLine, *, demo: bool, model_la
         gallery.select(remember_selection, None, selected, queue=False, api_visibility="private")
         adapters.change(_strength_sliders, adapters, strengths, queue=False, api_visibility="private")
         reuse.click(reuse_settings, [selected, page],
-                    [prompt, resolution, seed, random_seed, steps, shift, adapters, *strengths], queue=False,
-                    api_visibility="private")
+                    [prompt, resolution, seed, random_seed, steps, shift, adapters, *strengths, edit_strength],
+                    queue=False, api_visibility="private")
+        edit_this.click(edit_selected, [selected, page], [editor, edit_mode], queue=False, api_visibility="private")
         gr.Timer(STATUS_REFRESH_S).tick(status_line, None, status, queue=False, show_progress="hidden",
                                         api_visibility="private")
         blocks.load(None, js=CTRL_ENTER_JS)
@@ -280,8 +347,13 @@ def build_ui(engine: ServingEngine, line: AdmissionLine, *, demo: bool, model_la
             # their last good values (a refusal's message comes as a toast).
             show_progress_on=status,
         )
+        edited = edit_button.click(
+            edit, inputs=[editor, edit_strength, prompt, seed, random_seed, steps, shift, page, adapters, *strengths],
+            outputs=[gallery, page, seed_used, timing, png], api_visibility="private", preprocess=False,
+            concurrency_limit=None, show_progress_on=status)
         # Shown once there is a seed to show (a fresh page's 0 read as "the seed was 0"); a UI-only step, so the
         # API's answer stays the number itself.
-        generated.success(lambda: gr.Number(visible=True), None, seed_used, queue=False, api_visibility="private")
+        for done in (generated, edited):
+            done.success(lambda: gr.Number(visible=True), None, seed_used, queue=False, api_visibility="private")
         gr.api(images, api_name=IMAGES_API_NAME, concurrency_limit=None)
     return blocks
