@@ -289,11 +289,11 @@ def _upload_folder(app) -> Path:
 
 
 def _choose_file(page, picture: Path) -> None:
-    """`picture` chosen in the image editor's file input, until the editor shows it. On a loaded machine a file
-    chosen while the editor's canvas is still starting up can be dropped, as a person would see: they choose it
-    again."""
+    """`picture` chosen in the image editor's file input once the editor's canvas is there (a file chosen before it
+    starts up is dropped), until the editor shows it: on a loaded machine a person may have to choose it again too."""
     from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
+    page.locator("#editor canvas").first.wait_for(state="attached", timeout=60_000)
     for _ in range(3):
         page.locator("#editor input[type=file]").set_input_files(str(picture))
         try:
@@ -354,4 +354,15 @@ def test_a_person_uploads_a_picture_paints_a_region_and_gets_it_repainted_then_e
     parameters = read_parameters(redrawn)
     assert parameters["mode"] == "image" and parameters["strength"] == 0.3
     assert (parameters["width"], parameters["height"]) == (96, 64)
+
+    # Reusing an edit's settings brings its strength back with the rest (on the page opened again: its gallery,
+    # newest first, from the history).
+    open_and_count_gallery(page, browser_app.url)
+    page.locator("#gallery img").first.click()
+    page.get_by_text("Edit an image").click()
+    strength.fill("0.9")
+    strength.press("Tab")
+    page.locator("#reuse").click()
+    page.wait_for_function("() => document.querySelector('#edit-strength input[type=number]').value == '0.3'",
+                           timeout=30_000)
     page.context.close()
