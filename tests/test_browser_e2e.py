@@ -304,6 +304,15 @@ def _choose_file(page, picture: Path) -> None:
     raise AssertionError("the image editor never showed the chosen picture")
 
 
+def _click_edit(page, app) -> Path:
+    """Click Edit; the image it saves."""
+    before = set(_images(app))
+    page.locator("#edit").click()
+    wait_until(lambda: set(_images(app)) - before, 120, "the edit's image saved")
+    [saved] = set(_images(app)) - before
+    return saved
+
+
 def _paint_across(page) -> None:
     """One brush stroke across the middle of the image editor's canvas."""
     page.locator("#editor button[aria-label='Brush']").click()
@@ -325,10 +334,7 @@ def test_a_person_uploads_a_picture_paints_a_region_and_gets_it_repainted_then_e
     _choose_file(page, picture)
     _paint_across(page)
     page.locator("#prompt textarea").fill("a red door in a white wall")
-    before = set(_images(browser_app))
-    page.locator("#edit").click()
-    wait_until(lambda: set(_images(browser_app)) - before, 120, "the edit's image saved")
-    [painted] = set(_images(browser_app)) - before
+    painted = _click_edit(page, browser_app)
     parameters = read_parameters(painted)
     assert parameters["mode"] == "inpaint" and parameters["strength"] == 0.6
     assert (parameters["width"], parameters["height"]) == (96, 64)  # the picture's own size
@@ -347,11 +353,7 @@ def test_a_person_uploads_a_picture_paints_a_region_and_gets_it_repainted_then_e
     strength = page.locator("#edit-strength input[type=number]")
     strength.fill("0.3")
     strength.press("Tab")
-    before = set(_images(browser_app))
-    page.locator("#edit").click()
-    wait_until(lambda: set(_images(browser_app)) - before, 120, "the second edit's image saved")
-    [redrawn] = set(_images(browser_app)) - before
-    parameters = read_parameters(redrawn)
+    parameters = read_parameters(_click_edit(page, browser_app))
     assert parameters["mode"] == "image" and parameters["strength"] == 0.3
     assert (parameters["width"], parameters["height"]) == (96, 64)
 

@@ -1,4 +1,5 @@
 import io
+import logging
 import os
 import time
 
@@ -124,13 +125,16 @@ def test_an_upload_body_may_hold_only_pictures_within_the_limit():
     assert uploads.body_problem(FORM, _form(("a.png", picture))[:-10]) is not None  # cut short
 
 
-def test_left_over_uploads_are_swept_and_a_full_folder_refuses_more(folder):
+def test_left_over_uploads_are_swept_and_a_full_folder_refuses_more(folder, caplog):
     uploads = UploadFolder(folder, max_bytes=100, max_pixels=10**6, left_over_s=3600)
     for number in range(ROOM_IN_UPLOADS):
         _stored(folder, f"{number}.png", bytes([number]) * 100)
     assert uploads.room_problem() is None  # exactly full
     _stored(folder, "one-more.png", b"x")
-    assert "try again" in uploads.room_problem()
+    with caplog.at_level(logging.INFO, logger="zimage.webui"):
+        assert "try again" in uploads.room_problem()
+        assert "try again" in uploads.room_problem()
+    assert [record.message.split(":")[0] for record in caplog.records] == ["uploads refused"]  # once, not per upload
     forgotten = []
     time.sleep(0.01)
     assert UploadFolder(folder, max_bytes=100, max_pixels=10**6, left_over_s=0).room_problem(forgotten.append) is None

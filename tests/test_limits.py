@@ -36,7 +36,7 @@ from tests.helpers import (
     stop_app,
     wait_until,
 )
-from webui.limits import MAX_BODY_BYTES, NEW_SESSION_BURST
+from webui.limits import MAX_BODY_BYTES, NEW_SESSION_BURST, UPLOADS_AT_ONCE
 
 CHUNK = 64 * 1024
 RSS_GROWTH_LIMIT = 100 * 2**20  # before the limit, 8 bodies of 50 MB at once took the process from ~1 GB to 3.1 GB
@@ -221,6 +221,26 @@ def test_an_uploaded_picture_is_stored_privately_and_never_served_back(app):
         status, _, _ = raw_exchange(app, f"GET /gradio_api/file={spelling} HTTP/1.1\r\nHost: localhost\r\n"
                                          f"Connection: close\r\n\r\n".encode())
         assert status == 404, spelling
+
+
+def test_uploads_past_the_ones_being_taken_are_a_503_busy_until_those_end(app):
+    """Clients that send the head of an upload and only part of its body hold the places: the next upload is told
+    to come back (Retry-After), and once they hang up, uploads are taken again."""
+    head = (f"POST /gradio_api/upload HTTP/1.1\r\nHost: localhost\r\nContent-Type: multipart/form-data; "
+            f"boundary=b\r\nContent-Length: 1000\r\n\r\n").encode()
+    slow = []
+    for _ in range(UPLOADS_AT_ONCE):
+        sock = connect(app)
+        sock.sendall(head + b"--b\r\n")  # the rest of the body never comes
+        slow.append(sock)
+    deadline = time.monotonic() + 10
+    while (answer := _upload(app, "x.gif", b"GIF89a"))[0] != 503:
+        assert answer[0] == 400 and time.monotonic() < deadline, answer
+    status, body = answer
+    assert json.loads(body)["error"]["code"] == "busy"
+    for sock in slow:
+        sock.close()
+    wait_until(lambda: _upload(app, "x.gif", b"GIF89a")[0] == 400, 10, "the places given back")
 
 
 FLOOD = 200  # requests sent at once, pipelined on one connection: past any budget, however slowly they are served

@@ -51,6 +51,7 @@ class UploadFolder:
         self.max_bytes, self.max_pixels = max_bytes, max_pixels
         self.room_bytes = ROOM_IN_UPLOADS * max_bytes
         self.left_over_s = left_over_s
+        self._full = False  # as the last check found it: the log says when that changes, not at every upload
 
     def room_problem(self, forget: Forget = lambda _name: None) -> str | None:
         """Why a new upload cannot be taken now (None: it can): the folder is full once its left-over files are
@@ -62,7 +63,16 @@ class UploadFolder:
                 forget(str(path))
             else:
                 held += size
-        if held <= self.room_bytes:
+        full = held > self.room_bytes
+        if full != self._full:
+            self._full = full
+            if full:
+                log.warning("uploads refused: the upload folder %s holds %d MB of the %d MB it may (uploads no edit "
+                            "read are deleted after %.0f s)", self.folder, held // 10**6, self.room_bytes // 10**6,
+                            self.left_over_s)
+            else:
+                log.info("uploads taken again: the upload folder holds %d MB", held // 10**6)
+        if not full:
             return None
         return (f"the server holds {self.room_bytes // 10**6} MB of pictures waiting for their edits; try again in "
                 f"a minute")
@@ -136,7 +146,8 @@ class UploadFolder:
     def _bytes(self, file: object, field: str) -> bytes:
         path = self._inside(file.get("path") if isinstance(file, dict) else None)
         if path is None:
-            raise RequestError(f"{field} must be a picture uploaded through this page; upload it again.", field)
+            raise RequestError(f"{field} must be a picture uploaded to this server (the page's editor, or "
+                               f"gradio_client's handle_file); upload it again.", field)
         try:
             with path.open("rb") as opened:
                 data = opened.read(self.max_bytes + 1)  # one byte over is enough to refuse it

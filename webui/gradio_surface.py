@@ -75,7 +75,7 @@ _UNUSED_AUTH = "Gradio's own login: credentials are checked for every route by w
 _UNUSED_MEDIA = "streams media components' output: the UI has none"
 _URL_FETCHER = ("fetches any http(s) URL it is given from this server and streams the answer back: an open proxy "
                 "(the service's files are all its own)")
-_NO_FILES_IN = "takes files: no part of the UI does"
+_NO_RECORDINGS = "takes audio and video recordings: no part of the UI records"
 _UPLOADED = "serves back what clients uploaded: an upload is read once, by its edit, and deleted"
 _NO_EDITING = "Gradio's in-browser app editor: not part of a deployed service"
 
@@ -161,7 +161,7 @@ ROUTES: tuple[GradioRoute, ...] = (
     _row("/gradio_api/startup-events", "GET", Kind.CLOSED, "starts the queue for Gradio's launch(); the service's "
                                                            "own server starts it at its start"),
     _row("/gradio_api/theme.css", "GET", Kind.STATIC),
-    _row("/gradio_api/process_recording", "POST", Kind.CLOSED, _NO_FILES_IN),
+    _row("/gradio_api/process_recording", "POST", Kind.CLOSED, _NO_RECORDINGS),
     _row("/gradio_api/vibe-edit", "POST", Kind.CLOSED, _NO_EDITING),
     _row("/gradio_api/vibe-edit/", "POST", Kind.CLOSED, _NO_EDITING),
     _row("/gradio_api/undo-vibe-edit", "POST", Kind.CLOSED, _NO_EDITING),

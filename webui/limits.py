@@ -137,6 +137,7 @@ PAGE_LOADS = Rated("pages and API descriptions", per_s=20.0, burst=60, kind=Kind
 # last two again after each brush stroke: a person painting sends a few a second. Each is up to the upload limit and
 # written to disk by Gradio, where webui.editor_uploads bounds the room they take.
 UPLOADS = Rated("uploads", per_s=10.0, burst=60, kind=Kind.UPLOAD)
+UPLOADS_AT_ONCE = 8  # uploads' bodies held in memory at once (each up to the upload limit), then 503
 
 
 class TokenBucket:
@@ -194,8 +195,8 @@ class GuardGradioCalls:
       give the join's result a stream. Joins let in and results delivered are told to the pool; both go
       uncompressed, so that it can read them;
     - the file route's Range headers are left to Starlette (_ranges_for_starlette);
-    - an upload gets 503 while `upload_room()` says why there is no room for it, and 400 when
-      `upload_problem(content_type, body)` says why its body is not one to store (both None: it is let in).
+    - an upload gets 503 while UPLOADS_AT_ONCE others are being taken or `upload_room()` says why there is no
+      room for it, and 400 when `upload_problem(content_type, body)` says why its body is not one to store.
     Runs inside LimitBodySize, which bounds the body it reads."""
 
     def __init__(self, app, streams: StreamPool, page: PageEvents, budgets: tuple[Rated, ...] = (UI_EVENTS,
@@ -204,6 +205,7 @@ class GuardGradioCalls:
                  upload_problem: Callable[[str, bytes], str | None] = lambda _type, _body: None):
         self.app, self.streams, self.page = app, streams, page
         self.upload_room, self.upload_problem = upload_room, upload_problem
+        self.uploads_taken = 0
         self.budgets = {rated.kind: (rated, TokenBucket(rated.per_s, rated.burst)) for rated in budgets}
         self.small_names = frozenset(page.small.values())
         self.new_sessions = TokenBucket(NEW_SESSIONS_PER_S, NEW_SESSION_BURST)
@@ -283,16 +285,24 @@ class GuardGradioCalls:
             await self.app(scope, receive, send)
 
     async def _upload(self, scope, receive, send) -> None:
+        if self.uploads_taken >= UPLOADS_AT_ONCE:
+            await send_json(send, 503, openai_error(f"{UPLOADS_AT_ONCE} uploads are being taken; try again in a "
+                                                    f"moment.", "busy"), headers=((b"retry-after", b"1"),))
+            return
         if (full := self.upload_room()) is not None:
             await send_json(send, 503, openai_error(f"No room for an upload now: {full}.", "busy"),
                             headers=((b"retry-after", b"60"),))
             return
-        body, receive = await _read_whole(receive)
-        content_type = dict(scope["headers"]).get(b"content-type", b"").decode("latin-1")
-        if (problem := self.upload_problem(content_type, body)) is not None:
-            await send_json(send, 400, openai_error(f"Upload refused: {problem}.", None, "files"))
-            return
-        await self.app(scope, receive, send)
+        self.uploads_taken += 1
+        try:
+            body, receive = await _read_whole(receive)
+            content_type = dict(scope["headers"]).get(b"content-type", b"").decode("latin-1")
+            if (problem := self.upload_problem(content_type, body)) is not None:
+                await send_json(send, 400, openai_error(f"Upload refused: {problem}.", None, "files"))
+                return
+            await self.app(scope, receive, send)
+        finally:
+            self.uploads_taken -= 1
 
     async def _join(self, scope, receive, send, fields: dict) -> None:
         """A join into the queue (let in only while its result could have a stream); one let in is told to the pool

@@ -166,7 +166,12 @@ def service_middleware(blocks: gr.Blocks, routes: list[Route], streams: StreamPo
     `larger_bodies`: routes whose bodies may be larger than MAX_BODY_BYTES, each with its own limit. `uploads`: the
     folder of the image editor's uploads, never served back and kept within its room."""
     budgets = (UI_EVENTS, PAGE_LOADS, UPLOADS)
-    room = lambda: uploads.room_problem(lambda name: forget_upload(blocks, name))  # noqa: E731
+    upload_guards = {}
+    if uploads is not None:
+        def room() -> str | None:
+            return uploads.room_problem(lambda name: forget_upload(blocks, name))
+
+        upload_guards = {"upload_room": room, "upload_problem": uploads.body_problem}
     return [
         Middleware(AnswerUnhandledErrors, unknown_endpoint=UNKNOWN_ENDPOINT),
         *([Middleware(RequireCredentials, credentials=credentials, links=links)] if credentials else []),
@@ -175,7 +180,7 @@ def service_middleware(blocks: gr.Blocks, routes: list[Route], streams: StreamPo
                    budgeted=lambda scope: any(rated.counts(scope) for rated in budgets)),
         Middleware(LimitBodySize, larger=larger_bodies),
         Middleware(GuardGradioCalls, streams=streams, page=PageEvents.of(blocks, OPTIONAL_INPUTS), budgets=budgets,
-                   **({"upload_room": room, "upload_problem": uploads.body_problem} if uploads else {}))]
+                   **upload_guards)]
 
 
 async def _never_called(_request):
