@@ -341,6 +341,7 @@ def test_a_person_uploads_a_picture_paints_a_region_and_gets_it_repainted_then_e
     assert parameters["prompt"] == "a red door in a white wall"
     page.wait_for_function("(name) => [...document.querySelectorAll('#gallery img')].some(i => i.src.includes(name))",
                            arg=painted.name, timeout=60_000)
+    assert "Edit: inpainting at strength 0.6" in page.locator("#timing").inner_text()
     # Nothing uploaded can be fetched back (what the edit read is deleted; what the editor sent while the stroke was
     # painted stays until the folder's next sweep: webui.editor_uploads).
     for path in [path for path in _upload_folder(browser_app).rglob("*") if path.is_file()]:

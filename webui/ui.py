@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import anyio
@@ -84,7 +83,10 @@ def _timing(result: GenerationResult) -> str:
     text = (f"**{t.total_ms / 1000:.2f} s** — text encode {t.encode_ms:.0f} ms · denoise {t.denoise_ms:.0f} ms · "
             f"decode {t.decode_ms:.0f} ms · save {t.save_ms:.0f} ms")
     loras = [f"`{choice.name}` {choice.scale:g}" for choice in result.request.loras]
-    return "\n\n".join([text, *(["LoRA: " + " · ".join(loras)] if loras else []), *result.notices])
+    edit = result.request.edit
+    edited = [] if edit is None else [f"Edit: {'inpainting' if edit.mask is not None else 'image-to-image'} at "
+                                      f"strength {edit.strength:g}"]
+    return "\n\n".join([text, *(["LoRA: " + " · ".join(loras)] if loras else []), *edited, *result.notices])
 
 
 def _chosen_loras(names: object, strengths: tuple[object, ...]) -> list[dict]:
@@ -175,7 +177,8 @@ def build_ui(engine: ServingEngine, line: AdmissionLine, uploads: UploadFolder, 
                 line, engine, [generation], received_at=received_at(request),
                 owner=owner_of(request, page["browser_id"]),
                 progress=lambda step, total: progress((step, total), desc="Denoising"), told=told)
-        images = [(str(result.path), _caption(asdict(result.request))), *page["images"]][:SESSION_HISTORY_LIMIT]
+        # vars, not asdict: asdict would deep-copy an edit's picture and mask to read four numbers.
+        images = [(str(result.path), _caption(vars(result.request))), *page["images"]][:SESSION_HISTORY_LIMIT]
         return images, {**page, "images": images}, result.request.seed, _timing(result), str(result.path)
 
     async def images(prompt: str, size: str | None, n: int, seed: int | None, steps: int | None,
