@@ -34,7 +34,7 @@ log = logging.getLogger("zimage.app")
 def configure_logging(level: str) -> None:
     """The service's log lines (config.log_lines), and one line an interval for what floods asyncio's and uvicorn's
     loggers."""
-    log_lines.configure_logging(level)
+    log_lines.configure_logging(level, libraries=False)  # start_service routes them, once the weights are found
     repeats = OccasionalRepeats()
     for flooded in ("asyncio", "uvicorn.error"):
         logging.getLogger(flooded).addFilter(repeats)
@@ -135,11 +135,11 @@ def read_weights_ahead(settings: Settings):
     """Start reading the weight files onto their devices, so the reads overlap the imports that come next
     (pipeline/read_ahead.py). None for the demo model (tiny, and maybe not built yet), with an engine process or
     --replicas (this process loads no weights), and for a device that is not there (load_model says so)."""
+    if settings.demo or settings.replicas != "0" or settings.engine_process:
+        return None
     from pipeline.loader import DeviceError, resolve_device
     from pipeline.read_ahead import ReadAhead
 
-    if settings.demo or settings.replicas != "0" or settings.engine_process:
-        return None
     try:
         device = resolve_device(settings.device)
     except DeviceError:
@@ -220,12 +220,8 @@ def start_engine_process(settings: Settings, faults, metrics):
     """The engine in a child process that this one restarts when it dies (pipeline.engine_process), started and
     ready; the web side stays in this process."""
     from pipeline.engine_process import ProcessEngine
-    from pipeline.layouts import find_weights
 
     spec, model_name = engine_spec(settings, faults)
-    # Here first (headers only: milliseconds): weights that cannot load end the start before an engine process has
-    # spent seconds importing, well inside supervisord's startsecs, so its retries and FATAL tell the story.
-    find_weights(spec.model_dir)
     engine = ProcessEngine(spec, metrics=metrics)
     engine.start()
     return engine, f"{model_name} ({engine.source})"
@@ -255,13 +251,21 @@ def start_service(settings: Settings, read_ahead):
     """Everything between settings and serving: the output dir checked, the weights loaded, the engine warmed up.
     Any problem a person must fix raises a StartupError (pipeline.messages) naming it. `read_ahead`: from
     read_weights_ahead."""
+    from pipeline.layouts import find_weights
+    from pipeline.output_dir import prepare_output_dir
+
+    if not settings.demo and settings.replicas == "0":
+        # First (headers only: milliseconds, before torch, diffusers and gradio are imported): weights that cannot
+        # load end the start well inside supervisord's startsecs, so its retries and FATAL tell the story in
+        # seconds. Replicas may run on hosts of their own, with the weights where those keep them.
+        find_weights(settings.model_dir)
+    log_lines.route_library_logs()
+    prepare_output_dir(settings.output_dir)
     from pipeline.faults import FaultPlan
     from pipeline.metrics import ServiceMetrics
-    from pipeline.output_dir import prepare_output_dir
     from pipeline.snapshot import enable_fault_tracebacks, install_snapshot_hooks
     from pipeline.storage import remove_partial_files
 
-    prepare_output_dir(settings.output_dir)
     # Here, not in an engine: replicas share the output dir, and one that starts (a replacement) while another
     # saves would delete that save's file mid-write. This process starts before every engine it serves.
     if removed := remove_partial_files(settings.output_dir):

@@ -211,25 +211,33 @@ class LibraryWarningsOnce(logging.Filter):
         return True
 
 
-def configure_logging(level: str, prefix: str = "") -> None:
+def configure_logging(level: str, prefix: str = "", libraries: bool = True) -> None:
     """One format for every line, ours and the libraries', on stdout (supervisor writes it to the log file); no
     client text reaches it unescaped (OneLinePerRecord), not even what libraries print (LinesToLog). `prefix` starts
-    every message: which process wrote it, where two write the same log."""
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
+    every message: which process wrote it, where two write the same log. `libraries` False: diffusers' and
+    transformers' loggers are left for route_library_logs, to be called before either library logs a line."""
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(OneLinePerRecord(LOG_FORMAT.replace("%(message)s", f"{prefix}%(message)s"), LOG_DATE_FORMAT))
     handler.addFilter(LibraryWarningsOnce())
     logging.basicConfig(level=level, handlers=[handler], force=True)
     sys.stdout = LinesToLog(logging.getLogger("stdout"), logging.INFO, sys.stdout)
     sys.stderr = LinesToLog(logging.getLogger("stderr"), logging.WARNING, sys.stderr)
+    if libraries:
+        route_library_logs()
+    for noisy in ("httpx", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def route_library_logs() -> None:
+    """diffusers' and transformers' records through the handler above, without their own handlers and progress
+    bars. Importing them imports torch: seconds that a start which fails on its settings need not spend."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
     for library in (diffusers_logging, transformers_logging):
         library.disable_default_handler()
         library.enable_propagation()
         library.disable_progress_bar()
-    for noisy in ("httpx", "urllib3"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def seconds_since_process_start() -> float:

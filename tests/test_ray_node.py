@@ -1,6 +1,7 @@
 """deploy/supervisor/ray-node.conf: supervisor reads both blocks with the service's rules, every `ray start` option
 they use exists in the installed Ray, and a front started with --ray-address joins the head its block starts."""
 
+import contextlib
 import os
 import re
 import secrets
@@ -111,6 +112,12 @@ def test_a_front_joins_the_head_its_block_starts_and_leaves_it_running_without_r
         assert head.poll() is None, head_log.read_text()
         wait_until(lambda: not _serve_replicas(psutil.Process(head.pid)), 30, "the replica gone from the head")
     finally:
-        os.killpg(head.pid, signal.SIGTERM)
-        head.wait(timeout=60)
+        # SIGTERM to `ray start` alone: it drains the node and ends its processes. Sent to the whole group, the
+        # GCS would end with it, and `ray start` would wait 30 s for it to answer the drain.
+        head.terminate()
+        try:
+            head.wait(timeout=60)
+        finally:
+            with contextlib.suppress(ProcessLookupError):  # none left: the usual end
+                os.killpg(head.pid, signal.SIGKILL)
         shutil.rmtree(temp_dir, ignore_errors=True)

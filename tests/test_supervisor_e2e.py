@@ -71,16 +71,21 @@ class Supervised:
         return self.rpc().supervisor.getProcessInfo(program)
 
     def install(self, *env: str, name: str = PROGRAM, port: int | None = None, no_update: bool = False,
-                app_args: tuple[str, ...] | None = None) -> subprocess.CompletedProcess:
-        app_args = app_args if app_args is not None else ("--demo", "--demo-dir", str(self.demo_dir),
-                                                         "--log-prompts", "full")
+                app_args: tuple[str, ...] | None = None, engine_process: bool = False,
+                stopwaitsecs: int = STOPWAITSECS) -> subprocess.CompletedProcess:
+        """The program block for the demo model, or for `app_args`. `engine_process`: the engine in its own
+        process, as the service runs by default; off, in the program's process, for the tests of what supervisord
+        sees, the same either way: an engine process and its standby cost each start seconds of CI's two cores."""
+        if app_args is None:
+            app_args = ("--demo", "--demo-dir", str(self.demo_dir), "--log-prompts", "full",
+                        *(() if engine_process else ("--no-engine-process",)))
         command = [
             sys.executable, "scripts/install_service.py", "--standalone", str(self.root / "sv"), "--name", name,
             "--port", str(port or self.port), "--python", sys.executable,
             "--log-file", str(self.log_dir / f"{name}.log"), "--log-maxbytes", str(LOG_MAXBYTES),
             "--log-backups", str(LOG_BACKUPS), "--crash-dir", str(self.crash_dir),
             "--output-dir", str(self.root / "outputs"), "--startsecs", str(STARTSECS),
-            "--stopwaitsecs", str(STOPWAITSECS), "--watchdog-failures", "2", "--startup-grace", "120",
+            "--stopwaitsecs", str(stopwaitsecs), "--watchdog-failures", "2", "--startup-grace", "120",
             "--env", "ZIMAGE_TEST_MODE=1", *(arg for pair in env for arg in ("--env", pair)),
             *(["--no-update"] if no_update else []), "--", *app_args,
         ]
@@ -143,7 +148,7 @@ def supervised(tmp_path_factory, tiny_models):
     demo_dir = root / "demo-model"
     shutil.copytree(tiny_models[LayoutKind.SINGLE_FILE], demo_dir)
     service = Supervised(root=root, port=free_port(), demo_dir=demo_dir)
-    service.install()
+    service.install(engine_process=True)  # the service as it runs by default
     yield service
     service.ctl("shutdown")
     pid_file = root / "sv" / "supervisord.pid"
@@ -200,7 +205,7 @@ def test_log_rotates_at_the_configured_size_keeping_the_configured_backups(super
 
 
 def test_stop_leaves_no_process_of_the_group(supervised):
-    supervised.install("ZIMAGE_FAULT=spawn-child")
+    supervised.install("ZIMAGE_FAULT=spawn-child", engine_process=True)
     supervised.wait_ready()
     pid = supervised.info()["pid"]
     children = psutil.Process(pid).children(recursive=True)
@@ -241,7 +246,7 @@ def test_clean_exit_is_not_restarted(supervised):
 
 
 def test_a_poisoned_gpu_restarts_the_engine_process_alone_with_a_snapshot(supervised):
-    supervised.install("ZIMAGE_FAULT=poison@1")
+    supervised.install("ZIMAGE_FAULT=poison@1", engine_process=True)
     supervised.wait_ready()
     pid = supervised.wait_state("RUNNING")["pid"]
     with pytest.raises(Exception, match="engine process stopped while making your image"):
@@ -262,8 +267,8 @@ def test_a_poisoned_gpu_restarts_the_engine_process_alone_with_a_snapshot(superv
 def test_hang_is_detected_by_the_watchdog_and_restarted(supervised):
     """A frozen service (the engine in its own process: a frozen engine process is the service's to notice, see
     tests/test_engine_process.py)."""
-    supervised.install("ZIMAGE_FAULT=hang@1", app_args=("--demo", "--demo-dir", str(supervised.demo_dir),
-                                                        "--no-engine-process"))
+    # A frozen process cannot drain: the stop's SIGTERM waits out stopwaitsecs before the SIGKILL, so a short one.
+    supervised.install("ZIMAGE_FAULT=hang@1", stopwaitsecs=3)
     supervised.wait_ready()
     pid = supervised.wait_state("RUNNING")["pid"]
     # Hung before the watchdog has seen it healthy, the process would get the start-up grace (120 s) first.
