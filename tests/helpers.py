@@ -205,7 +205,7 @@ def start_app(tmp_path: Path, *flags: str, env: dict[str, str] | None = None, op
                 return app
         except OSError:
             pass
-        time.sleep(0.5)
+        time.sleep(POLL_S)
     process.kill()
     raise AssertionError(f"app not ready in {START_TIMEOUT_S}s:\n{app.log()}")
 
