@@ -75,17 +75,10 @@ PARAM_BY_FIELD = {"width": "size", "height": "size"}
 
 class FastJSONResponse(JSONResponse):
     """JSON through orjson. An image in b64_json is megabytes of text, which the standard library's encoder scans
-    character by character: 18 ms for a 1024² PNG's 3.5 MiB, against 3 ms here, on every request (and none with
-    _json_text)."""
+    character by character: 18 ms for a 1024² PNG's 3.5 MiB, against 3 ms here, on every request."""
 
     def render(self, content: object) -> bytes:
         return orjson.dumps(content)
-
-
-def _json_text(ascii_text: bytes) -> orjson.Fragment:
-    """`ascii_text` as a JSON string, for orjson to copy in as it is: base64 needs no escaping, and decoding and
-    scanning megabytes of it cost a 1024² image's answer 1.5 ms."""
-    return orjson.Fragment(b'"' + ascii_text + b'"')
 
 
 class ApiError(Exception):
@@ -368,7 +361,7 @@ def openai_routes(engine, line: AdmissionLine, public_url: str, started_at: floa
                 return _error_response(ApiError(500, "An image was saved outside the output folder."))
             item = {"revised_prompt": None, "seed": image["seed"], "loras": image["loras"]}
             if response_format == "b64_json":
-                item["b64_json"] = _json_text(base64.b64encode(path.read_bytes()))
+                item["b64_json"] = base64.b64encode(path.read_bytes()).decode()
             else:
                 # Relative to the output dir, so a link tells nobody where the server keeps its files; percent-
                 # encoded, since a name may hold a space or a '#', which a client would cut the link at.
