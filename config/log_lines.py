@@ -230,7 +230,7 @@ def configure_logging(level: str, prefix: str = "", libraries: bool = True) -> N
 
 def route_library_logs() -> None:
     """diffusers' and transformers' records through the handler above, without their own handlers and progress
-    bars. Importing them imports torch: seconds that a start which fails on its settings need not spend."""
+    bars. Importing them imports torch: seconds that a start whose weights cannot load need not spend."""
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 

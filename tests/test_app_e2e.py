@@ -315,10 +315,14 @@ def test_each_request_is_logged_with_its_timings(demo_app, client):
 
 def test_without_weights_or_demo_the_app_exits_naming_both_options(tmp_path):
     result = subprocess.run(
-        [sys.executable, "app.py", "--model-dir", str(tmp_path / "none"), "--port", str(free_port())],
+        [sys.executable, "-X", "importtime", "app.py", "--model-dir", str(tmp_path / "none"), "--port",
+         str(free_port())],
         cwd=PROJECT_DIR, capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 1
+    # Found before the heavy imports: supervisord's retries of a missing dir each end in about a second.
+    imported = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if line.startswith("import")}
+    assert "torch" in imported and not {"diffusers", "gradio"} & imported
     error_lines = [line for line in result.stdout.splitlines() if " ERROR " in line]
     assert len(error_lines) == 1
     assert "--demo" in error_lines[0] and "fetch_weights.py" in error_lines[0]
