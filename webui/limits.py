@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from urllib.parse import parse_qs
 
+import anyio
 from starlette.routing import Match, Route
 
 from pipeline.requests import shown
@@ -205,7 +206,7 @@ class GuardGradioCalls:
                  upload_problem: Callable[[str, bytes], str | None] = lambda _type, _body: None):
         self.app, self.streams, self.page = app, streams, page
         self.upload_room, self.upload_problem = upload_room, upload_problem
-        self.uploads_taken = 0
+        self.uploads = anyio.Semaphore(UPLOADS_AT_ONCE)  # as the OpenAI route bounds its edits' bodies
         self.budgets = {rated.kind: (rated, TokenBucket(rated.per_s, rated.burst)) for rated in budgets}
         self.small_names = frozenset(page.small.values())
         self.new_sessions = TokenBucket(NEW_SESSIONS_PER_S, NEW_SESSION_BURST)
@@ -285,7 +286,7 @@ class GuardGradioCalls:
             await self.app(scope, receive, send)
 
     async def _upload(self, scope, receive, send) -> None:
-        if self.uploads_taken >= UPLOADS_AT_ONCE:
+        if self.uploads.value == 0:
             await send_json(send, 503, openai_error(f"{UPLOADS_AT_ONCE} uploads are being taken; try again in a "
                                                     f"moment.", "busy"), headers=((b"retry-after", b"1"),))
             return
@@ -293,16 +294,13 @@ class GuardGradioCalls:
             await send_json(send, 503, openai_error(f"No room for an upload now: {full}.", "busy"),
                             headers=((b"retry-after", b"60"),))
             return
-        self.uploads_taken += 1
-        try:
+        async with self.uploads:
             body, receive = await _read_whole(receive)
             content_type = dict(scope["headers"]).get(b"content-type", b"").decode("latin-1")
             if (problem := self.upload_problem(content_type, body)) is not None:
                 await send_json(send, 400, openai_error(f"Upload refused: {problem}.", None, "files"))
                 return
             await self.app(scope, receive, send)
-        finally:
-            self.uploads_taken -= 1
 
     async def _join(self, scope, receive, send, fields: dict) -> None:
         """A join into the queue (let in only while its result could have a stream); one let in is told to the pool

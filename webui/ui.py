@@ -47,6 +47,7 @@ IMAGES_API_NAME = "images"  # n images for the OpenAI-style route; through the s
 OPTIONAL_INPUTS = {API_NAME: ([], *[1.0] * MAX_LORAS)}
 
 STATUS_REFRESH_S = 10
+EDIT_MODES = {"inpaint": "inpainting", "image": "image-to-image"}  # pipeline.requests.Edit.mode, as the page says it
 # The official Space's kind of prompt, in both languages the text encoder reads.
 EXAMPLES = [
     "A ginger cat in a red knitted scarf sitting in fresh snow, soft morning light, 35mm photo",
@@ -84,8 +85,7 @@ def _timing(result: GenerationResult) -> str:
             f"decode {t.decode_ms:.0f} ms · save {t.save_ms:.0f} ms")
     loras = [f"`{choice.name}` {choice.scale:g}" for choice in result.request.loras]
     edit = result.request.edit
-    edited = [] if edit is None else [f"Edit: {'inpainting' if edit.mask is not None else 'image-to-image'} at "
-                                      f"strength {edit.strength:g}"]
+    edited = [] if edit is None else [f"Edit: {EDIT_MODES[edit.mode]} at strength {edit.strength:g}"]
     return "\n\n".join([text, *(["LoRA: " + " · ".join(loras)] if loras else []), *edited, *result.notices])
 
 
