@@ -216,13 +216,13 @@ def engine_spec(settings: Settings, faults):
         plan_sizes=tuple(offered_sizes(settings.max_w, settings.max_h))), model_name
 
 
-def start_engine_process(settings: Settings, faults, metrics):
+def start_engine_process(settings: Settings, faults, metrics, first):
     """The engine in a child process that this one restarts when it dies (pipeline.engine_process), started and
-    ready; the web side stays in this process."""
+    ready; the web side stays in this process. `first`: the engine process started for it (engine_spawn)."""
     from pipeline.engine_process import ProcessEngine
 
     spec, model_name = engine_spec(settings, faults)
-    engine = ProcessEngine(spec, metrics=metrics)
+    engine = ProcessEngine(spec, metrics=metrics, first=first)
     engine.start()
     return engine, f"{model_name} ({engine.source})"
 
@@ -261,6 +261,13 @@ def start_service(settings: Settings, read_ahead):
         find_weights(settings.model_dir)
     log_lines.route_library_logs()
     prepare_output_dir(settings.output_dir)
+    first_engine = None
+    if settings.engine_process and settings.replicas == "0":
+        from pipeline.engine_spawn import spawn_engine_process
+
+        # Now, before this process imports torch and diffusers: the engine process's own imports (seconds) run
+        # beside this one's, not after them.
+        first_engine = spawn_engine_process()
     from pipeline.faults import FaultPlan
     from pipeline.metrics import ServiceMetrics
     from pipeline.snapshot import enable_fault_tracebacks, install_snapshot_hooks
@@ -281,9 +288,9 @@ def start_service(settings: Settings, read_ahead):
         ui_import.join()
         engine, model_label = start_replicas(settings, faults, metrics)
     elif settings.engine_process:
-        # Started before the UI's imports are done: the engine process imports its libraries and loads the weights
+        # Loaded before the UI's imports are done: the engine process imports its libraries and loads the weights
         # in a process of its own, and a restart of the service waits for the two side by side, not in a row.
-        engine, model_label = start_engine_process(settings, faults, metrics)
+        engine, model_label = start_engine_process(settings, faults, metrics, first_engine)
         ui_import.join()
     else:
         loaded, model_name = load_model(settings, read_ahead)

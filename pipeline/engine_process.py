@@ -30,8 +30,9 @@ import psutil
 from pipeline.adapters import AdapterInfo
 from pipeline.engine import OUTPUT_DIR_UNUSABLE, GenerationError, GenerationResult, ServiceBusy, outcome_of
 from pipeline.engine_events import Finished, GpuDone, Progress, Refused, Started, Worker
+from pipeline.engine_spawn import Spawned, spawn_engine_process
 from pipeline.engine_worker import (ENGINE_STATE_KEYS, EngineSpec, Fatal, Heartbeat, Job, Load, Ready, Retire,
-                                    StandingBy, StartFailed, worker_main)
+                                    StandingBy, StartFailed)
 from pipeline.memory import MemoryGuard
 from pipeline.messages import StartupError
 from pipeline.metrics import ServiceMetrics
@@ -108,7 +109,8 @@ class ProcessEngine(EngineElsewhere):
     parallel_jobs = 1  # the GPU runs one job at a time, in whichever engine process is running
 
     def __init__(self, spec: EngineSpec, *, metrics: ServiceMetrics | None = None,
-                 max_failed_starts: int = MAX_FAILED_STARTS) -> None:
+                 max_failed_starts: int = MAX_FAILED_STARTS, first: Spawned | None = None) -> None:
+        """`first`: the first engine process, started before this (app.py starts it before its own imports)."""
         super().__init__(spec.options.output_dir)
         self._spec = spec
         self.limits = spec.options.limits
@@ -118,7 +120,7 @@ class ProcessEngine(EngineElsewhere):
         # Heartbeats come every second, from a thread of their own; a few missed under load are no hang.
         self._silence_limit_s = max(spec.options.hang_timeout_s, MIN_SILENCE_S)
         self._max_failed_starts = max_failed_starts
-        self._context = multiprocessing.get_context("spawn")
+        self._first = first
         self._changed = threading.Condition()  # guards everything below; notified at every change of the children
         self._active: _Child | None = None
         self._standby: _Child | None = None
@@ -157,14 +159,11 @@ class ProcessEngine(EngineElsewhere):
         active = self._active
         return active is not None and active.worker is not None and not active.ended and not active.retired
 
-    def _spawn(self) -> _Child:
+    def _spawn(self, spawned: Spawned | None = None) -> _Child:
         """A standby engine process (from the keeper's thread: the engine process dies with the thread that
-        started it)."""
-        ours, theirs = self._context.Pipe()
-        process = self._context.Process(target=worker_main, args=(theirs,), name="zimage-engine", daemon=True)
-        process.start()
-        theirs.close()
-        child = _Child(next(self._numbers), process, ours)
+        started it), or `spawned`, one started before."""
+        spawned = spawned or spawn_engine_process()
+        child = _Child(next(self._numbers), spawned.process, spawned.connection)
         threading.Thread(target=self._listen, args=(child,), name=f"engine-{child.number}-pipe", daemon=True).start()
         return child
 
@@ -178,7 +177,7 @@ class ProcessEngine(EngineElsewhere):
         one (the standby), backing off while they keep dying before they are ready."""
         failed_starts = 0
         with self._changed:
-            self._active = self._spawn()
+            self._active = self._spawn(self._first)
             self._load(self._active)
         while True:
             with self._changed:

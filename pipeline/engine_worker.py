@@ -9,10 +9,8 @@ thread that started it ends (PR_SET_PDEATHSIG), so no engine outlives the servic
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import logging
 import os
-import signal
 import socket
 import threading
 import time
@@ -162,25 +160,9 @@ class _Pipe:
             self.connection.send(message)
 
 
-def _die_with_the_front() -> None:
-    """The kernel sends this process SIGKILL when the thread that started it ends (the front's, killed or not).
-    Linux's prctl has no wrapper in the standard library; elsewhere the closed pipe alone ends the process."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    if os.getppid() == 1:  # the front died before the call above took effect
-        os._exit(0)
-
-
-def worker_main(connection: Connection) -> None:
-    """The engine process: a standby until Load comes, then the engine's process until its pipe closes.
-
-    SIGTERM and SIGINT are the front's to act on: `supervisorctl stop` signals the whole process group
-    (stopasgroup), and Ctrl-C the terminal's, and the front then lets the running job finish before it closes the
-    pipe; an engine process that died of the signal would lose that job."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _die_with_the_front()
-    started = time.perf_counter()
+def worker_main(connection: Connection, started: float) -> None:
+    """The engine process (from pipeline.engine_spawn): a standby until Load comes, then the engine's process until
+    its pipe closes. `started`: time.perf_counter() when its imports began."""
     import pipeline.loader  # the model libraries, imported now: what makes a standby worth keeping
 
     pipeline.loader.import_model_libraries()

@@ -23,6 +23,7 @@ import pytest
 from PIL import Image
 
 from pipeline.engine_process import EngineRestarting, ProcessEngine
+from pipeline.engine_spawn import spawn_engine_process
 from pipeline.engine_worker import EngineSpec
 from pipeline.faults import FaultPlan
 from pipeline.layouts import LayoutKind
@@ -66,18 +67,25 @@ def _engine_processes(parent: psutil.Process) -> list[psutil.Process]:
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_models, tmp_path_factory):
+def first_engine_process():
+    """Started before the ProcessEngine that serves from it, as app.py starts it."""
+    return spawn_engine_process()
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_models, tmp_path_factory, first_engine_process):
     engine = ProcessEngine(_spec(tiny_models[LayoutKind.SINGLE_FILE], tmp_path_factory.mktemp("engine")),
-                           metrics=ServiceMetrics())
+                           metrics=ServiceMetrics(), first=first_engine_process)
     engine.start()
     yield engine
     engine.close()
 
 
-def test_it_serves_from_another_process_with_a_standby_beside_it(engine):
+def test_it_serves_from_another_process_with_a_standby_beside_it(engine, first_engine_process):
     result = engine.generate(GenerationRequest(prompt="a lighthouse", width=64, height=64, steps=1, seed=3))
     assert result.path.is_file() and result.request.seed == 3 and engine.served == 1
     assert engine.status().ready and engine.status().device == "cpu" and engine.worker.pid != os.getpid()
+    assert engine.worker.pid == first_engine_process.process.pid
     wait_until(lambda: len(_engine_processes(psutil.Process())) == 2, 60, "a standby beside the engine process")
     with pytest.raises(RequestError) as refused:
         engine.generate(GenerationRequest(prompt="", width=64, height=64, steps=1))
@@ -165,6 +173,16 @@ def test_engines_that_keep_dying_at_start_end_the_service_non_zero(tiny_models, 
     assert ran.returncode == 1, ran.stderr[-3000:]
     assert "engine process failed to start 2 times in a row" in ran.stderr, ran.stderr[-3000:]
     assert ran.stderr.count("engine process exited") == 3  # the killed one, then two that failed to load
+
+
+def test_an_engine_process_starts_without_torch_imported_in_the_front():
+    """What lets app.py start its first engine process before its own seconds of imports."""
+    script = ("import sys\n"
+              "from pipeline.engine_spawn import spawn_engine_process\n"
+              "spawned = spawn_engine_process()\n"
+              "print(spawned.process.is_alive(), sorted({'torch', 'diffusers', 'gradio'} & set(sys.modules)))\n")
+    ran = subprocess.run([sys.executable, "-c", script], cwd=PROJECT_DIR, capture_output=True, text=True, timeout=60)
+    assert ran.stdout.split("\n")[0] == "True []", ran.stdout + ran.stderr[-3000:]
 
 
 # -- against a real app.py --demo --------------------------------------------------------------------------------
