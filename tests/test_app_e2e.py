@@ -372,7 +372,7 @@ def test_sigterm_lets_the_running_job_finish_and_reach_the_client(tmp_path, tiny
     app = start_demo_app(tmp_path, tiny_models, "--shutdown-grace", "60", engine_process=True)
     results = []
     client = Client(app.url, verbose=False)
-    worker = threading.Thread(target=lambda: results.append(_generate(client, "a slow one", "1536x1536", steps=8)))
+    worker = threading.Thread(target=lambda: results.append(_generate(client, "a slow one", "1024x1024", steps=8)))
     worker.start()
     wait_until_busy(app)
     app.process.send_signal(signal.SIGTERM)

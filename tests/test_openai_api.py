@@ -404,7 +404,7 @@ def test_a_failed_generation_is_a_500_with_an_id_and_a_full_queue_a_503(tmp_path
 
     def generate(name: str) -> None:
         try:
-            client.images.generate(prompt="a slow one", size="1536x1536", extra_body={"steps": 8})
+            client.images.generate(prompt="a slow one", size="1024x1024", extra_body={"steps": 8})
             outcomes[name] = "ok"
         except openai.APIStatusError as error:
             outcomes[name] = (error.status_code, error.body, error.response.headers.get("retry-after"))
