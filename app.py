@@ -166,7 +166,7 @@ def load_model(settings: Settings, read_ahead):
 
 def engine_options(settings: Settings, model_name: str, on_gpu: bool):
     """The engine's slice of the settings: the one place Settings become EngineOptions."""
-    from pipeline.engine import EngineOptions
+    from pipeline.engine_types import EngineOptions
     from pipeline.requests import Limits
 
     return EngineOptions(
@@ -201,7 +201,7 @@ def start_engine(settings: Settings, faults, loaded, model_name: str, metrics):
 
 def engine_spec(settings: Settings, faults):
     """What an engine process or a replica builds its engine from, and the model's name."""
-    from pipeline.engine_worker import EngineSpec
+    from pipeline.engine_events import EngineSpec
     from pipeline.loader import resolve_device
     from webui.resolutions import offered_sizes
 
@@ -259,15 +259,16 @@ def start_service(settings: Settings, read_ahead):
         # load end the start well inside supervisord's startsecs, so its retries and FATAL tell the story in
         # seconds. Replicas may run on hosts of their own, with the weights where those keep them.
         find_weights(settings.model_dir)
-    log_lines.route_library_logs()
     prepare_output_dir(settings.output_dir)
     first_engine = None
     if settings.engine_process and settings.replicas == "0":
         from pipeline.engine_spawn import spawn_engine_process
 
-        # Now, before this process imports torch and diffusers: the engine process's own imports (seconds) run
-        # beside this one's, not after them.
+        # Now, before this process imports torch: the engine process's imports (seconds) run beside this one's, not
+        # after them. This process never imports diffusers or transformers: the engine process runs the model.
         first_engine = spawn_engine_process()
+    else:
+        log_lines.route_library_logs()
     from pipeline.faults import FaultPlan
     from pipeline.metrics import ServiceMetrics
     from pipeline.snapshot import enable_fault_tracebacks, install_snapshot_hooks

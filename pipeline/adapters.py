@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from pipeline.engine_types import AdapterInfo
+
 log = logging.getLogger("zimage.adapters")
 
 SLOT_ADAPTER = "request"  # the name of the one PEFT adapter that holds a request's adapters
@@ -33,17 +35,6 @@ _PREFIX = "transformer."
 
 class AdapterProblem(ValueError):
     """Why a file in the adapter folder is left out; the message is for the operator's log."""
-
-
-@dataclass(frozen=True)
-class AdapterInfo:
-    """What the service tells of an adapter: in GET /v1/loras, the UI's choices, the PNG's parameters."""
-
-    name: str  # the file's stem
-    rank: int  # the largest of its layers' ranks: what it takes of the slots
-    size_bytes: int
-    layers: int  # linear layers of the DiT it changes
-    short_hash: str  # A1111's AutoV3 hash, cut as its "Lora hashes" field writes it
 
 
 @dataclass(frozen=True, eq=False)

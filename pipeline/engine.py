@@ -24,13 +24,23 @@ from PIL import Image
 from pipeline import acceleration, attention, memory
 from pipeline.adapters import (
     Adapter,
-    AdapterInfo,
     AdapterLibrary,
     AdapterSlots,
     linear_layers,
     lora_view,
 )
 from pipeline.edits import EditLatents, edit_sigmas
+from pipeline.engine_types import (
+    OUTPUT_DIR_UNUSABLE,
+    RECENT_IMAGES,
+    AdapterInfo,
+    EngineOptions,
+    GenerationError,
+    GenerationResult,
+    ServiceBusy,
+    StageTimings,
+    outcome_of,
+)
 from pipeline.faults import FaultPlan
 from pipeline.hangs import HangWatch
 from pipeline.loader import LoadedPipeline
@@ -41,7 +51,6 @@ from pipeline.output_dir import OutputDirCheck
 from pipeline.requests import (
     Edit,
     GenerationRequest,
-    Limits,
     RequestError,
     ValidRequest,
     shown,
@@ -65,10 +74,7 @@ POISONED_GPU_MARKERS = (
     "CUDA error", "illegal memory access", "device-side assert", "unspecified launch failure", "misaligned address",
     "CUBLAS_STATUS", "CUDNN_STATUS", "cuDNN error", "NCCL error", "ECC error",
 )
-OUTPUT_DIR_UNUSABLE = ("The server cannot save images right now (its output directory is not writable or its disk "
-                       "is full); the operator has to fix it. Try again later.")
 RECENT_PROMPTS = 3  # kept (as logged: summarised or not) for the crash snapshot
-RECENT_IMAGES = 2000  # the newest images (of all owners) kept in memory for the galleries' history
 # The compiled path goes live only after these: every graph a request can need is compiled by then. Non-square
 # first: a square warm-up would let the compiler assume width == height ("duck sizing") and compile again for the
 # first non-square request. The small size takes the other side of size-dependent kernel choices (the CPU's
@@ -88,51 +94,6 @@ COMPILE_WARM_UP_PROMPTS = ("warm-up", "a warm-up prompt long enough to fill more
 def is_poisoned_gpu_error(error: BaseException) -> bool:
     return isinstance(error, RuntimeError) and not isinstance(error, torch.OutOfMemoryError) and any(
         marker in str(error) for marker in POISONED_GPU_MARKERS)
-
-
-class GenerationError(RuntimeError):
-    """A request that was valid but could not produce a usable image; the message is meant for the user."""
-
-
-class ServiceBusy(GenerationError):
-    """The request was not run because of the service's state (it waited too long, or the service is stopping):
-    trying again later can succeed."""
-
-
-def outcome_of(error: BaseException) -> str:
-    """The metrics' outcome label of a request that raised `error`."""
-    if isinstance(error, ServiceBusy):
-        return "busy"
-    if isinstance(error, RequestError):
-        return "rejected"
-    if isinstance(error, GenerationError):
-        return "failed"
-    return "error"
-
-
-@dataclass(frozen=True)
-class StageTimings:
-    queue_ms: float  # waiting for the GPU inside the engine (the web side's admission line comes before)
-    encode_ms: float  # 0 when the prompt's embeddings came from the cache
-    denoise_ms: float
-    decode_ms: float
-    save_ms: float
-    total_ms: float
-
-    def by_stage(self) -> dict[str, float]:
-        """{"queue": ms, "encode": ms, ...}: the stages by name, for metrics and API answers."""
-        return {name.removesuffix("_ms"): value for name, value in asdict(self).items()}
-
-
-@dataclass(frozen=True)
-class GenerationResult:
-    request_id: str
-    image: Image.Image | None  # None where the engine ran in another process (a scale/ replica): read `path`
-    path: Path
-    request: ValidRequest
-    timings: StageTimings
-    notices: tuple[str, ...]
-    gpu_peak_bytes: int = 0  # CUDA only: the most memory the request's tensors held at once, the model included
 
 
 @dataclass
@@ -182,26 +143,6 @@ def summarize_prompt(prompt: str, mode: str) -> str:
     digest = hashlib.sha256(prompt.encode("utf-8")).hexdigest()[:8]
     first_words = " ".join(prompt.split()[:6])[:48]
     return f"len={len(prompt)} sha={digest} start={first_words!r}"
-
-
-@dataclass(frozen=True)
-class EngineOptions:
-    """What the engine takes from the service's settings. app.py builds it from config.Settings in one place; the
-    defaults live only in config/defaults.toml."""
-
-    limits: Limits
-    output_dir: Path
-    model_name: str  # in each PNG's parameters and the log
-    attention: str  # the flag's choice; the probe picks among the usable backends (attention.apply_backend)
-    nan_check: bool  # refuse NaN or all-black images instead of saving them
-    log_prompts: str  # full | summary | none: how much of a prompt the log keeps
-    hang_timeout_s: float  # a GPU call running longer than this is a hang: stacks dumped, the process ended
-    queue_timeout_s: float  # a request that waited longer than this for the GPU is refused, not run late
-    compile_model: bool  # compile a copy of the pipeline in the background (start_background_work)
-    prompt_cache_size: int  # prompts whose embeddings are kept for reuse
-    gpu_memory_limit_bytes: int  # 0: the whole GPU; else the memory guard plans within this cap
-    lora_dir: Path | None = None  # LoRA adapters (*.safetensors); None, or a folder missing at start: none served
-    lora_max_rank: int = 0  # the rank of the adapter slots: one request's adapters together (0: none served)
 
 
 class Engine(ServingEngine):

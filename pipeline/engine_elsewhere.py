@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.engine import RECENT_IMAGES
+from pipeline.engine_types import RECENT_IMAGES
 from pipeline.output_dir import OutputDirCheck
 from pipeline.serving import ServingEngine
 from pipeline.storage import RecentImages, read_parameters

@@ -27,12 +27,33 @@ from dataclasses import asdict, dataclass, field
 
 import psutil
 
-from pipeline.adapters import AdapterInfo
-from pipeline.engine import OUTPUT_DIR_UNUSABLE, GenerationError, GenerationResult, ServiceBusy, outcome_of
-from pipeline.engine_events import Finished, GpuDone, Progress, Refused, Started, Worker
+from pipeline.engine_events import (
+    ENGINE_STATE_KEYS,
+    EngineSpec,
+    Fatal,
+    Finished,
+    GpuDone,
+    Heartbeat,
+    Job,
+    Load,
+    Progress,
+    Ready,
+    Refused,
+    Retire,
+    StandingBy,
+    Started,
+    StartFailed,
+    Worker,
+)
 from pipeline.engine_spawn import Spawned, spawn_engine_process
-from pipeline.engine_worker import (ENGINE_STATE_KEYS, EngineSpec, Fatal, Heartbeat, Job, Load, Ready, Retire,
-                                    StandingBy, StartFailed)
+from pipeline.engine_types import (
+    OUTPUT_DIR_UNUSABLE,
+    AdapterInfo,
+    GenerationError,
+    GenerationResult,
+    ServiceBusy,
+    outcome_of,
+)
 from pipeline.memory import MemoryGuard
 from pipeline.messages import StartupError
 from pipeline.metrics import ServiceMetrics

@@ -15,49 +15,40 @@ import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from multiprocessing.connection import Connection
-from pathlib import Path
 
 from config import log_lines
 from pipeline.acceleration import load_for_serving
-from pipeline.adapters import AdapterInfo
-from pipeline.engine import Engine, EngineOptions, GenerationError
-from pipeline.engine_events import Finished, GpuDone, Progress, Refused, Started, Worker
-from pipeline.faults import FaultPlan
+from pipeline.engine import Engine, GenerationError
+from pipeline.engine_events import (
+    ENGINE_STATE_KEYS,
+    EngineSpec,
+    Fatal,
+    Finished,
+    GpuDone,
+    Heartbeat,
+    Job,
+    Progress,
+    Ready,
+    Refused,
+    Retire,
+    StandingBy,
+    Started,
+    StartFailed,
+    Worker,
+)
 from pipeline.loader import resolve_device
-from pipeline.memory import MemoryGuard
 from pipeline.messages import StartupError, first_line
-from pipeline.requests import GenerationRequest, RequestError
+from pipeline.requests import RequestError
 from pipeline.snapshot import enable_fault_tracebacks, install_snapshot_hooks, write_snapshot
 
 log = logging.getLogger("zimage.worker")
 
-ENGINE_STATE_KEYS = ("attention", "compiled", "serving", "text_encoder")  # what the front shows of an engine
 HEARTBEAT_S = 1.0  # how often the engine process tells the front its state: its sign of life too
 # Jobs one engine process holds at once: one on the GPU, the one before it still saving its image, and the next one
 # waiting for the GPU (the front sends it as soon as the GPU work before it ends).
 JOBS_AT_ONCE = 3
-
-
-@dataclass(frozen=True)
-class EngineSpec:
-    """Everything an engine process (or a Serve replica) needs to build its engine; pickled to it, so plain values
-    only. app.py fills it from Settings (EngineOptions through app.engine_options)."""
-
-    model_dir: Path  # with replicas: the same path on every host (a shared or copied weights dir)
-    device: str  # auto | cuda | cpu (Ray sets a replica's CUDA_VISIBLE_DEVICES to its own GPU)
-    options: EngineOptions  # output_dir: shared with the front
-    crash_dir: Path
-    verify_weights: bool = False
-    compile_cache_dir: Path | None = None  # CUDA with compile on: kernels kept across restarts
-    # On CUDA, as pipeline.acceleration.load_for_serving applies them; the memory cap comes from
-    # options.gpu_memory_limit_bytes.
-    low_vram: bool = False
-    compile_delay_s: float = 10.0
-    plan_sizes: tuple[tuple[int, int], ...] = ()  # attention plans built after warm-up: the UI's sizes
-    log_level: str = "INFO"
-    faults: FaultPlan = FaultPlan()  # test-only failures, as app.py reads them from ZIMAGE_FAULT
 
 
 def build_engine(spec: EngineSpec, on_fatal) -> tuple[Engine, str]:
@@ -78,74 +69,6 @@ def build_engine(spec: EngineSpec, on_fatal) -> tuple[Engine, str]:
 def engine_state(engine: Engine) -> dict[str, object]:
     state = engine.state()
     return {key: state[key] for key in ENGINE_STATE_KEYS}
-
-
-# -- what crosses the pipe, besides pipeline.engine_events (each sent as (ticket, event)) -----------------------------
-
-@dataclass(frozen=True)
-class Load:
-    """Front → standby: load `spec`'s engine and serve it, as engine process number `number`."""
-
-    spec: EngineSpec
-    number: int
-
-
-@dataclass(frozen=True)
-class Job:
-    """Front → engine: generate `request`. `received_at`: time.monotonic() at the request's arrival (one clock for
-    every process of the machine)."""
-
-    ticket: int
-    request: GenerationRequest
-    received_at: float | None
-    owner: str | None
-
-
-@dataclass(frozen=True)
-class StandingBy:
-    """Engine → front: the libraries are imported; Load may come."""
-
-    seconds: float  # the imports took this long
-
-
-@dataclass(frozen=True)
-class Retire:
-    """Front → engine: exit now (no job is out); the standby takes over. For the GPU-memory watermark."""
-
-
-@dataclass(frozen=True)
-class Ready:
-    """Engine → front: warmed up and serving."""
-
-    worker: Worker
-    memory_guard: MemoryGuard | None
-    device: str
-    source: str
-    seconds: float  # from Load to ready
-
-
-@dataclass(frozen=True)
-class StartFailed:
-    """Engine → front: the engine could not be built; `exit_code` as app.py's start would give it."""
-
-    message: str
-    exit_code: int
-
-
-@dataclass(frozen=True)
-class Heartbeat:
-    """Engine → front, every HEARTBEAT_S: the engine's state and its GPU's memory."""
-
-    state: dict[str, object]  # {} while the engine loads
-    gpu_memory: dict[str, int] | None  # free, total, allocated, reserved (bytes); None off the GPU
-    adapters: tuple[AdapterInfo, ...] = ()  # the LoRA adapters requests may name (the folder is looked at each time)
-
-
-@dataclass(frozen=True)
-class Fatal:
-    """Engine → front, just before the engine process ends after an error that leaves its GPU unusable."""
-
-    reason: str
 
 
 class _Pipe:

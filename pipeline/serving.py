@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Protocol
 
-from pipeline.adapters import AdapterInfo
+from pipeline.engine_types import AdapterInfo
 from pipeline.memory import MemoryGuard
 from pipeline.requests import GenerationRequest, Limits
 

@@ -14,7 +14,7 @@ from ray.exceptions import AuthenticationError
 from pipeline.messages import StartupError, first_line
 from pipeline.metrics import ServiceMetrics
 from scale.remote_engine import RemoteEngine
-from pipeline.engine_worker import EngineSpec
+from pipeline.engine_events import EngineSpec
 from scale.replica import EngineReplica
 
 log = logging.getLogger("zimage.scale")

@@ -18,14 +18,12 @@ from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 
-from pipeline.adapters import AdapterInfo
-from pipeline.engine import GenerationError, GenerationRequest, GenerationResult, ServiceBusy, outcome_of
 from pipeline.engine_elsewhere import EngineElsewhere
-from pipeline.engine_events import Finished, Progress, Refused, Started, Worker
-from pipeline.engine_worker import ENGINE_STATE_KEYS
+from pipeline.engine_events import ENGINE_STATE_KEYS, Finished, Progress, Refused, Started, Worker
+from pipeline.engine_types import AdapterInfo, GenerationError, GenerationResult, ServiceBusy, outcome_of
 from pipeline.memory import MemoryGuard
 from pipeline.metrics import ServiceMetrics
-from pipeline.requests import Limits
+from pipeline.requests import GenerationRequest, Limits
 from pipeline.serving import EngineStatus
 from scale.metrics import ReplicaMetrics
 

@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from pipeline.engine import ServiceBusy
+from pipeline.engine_types import ServiceBusy
 from pipeline.metrics import ServiceMetrics
 from tests.helpers import parse_samples
 from webui.admission import AdmissionLine

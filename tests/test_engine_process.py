@@ -17,6 +17,7 @@ import threading
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import psutil
 import pytest
@@ -24,7 +25,7 @@ from PIL import Image
 
 from pipeline.engine_process import EngineRestarting, ProcessEngine
 from pipeline.engine_spawn import spawn_engine_process
-from pipeline.engine_worker import EngineSpec
+from pipeline.engine_events import EngineSpec
 from pipeline.faults import FaultPlan
 from pipeline.layouts import LayoutKind
 from pipeline.messages import StartupError
@@ -159,7 +160,7 @@ def test_engines_that_keep_dying_at_start_end_the_service_non_zero(tiny_models, 
     shutil.copytree(tiny_models[LayoutKind.SINGLE_FILE], model)
     script = (f"import os, shutil, signal, time\n"
               f"from pipeline.engine_process import ProcessEngine\n"
-              f"from pipeline.engine_worker import EngineSpec\n"
+              f"from pipeline.engine_events import EngineSpec\n"
               f"from tests.helpers import engine_options\n"
               f"from pathlib import Path\n"
               f"spec = EngineSpec(model_dir=Path({str(model)!r}), device='cpu', crash_dir=Path({str(tmp_path)!r}),\n"
@@ -173,16 +174,6 @@ def test_engines_that_keep_dying_at_start_end_the_service_non_zero(tiny_models, 
     assert ran.returncode == 1, ran.stderr[-3000:]
     assert "engine process failed to start 2 times in a row" in ran.stderr, ran.stderr[-3000:]
     assert ran.stderr.count("engine process exited") == 3  # the killed one, then two that failed to load
-
-
-def test_an_engine_process_starts_without_torch_imported_in_the_front():
-    """What lets app.py start its first engine process before its own seconds of imports."""
-    script = ("import sys\n"
-              "from pipeline.engine_spawn import spawn_engine_process\n"
-              "spawned = spawn_engine_process()\n"
-              "print(spawned.process.is_alive(), sorted({'torch', 'diffusers', 'gradio'} & set(sys.modules)))\n")
-    ran = subprocess.run([sys.executable, "-c", script], cwd=PROJECT_DIR, capture_output=True, text=True, timeout=60)
-    assert ran.stdout.split("\n")[0] == "True []", ran.stdout + ran.stderr[-3000:]
 
 
 # -- against a real app.py --demo --------------------------------------------------------------------------------
@@ -206,13 +197,46 @@ def _engine_of(app) -> int:
     return int(re.findall(r"zimage\.engine_process engine process ready number=\d+ pid=(\d+) ", app.log())[-1])
 
 
+# Loaded by every Python process of the app below (PYTHONPATH): notes, per process, which of the model libraries
+# it imports.
+IMPORT_WATCH = """\
+import os, sys
+
+class _ModelLibraries:
+    def find_spec(self, name, path=None, target=None):
+        if name in ("diffusers", "transformers"):
+            with open(os.path.join(os.path.dirname(__file__), str(os.getpid())), "a") as imports:
+                imports.write(name + "\\n")
+        return None
+
+sys.meta_path.insert(0, _ModelLibraries())
+"""
+
+
 @pytest.fixture(scope="module")
-def app(tmp_path_factory, tiny_models):
+def imports_seen(tmp_path_factory) -> Path:
+    """A folder with IMPORT_WATCH as sitecustomize.py, and a file per process that imported a model library."""
+    folder = tmp_path_factory.mktemp("imports-seen")
+    (folder / "sitecustomize.py").write_text(IMPORT_WATCH)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory, tiny_models, imports_seen):
     """One app for the tests below, in order; each leaves it serving, but the last, which kills it."""
+    path = os.pathsep.join(filter(None, (str(imports_seen), os.environ.get("PYTHONPATH"))))
     running = start_demo_app(tmp_path_factory.mktemp("engine-app"), tiny_models, "--queue-size", "8",
-                             own_process_group=True, engine_process=True)
+                             own_process_group=True, engine_process=True, env={"PYTHONPATH": path})
     yield running
     stop_app(running)
+
+
+def test_only_the_engine_process_imports_the_model_libraries(app, imports_seen):
+    """The front serves pages and the line: diffusers and transformers would cost each start seconds, and memory."""
+    importers = {int(path.name): set(path.read_text().split()) for path in imports_seen.iterdir()
+                 if path.name.isdigit()}
+    assert app.process.pid not in importers
+    assert importers.get(_engine_of(app)) == {"diffusers", "transformers"}
 
 
 def _restarts(app) -> float:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.engine import GenerationError, ServiceBusy
+from pipeline.engine_types import GenerationError, ServiceBusy
 from pipeline.faults import FaultPlan
 from pipeline.metrics import ServiceMetrics
 from pipeline.requests import GenerationRequest, RequestError

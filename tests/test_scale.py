@@ -23,8 +23,8 @@ if importlib.util.find_spec("ray") is None:
 
 import scale  # noqa: E402
 import ray  # noqa: E402
-from pipeline.engine import ServiceBusy  # noqa: E402
-from pipeline.engine_worker import EngineSpec  # noqa: E402
+from pipeline.engine_types import ServiceBusy  # noqa: E402
+from pipeline.engine_events import EngineSpec  # noqa: E402
 from pipeline.faults import FaultPlan  # noqa: E402
 from pipeline.layouts import LayoutKind  # noqa: E402
 from pipeline.metrics import ServiceMetrics  # noqa: E402

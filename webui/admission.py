@@ -18,7 +18,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
-from pipeline.engine import ServiceBusy
+from pipeline.engine_types import ServiceBusy
 from pipeline.metrics import ServiceMetrics
 
 PLACE_REFRESH_S = 1.0  # how often a waiting job is told its place, if the line has not moved

@@ -10,7 +10,7 @@ from contextlib import contextmanager
 
 import gradio as gr
 
-from pipeline.engine import GenerationError, ServiceBusy
+from pipeline.engine_types import GenerationError, ServiceBusy
 from pipeline.requests import RequestError
 
 log = logging.getLogger("zimage.webui")

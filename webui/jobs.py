@@ -10,7 +10,7 @@ from dataclasses import replace
 
 import anyio
 
-from pipeline.engine import GenerationResult
+from pipeline.engine_types import GenerationResult
 from pipeline.requests import GenerationRequest, batch
 from webui.admission import AdmissionLine
 

@@ -31,7 +31,7 @@ from starlette.routing import Match, Route
 
 from config.log_lines import Occasional
 from pipeline.metrics import ServiceMetrics
-from pipeline.engine import GenerationError, ServiceBusy
+from pipeline.engine_types import GenerationError, ServiceBusy
 from pipeline.requests import RequestError, checked_prompt, shown
 from pipeline.storage import OUTPUT_FORMATS
 from pipeline.uploads import read_image, read_mask

@@ -9,7 +9,7 @@ import anyio
 import gradio as gr
 from gradio.data_classes import FileData
 
-from pipeline.engine import GenerationResult
+from pipeline.engine_types import GenerationResult
 from pipeline.memory import GIB
 from pipeline.requests import (
     DEFAULT_SHIFT,
