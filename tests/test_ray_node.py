@@ -94,10 +94,12 @@ def test_a_front_joins_the_head_its_block_starts_and_leaves_it_running_without_r
                    HEAD_START_TIMEOUT_S, "the head's start")
         assert head.poll() is None, head_log.read_text()
         address = ["--replicas", "1", "--ray-address", f"127.0.0.1:{port}", "--compile-delay", "0"]
+        # Ray tries to connect about once a second, 20 times by default, whatever the error; the head is up, so
+        # two tries tell the refusal as well (RAY_gcs_server_port_wait_time_s: the operator's budget for them).
         with pytest.raises(AssertionError, match=rf"app exited with 1:(.|\n)*cannot start: cannot join the Ray "
                                                  rf"cluster at 127\.0\.0\.1:{port}: .*this host's Ray token"):
             start_demo_app(tmp_path / "stranger", tiny_models, *address,
-                           env={"RAY_AUTH_TOKEN_PATH": str(wrong_token)})
+                           env={"RAY_AUTH_TOKEN_PATH": str(wrong_token), "RAY_gcs_server_port_wait_time_s": "2"})
         app = start_demo_app(tmp_path, tiny_models, *address, env={"RAY_AUTH_TOKEN_PATH": str(token)})
         assert generate_over_http(app.url, "a joined cluster")["data"][0]["b64_json"]
         assert f"ray_address=127.0.0.1:{port}" in app.log()
