@@ -14,9 +14,8 @@ from collections.abc import AsyncIterator
 from ray import serve
 
 from config.log_lines import LOG_DATE_FORMAT, LOG_FORMAT, OneLinePerRecord
+from pipeline.engine_events import EngineSpec, Finished, Progress, Refused, Started, Worker
 from pipeline.engine_types import GenerationError
-from pipeline.engine_events import Finished, Progress, Refused, Started, Worker
-from pipeline.engine_events import EngineSpec
 from pipeline.engine_worker import build_engine, engine_state
 from pipeline.requests import RequestError
 from pipeline.snapshot import enable_fault_tracebacks, exit_on_fatal

@@ -24,8 +24,8 @@ import pytest
 from PIL import Image
 
 from pipeline.engine_process import EngineRestarting, ProcessEngine
-from pipeline.engine_spawn import spawn_engine_process
 from pipeline.engine_events import EngineSpec
+from pipeline.engine_spawn import spawn_engine_process
 from pipeline.faults import FaultPlan
 from pipeline.layouts import LayoutKind
 from pipeline.messages import StartupError
